@@ -1,0 +1,3 @@
+from lib_lora.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""Atomic writes: a temporary file in the target folder, fsync, then rename.
+
+A reader (the WebUI scanning models/Lora, a resumed run) therefore sees either the old file
+or the complete new one, never a partial file, even after kill -9 or a full disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_MARK = ".fastlora-tmp-"
+
+
+def _tmp_name(target: Path) -> Path:
+    # Hidden and clearly ours, so `cleanup_stale_temps` can find leftovers of a killed run.
+    return target.with_name(f".{target.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not supported on every platform/filesystem
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it is renamed onto `target`.
+
+    On any exception the temporary file is removed and `target` is left as it was.
+    With overwrite=False an existing target raises FileExistsError before anything is written.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and target.exists():
+        raise FileExistsError(target)
+    tmp = _tmp_name(target)
+    try:
+        yield tmp
+        if tmp.exists():
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        if not overwrite:
+            # Hard-link then unlink: fails instead of replacing if the target appeared meanwhile.
+            os.link(tmp, target)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes, overwrite: bool = True) -> Path:
+    with atomic_path(target, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return Path(target)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    return atomic_write_bytes(target, text.encode("utf-8"), overwrite=overwrite)
+
+
+def atomic_write_json(target: str | os.PathLike, obj: object, overwrite: bool = True) -> Path:
+    return atomic_write_text(target, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", overwrite=overwrite)
+
+
+def cleanup_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove temporary files left by a killed writer. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f"**/.*{TMP_MARK}*" if recursive else f".*{TMP_MARK}*"
+    removed = []
+    for p in folder.glob(pattern):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed

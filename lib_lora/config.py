@@ -1,0 +1,246 @@
+"""The one config schema.
+
+Every option is declared once, with its type, default, help text, bounds and UI group; the
+CLI flags (`add_arguments`), validation (`validate`), presets, the UI's advanced controls,
+the run's config file and the LoRA's metadata are all derived from these declarations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lib_lora.errors import UserError
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: typing.Sequence[Any] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    group: str = "advanced",
+    cli: bool = True,
+) -> Any:
+    """Declare a config field. `group` is 'basic' or 'advanced' (the UI collapses the latter)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "group": group, "cli": cli}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
+    """The base Python type of a field and whether it accepts None."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Iterable[str] = ()) -> None:
+    """Add one `--flag` per field of the dataclass `cls`."""
+    skip = set(skip)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        typ, optional = field_type(cls, f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        if typ is bool:
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, help=help_text)
+        elif typing.get_origin(typ) is list:
+            parser.add_argument(flag, nargs="*", default=None, help=help_text)
+        else:
+            parse = typ if typ in (int, float) else str
+            if optional and typ in (int, float):
+                parse = _optional(typ)
+            parser.add_argument(flag, type=parse, default=None, choices=f.metadata.get("choices"), help=help_text)
+
+
+def _optional(typ: type) -> typing.Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() in {"none", ""} else typ(text)
+
+    parse.__name__ = typ.__name__
+    return parse
+
+
+def from_args(cls: type, ns: argparse.Namespace, base: Any | None = None) -> Any:
+    """A config from parsed CLI args; flags the user did not give keep `base`'s values."""
+    cfg = base if base is not None else cls()
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name, None) is not None}
+    return validate(dataclasses.replace(cfg, **given))
+
+
+def validate(cfg: Any) -> Any:
+    """Check choices and bounds of every field; raise UserError naming the field and the fix."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise UserError(f"{f.name} = {value!r} is not one of: {', '.join(map(str, choices))}.")
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if lo is not None and value < lo:
+                raise UserError(f"{f.name} = {value} is below its minimum {lo}.")
+            if hi is not None and value > hi:
+                raise UserError(f"{f.name} = {value} is above its maximum {hi}.")
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Inverse of to_dict; unknown keys (from a newer version) are ignored, missing ones default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return validate(cls(**{k: v for k, v in data.items() if k in names}))
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    from lib_lora.atomic import atomic_write_json
+
+    atomic_write_json(path, to_dict(cfg))
+
+
+def load(cls: type, path: str | Path) -> Any:
+    return from_dict(cls, json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+# --------------------------------------------------------------------------------------------
+# Prepare (steps 1-2): PrepareConfig goes here.
+
+
+
+# --------------------------------------------------------------------------------------------
+# Tagging (steps 3-4): TagConfig goes here.
+
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainConfig:
+    # What and where
+    name: str = opt("", "LoRA name: the output file's name and the trigger word (Unicode allowed)", group="basic")
+    dataset: str = opt("", "dataset folder: <repeats>_<name> subfolders, or a plain folder of images", group="basic")
+    base_model: str = opt("tiny", "SD1.5 single-file checkpoint, diffusers folder, or 'tiny' (built-in)", group="basic")
+    output_dir: str = opt("output", "where the final LoRA (.safetensors) is written", group="basic")
+    run_dir: str = opt("", "folder for the run's config, logs, checkpoints and state (default: runs/<name>)")
+    overwrite: bool = opt(False, "replace an existing LoRA file of the same name")
+    # Data
+    repeats: int = opt(10, "repeats for a plain image folder (a <repeats>_<name> folder sets its own)", min=1, max=10000, group="basic")
+    class_tokens: str = opt("", "caption for images without one (default: the folder's name)")
+    caption_extension: str = opt(".txt", "caption file extension", choices=[".txt", ".caption"])
+    resolution: int = opt(512, "training resolution (square side; buckets keep its area)", min=64, max=2048, group="basic")
+    enable_buckets: bool = opt(True, "group images into aspect-ratio buckets instead of square crops")
+    bucket_no_upscale: bool = opt(True, "never upscale small images to fill a bucket")
+    bucket_reso_steps: int = opt(64, "bucket sides are multiples of this", min=8, max=256)
+    min_bucket_reso: int = opt(256, "smallest bucket side", min=64, max=2048)
+    max_bucket_reso: int = opt(1024, "largest bucket side", min=64, max=4096)
+    shuffle_caption: bool = opt(False, "shuffle comma-separated tags after the first keep_tokens")
+    keep_tokens: int = opt(1, "tags kept in place at the start of the caption (the trigger word)", min=0, max=255)
+    cache_latents_to_disk: bool = opt(True, "also keep cached latents on disk for the next run")
+    # Steps
+    epochs: int = opt(1, "epochs", min=1, max=100000, group="basic")
+    max_steps: int | None = opt(None, "stop after this many steps (default: from epochs)", min=1, group="basic")
+    batch_size: int = opt(1, "images per step", min=1, max=256, group="basic")
+    # Network
+    dim: int = opt(128, "LoRA rank (network dim)", min=1, max=1024, group="basic")
+    alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha/dim", min=0, group="basic")
+    conv_dim: int = opt(0, "rank of the optional 3x3 conv LoRA (0 = off)", min=0, max=1024)
+    conv_alpha: float = opt(1.0, "alpha of the conv LoRA", min=0)
+    network_dropout: float = opt(0.0, "dropout on the LoRA's hidden units", min=0, max=1)
+    train_unet: bool = opt(True, "train the U-Net LoRA")
+    train_text_encoder: bool = opt(True, "train the text-encoder LoRA")
+    # Optimisation
+    lr: str = opt("1e-4", "U-Net learning rate: a number, or 'auto' to probe it first", group="basic")
+    text_encoder_lr: float | None = opt(None, "text-encoder learning rate (default: lr x te_lr_ratio)", min=0)
+    te_lr_ratio: float = opt(0.1, "text-encoder lr as a fraction of the U-Net lr", min=0, max=10)
+    optimizer: str = opt(
+        "adamw8bit", "optimizer", choices=["adamw8bit", "adamw", "dadaptation", "prodigy"], group="basic"
+    )
+    weight_decay: float = opt(0.01, "AdamW weight decay", min=0)
+    lr_scheduler: str = opt(
+        "constant_with_warmup",
+        "learning-rate schedule",
+        choices=["constant", "constant_with_warmup", "cosine", "linear"],
+    )
+    lr_warmup_steps: float = opt(0.0, "warm-up steps (a value below 1 is a fraction of all steps)", min=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", min=0)
+    noise_offset: float = opt(0.0, "noise offset (0.05-0.1 helps very dark/bright images)", min=0, max=1)
+    min_snr_gamma: float | None = opt(None, "min-SNR-gamma loss weighting (5 is common; empty = off)", min=0)
+    clip_skip: int = opt(1, "use the text encoder's N-th last layer (2 for anime models)", min=1, max=12)
+    # Machine
+    mixed_precision: str = opt("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=["auto", "fp16", "bf16", "no"])
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = opt(42, "random seed (same seed, same data, same machine: same LoRA)", min=0)
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    # Saving and logging
+    save_precision: str = opt("fp16", "precision of the saved LoRA weights", choices=["fp16", "bf16", "fp32"])
+    save_every_n_steps: int = opt(0, "also save an intermediate LoRA every N steps (0 = off)", min=0)
+    save_every_n_epochs: int = opt(0, "also save an intermediate LoRA every N epochs (0 = off)", min=0)
+    log_every_n_steps: int = opt(10, "read the loss back from the device every N steps", min=1)
+    comment: str = opt("", "free text stored in the LoRA's metadata")
+
+    def check(self) -> None:
+        if self.lr != "auto":
+            try:
+                value = float(self.lr)
+            except ValueError:
+                raise UserError(f"lr = {self.lr!r}: give a number such as 1e-4, or 'auto'.") from None
+            if value <= 0:
+                raise UserError(f"lr = {self.lr}: the learning rate must be positive.")
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise UserError("min_bucket_reso is larger than max_bucket_reso.")
+        if not (self.train_unet or self.train_text_encoder):
+            raise UserError("Nothing to train: enable train_unet or train_text_encoder.")
+
+    @property
+    def unet_lr_value(self) -> float | None:
+        """The U-Net lr as a number, or None while it is still 'auto'."""
+        return None if self.lr == "auto" else float(self.lr)
+
+
+# Presets fill the recipe for a kind of LoRA; the tutorial's recipe is `person`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "person": {"dim": 128, "alpha": 64.0, "lr": "auto", "optimizer": "adamw8bit", "repeats": 30, "epochs": 1,
+               "lr_scheduler": "constant_with_warmup", "keep_tokens": 1},
+    "character": {"dim": 64, "alpha": 32.0, "lr": "auto", "optimizer": "adamw8bit", "repeats": 20, "epochs": 2,
+                  "lr_scheduler": "constant_with_warmup", "keep_tokens": 1, "shuffle_caption": True},
+    "style": {"dim": 32, "alpha": 16.0, "lr": "auto", "optimizer": "adamw8bit", "repeats": 10, "epochs": 3,
+              "lr_scheduler": "cosine", "keep_tokens": 0, "shuffle_caption": True},
+}
+
+
+def apply_preset(cfg: TrainConfig, preset: str) -> TrainConfig:
+    if preset not in PRESETS:
+        raise UserError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    return validate(dataclasses.replace(cfg, **PRESETS[preset]))

@@ -1,0 +1,45 @@
+"""The Host interface: everything the steps need from whoever runs them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from lib_lora.progress import Progress
+    from lib_lora.training.backbone import Backbone
+
+
+class Host(Protocol):
+    name: str
+
+    def lora_dir(self) -> Path:
+        """Where finished LoRAs go (the WebUI scans it recursively)."""
+
+    def work_dir(self) -> Path:
+        """Where datasets and run folders go by default (never inside lora_dir)."""
+
+    def backbone(self, base_model: str | None = None) -> Backbone:
+        """The SD1.5 model to train on: the host's loaded one, or one it loads."""
+
+    def job(self, title: str) -> contextlib.AbstractContextManager[Progress]:
+        """A job context: takes the host's lock, reports progress, carries its interrupt."""
+
+    def tagger(self) -> Any | None:
+        """A tagger the host already has (the WebUI's Deepbooru), or None."""
+
+    def after_save(self, lora_path: Path) -> None:
+        """Make a freshly written LoRA visible (refresh the WebUI's card list)."""
+
+    def generate(self, prompts: list[str], seed: int, **kw: Any) -> list[Image.Image]:
+        """Generate images for the Test step."""
+
+
+@contextlib.contextmanager
+def no_lock_job(progress: Progress) -> Iterator[Progress]:
+    """A job context for hosts without a queue lock."""
+    yield progress

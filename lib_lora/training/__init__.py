@@ -1,0 +1,1 @@
+"""Steps 5-6: model access, LoRA modules, data, the loop, the LR probe and export."""

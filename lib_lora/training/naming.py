@@ -1,0 +1,148 @@
+"""kohya LoRA names, computed from module trees (never listed by hand).
+
+One function serves training, export and import:
+- `find_targets` walks a model and yields the modules a LoRA attaches to, with kohya names;
+- for the WebUI's compvis (ldm) U-Net, `compvis_to_diffusers` first maps each module path to
+  the diffusers path, so both model families give identical names.
+
+kohya's rule (networks/lora.py): inside each container module of a target class, every
+Linear and Conv2d gets a LoRA named `<prefix>_<path with . -> _>`; Linear and 1x1 convs use
+the network dim/alpha, 3x3 convs the conv dim/alpha (and are skipped when that is 0).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+UNET_PREFIX = "lora_unet"
+TE_PREFIX = "lora_te"
+
+# Containers whose Linear/Conv2d children get a LoRA.
+DIFFUSERS_UNET_CONTAINERS = ("Transformer2DModel",)
+DIFFUSERS_UNET_CONV_CONTAINERS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+LDM_UNET_CONTAINERS = ("SpatialTransformer",)
+LDM_UNET_CONV_CONTAINERS = ("ResBlock", "Downsample", "Upsample")
+CLIP_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # kohya name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    module: nn.Module  # the nn.Linear or nn.Conv2d the LoRA wraps
+    conv3x3: bool  # True: uses conv dim/alpha
+
+
+def kohya_name(prefix: str, path: str) -> str:
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def find_targets(
+    root: nn.Module,
+    prefix: str,
+    containers: tuple[str, ...],
+    conv_containers: tuple[str, ...] = (),
+    path_map: Callable[[str], str] | None = None,
+) -> list[Target]:
+    """Targets under `root`, in module order. `conv_containers` adds the ResNet/sampler convs."""
+    targets: list[Target] = []
+    seen: set[int] = set()
+    wanted = set(containers) | set(conv_containers)
+    for cpath, container in root.named_modules():
+        cls = type(container).__name__
+        if cls not in wanted:
+            continue
+        for child_path, child in container.named_modules():
+            if not isinstance(child, nn.Linear | nn.Conv2d) or id(child) in seen:
+                continue
+            seen.add(id(child))
+            full = f"{cpath}.{child_path}" if cpath else child_path
+            is3x3 = isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1)
+            if cls in containers and is3x3:
+                continue  # kohya gives 3x3 convs inside attention blocks no LoRA (SD1.5 has none)
+            targets.append(Target(kohya_name(prefix, path_map(full) if path_map else full), child, is3x3))
+    return targets
+
+
+# --------------------------------------------------------------------------------------------
+# compvis (ldm) U-Net paths -> diffusers paths, SD1.5 layout: 4 levels, 2 layers per level.
+
+_RESNET_PARTS = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+_TOP = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
+
+
+def _resnet(rest: str) -> str:
+    for old, new in _RESNET_PARTS.items():
+        if rest == old or rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def compvis_to_diffusers(path: str, layers_per_block: int = 2) -> str:
+    """Map a module path of the ldm UNetModel to the UNet2DConditionModel path.
+
+    Raises ValueError for a path outside the SD1.5 layout.
+    """
+    for old, new in _TOP.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    per = layers_per_block + 1  # layers plus the sampler slot
+    m = re.match(r"input_blocks\.(\d+)\.(\d+)(?:\.(.*))?$", path)
+    if m:
+        n, k, rest = int(m[1]), int(m[2]), m[3] or ""
+        level, j = divmod(n - 1, per)
+        if j == layers_per_block:  # the down-sampler that closes level `level`
+            return f"down_blocks.{level}.downsamplers.0.conv" + rest[len("op"):]
+        if k == 0:
+            return _join(f"down_blocks.{level}.resnets.{j}", _resnet(rest))
+        return _join(f"down_blocks.{level}.attentions.{j}", rest)
+    m = re.match(r"middle_block\.(\d+)(?:\.(.*))?$", path)
+    if m:
+        k, rest = int(m[1]), m[2] or ""
+        if k == 1:
+            return _join("mid_block.attentions.0", rest)
+        return _join(f"mid_block.resnets.{k // 2}", _resnet(rest))
+    m = re.match(r"output_blocks\.(\d+)\.(\d+)(?:\.(.*))?$", path)
+    if m:
+        n, k, rest = int(m[1]), int(m[2]), m[3] or ""
+        level, j = divmod(n, layers_per_block + 1)
+        if k == 0:
+            return _join(f"up_blocks.{level}.resnets.{j}", _resnet(rest))
+        if rest == "conv" or rest.startswith("conv."):  # Upsample: its only child is `conv`
+            return f"up_blocks.{level}.upsamplers.0.{rest}"
+        return _join(f"up_blocks.{level}.attentions.{j}", rest)
+    raise ValueError(f"not an SD1.5 compvis U-Net module path: {path!r}")
+
+
+def _join(head: str, rest: str) -> str:
+    return f"{head}.{rest}" if rest else head
+
+
+def unet_targets(unet: nn.Module, conv: bool = False) -> list[Target]:
+    """LoRA targets of a U-Net, diffusers or ldm, under the same kohya names."""
+    if any(type(m).__name__ == "SpatialTransformer" for m in unet.modules()):
+        return find_targets(
+            unet, UNET_PREFIX, LDM_UNET_CONTAINERS, LDM_UNET_CONV_CONTAINERS if conv else (), compvis_to_diffusers
+        )
+    return find_targets(unet, UNET_PREFIX, DIFFUSERS_UNET_CONTAINERS, DIFFUSERS_UNET_CONV_CONTAINERS if conv else ())
+
+
+def text_encoder_targets(text_encoder: nn.Module) -> list[Target]:
+    """LoRA targets of a transformers CLIPTextModel (72 for SD1.5's ViT-L/14 text model)."""
+    return find_targets(text_encoder, TE_PREFIX, CLIP_CONTAINERS)
