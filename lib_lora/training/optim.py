@@ -87,7 +87,10 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch
     else:
         name_used = name
     if name_used == "adamw":
-        opt = torch.optim.AdamW(groups, weight_decay=wd)
+        from lib_lora.training.speed import adamw_kwargs
+
+        kernels = adamw_kwargs(device)  # fused/foreach kernels (issue 8)
+        opt = torch.optim.AdamW(groups, weight_decay=wd, **kernels)
         args = f"weight_decay={wd}"
     elif name_used == "dadaptation":
         import dadaptation

@@ -29,6 +29,7 @@ from lib_lora.errors import Cancelled, UserError
 from lib_lora.names import output_file, validate_name
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.training import data as data_mod
+from lib_lora.training import speed
 from lib_lora.training.backbone import Backbone
 from lib_lora.training.metadata import RunInfo, build_metadata
 from lib_lora.training.optim import group_lrs, make_optimizer, make_scheduler, param_groups, text_encoder_lr, warmup_steps
@@ -170,15 +171,9 @@ class Trainer:
         bb.text_encoder.requires_grad_(False)
         bb.unet.eval()
         bb.text_encoder.eval()
-        if cfg.gradient_checkpointing:
-            if hasattr(bb.unet, "enable_gradient_checkpointing"):
-                bb.unet.enable_gradient_checkpointing()
-                bb.unet.train()  # diffusers only checkpoints in training mode; SD's U-Net has no dropout
-            if cfg.train_text_encoder and hasattr(bb.text_encoder, "gradient_checkpointing_enable"):
-                bb.text_encoder.gradient_checkpointing_enable()
-                bb.text_encoder.train()
-                if hasattr(bb.text_encoder, "enable_input_require_grads"):
-                    bb.text_encoder.enable_input_require_grads()
+        self.checkpointing = bool(cfg.gradient_checkpointing) and speed.enable_gradient_checkpointing(
+            bb, cfg.train_text_encoder
+        )
         self.tokens = data_mod.CaptionTokens(bb.tokenizer)
         ac = noise_schedule().to(self.device)
         self.sqrt_ac = ac.sqrt()
@@ -271,24 +266,47 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def train_step(self, batch: data_mod.Batch) -> torch.Tensor:
         """One optimisation step; returns the batch's loss as a detached device tensor (no sync)."""
-        cfg, bb, dev = self.cfg, self.backbone, self.device
-        latents = torch.stack([self.latent_of[id(it)] for it in batch.items]).to(dev, non_blocking=True)
+        d = self.step_inputs(batch)
+        return speed.step_with_oom_fallback(
+            lambda: self.compute_step(d), self.cfg.oom_fallback and not self.checkpointing,
+            self.fall_back_to_checkpointing, lambda: self.optimizer.zero_grad(set_to_none=True),
+        )  # fmt: skip
+
+    # -- speed hooks (issue 8): inputs prepared once and resident on the device; see speed.py
+    def step_inputs(self, batch: data_mod.Batch) -> speed.StepData:
+        if getattr(self, "feeder", None) is None:
+            cfg = self.cfg
+            cache_te = cfg.cache_text_encoder_outputs and not self.te_params and not cfg.shuffle_caption
+            fmt = speed.apply_memory_format(self.backbone.unet, cfg.channels_last)
+            encode = speed.text_chunk_encoder(self.backbone, cfg.clip_skip, self.device, self.amp_dtype)
+            self.feeder = speed.StepFeeder(
+                self.latent_of, self.tokens, self.device, self.noise_gen, NUM_TRAIN_TIMESTEPS,
+                cfg.noise_offset, encode if cache_te else None, fmt,
+            )  # fmt: skip
+            self.predict = speed.compile_predict(self.backbone.predict_noise, cfg.compile_unet)
+        return self.feeder(batch)
+
+    def fall_back_to_checkpointing(self) -> bool:
+        self.checkpointing = speed.enable_gradient_checkpointing(self.backbone, bool(self.te_params))
+        if self.checkpointing:
+            self.phase("Out of GPU memory: gradient checkpointing is now on (slower, much less memory).")
+        return self.checkpointing
+
+    def compute_step(self, d: speed.StepData) -> torch.Tensor:
+        """The step's compute from prepared inputs (the synthetic-data benchmark calls this too)."""
+        cfg, bb = self.cfg, self.backbone
+        latents, noise, t = d.latents, d.noise, d.timesteps
         b = latents.shape[0]
-        # Noise and timesteps come from a seeded CPU generator: the same on every device.
-        noise = torch.randn(latents.shape, generator=self.noise_gen)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=self.noise_gen)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=self.noise_gen)
-        noise, t = noise.to(dev, non_blocking=True), t.to(dev, non_blocking=True)
         shape = (b, 1, 1, 1)
         noisy = self.sqrt_ac[t].view(shape) * latents + self.sqrt_1mac[t].view(shape) * noise
-        ids = self.tokens.batch(batch.captions).to(dev, non_blocking=True)
 
         amp = self.amp_dtype is not None
-        with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
-            with torch.set_grad_enabled(bool(self.te_params)):
-                cond = bb.encode_text(ids, clip_skip=cfg.clip_skip)
-            pred = bb.predict_noise(noisy.to(bb.dtype), t, cond.to(bb.dtype))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
+            cond = d.cond
+            if cond is None:
+                with torch.set_grad_enabled(bool(self.te_params)):
+                    cond = bb.encode_text(d.ids, clip_skip=cfg.clip_skip)
+            pred = self.predict(noisy.to(bb.dtype), t, cond.to(bb.dtype))
         loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
             snr = self.snr[t]

@@ -1,0 +1,42 @@
+"""Shared set-up of the bench scripts: a synthetic dataset folder and small helpers."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's lib_lora first
+
+TAGS = ["1girl", "solo", "smile", "open mouth", "brown hair", "long hair", "blue eyes", "shirt",
+        "white background", "upper body", "looking at viewer", "earrings", "hat", "jacket"]  # fmt: skip
+
+
+def make_dataset(root: Path, n_images: int = 35, repeats: int = 30, size: int = 512, name: str = "zhang", seed: int = 0) -> Path:
+    """`root/<repeats>_<name>/NNN.png` + `.txt` captions (random pictures, booru-style tags);
+    the tutorial's shape by default. Returns the dataset folder (the parent of the subfolder)."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    sub = root / f"{repeats}_{name}"
+    sub.mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        path = sub / f"{i:03d}.png"
+        if not path.exists():
+            small = Image.effect_noise((size // 8, size // 8), 64).convert("RGB")
+            small.resize((size, size), Image.BICUBIC).save(path)
+        tags = [name, "1girl"] + rng.sample(TAGS[1:], 6)
+        (sub / f"{i:03d}.txt").write_text(", ".join(tags), encoding="utf-8")
+    return root
+
+
+def median_ms(seconds: list[float]) -> float:
+    return statistics.median(seconds) * 1000.0
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.rjust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
+    lines += ["  ".join(str(r.get(c, "")).rjust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)

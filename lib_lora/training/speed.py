@@ -1,0 +1,234 @@
+"""Speed pieces of the training loop (issue 8), kept apart from run.py so merges stay small.
+
+- `StepFeeder` turns a `Batch` into device tensors with no host<->device round trip: latents
+  live on the device (pinned host memory when they would not fit), caption token ids are
+  built once per caption set, text-encoder outputs are cached per 77-token chunk when the
+  text encoder is not trained, and the seeded CPU noise is drawn into pinned memory so the
+  copy is truly asynchronous. The noise recipe is exactly the loop's (same generator, same
+  draw order), so a run is bit-identical with or without these caches on the CPU.
+- `adamw_kwargs` picks torch AdamW's fused (else foreach) kernels where this torch has them;
+  fused AdamW also lets fp16's GradScaler skip its per-step `found_inf.item()` sync.
+- `apply_memory_format`, `compile_predict`: the opt-in channels_last and torch.compile.
+- `step_with_oom_fallback`: on CUDA out-of-memory, turn on gradient checkpointing once and
+  retry the same step (issue 5 turns a second OOM into the user's message).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CHUNK = 77
+# Latents bigger than this stay in pinned host memory instead of on the GPU (SD1.5 at 512²:
+# 64 KiB per image, so this holds ~8000 images).
+DEVICE_LATENT_BUDGET = 512 * 2**20
+COND_CACHE_LIMIT = 65536  # cached text-encoder chunks (each 77x768 half floats = 118 KiB on GPU)
+
+
+@dataclass
+class StepData:
+    """One step's inputs, on the training device."""
+
+    latents: torch.Tensor  # (B, 4, h, w) fp32
+    noise: torch.Tensor  # (B, 4, h, w) fp32
+    timesteps: torch.Tensor  # (B,) long
+    ids: torch.Tensor  # (B, n*77) long
+    cond: torch.Tensor | None  # (B, n*77, 768) in the backbone's dtype, or None: run the text encoder
+
+
+class StepFeeder:
+    """Prepares each step's inputs; everything that can be done once is done once."""
+
+    def __init__(
+        self,
+        latent_of: dict[int, torch.Tensor],
+        tokens: Any,  # data.CaptionTokens
+        device: torch.device,
+        noise_gen: torch.Generator,
+        num_timesteps: int,
+        noise_offset: float = 0.0,
+        encode_chunks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        self.device = device
+        self.tokens = tokens
+        self.gen = noise_gen
+        self.num_timesteps = num_timesteps
+        self.noise_offset = noise_offset
+        self.encode_chunks = encode_chunks  # None while the text encoder is trained
+        self.memory_format = memory_format
+        self.pin = device.type == "cuda"
+        total = sum(t.numel() * t.element_size() for t in latent_of.values())
+        on_device = device.type != "cpu" and total <= DEVICE_LATENT_BUDGET
+        self.latents_on_device = on_device
+        self.latent_of = {k: self._place(v, on_device) for k, v in latent_of.items()}
+        self._ids: dict[tuple[str, ...], torch.Tensor] = {}
+        self._cond: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _place(self, t: torch.Tensor, on_device: bool) -> torch.Tensor:
+        if on_device:
+            return t.to(self.device)
+        return t.pin_memory() if self.pin else t
+
+    def __call__(self, batch: Any) -> StepData:
+        dev = self.device
+        lat = [self.latent_of[id(it)] for it in batch.items]
+        latents = torch.stack(lat) if len(lat) > 1 else lat[0].unsqueeze(0)
+        latents = latents.to(dev, non_blocking=True)
+        b = latents.shape[0]
+        # The loop's recipe: noise, then the offset, then timesteps, from one seeded CPU generator.
+        noise = torch.randn(latents.shape, generator=self.gen, pin_memory=self.pin)
+        if self.noise_offset:
+            offset = torch.randn((b, latents.shape[1], 1, 1), generator=self.gen)
+            noise = (noise + self.noise_offset * offset).pin_memory() if self.pin else noise + self.noise_offset * offset
+        t = torch.randint(0, self.num_timesteps, (b,), generator=self.gen, pin_memory=self.pin)
+        noise, t = noise.to(dev, non_blocking=True), t.to(dev, non_blocking=True)
+        if self.memory_format is not torch.contiguous_format:
+            latents = latents.contiguous(memory_format=self.memory_format)
+            noise = noise.contiguous(memory_format=self.memory_format)
+        ids, keys = self.ids(batch.captions)
+        cond = self.cond(ids, keys) if self.encode_chunks is not None else None
+        return StepData(latents, noise, t, ids, cond)
+
+    def ids(self, captions: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+        """(B, n*77) ids on the device, and each 77-id chunk as a host tuple (the cache key)."""
+        key = tuple(captions)
+        hit = self._ids.get(key)
+        if hit is None:
+            host = self.tokens.batch(captions)
+            rows, n = host.shape[0], host.shape[1] // CHUNK
+            hit = (host.to(self.device), [tuple(r) for r in host.view(rows * n, CHUNK).tolist()])
+            if len(self._ids) < COND_CACHE_LIMIT:
+                self._ids[key] = hit
+        return hit
+
+    def cond(self, ids: torch.Tensor, keys: list[tuple[int, ...]]) -> torch.Tensor:
+        """Text-encoder output of (B, n*77) ids, assembled from cached per-chunk outputs.
+
+        The loop encodes 77-token chunks independently, so a chunk's output depends only on
+        its ids: caching per chunk is exact, and captions of any length share entries."""
+        rows, width = ids.shape
+        missing = list(dict.fromkeys(k for k in keys if k not in self._cond))
+        fresh: dict[tuple[int, ...], torch.Tensor] = {}
+        if missing:
+            with torch.no_grad():
+                out = self.encode_chunks(torch.tensor(missing, dtype=torch.long, device=self.device))
+            fresh = dict(zip(missing, out, strict=True))
+            if len(self._cond) + len(missing) <= COND_CACHE_LIMIT:
+                self._cond.update(fresh)
+        parts = [self._cond.get(k, fresh.get(k)) for k in keys]
+        return torch.stack(parts).view(rows, width, -1)
+
+
+def text_chunk_encoder(
+    backbone: Any, clip_skip: int, device: torch.device, amp_dtype: torch.dtype | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(k, 77) ids -> (k, 77, 768) conditioning in the backbone's dtype, as the loop computes it."""
+
+    def encode(chunk_ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return backbone.encode_text(chunk_ids, clip_skip=clip_skip).to(backbone.dtype)
+
+    return encode
+
+
+# ------------------------------------------------------------------------------------------
+# Optimizer kernels
+
+_FUSED_OK: dict[str, bool] = {}
+
+
+def adamw_kwargs(device: torch.device | str) -> dict[str, bool]:
+    """{'fused': True} where this torch has a fused AdamW for the device (CUDA; CPU since 2.4),
+    else {'foreach': True} on CUDA, else {} (torch's default)."""
+    kind = torch.device(device).type
+    if kind not in _FUSED_OK:
+        try:
+            p = nn.Parameter(torch.zeros(4, device=device))
+            opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+            p.grad = torch.ones_like(p)
+            opt.step()
+            _FUSED_OK[kind] = True
+        except (RuntimeError, TypeError, ValueError):
+            _FUSED_OK[kind] = False
+    if _FUSED_OK[kind]:
+        return {"fused": True}
+    return {"foreach": True} if kind == "cuda" else {}
+
+
+# ------------------------------------------------------------------------------------------
+# Opt-in model transforms
+
+
+def apply_memory_format(unet: nn.Module, channels_last: bool) -> torch.memory_format:
+    """Move the U-Net's 4-d weights to channels_last (NHWC convolutions on tensor cores)."""
+    if not channels_last:
+        return torch.contiguous_format
+    unet.to(memory_format=torch.channels_last)
+    return torch.channels_last
+
+
+def compile_predict(predict: Callable, enabled: bool) -> Callable:
+    """torch.compile of the backbone's noise prediction (the U-Net with its LoRA forwards).
+
+    The model object is not replaced, so a host's model stays as it was; shapes change per
+    bucket, which torch.compile handles with one recompile per bucket."""
+    if not enabled:
+        return predict
+    return torch.compile(predict, dynamic=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Gradient checkpointing, on demand
+
+
+def enable_gradient_checkpointing(backbone: Any, text_encoder_too: bool) -> bool:
+    """Turn on gradient checkpointing where the modules support it; True when the U-Net's is on."""
+    on = False
+    unet = backbone.unet
+    if hasattr(unet, "enable_gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers only checkpoints in training mode; SD's U-Net has no dropout
+        on = True
+    te = backbone.text_encoder
+    if text_encoder_too and hasattr(te, "gradient_checkpointing_enable"):
+        te.gradient_checkpointing_enable()
+        te.train()
+        if hasattr(te, "enable_input_require_grads"):
+            te.enable_input_require_grads()
+    return on
+
+
+def is_oom(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def step_with_oom_fallback(
+    compute: Callable[[], torch.Tensor],
+    can_fall_back: bool,
+    fall_back: Callable[[], bool],
+    clear: Callable[[], None],
+) -> torch.Tensor:
+    """Run `compute`; on out-of-memory, when allowed, `clear()` the half-done step, turn on
+    gradient checkpointing with `fall_back()` (returns whether it could) and run it again.
+    A second OOM, or one that cannot fall back, propagates unchanged."""
+    try:
+        return compute()
+    except Exception as err:  # noqa: BLE001 - only OOM is handled; everything else re-raised
+        if not (can_fall_back and is_oom(err)):
+            raise
+        del err  # drop the traceback's references to the failed step's activations
+    clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not fall_back():
+        raise torch.cuda.OutOfMemoryError("out of memory, and gradient checkpointing is not available for this model")
+    return compute()
