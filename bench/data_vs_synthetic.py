@@ -1,0 +1,108 @@
+"""Is the data pipeline ever the bottleneck? A step with real data vs a step with synthetic data.
+
+Both run the real loop on the tiny model: "real" is `Trainer.train_step(batch)` over the
+dataset's own batches (latent lookup, stacking, seeded noise, caption ids, text-encoder
+cache); "synthetic" is `Trainer.compute_step(d)` on one StepData prepared once and kept in
+memory (compute, backward and optimizer step only). Blocks of the two alternate, so a
+machine shared with other jobs slows both alike; the medians are compared.
+
+    python bench/data_vs_synthetic.py [--resolution 512] [--batch 1] [--blocks 6] [--per-block 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import bench_common  # noqa: F401
+import torch
+from bench_common import make_dataset, median_ms, table
+
+
+def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool) -> dict:
+    from lib_lora.config import TrainConfig
+    from lib_lora.training import data as data_mod
+    from lib_lora.training.run import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ds = make_dataset(work / "data", n_images=35, repeats=30, size=resolution)
+        cfg = TrainConfig(
+            name="dvs", dataset=str(ds), output_dir=str(work / "out"), run_dir=str(work / "run"), overwrite=True,
+            resolution=resolution, batch_size=batch, optimizer="adamw", lr="1e-4", log_every_n_steps=10**6,
+            train_text_encoder=train_te, cache_latents_to_disk=False,
+        )  # fmt: skip
+        tr = Trainer(cfg)
+        tr.started_at, tr.name = time.time(), "dvs"
+        tr.prepare_run_dir()
+        tr.load_data()
+        tr.load_model()
+        tr.cache_latents()
+        tr.build_network()
+        tr.resolve_lr()
+        tr.build_optimizer()
+        tr.tb = None
+        try:
+            total = 5 + blocks * per_block
+            batches = iter(data_mod.iter_batches(tr.dataset.items, cfg, total, cfg.seed))
+            first = next(batches)
+            synth = tr.step_inputs(first)  # prepared once, reused: no data work at all
+            for _ in range(4):
+                tr.train_step(next(batches))
+                tr.compute_step(synth)
+            real_t, syn_t = [], []
+            for _ in range(blocks):
+                for _ in range(per_block):
+                    b = next(batches)
+                    t0 = time.perf_counter()
+                    tr.train_step(b)
+                    real_t.append(time.perf_counter() - t0)
+                for _ in range(per_block):
+                    t0 = time.perf_counter()
+                    tr.compute_step(synth)
+                    syn_t.append(time.perf_counter() - t0)
+            # The data path alone, for the record.
+            feed_t = []
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                tr.step_inputs(first)
+                feed_t.append(time.perf_counter() - t0)
+        finally:
+            tr.close()
+    real, syn = median_ms(real_t), median_ms(syn_t)
+    return {
+        "resolution": resolution, "batch": batch, "train_te": train_te, "steps_each": len(real_t),
+        "real_ms": round(real, 2), "synthetic_ms": round(syn, 2), "diff_pct": round(100 * (real - syn) / syn, 2),
+        "feed_ms": round(median_ms(feed_t), 3),
+    }  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--resolution", type=int, nargs="*", default=[512])
+    ap.add_argument("--batch", type=int, nargs="*", default=[1])
+    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--per-block", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    print(f"# CPU {os.cpu_count()} cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []
+    for res in args.resolution:
+        for b in args.batch:
+            for te in (True, False):
+                rows.append(run(res, b, args.blocks, args.per_block, te))
+                print(json.dumps(rows[-1]), flush=True)
+    print(table(rows, list(rows[0])))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    worst = max(r["diff_pct"] for r in rows)
+    print(f"# worst real-vs-synthetic difference: {worst:+.2f}% (target: within 5%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
