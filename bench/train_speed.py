@@ -35,7 +35,12 @@ def build_full_backbone(device: torch.device):
     from transformers import CLIPTextModel
 
     from lib_lora.training.backbone import DiffusersBackbone
-    from lib_lora.training.models import sd15_scheduler_config, sd15_text_encoder_config, sd15_unet_config, sd15_vae_config
+    from lib_lora.training.models import (
+        sd15_scheduler_config,
+        sd15_text_encoder_config,
+        sd15_unet_config,
+        sd15_vae_config,
+    )
     from lib_lora.training.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(0)

@@ -1,0 +1,170 @@
+"""The loop's speed pieces (issue 8) change how fast a step runs, never what it computes."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_lora.config import TrainConfig
+from lib_lora.training import data as data_mod
+from lib_lora.training import speed
+from lib_lora.training.run import Trainer, train
+
+
+def _dataset(root: Path, n: int = 3, size: int = 64) -> Path:
+    sub = root / "2_zhang"
+    sub.mkdir(parents=True)
+    rng = random.Random(0)
+    for i in range(n):
+        Image.effect_noise((size, size), 40 + i).convert("RGB").save(sub / f"{i}.png")
+        tags = ["zhang", "1girl", *rng.sample(["smile", "hat", "shirt", "earrings", "red hair"], 3)]
+        (sub / f"{i}.txt").write_text(", ".join(tags), encoding="utf-8")
+    return root
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(
+        name="speedtest", dataset=str(_dataset(tmp_path / "data")) if not (tmp_path / "data").exists() else str(tmp_path / "data"),
+        output_dir=str(tmp_path / "out"), run_dir=str(tmp_path / "run"), overwrite=True, resolution=64,
+        optimizer="adamw", lr="1e-3", dim=4, alpha=2.0, log_every_n_steps=2, max_steps=3, cache_latents_to_disk=False,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _lora(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _setup(cfg: TrainConfig) -> Trainer:
+    tr = Trainer(cfg)
+    tr.started_at, tr.name = time.time(), cfg.name
+    tr.prepare_run_dir()
+    tr.load_data()
+    tr.load_model()
+    tr.cache_latents()
+    tr.build_network()
+    tr.resolve_lr()
+    tr.build_optimizer()
+    tr.tb = None
+    return tr
+
+
+def test_cached_text_encoder_outputs_train_the_same_lora(tmp_path):
+    cached = train(_cfg(tmp_path, train_text_encoder=False, name="cached"))
+    plain = train(_cfg(tmp_path, train_text_encoder=False, name="plain", cache_text_encoder_outputs=False))
+    a, b = _lora(cached.lora_path), _lora(plain.lora_path)
+    assert a.keys() == b.keys()
+    ups = [k for k in a if k.endswith("lora_up.weight")]
+    assert any(a[k].abs().sum() > 0 for k in ups)  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=2e-3, rtol=0)
+    assert cached.final_loss == pytest.approx(plain.final_loss, rel=1e-4)
+
+
+def test_chunk_cache_matches_the_text_encoder_for_mixed_lengths(tmp_path):
+    tr = _setup(_cfg(tmp_path, train_text_encoder=False))
+    try:
+        long = ", ".join(f"tag{i} word{i}" for i in range(60))  # > 75 tokens: two chunks
+        captions = ["zhang, 1girl, smile", long]
+        feeder = speed.StepFeeder(
+            tr.latent_of, tr.tokens, tr.device, torch.Generator().manual_seed(0), 1000,
+            encode_chunks=speed.text_chunk_encoder(tr.backbone, 1, tr.device, None),
+        )  # fmt: skip
+        ids, keys = feeder.ids(captions)
+        assert ids.shape == (2, 154)
+        got = feeder.cond(ids, keys)
+        with torch.no_grad():
+            want = tr.backbone.encode_text(ids)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # the empty padding chunk of the short caption is cached once and reused
+        assert len(feeder._cond) == 3
+        again = feeder.cond(*feeder.ids(list(reversed(captions))))
+        torch.testing.assert_close(again, want.flip(0), atol=1e-5, rtol=1e-5)
+        assert len(feeder._cond) == 3
+    finally:
+        tr.close()
+
+
+def test_feeder_draws_the_loops_noise_recipe(tmp_path):
+    tr = _setup(_cfg(tmp_path, noise_offset=0.1))
+    try:
+        batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, 0)))
+        d = tr.step_inputs(batch)
+        gen = torch.Generator().manual_seed(tr.cfg.seed)
+        lat = torch.stack([tr.latent_of[id(it)] for it in batch.items])
+        noise = torch.randn(lat.shape, generator=gen)
+        noise = noise + 0.1 * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=gen)
+        t = torch.randint(0, 1000, (lat.shape[0],), generator=gen)
+        torch.testing.assert_close(d.latents, lat)
+        torch.testing.assert_close(d.noise, noise)
+        assert torch.equal(d.timesteps, t)
+        assert d.cond is None  # the text encoder is trained: it must run every step
+        assert torch.equal(d.ids, tr.tokens.batch(batch.captions))
+    finally:
+        tr.close()
+
+
+def test_oom_falls_back_to_gradient_checkpointing_once(tmp_path):
+    tr = _setup(_cfg(tmp_path))
+    try:
+        batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, 0)))
+        real = tr.compute_step
+        calls = []
+
+        def first_call_runs_out_of_memory(d):
+            calls.append(tr.backbone.unet.is_gradient_checkpointing)
+            if len(calls) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(d)
+
+        tr.compute_step = first_call_runs_out_of_memory
+        events = []
+        tr.on_event = events.append
+        loss = tr.train_step(batch)
+        assert torch.isfinite(loss)
+        assert calls == [False, True]
+        assert tr.checkpointing and tr.backbone.unet.is_gradient_checkpointing
+        assert any("gradient checkpointing is now on" in e.get("text", "") for e in events)
+    finally:
+        tr.backbone.unet.disable_gradient_checkpointing()
+        tr.backbone.unet.eval()
+        tr.close()
+
+
+def test_oom_fallback_passes_other_errors_and_a_second_oom():
+    def boom():
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError):
+        speed.step_with_oom_fallback(boom, True, lambda: True, lambda: None)
+
+    def oom():
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        speed.step_with_oom_fallback(oom, False, lambda: True, lambda: None)
+    with pytest.raises(torch.OutOfMemoryError):  # fell back, ran again, still out of memory
+        speed.step_with_oom_fallback(oom, True, lambda: True, lambda: None)
+
+
+def test_fused_adamw_steps_like_the_reference():
+    kw = speed.adamw_kwargs("cpu")
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(64, 32))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1 = torch.optim.AdamW([p1], lr=1e-2, weight_decay=0.01, **kw)
+    o2 = torch.optim.AdamW([p2], lr=1e-2, weight_decay=0.01, foreach=False)
+    for i in range(5):
+        g = torch.randn(64, 32, generator=torch.Generator().manual_seed(i))
+        p1.grad, p2.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
