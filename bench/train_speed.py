@@ -128,12 +128,13 @@ def measure(bb, dataset, work, args, batch: int, precision: str, peak: float) ->
         for b in batches[: args.warmup]:
             tr.train_step(b)
         sync(dev)
-        times = []
+        times, cpu_times = [], []
         for b in batches[args.warmup : args.warmup + args.steps]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tr.train_step(b)
             sync(dev)
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         flops = count_flops(tr, batches[-1])
         ms = median_ms(times)
         if dev.type == "cuda":
@@ -146,6 +147,7 @@ def measure(bb, dataset, work, args, batch: int, precision: str, peak: float) ->
             "samples_per_s": round(batch / (ms / 1000), 3), "ms_per_step": round(ms, 1),
             "it_per_s": round(1000 / ms, 3), "peak_mem_gib": round(mem, 2), "tflop_per_step": round(flops / 1e12, 3),
             "tflop_per_s": round(tflops, 3), "frac_of_peak": round(tflops / peak, 3),
+            "cpu_ms_per_step": round(median_ms(cpu_times), 1),
             "optimizer": tr.optim.used.rsplit(".", 1)[-1], "steps_timed": len(times),
         }  # fmt: skip
     finally:
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = measure(bb, dataset, work, args, batch, precision, peak)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    cols = ["batch", "precision", "samples_per_s", "ms_per_step", "peak_mem_gib", "tflop_per_step", "tflop_per_s", "frac_of_peak"]
+    cols = ["batch", "precision", "samples_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_gib", "tflop_per_step", "tflop_per_s", "frac_of_peak"]
     print(table(rows, cols))
     if args.resolution == 512:
         print(f"# floor: {FLOOR_TFLOP_512} TFLOP per sample at 512²")

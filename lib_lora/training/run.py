@@ -32,7 +32,14 @@ from lib_lora.training import data as data_mod
 from lib_lora.training import speed
 from lib_lora.training.backbone import Backbone
 from lib_lora.training.metadata import RunInfo, build_metadata
-from lib_lora.training.optim import group_lrs, make_optimizer, make_scheduler, param_groups, text_encoder_lr, warmup_steps
+from lib_lora.training.optim import (
+    group_lrs,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+    text_encoder_lr,
+    warmup_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +115,7 @@ class Trainer:
     def emit(self, kind: str, **fields: Any) -> None:
         event = {"kind": kind, **fields}
         if kind == "phase":
-            log.info(fields.get("text", ""))
+            log.debug(fields.get("text", ""))
         if self._events_file is not None:
             with open(self._events_file, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(event, ensure_ascii=False, default=str) + "\n")
@@ -328,6 +335,31 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    @torch.no_grad()
+    def fixed_loss(self, timesteps: tuple[int, ...] = (50, 200, 400, 600, 800, 950), seed: int = 1234) -> float:
+        """Mean loss over fixed (noise, timestep) pairs of every training image, with the LoRA as
+        it is now: a learning signal that does not depend on the step's random draw."""
+        gen = torch.Generator("cpu").manual_seed(seed)
+        total, n = 0.0, 0
+        was_training = self.network.training
+        self.network.eval()  # no dropout while measuring
+        try:
+            for it in self.dataset.items:
+                lat = self.latent_of[id(it)].unsqueeze(0).to(self.device)
+                ids = self.tokens.batch([it.caption]).to(self.device)
+                for ts in timesteps:
+                    noise = torch.randn(lat.shape, generator=gen).to(self.device)
+                    t = torch.tensor([ts], device=self.device)
+                    noisy = self.sqrt_ac[t].view(1, 1, 1, 1) * lat + self.sqrt_1mac[t].view(1, 1, 1, 1) * noise
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                        cond = self.backbone.encode_text(ids, clip_skip=self.cfg.clip_skip)
+                        pred = self.backbone.predict_noise(noisy.to(self.backbone.dtype), t, cond.to(self.backbone.dtype))
+                    total += F.mse_loss(pred.float(), noise).item()
+                    n += 1
+        finally:
+            self.network.train(was_training)
+        return total / n
 
     # ---------------------------------------------------------------- saving
     def metadata(self, finished: bool = False) -> dict[str, str]:

@@ -57,16 +57,19 @@ def _setup(cfg: TrainConfig) -> Trainer:
     return tr
 
 
-def test_cached_text_encoder_outputs_train_the_same_lora(tmp_path):
-    cached = train(_cfg(tmp_path, train_text_encoder=False, name="cached"))
-    plain = train(_cfg(tmp_path, train_text_encoder=False, name="plain", cache_text_encoder_outputs=False))
-    a, b = _lora(cached.lora_path), _lora(plain.lora_path)
-    assert a.keys() == b.keys()
-    ups = [k for k in a if k.endswith("lora_up.weight")]
-    assert any(a[k].abs().sum() > 0 for k in ups)  # it trained
-    for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), atol=2e-3, rtol=0)
-    assert cached.final_loss == pytest.approx(plain.final_loss, rel=1e-4)
+def test_cached_text_encoder_outputs_give_the_same_losses(tmp_path):
+    def losses(**kw):
+        events = []
+        res = train(_cfg(tmp_path, train_text_encoder=False, log_every_n_steps=1, **kw), on_event=events.append)
+        return res, [e["loss"] for e in events if e["kind"] == "loss"]
+
+    cached, a = losses(name="cached")
+    plain, b = losses(name="plain", cache_text_encoder_outputs=False)
+    assert len(a) == len(b) == 3
+    # Same noise, same latents, same conditioning (to float rounding): the same losses.
+    assert a == pytest.approx(b, rel=1e-4)
+    ups = [k for k in _lora(cached.lora_path) if k.endswith("lora_up.weight")]
+    assert any(_lora(cached.lora_path)[k].abs().sum() > 0 for k in ups)  # it trained
 
 
 def test_chunk_cache_matches_the_text_encoder_for_mixed_lengths(tmp_path):
