@@ -6,7 +6,7 @@ cache); "synthetic" is `Trainer.compute_step(d)` on one StepData prepared once a
 memory (compute, backward and optimizer step only). Blocks of the two alternate, so a
 machine shared with other jobs slows both alike; the medians are compared.
 
-    python bench/data_vs_synthetic.py [--resolution 512] [--batch 1] [--blocks 6] [--per-block 10]
+    python bench/data_vs_synthetic.py [--resolution 256] [--batch 1] [--blocks 6] [--per-block 10]
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import torch
 from bench_common import make_dataset, median_ms, table
 
 
-def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool) -> dict:
+def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool, images: int = 35) -> dict:
     from lib_lora.config import TrainConfig
     from lib_lora.training import data as data_mod
     from lib_lora.training.run import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ds = make_dataset(work / "data", n_images=35, repeats=30, size=resolution)
+        ds = make_dataset(work / "data", n_images=images, repeats=30, size=resolution)
         cfg = TrainConfig(
             name="dvs", dataset=str(ds), output_dir=str(work / "out"), run_dir=str(work / "run"), overwrite=True,
             resolution=resolution, batch_size=batch, optimizer="adamw", lr="1e-4", log_every_n_steps=10**6,
@@ -87,18 +87,22 @@ def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--resolution", type=int, nargs="*", default=[512])
+    ap.add_argument("--resolution", type=int, nargs="*", default=[256])
     ap.add_argument("--batch", type=int, nargs="*", default=[1])
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--per-block", type=int, default=10)
+    ap.add_argument("--images", type=int, default=35)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# CPU {os.cpu_count()} cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for res in args.resolution:
         for b in args.batch:
             for te in (True, False):
-                rows.append(run(res, b, args.blocks, args.per_block, te))
+                rows.append(run(res, b, args.blocks, args.per_block, te, args.images))
                 print(json.dumps(rows[-1]), flush=True)
     print(table(rows, list(rows[0])))
     if args.json:
