@@ -29,13 +29,14 @@ class Phases:
         self.rows: list[dict] = []
 
     def run(self, name: str, fn, *a, **kw):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             out = fn(*a, **kw)
             note = ""
         except Exception as err:  # noqa: BLE001 - a bench reports and goes on
             out, note = None, f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:90] if str(err) else ''}"
-        self.rows.append({"phase": name, "seconds": round(time.perf_counter() - t0, 2), "note": note})
+        self.rows.append({"phase": name, "seconds": round(time.perf_counter() - t0, 2),
+                          "cpu_s": round(time.process_time() - c0, 2), "note": note})  # fmt: skip
         print(json.dumps(self.rows[-1]), flush=True)
         return out
 
@@ -65,8 +66,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: all 1050)")
     ap.add_argument("--lr", default="auto", help="'auto' runs this build's LR probe")
     ap.add_argument("--optimizer", default="adamw8bit")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from lib_lora.config import TrainConfig
     from lib_lora.training.run import Trainer
 
@@ -76,7 +80,7 @@ def main() -> int:
     print(f"# {machine}; torch {torch.__version__}; model {args.base_model}; {args.images} images x {args.repeats}"
           f" at {res}²; load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     ph = Phases()
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         photos = make_dataset(work / "photos", args.images, args.repeats, size=res)
@@ -109,8 +113,9 @@ def main() -> int:
             ph.run("save LoRA", tr.save_lora, tr.lora_path, True, True)
         finally:
             tr.close()
-    ph.rows.append({"phase": "total", "seconds": round(time.perf_counter() - t_all, 2), "note": ""})
-    print(table(ph.rows, ["phase", "seconds", "note"]))
+    ph.rows.append({"phase": "total", "seconds": round(time.perf_counter() - t_all, 2),
+                    "cpu_s": round(time.process_time() - c_all, 2), "note": ""})  # fmt: skip
+    print(table(ph.rows, ["phase", "seconds", "cpu_s", "note"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "resolution": res, "rows": ph.rows}, indent=1))
     return 0

@@ -28,7 +28,10 @@ def main() -> int:
     ap.add_argument("--train-te", type=int, default=1)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--trace", default=None, help="write a Chrome trace here")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from torch.profiler import ProfilerActivity, profile
 
     from lib_lora.config import TrainConfig
@@ -67,14 +70,14 @@ def main() -> int:
                 tr.train_step(b)
             feed, comp = [], []
             for b in batches[3 : 3 + args.steps]:
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 d = tr.step_inputs(b)
-                t1 = time.perf_counter()
+                t1 = time.process_time()
                 tr.compute_step(d)
-                t2 = time.perf_counter()
+                t2 = time.process_time()
                 feed.append(t1 - t0)
                 comp.append(t2 - t1)
-            print(f"# median per step: data feed {median_ms(feed):.3f} ms, compute+optimizer {median_ms(comp):.1f} ms")
+            print(f"# median CPU time per step: data feed {median_ms(feed):.3f} ms, compute+optimizer {median_ms(comp):.1f} ms")
             with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
                 for b in batches[3 + args.steps :]:
                     tr.train_step(b)
