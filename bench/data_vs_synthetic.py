@@ -23,7 +23,7 @@ import torch
 from bench_common import make_dataset, median_ms, table
 
 
-def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool, images: int = 35) -> dict:
+def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool, images: int = 35, te_cache: bool = True) -> dict:
     from lib_lora.config import TrainConfig
     from lib_lora.training import data as data_mod
     from lib_lora.training.run import Trainer
@@ -34,7 +34,7 @@ def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool
         cfg = TrainConfig(
             name="dvs", dataset=str(ds), output_dir=str(work / "out"), run_dir=str(work / "run"), overwrite=True,
             resolution=resolution, batch_size=batch, optimizer="adamw", lr="1e-4", log_every_n_steps=10**6,
-            train_text_encoder=train_te, cache_latents_to_disk=False,
+            train_text_encoder=train_te, cache_latents_to_disk=False, cache_text_encoder_outputs=te_cache,
         )  # fmt: skip
         tr = Trainer(cfg)
         tr.started_at, tr.name = time.time(), "dvs"
@@ -78,7 +78,8 @@ def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool
     real, syn = median_ms(real_t), median_ms(syn_t)
     rc, sc = median_ms(real_c), median_ms(syn_c)
     return {
-        "resolution": resolution, "batch": batch, "train_te": train_te, "steps_each": len(real_t),
+        "resolution": resolution, "batch": batch, "train_te": train_te,
+        "te_cache": te_cache and not train_te, "steps_each": len(real_t),
         "real_ms": round(real, 2), "synthetic_ms": round(syn, 2), "diff_pct": round(100 * (real - syn) / syn, 2),
         "real_cpu_ms": round(rc, 2), "synthetic_cpu_ms": round(sc, 2), "cpu_diff_pct": round(100 * (rc - sc) / sc, 2),
         "feed_ms": round(median_ms(feed_t), 3),
@@ -101,8 +102,8 @@ def main() -> int:
     rows = []
     for res in args.resolution:
         for b in args.batch:
-            for te in (True, False):
-                rows.append(run(res, b, args.blocks, args.per_block, te, args.images))
+            for te, cache in ((True, True), (False, True), (False, False)):
+                rows.append(run(res, b, args.blocks, args.per_block, te, args.images, cache))
                 print(json.dumps(rows[-1]), flush=True)
     print(table(rows, list(rows[0])))
     if args.json:
