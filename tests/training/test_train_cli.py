@@ -18,7 +18,7 @@ def test_cli_train_end_to_end(tmp_path, drawn_dataset, capsys):
     printed = capsys.readouterr()
     lora = out / "小明 v1.safetensors"
     assert lora.is_file() and str(lora) in printed.out
-    assert "Steps: 4 per epoch" in printed.err  # 4 images x 2 repeats / batch 1 = 8, capped by max_steps
+    assert "Steps: 8 per epoch (batch 1); max_steps = 4 steps" in printed.err  # 4 images x 2 repeats
     md = read_metadata(lora)
     assert md["ss_steps"] == "4" and md["ss_network_dim"] == "4" and md["ss_learning_rate"] == "0.0005"
     assert md["ss_text_encoder_lr"] == "5e-05"  # te lr = lr x 0.1
