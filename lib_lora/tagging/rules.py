@@ -388,10 +388,10 @@ class DatasetDiff:
 
 def diff_captions(captions: dict[str, list[str]], preset: str, trigger: str | None = None,
                   data: TagData | None = None, **kw: object) -> DatasetDiff:
-    """A preset over many captions in memory (no I/O)."""
+    """A preset over many captions in memory (no I/O). Images without a caption are left alone."""
     data = data or load_data()
     p = get_preset(preset)
-    return DatasetDiff(preset, {name: run_preset(tags, p, data, trigger, **kw) for name, tags in captions.items()})
+    return DatasetDiff(preset, {name: run_preset(tags, p, data, trigger, **kw) for name, tags in captions.items() if tags})
 
 
 def preview_preset(image_dir: str | Path, preset: str, trigger: str | None = None, **kw: object) -> DatasetDiff:

@@ -413,15 +413,16 @@ class EditSession:
 
         return self._edit(names, fn, f"move {tag} to front")
 
-    def set_trigger(self, trigger: str | None) -> int:
-        """Pin a trigger word: first in every caption from now on (None unpins; the word stays)."""
+    def set_trigger(self, trigger: str | None, apply: bool = True) -> int:
+        """Pin a trigger word: first in every caption from now on (None unpins; the word stays).
+        With apply=False it only takes effect from the next edit."""
         trigger = trigger.strip() if trigger else None
         if trigger and "," in trigger:
             raise UserError(f"The trigger word {trigger!r} contains a comma; use a single word or phrase.")
         self.journal.folder.mkdir(parents=True, exist_ok=True)
         self.journal.save_state(trigger=trigger)
         self.trigger = trigger
-        if not trigger:
+        if not trigger or not apply:
             return 0
         return self.commit({n: list(self.captions[n]) for n in self.captions}, f"pin trigger {trigger}")
 
