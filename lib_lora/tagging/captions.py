@@ -257,6 +257,8 @@ def recaption(image_dir: Path, cfg: TagConfig) -> TagReport:
             new[name] = caption_from_scores(entry["scores"], entry.get("categories", {}), cfg, report.trigger, bg)
             report.tag_counts.update(new[name])
             report.tagged += 1
+    if report.trigger:
+        session.set_trigger(report.trigger, apply=False)
     report.captions_written = session.commit(new, "re-caption from saved scores")
     report.seconds = time.perf_counter() - start
     return report

@@ -14,9 +14,13 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lib_lora.errors import UserError
 from lib_lora.tagging.tagtext import normalize, put_first
+
+if TYPE_CHECKING:
+    from lib_lora.tagging.session import EditSession
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -399,7 +403,13 @@ def preview_preset(image_dir: str | Path, preset: str, trigger: str | None = Non
     from lib_lora.tagging.session import EditSession
 
     session = EditSession(image_dir)
-    data = load_data(kw.pop("implications_file", None), kw.pop("aliases_file", None))  # type: ignore[arg-type]
+    return _session_diff(session, preset, trigger, kw)
+
+
+def _session_diff(session: EditSession, preset: str, trigger: str | None, kw: dict) -> DatasetDiff:
+    data = load_data(kw.pop("implications_file", None), kw.pop("aliases_file", None))
+    if trigger and session.trigger and normalize(session.trigger) != normalize(trigger):
+        kw = {**kw, "replace": {**(kw.get("replace") or {}), session.trigger: trigger}}  # a renamed trigger
     diff = diff_captions(session.captions, preset, trigger, data, **kw)
     diff.problems = list(session.problems)
     return diff
@@ -410,8 +420,8 @@ def apply_preset(image_dir: str | Path, preset: str, trigger: str | None = None,
     from lib_lora.tagging.session import EditSession
 
     session = EditSession(image_dir)
-    data = load_data(kw.pop("implications_file", None), kw.pop("aliases_file", None))  # type: ignore[arg-type]
-    diff = diff_captions(session.captions, preset, trigger, data, **kw)
-    diff.problems = list(session.problems)
+    diff = _session_diff(session, preset, trigger, kw)
+    if trigger:
+        session.set_trigger(trigger, apply=False)
     session.apply_diff(diff, label=f"preset {preset}" + (f" (trigger {trigger})" if trigger else ""))
     return diff
