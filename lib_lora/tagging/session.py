@@ -11,15 +11,18 @@ and never touched.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import re
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lib_lora.atomic import atomic_write_bytes, atomic_write_json, cleanup_stale_temps
+from lib_lora.atomic import TMP_MARK, atomic_write_bytes, atomic_write_json, cleanup_stale_temps
 from lib_lora.errors import UserError
 from lib_lora.tagging.tagtext import dedupe, format_caption, normalize, parse_caption, put_first
 
@@ -33,6 +36,48 @@ BOM = b"\xef\xbb\xbf"
 
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def write_many(files: dict[Path, bytes | None]) -> None:
+    """Write (or, for None, delete) many files, each atomically, with one flush to disk.
+
+    Each file goes to a temporary name beside it; then one `os.sync()` makes all of them
+    durable and they are renamed into place. fsync per file (what `atomic_write_bytes`
+    does) costs ~5 ms a file here, a minute for 10,000 captions; this costs well under a second.
+    """
+    if len(files) <= 16 or not hasattr(os, "sync"):
+        for path, data in files.items():
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path, data)
+        return
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            if data is not None:
+                tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                temps.append((tmp, path))
+        os.sync()
+        for tmp, path in temps:
+            os.replace(tmp, path)
+        for path, data in files.items():
+            if data is None:
+                path.unlink(missing_ok=True)
+        folders = {path.parent for path in files}
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    finally:
+        for tmp, _ in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def _enc(data: bytes | None) -> dict | None:
@@ -193,8 +238,8 @@ class EditSession:
         n = state["position"] + 1
         self.journal.write(n, label, changes)
         self.journal.save_state(pending=n)
+        write_many({self.caption_path(name): after for name, (_, after) in changes.items()})
         for name, (_, after) in changes.items():
-            self._write(name, after)
             self._raw[name] = after
             self.captions[name] = final[name]
         self.journal.save_state(position=n, pending=None)
@@ -215,9 +260,9 @@ class EditSession:
                 f"({', '.join(conflicts[:5])}); {'redo' if forward else 'undo'} would overwrite them. "
                 "Use force to do it anyway."
             )
-        for name, pair in changes.items():
-            if self._read_bytes(name) != pair[dst_i]:
-                self._write(name, pair[dst_i])
+        write_many({self.caption_path(name): pair[dst_i] for name, pair in changes.items()
+                    if self._read_bytes(name) != pair[dst_i]})
+        for name in changes:
             self._reload(name)
         return record["label"]
 
@@ -279,8 +324,8 @@ class EditSession:
         n = self.position + 1
         self.journal.write(n, "revert to original captions", changes)
         self.journal.save_state(pending=n)
-        for name, (_, after) in changes.items():
-            self._write(name, after)
+        write_many({self.caption_path(name): after for name, (_, after) in changes.items()})
+        for name in changes:
             self._reload(name)
         self.journal.save_state(position=n, pending=None)
         return len(changes)

@@ -30,9 +30,18 @@ def tag_from_model(name: str, keep_underscores: bool = False) -> str:
     return name.replace("_", " ")
 
 
+_NORMALIZED: dict[str, str] = {}
+
+
 def normalize(tag: str) -> str:
     """The form used to compare tags: trimmed, single spaces, lower case."""
-    return " ".join(tag.strip().split()).lower()
+    # Memoised: rules compare the same few thousand tags hundreds of thousands of times.
+    hit = _NORMALIZED.get(tag)
+    if hit is None:
+        if len(_NORMALIZED) > 500_000:
+            _NORMALIZED.clear()
+        hit = _NORMALIZED[tag] = " ".join(tag.split()).lower()
+    return hit
 
 
 def parse_caption(text: str) -> list[str]:

@@ -144,3 +144,21 @@ def test_dataset_diff_format_and_totals(data: rules.TagData) -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(UserError, match="Unknown tag preset"):
         run_preset(["a"], "landscape")
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_fast_path_equals_stepwise_composition(data: rules.TagData, preset: str) -> None:
+    """run_preset (one pass) gives what the rule functions give one after another."""
+    pool = sorted(data.face_parts | data.meta | data.style | data.objects | set(data.aliases) | data.gender)
+    pool += sorted(data.implies)[:300] + sorted({g for gs in data.implies.values() for g in gs}) + ["Smile", "smile", "x y"]
+    rng = random.Random(99)
+    for i in range(400):
+        tags = rng.sample(pool, rng.randint(0, 30))
+        tags += rng.sample(tags, min(len(tags), 2))  # exact duplicates
+        kw = {"trigger": rng.choice([None, "trig", "hat"]), "blacklist": rng.sample(pool, 3) if i % 3 == 0 else (),
+              "whitelist": rng.sample(pool, 3) if i % 4 == 0 else ()}
+        fast = run_preset(tags, preset, data, **kw)
+        slow = rules.run_preset_stepwise(tags, preset, data, **kw)
+        assert fast.after == slow.after, tags
+        assert set(fast.added) == set(slow.added)
+        assert {t for t, _ in fast.removed} == {t for t, _ in slow.removed}

@@ -204,3 +204,24 @@ def test_new_edit_discards_redo(ds: Path) -> None:
     s.add("z")
     assert not s.can_redo()
     assert [h[1] for h in s.history()] == ["add x", "add z"]
+
+
+def test_bulk_path_many_files(tmp_path: Path) -> None:
+    """More than 16 files take the one-flush bulk writer; same guarantees, no temporary files left."""
+    d = tmp_path / "5_many"
+    d.mkdir()
+    px = tmp_path / "px.png"
+    Image.new("RGB", (1, 1)).save(px)
+    for i in range(40):
+        (d / f"{i:02d}.png").write_bytes(px.read_bytes())
+        if i % 5:
+            (d / f"{i:02d}.txt").write_text(f"1girl, tag{i % 3}, smile", encoding="utf-8")
+    before = snapshot(d)
+    s = EditSession(d)
+    assert s.add("bulk") == 40
+    assert s.remove("smile") == 32
+    assert all((d / f"{i:02d}.txt").read_text(encoding="utf-8").endswith("bulk") for i in range(40))
+    assert not [p for p in d.iterdir() if "fastlora-tmp" in p.name]
+    s.undo()
+    s.undo()
+    assert snapshot(d) == before
