@@ -359,34 +359,28 @@ class EditSession:
         """`tag (翻译)` when a Chinese translation is known."""
         return self.translations().display(tag)
 
-    def _term_matches(self, term: str, tags: list[str], substring: bool) -> bool:
-        key = normalize(term)
-        tr = self.translations()
-        for t in tags:
-            k = normalize(t)
-            if k == key or (substring and key in k):
-                return True
-            zh = tr.get(k)
-            if zh and (zh == term.strip() or (substring and term.strip() in zh)):
-                return True
-        return False
+    def matching_tags(self, term: str, substring: bool = False) -> set[str]:
+        """The dataset's tags (normalised) that a search term names, in English or Chinese."""
+        key, raw = normalize(term), term.strip()
+        to_zh = self.translations().to_zh
+        vocab = {normalize(t) for tags in self.captions.values() for t in tags}
+        if substring:
+            return {k for k in vocab if key in k or raw in to_zh.get(k, "")}
+        return {k for k in vocab if k == key or to_zh.get(k) == raw}
 
     def filter(self, all_of: Iterable[str] = (), any_of: Iterable[str] = (), none_of: Iterable[str] = (),
                substring: bool = False, names: Iterable[str] | None = None) -> list[str]:
         """Images whose captions have every tag of all_of (AND), at least one of any_of (OR) and
         none of none_of (NOT). Terms match a tag or its Chinese translation; substring=True
         matches parts of tags too."""
-        all_of, any_of, none_of = list(all_of), list(any_of), list(none_of)
+        must = [self.matching_tags(t, substring) for t in all_of]
+        some = set().union(*(self.matching_tags(t, substring) for t in any_of)) if any_of else None
+        never = set().union(*(self.matching_tags(t, substring) for t in none_of)) if none_of else set()
         out = []
         for name in self._targets(names):
-            tags = self.captions[name]
-            if all_of and not all(self._term_matches(t, tags, substring) for t in all_of):
-                continue
-            if any_of and not any(self._term_matches(t, tags, substring) for t in any_of):
-                continue
-            if none_of and any(self._term_matches(t, tags, substring) for t in none_of):
-                continue
-            out.append(name)
+            keys = {normalize(t) for t in self.captions[name]}
+            if all(keys & m for m in must) and (some is None or keys & some) and not keys & never:
+                out.append(name)
         return out
 
     def _targets(self, names: Iterable[str] | None) -> list[str]:
