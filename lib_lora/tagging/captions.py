@@ -24,7 +24,7 @@ from lib_lora.errors import DatasetError
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.tagging.rules import load_data
 from lib_lora.tagging.session import STATE_DIR, EditSession, list_images
-from lib_lora.tagging.taggers import Tagger, tag_category
+from lib_lora.tagging.taggers import Tagger, map_threads, tag_category
 from lib_lora.tagging.tagtext import dedupe, normalize, put_first, tag_from_model
 
 SCORES_FILE = "scores.json"
@@ -180,6 +180,16 @@ def _read_scores(image_dir: Path) -> dict[str, Any]:
     return {"images": {}}
 
 
+def _open(path: Path) -> Image.Image | str:
+    """The decoded image, or why it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        return str(err)
+
+
 def tag_dataset(image_dir: Path, tagger: Tagger, cfg: TagConfig, progress: Progress | None = None) -> TagReport:
     """Tag every image of a folder, write its caption and keep the raw scores. One undoable step."""
     start = time.perf_counter()
@@ -210,14 +220,13 @@ def tag_dataset(image_dir: Path, tagger: Tagger, cfg: TagConfig, progress: Progr
     for i in range(0, len(todo), cfg.batch_size):
         check_cancel(progress)
         batch_names, images = [], []
-        for name in todo[i:i + cfg.batch_size]:
-            try:
-                with Image.open(image_dir / name) as im:
-                    im.load()
-                    images.append(im.copy())
+        for name, loaded in zip(todo[i:i + cfg.batch_size], map_threads(_open, [image_dir / n for n in todo[i:i + cfg.batch_size]]),
+                                strict=True):
+            if isinstance(loaded, str):
+                report.problems.append(f"{name}: cannot be opened as an image ({loaded}); not tagged.")
+            else:
+                images.append(loaded)
                 batch_names.append(name)
-            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-                report.problems.append(f"{name}: cannot be opened as an image ({err}); not tagged.")
         results = tagger.tag_images(images) if images else []
         for name, scores in zip(batch_names, results, strict=True):
             cats = {t: c for t in scores if (c := tag_category(tagger, t)) != "general"}

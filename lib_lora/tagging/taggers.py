@@ -61,6 +61,17 @@ def onnx_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def map_threads(fn: Any, items: list[Any]) -> list[Any]:
+    """fn over items on a few threads: Pillow's decode/resize and numpy release the GIL."""
+    workers = min(4, os.cpu_count() or 1, len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
 def _check_threshold(threshold: float) -> float:
     if not 0 <= float(threshold) <= 1:
         raise UserError(f"threshold = {threshold}: give a number between 0 and 1.")
@@ -133,7 +144,7 @@ class DeepDanbooruTagger:
 
         out: list[dict[str, float]] = []
         for start in range(0, len(images), self.batch_size):
-            batch = np.concatenate([process_image(im) for im in images[start:start + self.batch_size]])
+            batch = np.concatenate(map_threads(process_image, images[start:start + self.batch_size]))
             scores = self.model.inference(batch)
             out.extend(_above(self.model.tags, row, self.threshold) for row in scores)
         return out
@@ -255,7 +266,7 @@ class WD14Tagger:
     def tag_images(self, images: list[Image.Image]) -> list[dict[str, float]]:
         out: list[dict[str, float]] = []
         for start in range(0, len(images), self.batch_size):
-            batch = np.stack([self.preprocess(im) for im in images[start:start + self.batch_size]])
+            batch = np.stack(map_threads(self.preprocess, images[start:start + self.batch_size]))
             scores = self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
             out.extend(_above(self.labels.names, row, self.threshold) for row in scores)
         return out
