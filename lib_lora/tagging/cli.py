@@ -44,6 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--revert", action="store_true", help="restore the original captions (undoable)")
     group.add_argument("--frequencies", action="store_true", help="print the tag frequency table (with Chinese names)")
     tags.add_argument("--force", action="store_true", help="undo/redo even over files changed outside the editor")
+    edit = tags.add_argument_group("bulk edits (instead of a preset; each is one undoable step)")
+    edit.add_argument("--add", metavar="TAGS", help="add these comma-separated tags")
+    edit.add_argument("--remove", metavar="TAGS", help="remove these comma-separated tags")
+    edit.add_argument("--replace", nargs=2, metavar=("OLD", "NEW"), help="replace a tag ('' as NEW removes it)")
+    edit.add_argument("--regex", action="store_true", help="--replace OLD is a regular expression, NEW may use \\1")
+    edit.add_argument("--front", metavar="TAG", help="move this tag to the front of the captions that have it")
+    edit.add_argument("--where", metavar="TAGS", help="only images having all these tags (English or Chinese)")
+    edit.add_argument("--where-any", metavar="TAGS", help="only images having at least one of these tags")
+    edit.add_argument("--where-not", metavar="TAGS", help="only images having none of these tags")
     tags.set_defaults(func=run_tags)
 
 
@@ -105,6 +114,9 @@ def run_tags(args: argparse.Namespace) -> int:
                 for tag, n in session.frequencies():
                     print(f"{n:6d}  {session.display(tag)}")
             continue
+        if args.add or args.remove or args.replace or args.front:
+            _bulk_edit(EditSession(d), args)
+            continue
         trigger = cfg.trigger or None
         if trigger is None:
             from lib_lora.tagging.captions import default_trigger, read_manifest
@@ -121,3 +133,24 @@ def run_tags(args: argparse.Namespace) -> int:
             print(diff.format(max_images=args.show))
             print(f"captions rewritten; undo with: python -m lib_lora tags {args.dataset} --undo")
     return 0
+
+
+def _bulk_edit(session, args: argparse.Namespace) -> None:  # noqa: ANN001 - EditSession, imported lazily
+    def terms(text: str | None) -> list[str]:
+        return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+    for p in session.problems:
+        print(f"skipped: {p}")
+    names = None
+    if args.where or args.where_any or args.where_not:
+        names = session.filter(all_of=terms(args.where), any_of=terms(args.where_any), none_of=terms(args.where_not))
+        print(f"{len(names)} of {len(session.captions)} images match the filter.")
+    if args.add:
+        print(f"add: {session.add(args.add, names)} captions changed")
+    if args.remove:
+        print(f"remove: {session.remove(args.remove, names)} captions changed")
+    if args.replace:
+        print(f"replace: {session.replace(args.replace[0], args.replace[1], names, regex=args.regex)} captions changed")
+    if args.front:
+        print(f"front: {session.move_to_front(args.front, names)} captions changed")
+    print(f"undo with: python -m lib_lora tags {args.dataset} --undo")

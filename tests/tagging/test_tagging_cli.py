@@ -64,3 +64,19 @@ def test_translations_cover_common_tags() -> None:
     assert tr.to_tag("棒球帽") == "baseball cap"
     assert tr.search("帽", ["baseball cap", "shirt", "hat"]) == ["baseball cap", "hat"]
     assert tr.search("SHIRT", ["white shirt", "skirt"]) == ["white shirt"]
+
+
+def test_bulk_edits_from_the_cli(make_images, capsys) -> None:
+    d = make_images({"a.png": (1, 1, 1), "b.png": (2, 2, 2)}, folder="plain")
+    (d / "a.txt").write_text("1girl, hat, smile", encoding="utf-8")
+    (d / "b.txt").write_text("1boy, hat", encoding="utf-8")
+    before = snapshot(d)
+    assert main(["tags", str(d), "--where", "帽子", "--where-not", "1boy", "--add", "straw", "--front", "smile"]) == 0
+    assert (d / "a.txt").read_text(encoding="utf-8") == "smile, 1girl, hat, straw"
+    assert (d / "b.txt").read_text(encoding="utf-8") == "1boy, hat"
+    assert main(["tags", str(d), "--replace", "^(.*)hat$", r"\1cap", "--regex"]) == 0
+    assert (d / "b.txt").read_text(encoding="utf-8") == "1boy, cap"
+    for _ in range(3):
+        assert main(["tags", str(d), "--undo"]) == 0
+    assert snapshot(d) == before
+    assert "1 of 2 images match the filter" in capsys.readouterr().out
