@@ -217,6 +217,8 @@ def tag_dataset(image_dir: Path, tagger: Tagger, cfg: TagConfig, progress: Progr
     store = _read_scores(image_dir)
     store.update({"tagger": report.tagger, "floor": getattr(tagger, "threshold", None)})
     new: dict[str, list[str]] = {}
+    if progress is not None:
+        progress.update(0, len(todo), f"tagging {len(todo)} images")
     for i in range(0, len(todo), cfg.batch_size):
         check_cancel(progress)
         batch_names, images = [], []
