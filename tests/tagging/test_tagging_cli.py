@@ -80,3 +80,13 @@ def test_bulk_edits_from_the_cli(make_images, capsys) -> None:
         assert main(["tags", str(d), "--undo"]) == 0
     assert snapshot(d) == before
     assert "1 of 2 images match the filter" in capsys.readouterr().out
+
+
+def test_from_scores_rethresholds_without_the_model(make_images) -> None:
+    d = make_images({"a.png": (255, 0, 0)}, folder="4_Zed")
+    dd = TAGGERS / "deepdanbooru"
+    assert main(["tag", str(d), "--model", str(dd)]) == 0
+    assert (d / "a.txt").read_text(encoding="utf-8") == "Zed, red theme, 1girl, lips, long hair"
+    # The model is not needed any more: a lower threshold and another order from the saved scores.
+    assert main(["tag", str(d), "--model", "/nowhere", "--from-scores", "--threshold", "0.2", "--sort", "alphabetical"]) == 0
+    assert (d / "a.txt").read_text(encoding="utf-8") == "Zed, 1girl, ^_^, lips, long hair, red theme"
