@@ -48,3 +48,16 @@ def test_cli_plan_only_and_missing_dataset(tmp_path, drawn_dataset):
         capture_output=True, text=True, cwd=root, timeout=120,
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_preset_then_flags_override(drawn_dataset):
+    import argparse
+
+    from lib_lora.training.cli import config_from_args, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["train", str(drawn_dataset / "2_fastlora_chan"), "--preset", "style", "--dim", "8"])
+    cfg = config_from_args(args)
+    assert (cfg.dim, cfg.alpha, cfg.lr_scheduler, cfg.shuffle_caption) == (8, 16.0, "cosine", True)
+    assert cfg.name == "fastlora_chan"  # no --name: the folder's name without its repeats
