@@ -473,15 +473,12 @@ def cache_latents(
     for i, it in enumerate(items):
         check_cancel(progress)
         key = latent_key(it, vae_id)
-        it_key = key
-        if key in out:
-            pass
-        elif disk is not None and (disk / f"{key}.safetensors").is_file():
+        if key not in out and disk is not None and (disk / f"{key}.safetensors").is_file():
             try:
                 out[key] = load_file(str(disk / f"{key}.safetensors"))["latent"]
             except Exception:  # noqa: BLE001 - a damaged cache file is simply re-encoded
-                out.pop(key, None)
-        if it_key not in out:
+                pass
+        if key not in out:
             try:
                 pixels = to_pixels(fit_to_bucket(load_rgb(it.path), it.bucket))
             except Exception as err:  # noqa: BLE001
