@@ -190,6 +190,7 @@ class Trainer:
         self.phase(f"Caching latents of {len(self.dataset.items)} images")
         cache_dir = self.run_dir / "latent_cache" if cfg.cache_latents_to_disk else None
         skipped = []
+        torch.manual_seed(cfg.seed)  # the VAE samples its latents: same seed, same latents (issue 5)
         self.latents = data_mod.cache_latents(
             self.dataset.items, self.backbone, cache_dir, self.progress, on_skip=lambda p, r: skipped.append((p, r))
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from helpers_rel import header, make_dataset, tensor_bytes, tiny_config
@@ -51,7 +52,10 @@ def test_resume_is_byte_identical(tmp_path, stop_at):
     a, b = header(ref.lora_path)["__metadata__"], header(res.lora_path)["__metadata__"]
     varying = {"ss_training_started_at", "ss_training_finished_at", "ss_session_id", "modelspec.date",
                "sshs_model_hash", "sshs_legacy_hash", "ss_output_name"}  # fmt: skip
+    varying.add("fastlora_config")  # holds run_dir / state_every_n_steps, which differ here on purpose
     assert {k: v for k, v in a.items() if k not in varying} == {k: v for k, v in b.items() if k not in varying}
+    ca, cb = json.loads(a["fastlora_config"]), json.loads(b["fastlora_config"])
+    assert {k for k in ca if ca[k] != cb[k]} <= state.NEUTRAL_FIELDS
     assert not state.state_path(cfg.run_dir).exists()  # finished: the state is gone
 
 
