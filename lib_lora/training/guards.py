@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -187,3 +188,16 @@ def enable_gradient_checkpointing(trainer: Trainer) -> None:
         if hasattr(bb.text_encoder, "enable_input_require_grads"):
             bb.text_encoder.enable_input_require_grads()
     trainer.cfg = dataclasses.replace(trainer.cfg, gradient_checkpointing=True)
+
+
+def write_error(err: OSError, path: Path) -> UserError:
+    """A user's sentence for a failed write (the atomic write left any previous file intact)."""
+    import errno
+
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EROFS: "the folder is read-only", errno.EACCES: "permission was denied"}.get(err.errno)  # fmt: skip
+    why = why or (err.strerror or str(err))
+    return UserError(
+        f"Could not write {path} ({why}); any previous file there is intact. Free disk space or choose another "
+        "folder, then start the same command again: the run resumes from its saved state."
+    )

@@ -351,7 +351,12 @@ class Trainer:
 
         tensors = self.network.state_dict_kohya()
         dtype = SAVE_DTYPES[self.cfg.save_precision]
-        out = write_lora(Path(path), tensors, self.metadata(finished), overwrite=overwrite, dtype=dtype)
+        try:
+            out = write_lora(Path(path), tensors, self.metadata(finished), overwrite=overwrite, dtype=dtype)
+        except OSError as err:  # issue 5: a full disk or a read-only folder, said plainly
+            from lib_lora.training.guards import write_error
+
+            raise write_error(err, Path(path)) from err
         self.emit("saved", path=str(out), step=self.step)
         return out
 
