@@ -65,6 +65,8 @@ class StepGuard:
             self._stepped = True
             return self._inner_step(*args, **kwargs)
 
+        # Tell the LR scheduler's order check that this is still its wrapped step (no false warning).
+        guarded_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         opt.step = guarded_step  # an instance attribute: the optimizer class is untouched
 
     # ------------------------------------------------------------ one step
