@@ -14,13 +14,13 @@ from lib_lora.training import guards, state
 from lib_lora.training.run import Trainer, train
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, bb):
     ds = make_dataset(tmp_path / "data")
     # An absurd learning rate drives the activations to inf/NaN within a few steps.
     cfg = tiny_config(tmp_path, ds, lr="1e12", max_grad_norm=0.0, max_steps=60, state_every_n_steps=1,
                       max_nonfinite_steps=3, network_dropout=0.0, lr_scheduler="constant")  # fmt: skip
     with pytest.raises(guards.NonFiniteError, match="(?i)in a row.*lower the learning rate"):
-        train(cfg)
+        train(cfg, backbone=bb)
     assert not (tmp_path / "out" / "rel.safetensors").exists()  # a broken LoRA is never exported
     st = state.load_state(state.state_path(cfg.run_dir))
     assert st["step"] >= 1
@@ -65,10 +65,10 @@ def _full_disk_after(nbytes: int):
     return write
 
 
-def test_full_disk_keeps_the_previous_state_and_lora(tmp_path, monkeypatch):
+def test_full_disk_keeps_the_previous_state_and_lora(tmp_path, monkeypatch, bb):
     ds = make_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path, ds, max_steps=4, state_every_n_steps=2, overwrite=True)
-    first = train(cfg)
+    first = train(cfg, backbone=bb)
     lora_bytes = first.lora_path.read_bytes()
 
     # The disk fills while the state is written: the previous state stays, the message says what to do.
@@ -84,7 +84,7 @@ def test_full_disk_keeps_the_previous_state_and_lora(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", save_then_fill)
     with pytest.raises(UserError, match="Free disk space.*resume"):
-        train(cfg_b)
+        train(cfg_b, backbone=bb)
     monkeypatch.setattr(torch, "save", real_save)
     st = state.load_state(state.state_path(cfg_b.run_dir))
     assert st["step"] == 2
@@ -94,6 +94,6 @@ def test_full_disk_keeps_the_previous_state_and_lora(tmp_path, monkeypatch):
     # The disk fills during the export over an existing LoRA: the old file is untouched.
     monkeypatch.setattr(safetensors.torch, "save_file", lambda t, f, metadata=None: _full_disk_after(1000)(t, f))
     with pytest.raises(UserError, match="disk"):
-        train(cfg)
+        train(cfg, backbone=bb)
     assert first.lora_path.read_bytes() == lora_bytes
     assert [p for p in (tmp_path / "out").iterdir() if "fastlora-tmp" in p.name] == []

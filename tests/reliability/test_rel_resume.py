@@ -32,19 +32,19 @@ def _events():
 
 
 @pytest.mark.parametrize("stop_at", [5])
-def test_resume_is_byte_identical(tmp_path, stop_at):
+def test_resume_is_byte_identical(tmp_path, stop_at, bb):
     ds = make_dataset(tmp_path / "data")
-    ref = train(tiny_config(tmp_path / "a", ds))
+    ref = train(tiny_config(tmp_path / "a", ds), backbone=bb)
 
     cfg = tiny_config(tmp_path / "b", ds, state_every_n_steps=3)
     with pytest.raises(Cancelled):
-        train(cfg, progress=StopAt(stop_at))
+        train(cfg, progress=StopAt(stop_at), backbone=bb)
     st = state.load_state(state.state_path(cfg.run_dir))
     assert st["step"] == stop_at
     assert not (tmp_path / "b" / "out" / "rel.safetensors").exists()
 
     seen, on_event = _events()
-    res = train(cfg, on_event=on_event)
+    res = train(cfg, on_event=on_event, backbone=bb)
     phases = [e["text"] for e in seen if e["kind"] == "phase"]
     assert any(f"Resuming at step {stop_at} of 12" in t for t in phases), phases
     assert res.steps == 12
@@ -59,29 +59,29 @@ def test_resume_is_byte_identical(tmp_path, stop_at):
     assert not state.state_path(cfg.run_dir).exists()  # finished: the state is gone
 
 
-def test_restart_and_refusals(tmp_path):
+def test_restart_and_refusals(tmp_path, bb):
     ds = make_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path, ds, max_steps=6)
     with pytest.raises(Cancelled):
-        train(cfg, progress=StopAt(3))
+        train(cfg, progress=StopAt(3), backbone=bb)
     # Different settings: refused with advice, the state untouched.
     with pytest.raises(UserError, match="different settings.*--restart"):
-        train(dataclasses.replace(cfg, dim=8))
+        train(dataclasses.replace(cfg, dim=8), backbone=bb)
     # Changed data: refused.
     (ds / "5_tok" / "img0.txt").write_text("tok, changed", encoding="utf-8")
     with pytest.raises(UserError, match="dataset changed"):
-        train(cfg)
+        train(cfg, backbone=bb)
     seen, on_event = _events()
-    res = train(dataclasses.replace(cfg, restart=True), on_event=on_event)
+    res = train(dataclasses.replace(cfg, restart=True), on_event=on_event, backbone=bb)
     assert any("--restart" in e.get("text", "") for e in seen)
     assert res.steps == 6
 
 
-def test_unreadable_state_is_refused(tmp_path):
+def test_unreadable_state_is_refused(tmp_path, bb):
     ds = make_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path, ds, max_steps=4)
     path = state.state_path(cfg.run_dir)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x80\x04garbage")
     with pytest.raises(UserError, match="cannot be read.*--restart"):
-        train(cfg)
+        train(cfg, backbone=bb)
