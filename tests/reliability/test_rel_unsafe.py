@@ -46,7 +46,7 @@ def test_no_unsafe_loading_or_shell_in_the_code():
     problems = []
     for py in root.rglob("*.py"):
         text = py.read_text(encoding="utf-8")
-        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+        for m in re.finditer(r"torch\.load\((.*)", text):  # the call's line (a call fits one here)
             if "weights_only=True" not in m.group(1):
                 problems.append(f"{py.name}: torch.load without weights_only=True")
         if re.search(r"shell\s*=\s*True", text):
