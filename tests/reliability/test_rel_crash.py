@@ -66,9 +66,10 @@ def _kill_when(proc: subprocess.Popen, mode: str, run_dir: Path, out: Path, rng:
     deadline = time.time() + 300
     events = run_dir / "logs" / "events.jsonl"
     if mode == "train":
-        # A random moment after training started.
+        # A random moment after this process's training started (events.jsonl is appended to).
+        offset = events.stat().st_size if events.is_file() else 0
         while time.time() < deadline and proc.poll() is None:
-            if events.is_file() and '"kind": "loss"' in events.read_text(encoding="utf-8", errors="replace"):
+            if events.is_file() and b'"kind": "loss"' in events.read_bytes()[offset:]:
                 break
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 1.5))
