@@ -67,7 +67,7 @@ def build_corpus(folder: Path) -> tuple[list[str], list[str]]:
         "cmyk.jpg": _jpeg(mode="CMYK"),
         "rgba.png": _png(mode="RGBA"),
         "palette.png": _png(mode="P"),
-        "rotated_exif.jpg": _jpeg((64, 96), exif_rotate=True),
+        "rotated_exif.jpg": _jpeg((64, 64), exif_rotate=True),  # square: the 64 px test buckets
         "名前 with spaces.png": _png(seed=3),
         "UPPER.PNG": _png(seed=4),
     }
