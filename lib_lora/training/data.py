@@ -88,10 +88,14 @@ class StepPlan:
         lines.append(
             "  buckets: " + ", ".join(f"{k} ({v} image{'s' if v != 1 else ''})" for k, v in self.buckets.items())
         )
-        lines.append(
-            f"Steps: {self.steps_per_epoch} per epoch (batch {self.batch_size}) x {self.epochs} "
-            f"epoch{'s' if self.epochs != 1 else ''} = {self.total_steps} steps."
-        )
+        ep = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        if self.total_steps == self.epochs * self.steps_per_epoch:
+            lines.append(f"Steps: {self.steps_per_epoch} per epoch (batch {self.batch_size}) x {ep} = {self.total_steps} steps.")
+        else:
+            lines.append(
+                f"Steps: {self.steps_per_epoch} per epoch (batch {self.batch_size}); "
+                f"max_steps = {self.total_steps} steps ({ep}, the last one partial)."
+            )
         if self.skipped:
             lines.append(f"Skipped {len(self.skipped)} file(s):")
             lines.extend(f"  {s['path']}: {s['reason']}" for s in self.skipped[:20])
@@ -469,15 +473,12 @@ def cache_latents(
     for i, it in enumerate(items):
         check_cancel(progress)
         key = latent_key(it, vae_id)
-        it_key = key
-        if key in out:
-            pass
-        elif disk is not None and (disk / f"{key}.safetensors").is_file():
+        if key not in out and disk is not None and (disk / f"{key}.safetensors").is_file():
             try:
                 out[key] = load_file(str(disk / f"{key}.safetensors"))["latent"]
             except Exception:  # noqa: BLE001 - a damaged cache file is simply re-encoded
-                out.pop(key, None)
-        if it_key not in out:
+                pass
+        if key not in out:
             try:
                 pixels = to_pixels(fit_to_bucket(load_rgb(it.path), it.bucket))
             except Exception as err:  # noqa: BLE001
@@ -485,7 +486,11 @@ def cache_latents(
                 if on_skip:
                     on_skip(it.path, f"not a readable image ({type(err).__name__}: {err})")
                 continue
-            with torch.no_grad():
+            # The VAE samples its latent: seed it from the image's key, so a latent never
+            # depends on which other images were encoded before it (determinism).
+            dev = torch.device(backbone.device)
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+                torch.manual_seed(int(key[:15], 16))
                 lat = backbone.encode_images(pixels.unsqueeze(0).to(backbone.device, backbone.dtype))
             lat = lat[0].detach().to("cpu", torch.float32).contiguous()
             out[key] = lat

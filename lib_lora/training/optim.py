@@ -40,7 +40,7 @@ def bnb_adamw8bit_works(device: torch.device | str) -> tuple[bool, str]:
         result = (ok, "" if ok else "it produced invalid values")
     except Exception as err:  # noqa: BLE001 - any failure means: not usable here
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        result = (False, first[:160])
+        result = (False, first[:160].rstrip(" :"))
     _BNB_CAN_STEP[kind] = result
     return result
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -140,6 +139,7 @@ class Trainer:
         self.resolve_lr()
         self.build_optimizer()
         self.open_logs()
+        self.begin_reliability()
 
     def prepare_run_dir(self) -> None:
         cfg = self.cfg
@@ -192,6 +192,7 @@ class Trainer:
         self.phase(f"Caching latents of {len(self.dataset.items)} images")
         cache_dir = self.run_dir / "latent_cache" if cfg.cache_latents_to_disk else None
         skipped = []
+        torch.manual_seed(cfg.seed)  # the VAE samples its latents: same seed, same latents (issue 5)
         self.latents = data_mod.cache_latents(
             self.dataset.items, self.backbone, cache_dir, self.progress, on_skip=lambda p, r: skipped.append((p, r))
         )
@@ -260,6 +261,13 @@ class Trainer:
         self.params = self.unet_params + self.te_params
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and self.device.type == "cuda" else None
         self.noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)
+
+    def begin_reliability(self) -> None:
+        """Issue 5: non-finite/OOM guard around each step; resume from the saved state."""
+        from lib_lora.training import guards, state
+
+        self.guard = guards.StepGuard(self)
+        state.begin(self)
 
     def open_logs(self) -> None:
         try:
@@ -386,7 +394,12 @@ class Trainer:
 
         tensors = self.network.state_dict_kohya()
         dtype = SAVE_DTYPES[self.cfg.save_precision]
-        out = write_lora(Path(path), tensors, self.metadata(finished), overwrite=overwrite, dtype=dtype)
+        try:
+            out = write_lora(Path(path), tensors, self.metadata(finished), overwrite=overwrite, dtype=dtype)
+        except OSError as err:  # issue 5: a full disk or a read-only folder, said plainly
+            from lib_lora.training.guards import write_error
+
+            raise write_error(err, Path(path)) from err
         self.emit("saved", path=str(out), step=self.step)
         return out
 
@@ -399,11 +412,6 @@ class Trainer:
         cur, avg, ep = torch.stack([window[-1], torch.stack(window).mean(), epoch_sum / epoch_n]).tolist()
         self.final_loss = avg
         lrs = group_lrs(self.optimizer)
-        if not math.isfinite(cur):
-            raise UserError(
-                f"The loss became {cur} at step {self.step}: lower the learning rate (or alpha), "
-                "or train in bf16 / fp32 instead of fp16."
-            )
         if self.tb is not None:
             self.tb.add_scalar("loss/current", cur, self.step)
             self.tb.add_scalar("loss/average", ep, self.step)
@@ -419,6 +427,7 @@ class Trainer:
             self.progress.update(self.step, self.total_steps, f"loss {avg:.4f}")
 
     def run(self) -> TrainResult:
+        from lib_lora.training import state
         self.session_id = uuid.uuid4().hex
         t0 = time.time()
         try:
@@ -426,9 +435,11 @@ class Trainer:
             self.train_loop()
             self.phase(f"Writing {self.lora_path}")
             path = self.save_lora(self.lora_path, overwrite=self.cfg.overwrite, finished=True)
+            state.finish(self)
         except (Cancelled, KeyboardInterrupt):
             if getattr(self, "network", None) is not None and self.step > 0:
                 self.save_checkpoint(f"interrupted-step{self.step:06d}")
+                state.on_stop(self)
             raise
         finally:
             self.close()
@@ -444,11 +455,13 @@ class Trainer:
         cfg = self.cfg
         total, spe = self.total_steps, self.plan.steps_per_epoch
         self.phase(f"Training {total} steps on {self.device} ({self.precision if self.precision != 'no' else 'fp32'})")
+        from lib_lora.training import state as state_mod
+
         window: list[torch.Tensor] = []
         epoch_sum, epoch_n = torch.zeros((), device=self.device), 0
         for batch in data_mod.iter_batches(self.dataset.items, cfg, total, cfg.seed, start_step=self.step):
             check_cancel(self.progress)
-            loss = self.train_step(batch)
+            loss = self.guard.run_step(batch)
             self.step += 1
             window.append(loss)
             epoch_sum, epoch_n = epoch_sum + loss, epoch_n + 1
@@ -464,6 +477,7 @@ class Trainer:
                     self.save_checkpoint(f"epoch{epoch:04d}")
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < total:
                 self.save_checkpoint(f"step{self.step:06d}")
+            state_mod.after_step(self)
         if self.tokens.truncated:
             self.phase(f"{len(self.tokens.truncated)} caption(s) were longer than 225 tokens and were cut.")
 

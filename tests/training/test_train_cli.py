@@ -18,7 +18,7 @@ def test_cli_train_end_to_end(tmp_path, drawn_dataset, capsys):
     printed = capsys.readouterr()
     lora = out / "小明 v1.safetensors"
     assert lora.is_file() and str(lora) in printed.out
-    assert "Steps: 4 per epoch" in printed.err  # 4 images x 2 repeats / batch 1 = 8, capped by max_steps
+    assert "Steps: 8 per epoch (batch 1); max_steps = 4 steps" in printed.err  # 4 images x 2 repeats
     md = read_metadata(lora)
     assert md["ss_steps"] == "4" and md["ss_network_dim"] == "4" and md["ss_learning_rate"] == "0.0005"
     assert md["ss_text_encoder_lr"] == "5e-05"  # te lr = lr x 0.1
@@ -48,3 +48,16 @@ def test_cli_plan_only_and_missing_dataset(tmp_path, drawn_dataset):
         capture_output=True, text=True, cwd=root, timeout=120,
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_preset_then_flags_override(drawn_dataset):
+    import argparse
+
+    from lib_lora.training.cli import config_from_args, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["train", str(drawn_dataset / "2_fastlora_chan"), "--preset", "style", "--dim", "8"])
+    cfg = config_from_args(args)
+    assert (cfg.dim, cfg.alpha, cfg.lr_scheduler, cfg.shuffle_caption) == (8, 16.0, "cosine", True)
+    assert cfg.name == "fastlora_chan"  # no --name: the folder's name without its repeats

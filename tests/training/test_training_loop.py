@@ -102,13 +102,39 @@ def test_metadata_complete_and_hashes_recomputable(tmp_path, drawn_dataset, tiny
     assert again.lora_path == res.lora_path
 
 
-def test_schedulers_and_text_encoder_only(tmp_path, drawn_dataset, tiny_backbone):
+def test_schedulers_text_encoder_only_and_bf16(tmp_path, drawn_dataset, tiny_backbone):
     events = []
     cfg = _cfg(tmp_path, drawn_dataset, lr_scheduler="cosine", lr_warmup_steps=2, train_unet=False,
-               log_every_n_steps=1, max_steps=6)
+               log_every_n_steps=1, max_steps=6, mixed_precision="bf16")
     res = train(cfg, backbone=tiny_backbone, on_event=events.append)
     tensors, md = read_lora(res.lora_path)
     assert all(k.startswith("lora_te_") for k in tensors) and len(tensors) == 72 * 3
     lrs = [e["lr"]["textencoder"] for e in events if e["kind"] == "loss"]
     assert lrs[0] < lrs[1] and lrs[-1] < lrs[2]  # warm-up then cosine decay
-    assert md["ss_unet_lr"] == "None"
+    assert md["ss_unet_lr"] == "None" and md["ss_mixed_precision"] == "bf16"
+    assert all(e["loss"] == e["loss"] for e in events if e["kind"] == "loss")  # finite under bf16 autocast
+
+
+def test_latents_cached_once_on_disk_and_reused(tmp_path, drawn_dataset, tiny_backbone):
+    from lib_lora.training import data
+
+    class NoEncode:  # the same model, but encoding again would fail the test
+        def __init__(self, bb):
+            self.bb = bb
+
+        def __getattr__(self, name):
+            return getattr(self.bb, name)
+
+        def encode_images(self, pixels):
+            raise AssertionError("a cached latent was encoded again")
+
+    cfg = _cfg(tmp_path, drawn_dataset)
+    items = data.scan_dataset(drawn_dataset, cfg).items
+    cache = tmp_path / "cache"
+    first = data.cache_latents(list(items), tiny_backbone, cache)
+    assert len(first) == 4 and len(list(cache.glob("*.safetensors"))) == 4
+    again = data.cache_latents(list(items), NoEncode(tiny_backbone), cache)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    # Another bucket size is another key.
+    other = data.scan_dataset(drawn_dataset, _cfg(tmp_path, drawn_dataset, resolution=128, bucket_no_upscale=False)).items
+    assert {data.latent_key(i, data.vae_identity(tiny_backbone)) for i in other}.isdisjoint(first)
