@@ -51,9 +51,15 @@ def prepare(photos: Path, out: Path) -> Path:
 
 
 def tag(folder: Path) -> None:
-    from lib_lora.tagging import captions  # type: ignore[attr-defined]
+    """The tutorial's Deepbooru step, with the tiny DeepDanbooru model committed for the tests
+    (a real model file can be given with FAST_LORA_DD_MODEL; nothing is downloaded)."""
+    from lib_lora.config import TagConfig, validate
+    from lib_lora.tagging.captions import tag_dataset
+    from lib_lora.tagging.taggers import load_tagger
 
-    captions.tag_folder(folder)  # type: ignore[attr-defined]
+    model = os.environ.get("FAST_LORA_DD_MODEL") or Path(__file__).resolve().parents[1] / "tests/fixtures/taggers/deepdanbooru"
+    tagger = load_tagger("deepdanbooru", model, allow_download=False)
+    tag_dataset(folder, tagger, validate(TagConfig()))
 
 
 def main() -> int:
@@ -86,8 +92,8 @@ def main() -> int:
         photos = make_dataset(work / "photos", args.images, args.repeats, size=res)
         prepared = ph.run("prepare (crop, cut out)", prepare, photos / f"{args.repeats}_zhang", work / "prepared")
         dataset = photos
-        if prepared is not None:
-            ph.run("tag", tag, prepared)
+        # Tag what prepare produced, else the photos' own folder (its synthetic captions are replaced).
+        ph.run("tag (Deepbooru)", tag, prepared if prepared is not None else photos / f"{args.repeats}_zhang")
         cfg = TrainConfig(
             name="zhang", dataset=str(dataset), base_model=args.base_model, output_dir=str(work / "out"),
             run_dir=str(work / "run"), resolution=res, lr=args.lr, optimizer=args.optimizer, dim=128, alpha=64.0,
