@@ -129,12 +129,16 @@ def measure(bb, dataset, work, args, batch: int, precision: str, peak: float) ->
             tr.train_step(b)
         sync(dev)
         times, cpu_times = [], []
+        if args.sync_debug and dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")  # every host<->device sync in a step is reported
         for b in batches[args.warmup : args.warmup + args.steps]:
             t0, c0 = time.perf_counter(), time.process_time()
             tr.train_step(b)
             sync(dev)
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
         flops = count_flops(tr, batches[-1])
         ms = median_ms(times)
         if dev.type == "cuda":
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--sync-debug", action="store_true", help="CUDA: warn on every host sync in the timed steps")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this file ('-' = stdout)")
     args = ap.parse_args(argv)
