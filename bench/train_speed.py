@@ -52,8 +52,14 @@ def build_full_backbone(device: torch.device):
     return bb.to(device)
 
 
+def clock(device: torch.device) -> float:
+    """Wall time on CUDA; the process's CPU time on the CPU, where other jobs share the cores."""
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
+
+
 def matmul_peak_tflops(device: torch.device) -> tuple[float, str]:
-    """Best of a few large matmuls: bf16 8192³ on CUDA, fp32 1024³ on the CPU."""
+    """Best of a few large matmuls: bf16 8192³ on CUDA, fp32 1024³ on the CPU (per CPU-second,
+    divided by the threads in use, so it compares with the step's CPU-time TFLOP/s)."""
     if device.type == "cuda":
         n, dtype, reps = 8192, torch.bfloat16, 20
     else:
@@ -63,11 +69,13 @@ def matmul_peak_tflops(device: torch.device) -> tuple[float, str]:
     best = float("inf")
     for _ in range(3):
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock(device)
         for _ in range(reps):
             a @ b
         sync(device)
-        best = min(best, (time.perf_counter() - t0) / reps)
+        best = min(best, (clock(device) - t0) / reps)
+    if device.type == "cpu":
+        best /= torch.get_num_threads()  # CPU-seconds over all threads -> seconds of the whole CPU set
     return 2 * n**3 / best / 1e12, f"{str(dtype).replace('torch.', '')} {n}³"
 
 
@@ -145,7 +153,9 @@ def measure(bb, dataset, work, args, batch: int, precision: str, peak: float) ->
             mem = torch.cuda.max_memory_allocated(dev) / 2**30
         else:
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
-        tflops = flops / (ms / 1000) / 1e12
+        # On the CPU the rate is per CPU-second of all threads (a busy machine inflates wall time).
+        busy = ms if dev.type == "cuda" else median_ms(cpu_times) / torch.get_num_threads()
+        tflops = flops / (busy / 1000) / 1e12
         return {
             "batch": batch, "precision": precision if precision != "no" else "fp32",
             "samples_per_s": round(batch / (ms / 1000), 3), "ms_per_step": round(ms, 1),
