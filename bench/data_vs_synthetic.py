@@ -46,6 +46,8 @@ def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool
         tr.resolve_lr()
         tr.build_optimizer()
         tr.tb = None
+        if hasattr(tr, "begin_reliability"):
+            tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
         try:
             total = 5 + blocks * per_block
             batches = iter(data_mod.iter_batches(tr.dataset.items, cfg, total, cfg.seed))

@@ -112,6 +112,8 @@ def main() -> int:
             ph.run("build LoRA", tr.build_network)
             ph.run("LR probe (lr=auto)", tr.resolve_lr)
             ph.run("optimizer + logs", lambda: (tr.build_optimizer(), tr.open_logs()))
+            if hasattr(tr, "begin_reliability"):  # issue 5's step guard and resumable state
+                ph.run("reliability set-up", tr.begin_reliability)
             t0 = time.perf_counter()
             ph.run(f"train {tr.total_steps} steps", tr.train_loop)
             per = (time.perf_counter() - t0) / max(1, tr.step)

@@ -64,6 +64,8 @@ def main() -> int:
         tr.resolve_lr()
         tr.build_optimizer()
         tr.tb = None
+        if hasattr(tr, "begin_reliability"):
+            tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
         try:
             batches = list(data_mod.iter_batches(tr.dataset.items, cfg, 3 + 2 * args.steps, 0))
             for b in batches[:3]:

@@ -107,6 +107,8 @@ def make_trainer(bb, dataset: Path, work: Path, resolution: int, batch: int, pre
     tr.resolve_lr()
     tr.build_optimizer()
     tr.tb = None
+    if hasattr(tr, "begin_reliability"):
+        tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
     return tr
 
 

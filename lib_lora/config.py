@@ -253,7 +253,6 @@ class TrainConfig:
     seed: int = opt(42, "random seed (same seed, same data, same machine: same LoRA)", min=0)
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     # Speed (issue 8): see docs/speed.md for what each one measured
-    oom_fallback: bool = opt(True, "on GPU out-of-memory, turn on gradient checkpointing and retry the step")
     cache_text_encoder_outputs: bool = opt(True, "encode each caption once when the text encoder is not trained")
     channels_last: bool = opt(False, "channels_last U-Net weights and inputs (GPU; measure before keeping it on)")
     compile_unet: bool = opt(False, "torch.compile the U-Net step (slow first steps; one recompile per bucket)")

@@ -178,9 +178,8 @@ class Trainer:
         bb.text_encoder.requires_grad_(False)
         bb.unet.eval()
         bb.text_encoder.eval()
-        self.checkpointing = bool(cfg.gradient_checkpointing) and speed.enable_gradient_checkpointing(
-            bb, cfg.train_text_encoder
-        )
+        if cfg.gradient_checkpointing:
+            speed.enable_gradient_checkpointing(bb, cfg.train_text_encoder)
         self.tokens = data_mod.CaptionTokens(bb.tokenizer)
         ac = noise_schedule().to(self.device)
         self.sqrt_ac = ac.sqrt()
@@ -281,11 +280,9 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def train_step(self, batch: data_mod.Batch) -> torch.Tensor:
         """One optimisation step; returns the batch's loss as a detached device tensor (no sync)."""
-        d = self.step_inputs(batch)
-        return speed.step_with_oom_fallback(
-            lambda: self.compute_step(d), self.cfg.oom_fallback and not self.checkpointing,
-            self.fall_back_to_checkpointing, lambda: self.optimizer.zero_grad(set_to_none=True),
-        )  # fmt: skip
+        # Out-of-memory is handled around this call by guards.StepGuard (issue 5: --oom-retry
+        # turns gradient checkpointing on, then splits the batch).
+        return self.compute_step(self.step_inputs(batch))
 
     # -- speed hooks (issue 8): inputs prepared once and resident on the device; see speed.py
     def step_inputs(self, batch: data_mod.Batch) -> speed.StepData:
@@ -300,12 +297,6 @@ class Trainer:
             )  # fmt: skip
             self.predict = speed.compile_predict(self.backbone.predict_noise, cfg.compile_unet)
         return self.feeder(batch)
-
-    def fall_back_to_checkpointing(self) -> bool:
-        self.checkpointing = speed.enable_gradient_checkpointing(self.backbone, bool(self.te_params))
-        if self.checkpointing:
-            self.phase("Out of GPU memory: gradient checkpointing is now on (slower, much less memory).")
-        return self.checkpointing
 
     def compute_step(self, d: speed.StepData) -> torch.Tensor:
         """The step's compute from prepared inputs (the synthetic-data benchmark calls this too)."""

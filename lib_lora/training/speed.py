@@ -9,8 +9,9 @@
 - `adamw_kwargs` picks torch AdamW's fused (else foreach) kernels where this torch has them;
   fused AdamW also lets fp16's GradScaler skip its per-step `found_inf.item()` sync.
 - `apply_memory_format`, `compile_predict`: the opt-in channels_last and torch.compile.
-- `step_with_oom_fallback`: on CUDA out-of-memory, turn on gradient checkpointing once and
-  retry the same step (issue 5 turns a second OOM into the user's message).
+- `enable_gradient_checkpointing`: what `gradient_checkpointing` turns on. Out-of-memory
+  during a step is handled by issue 5's `guards.StepGuard` (`--oom-retry`: checkpointing,
+  then a split batch), so the speed code adds no second OOM path.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def compile_predict(predict: Callable, enabled: bool) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------
-# Gradient checkpointing, on demand
+# Gradient checkpointing
 
 
 def enable_gradient_checkpointing(backbone: Any, text_encoder_too: bool) -> bool:
@@ -204,31 +205,3 @@ def enable_gradient_checkpointing(backbone: Any, text_encoder_too: bool) -> bool
         if hasattr(te, "enable_input_require_grads"):
             te.enable_input_require_grads()
     return on
-
-
-def is_oom(err: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
-
-
-def step_with_oom_fallback(
-    compute: Callable[[], torch.Tensor],
-    can_fall_back: bool,
-    fall_back: Callable[[], bool],
-    clear: Callable[[], None],
-) -> torch.Tensor:
-    """Run `compute`; on out-of-memory, when allowed, `clear()` the half-done step, turn on
-    gradient checkpointing with `fall_back()` (returns whether it could) and run it again.
-    A second OOM, or one that cannot fall back, propagates unchanged."""
-    try:
-        return compute()
-    except Exception as err:  # noqa: BLE001 - only OOM is handled; everything else re-raised
-        if not (can_fall_back and is_oom(err)):
-            raise
-        del err  # drop the traceback's references to the failed step's activations
-    clear()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if not fall_back():
-        raise torch.cuda.OutOfMemoryError("out of memory, and gradient checkpointing is not available for this model")
-    return compute()

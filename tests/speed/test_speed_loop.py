@@ -126,49 +126,6 @@ def test_feeder_draws_the_loops_noise_recipe(tmp_path, bb):
         tr.close()
 
 
-def test_oom_falls_back_to_gradient_checkpointing_once(tmp_path, bb):
-    tr = _setup(_cfg(tmp_path), bb)
-    try:
-        batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, 0)))
-        real = tr.compute_step
-        calls = []
-
-        def first_call_runs_out_of_memory(d):
-            calls.append(tr.backbone.unet.is_gradient_checkpointing)
-            if len(calls) == 1:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return real(d)
-
-        tr.compute_step = first_call_runs_out_of_memory
-        events = []
-        tr.on_event = events.append
-        loss = tr.train_step(batch)
-        assert torch.isfinite(loss)
-        assert calls == [False, True]
-        assert tr.checkpointing and tr.backbone.unet.is_gradient_checkpointing
-        assert any("gradient checkpointing is now on" in e.get("text", "") for e in events)
-    finally:
-        tr.backbone.unet.disable_gradient_checkpointing()
-        tr.backbone.unet.eval()
-        tr.close()
-
-
-def test_oom_fallback_passes_other_errors_and_a_second_oom():
-    def boom():
-        raise ValueError("not memory")
-
-    with pytest.raises(ValueError):
-        speed.step_with_oom_fallback(boom, True, lambda: True, lambda: None)
-
-    def oom():
-        raise torch.OutOfMemoryError("out of memory")
-
-    with pytest.raises(torch.OutOfMemoryError):
-        speed.step_with_oom_fallback(oom, False, lambda: True, lambda: None)
-    with pytest.raises(torch.OutOfMemoryError):  # fell back, ran again, still out of memory
-        speed.step_with_oom_fallback(oom, True, lambda: True, lambda: None)
-
-
 def test_fused_adamw_steps_like_the_reference():
     kw = speed.adamw_kwargs("cpu")
     torch.manual_seed(0)
