@@ -67,12 +67,12 @@ def _detect_haar(rgb: np.ndarray) -> list[Face]:
     side = min(gray.shape)
     min_size = max(20, int(side * 0.05))
     found = _cascade("haarcascade_frontalface_default.xml").detectMultiScale(
-        gray, scaleFactor=1.2, minNeighbors=5, minSize=(min_size, min_size)
+        gray, scaleFactor=1.15, minNeighbors=5, minSize=(min_size, min_size)
     )
     if len(found) == 0:  # a face turned away: try the profile cascade, both directions
         prof = _cascade("haarcascade_profileface.xml")
-        found = list(prof.detectMultiScale(gray, 1.2, 5, minSize=(min_size, min_size)))
-        flipped = prof.detectMultiScale(gray[:, ::-1].copy(), 1.2, 5, minSize=(min_size, min_size))
+        found = list(prof.detectMultiScale(gray, 1.15, 5, minSize=(min_size, min_size)))
+        flipped = prof.detectMultiScale(gray[:, ::-1].copy(), 1.15, 5, minSize=(min_size, min_size))
         found += [(gray.shape[1] - x - fw, y, fw, fh) for x, y, fw, fh in flipped]
     return [Face(float(x), float(y), float(fw), float(fh), 1.0) for x, y, fw, fh in found]
 

@@ -44,7 +44,7 @@ def build_corpus(src: Path, pattern) -> None:
     grad = (np.linspace(0, 65535, 700)[None, :] * np.ones((600, 1))).astype(np.uint16)
     Image.fromarray(grad).save(src / "gray16.png")  # mode I;16: a naive convert is all white
     GOOD["gray16.png"] = "not_white"
-    pal = rgb(3).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    pal = rgb(3).convert("P")  # web palette: adaptive quantizing is slow
     pal.info["transparency"] = 0
     pal.save(src / "palette_transparent.png", transparency=0)
     GOOD["palette_transparent.png"] = None
@@ -52,7 +52,7 @@ def build_corpus(src: Path, pattern) -> None:
     la.putalpha(Image.fromarray(np.where(pattern(40)[..., 0] > 128, 255, 0).astype(np.uint8)))
     la.save(src / "gray_alpha.png")
     GOOD["gray_alpha.png"] = None
-    frames = [rgb(5 + k) for k in range(3)]
+    frames = [rgb(5 + k).convert("P") for k in range(3)]
     frames[0].save(src / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     GOOD["animated.gif"] = "animated"
     exif = Image.Exif()
