@@ -138,3 +138,16 @@ def composite(rgb: Image.Image, mask: Image.Image, color: tuple[int, int, int]) 
     bg = np.asarray(color, dtype=np.float32)
     out = fg * a + bg * (1.0 - a)
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+# Danbooru's tags for plain backgrounds (what DeepDanbooru/WD14 output and users prompt with).
+_DANBOORU_COLOURS = {"white", "grey", "black", "blue", "red", "green", "yellow", "pink", "purple", "orange", "brown"}
+
+
+def background_tags(color: str) -> list[str]:
+    """Tags that describe a removed background of `color`, e.g. ['simple background', 'white background']."""
+    name = color.strip().lower().replace("gray", "grey")
+    tags = ["simple background"]
+    if name in _DANBOORU_COLOURS:
+        tags.append(f"{name} background")
+    return tags

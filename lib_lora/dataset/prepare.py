@@ -375,10 +375,15 @@ def _save(report: PrepareReport, cfg: PrepareConfig, src: Path, fingerprint: str
     write_manifest(report.train_dir, {
         "name": validate_name(cfg.name), "source_dir": str(src), "image_dir": report.image_dir.name,
         "config": to_dict(cfg), "fingerprint": fingerprint,
-        "background": {"removed": report.bg_removed, "color": cfg.bg_color,
-                       "rgb": list(background.parse_color(cfg.bg_color)), "model": report.bg_model},
+        "background": _background_entry(report.bg_removed, cfg.bg_color, report.bg_model),
         "items": [r.to_json(report.train_dir) for r in report.items],
     })
+
+
+def _background_entry(removed: bool, color: str, model: str | None) -> dict:
+    """What the tagging step reads: whether backgrounds are plain now, and the tags that say so."""
+    return {"removed": removed, "color": color, "rgb": list(background.parse_color(color)), "model": model,
+            "tags": background.background_tags(color) if removed else []}
 
 
 def reprocess_image(train_dir: Path, source: str | Path, crop_box: tuple[int, int, int, int]) -> ImageRecord:
@@ -423,7 +428,8 @@ def reprocess_image(train_dir: Path, source: str | Path, crop_box: tuple[int, in
     records = [rec if r is prev else r for r in old.values()]
     kept = [r for r in records if r.kept]
     data["items"] = [r.to_json(train_dir) for r in records]
-    data["background"]["removed"] = bool(kept) and all(r.background_removed for r in kept)
+    data["background"] = _background_entry(bool(kept) and all(r.background_removed for r in kept),
+                                           cfg.bg_color, data.get("background", {}).get("model"))
     write_manifest(train_dir, data)
     return rec
 

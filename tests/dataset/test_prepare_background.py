@@ -49,6 +49,7 @@ def test_custom_onnx_through_u2net_custom(src, tmp_path):
     assert r > 180 and g < 90 and b < 90  # the red subject is kept
     data = read_manifest(report.train_dir)
     assert data["background"]["removed"] is True and data["background"]["color"] == "white"
+    assert data["background"]["tags"] == ["simple background", "white background"]
     assert data["items"][0]["background_model"] == str(TINY_BG_MODEL)
     assert report.bg_removed and "Background: removed" in report.summary()
 

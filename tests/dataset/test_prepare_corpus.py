@@ -170,7 +170,8 @@ def test_outputs_written_atomically_and_manifest(prepared):
     assert leftovers == []
     data = read_manifest(out / "corpus")
     assert data["image_dir"] == "10_corpus"
-    assert data["background"] == {"removed": False, "color": "white", "rgb": [255, 255, 255], "model": None}
+    assert data["background"] == {"removed": False, "color": "white", "rgb": [255, 255, 255], "model": None,
+                                  "tags": []}
     items = {Path(i["source"]).name: i for i in data["items"]}
     plain = items["plain.jpg"]
     assert len(plain["source_sha256"]) == 64 and len(plain["output_sha256"]) == 64
