@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -185,7 +184,6 @@ def _assign_names(sources: list[Path], old: dict[str, ImageRecord], image_dir: P
 def prepare_dataset(src: str | Path, cfg: PrepareConfig, progress: Progress | None = None) -> PrepareReport:
     """Import, check, crop and (optionally) cut out every image of `src` into a training folder."""
     t0 = time.perf_counter()
-    ctx = _mp_context()  # decided before a progress bar may start a thread
     cfg = validate(cfg)
     src = Path(src).expanduser()
     if not src.is_dir():
@@ -241,7 +239,7 @@ def prepare_dataset(src: str | Path, cfg: PrepareConfig, progress: Progress | No
         out = names[str(p)]
         tasks.append((rec, Task(str(p), str(out), str(masks_dir / out.name), settings, override)))
 
-    _run(tasks, workers, progress, ctx)
+    _run(tasks, workers, progress, _mp_context())
     _mark_near_duplicates(records)
 
     removed = _remove_stale(old, {str(r.source) for r in records if r.kept}, train_dir)
@@ -274,13 +272,18 @@ def _move_image_dir(old_manifest: dict | None, train_dir: Path, image_dir: Path,
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
-    """fork when this process is single-threaded (CLI, tests): workers start in milliseconds.
+    """How worker processes start.
 
-    Inside a threaded host (the WebUI: gradio, torch) fork can deadlock a child on a lock some
-    other thread held, so there we pay for spawn's fresh interpreters (~1 s).
+    Never plain fork: by the time we run, the parent may hold native thread pools (OpenCV's,
+    onnxruntime's, the WebUI's) whose locks a forked child would inherit locked, and hang.
+    forkserver forks each worker from a small clean server process that has our worker module
+    preloaded: the first pool of a process pays ~1 s to start that server, later ones start in
+    milliseconds. Where there is no forkserver (Windows, macOS by policy) we spawn.
     """
-    if sys.platform.startswith("linux") and threading.active_count() == 1:
-        return multiprocessing.get_context("fork")
+    if sys.platform.startswith("linux"):
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["lib_lora.dataset.process"])
+        return ctx
     return multiprocessing.get_context("spawn")
 
 

@@ -118,3 +118,20 @@ def test_bad_option_values():
         validate(PrepareConfig(name="x", remove_bg="magic"))
     with pytest.raises(UserError, match="bg_color"):
         validate(PrepareConfig(name="x", bg_color="not-a-colour"))
+
+
+@pytest.mark.timeout(180)
+def test_workers_start_after_native_thread_pools(src, tmp_path, grace_hopper):
+    """Regression: forking after onnxruntime/OpenCV started thread pools in this process hung
+    the workers forever. Workers must start from a clean process."""
+    import numpy as np
+
+    from lib_lora.dataset.background import load_session, resolve_model
+    from lib_lora.dataset.faces import detect_faces
+
+    load_session(resolve_model(str(TINY_BG_MODEL)), 0)  # onnxruntime pools, here in the parent
+    detect_faces(np.asarray(grace_hopper))  # OpenCV's pool too
+    _green_screen(src / "second.png", seed=30)
+    report = prepare_dataset(src, PrepareConfig(name="pools", out=str(tmp_path / "w"), crop="center",
+                                                remove_bg=str(TINY_BG_MODEL), workers=2))
+    assert len(report.kept) == 2 and report.bg_removed

@@ -65,7 +65,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_spawned_workers_and_progress(tmp_path, monkeypatch, pattern):
-    """Inside the WebUI (threads running) workers are spawned, not forked: that path works too."""
+    """Where there is no forkserver (Windows, macOS) workers are spawned: that path works too."""
     import multiprocessing
 
     from PIL import Image
