@@ -122,9 +122,14 @@ def test_bad_option_values():
 
 @pytest.mark.timeout(180)
 def test_workers_start_after_native_thread_pools(src, tmp_path, grace_hopper):
-    """Regression: forking after onnxruntime/OpenCV started thread pools in this process hung
-    the workers forever. Workers must start from a clean process."""
+    """Regression: plain fork after onnxruntime/OpenCV had started thread pools in this process
+    left workers hung on an inherited lock (intermittently: it needs a lock held at fork time).
+    Workers must start from a clean process; this checks the start method and runs the path."""
     import numpy as np
+
+    from lib_lora.dataset.prepare import _mp_context
+
+    assert _mp_context().get_start_method() in ("forkserver", "spawn")
 
     from lib_lora.dataset.background import load_session, resolve_model
     from lib_lora.dataset.faces import detect_faces
