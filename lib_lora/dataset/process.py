@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def init_worker(threads: int) -> None:
 def process(task: Task) -> ImageRecord:
     """Run one image; a bad image gives a 'skipped' record, a model failure raises FatalError."""
     rec = ImageRecord(source=Path(task.source))
+    cpu0 = time.process_time()
     try:
         _process(task, rec)
     except images.BadImage as err:
@@ -72,6 +74,7 @@ def process(task: Task) -> ImageRecord:
     except Exception as err:  # an unexpected failure must cost one image, not the run
         rec.status, rec.output = "skipped", None
         rec.message = f"could not be processed ({type(err).__name__}: {str(err)[:100]})."
+    rec.cpu_seconds = round(time.process_time() - cpu0, 4)
     return rec
 
 

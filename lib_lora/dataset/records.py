@@ -29,6 +29,7 @@ class ImageRecord:
     phash: str = ""
     duplicate_of: Path | None = None
     notes: list[str] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # CPU time this image took in its worker (all its threads)
     unchanged: bool = False  # reused from an earlier run (not written in the manifest)
 
     @property

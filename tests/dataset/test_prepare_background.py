@@ -52,6 +52,11 @@ def test_custom_onnx_through_u2net_custom(src, tmp_path):
     assert data["background"]["tags"] == ["simple background", "white background"]
     assert data["items"][0]["background_model"] == str(TINY_BG_MODEL)
     assert report.bg_removed and "Background: removed" in report.summary()
+    # The tagging step reads this manifest from the image folder and sets matching tags.
+    from lib_lora.tagging.captions import background_tags
+    from lib_lora.tagging.captions import read_manifest as tagging_manifest
+
+    assert background_tags(tagging_manifest(report.image_dir)) == ["simple background", "white background"]
 
 
 def test_grey_background_and_keep_rgba(src, tmp_path):
