@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -37,6 +38,8 @@ from lib_lora.names import validate_name
 from lib_lora.progress import Progress, check_cancel
 
 __all__ = ["ImageRecord", "PrepareReport", "prepare_dataset", "reprocess_image", "default_workers"]
+
+log = logging.getLogger(__name__)
 
 # Bump when the processing itself changes, so re-runs redo images made the old way.
 PIPELINE_VERSION = 1
@@ -239,7 +242,14 @@ def prepare_dataset(src: str | Path, cfg: PrepareConfig, progress: Progress | No
         out = names[str(p)]
         tasks.append((rec, Task(str(p), str(out), str(masks_dir / out.name), settings, override)))
 
-    _run(tasks, workers, progress, _mp_context())
+    try:
+        _run(tasks, workers, progress, _mp_context())
+    except Cancelled:
+        # Keep what is finished, so running again carries on instead of starting over.
+        finished = [r for r in records if r.output is not None or r.status == "skipped"]
+        _save(_report(train_dir, image_dir, finished, cfg, settings, [], ignored, time.perf_counter() - t0),
+              cfg, src, fingerprint)
+        raise
     _mark_near_duplicates(records)
 
     removed = _remove_stale(old, {str(r.source) for r in records if r.kept}, train_dir)
@@ -294,43 +304,54 @@ def _run(tasks: list[tuple[ImageRecord, Task]], workers: int, progress: Progress
         progress.update(0, total, "")
     if not total:
         return
+    done = 0
 
-    def take(rec: ImageRecord, result: ImageRecord, done: int) -> None:
+    def take(rec: ImageRecord, result: ImageRecord) -> None:
+        nonlocal done
         sha = rec.source_sha256
         rec.__dict__.update(result.__dict__)
         rec.source_sha256 = sha
+        done += 1
         if progress is not None:
             progress.update(done, total, rec.source.name)
 
-    if workers <= 1 or total == 1:
-        for i, (rec, task) in enumerate(tasks, 1):
+    def inline(todo: list[tuple[ImageRecord, Task]]) -> None:
+        for rec, task in todo:
             check_cancel(progress)
             try:
-                take(rec, process(task), i)
+                take(rec, process(task))
             except FatalError as err:
                 raise UserError(str(err)) from None
+
+    if workers <= 1 or total == 1:
+        inline(tasks)
         return
     n = min(workers, total)
     pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=init_worker,
                                   initargs=(max(1, default_workers() // n),))
+    broken_at_start = False
     try:
-        futures = {pool.submit(process, task): rec for rec, task in tasks}
-        done = 0
+        futures = {pool.submit(process, task): (rec, task) for rec, task in tasks}
         for fut in cf.as_completed(futures):
-            rec = futures[fut]
+            rec, _ = futures[fut]
             try:
                 result = fut.result()
             except FatalError as err:
                 raise UserError(str(err)) from None
             except cf.process.BrokenProcessPool:
+                if done == 0:  # the workers could not start at all (an odd host): work here instead
+                    broken_at_start = True
+                    break
                 result = ImageRecord(rec.source, status="skipped",
                                      message="a worker process died (out of memory?); try again with --workers 1.")
-            done += 1
-            take(rec, result, done)
+            take(rec, result)
             if progress is not None and progress.cancelled():
                 raise Cancelled()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    if broken_at_start:
+        log.warning("prepare: worker processes failed to start; processing in this process instead.")
+        inline(list(futures.values()))
 
 
 def _mark_near_duplicates(records: list[ImageRecord]) -> None:

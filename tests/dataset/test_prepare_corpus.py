@@ -256,5 +256,11 @@ def test_cancel_stops(tmp_path, corpus):
         def cancelled(self):
             return self.calls > 1
 
+    cfg = PrepareConfig(name="c", out=str(tmp_path), crop="center", workers=1)
     with pytest.raises(Cancelled):
-        prepare_dataset(src, PrepareConfig(name="c", out=str(tmp_path), crop="center", workers=1), StopAfterFirst())
+        prepare_dataset(src, cfg, StopAfterFirst())
+    kept = [i for i in read_manifest(tmp_path / "c")["items"] if i["output"]]
+    assert len(kept) == 1  # the one finished image is remembered...
+    again = prepare_dataset(src, cfg)
+    assert sum(r.unchanged for r in again.kept) == 1  # ...and not redone
+    assert len(again.kept) == len(GOOD)

@@ -93,3 +93,20 @@ def test_spawned_workers_and_progress(tmp_path, monkeypatch, pattern):
                              progress)
     assert len(report.kept) == 3
     assert progress.seen[0] == (0, 3) and progress.seen[-1] == (3, 3)
+
+
+def test_workers_that_cannot_start_fall_back_to_this_process(tmp_path, monkeypatch, pattern, caplog):
+    import os
+
+    from PIL import Image
+
+    from lib_lora.dataset import prepare as prepare_mod
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(pattern(200 + i)).save(src / f"p{i}.png")
+    monkeypatch.setattr(prepare_mod, "init_worker", os._exit)  # every worker dies as it starts
+    report = prepare_dataset(src, PrepareConfig(name="fb", out=str(tmp_path / "w"), crop="center", workers=2))
+    assert len(report.kept) == 3 and all(r.status == "ok" for r in report.items)
+    assert "failed to start" in caplog.text
