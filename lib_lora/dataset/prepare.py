@@ -37,7 +37,7 @@ from lib_lora.errors import Cancelled, DatasetError, UserError
 from lib_lora.names import validate_name
 from lib_lora.progress import Progress, check_cancel
 
-__all__ = ["ImageRecord", "PrepareReport", "prepare_dataset", "reprocess_image", "default_workers"]
+__all__ = ["ImageRecord", "PrepareReport", "prepare_dataset", "reprocess_image", "load_report", "default_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -456,6 +456,18 @@ def reprocess_image(train_dir: Path, source: str | Path, crop_box: tuple[int, in
                                            cfg.bg_color, data.get("background", {}).get("model"))
     write_manifest(train_dir, data)
     return rec
+
+
+def load_report(train_dir: str | Path) -> PrepareReport:
+    """The report of the last prepare run on `train_dir`, rebuilt from its manifest (for the UI)."""
+    train_dir = Path(train_dir)
+    data = read_manifest(train_dir)
+    if data is None:
+        raise UserError(f"{train_dir} has no readable manifest.json: run prepare on it first.")
+    bg = data.get("background", {})
+    return PrepareReport(train_dir=train_dir, image_dir=train_dir / data["image_dir"],
+                         items=list(records_of(data, train_dir).values()), bg_removed=bool(bg.get("removed")),
+                         bg_color=bg.get("color", "white"), bg_model=bg.get("model"))
 
 
 def clear_outputs(train_dir: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from lib_lora.cli import main
 from lib_lora.config import PrepareConfig
 from lib_lora.dataset.manifest import read_manifest
-from lib_lora.dataset.prepare import prepare_dataset, reprocess_image
+from lib_lora.dataset.prepare import load_report, prepare_dataset, reprocess_image
 from lib_lora.errors import UserError
 
 
@@ -30,6 +30,9 @@ def test_reprocess_with_user_box_and_rerun_keeps_it(prepared, tmp_path):
     assert rec.output_sha256 != before.output_sha256
     item = read_manifest(report.train_dir)["items"][0]
     assert item["crop_box"] == [10, 40, 410, 440] and item["crop_mode"] == "manual"
+    loaded = load_report(report.train_dir)  # what the UI shows after a restart
+    assert loaded.items[0].crop_box == (10, 40, 410, 440) and loaded.items[0].output == before.output
+    assert loaded.image_dir == report.image_dir
     again = prepare_dataset(src, PrepareConfig(name="gh", out=str(tmp_path / "w"), workers=1))
     assert again.items[0].unchanged and again.items[0].crop_box == (10, 40, 410, 440)
     bigger = prepare_dataset(src, PrepareConfig(name="gh", out=str(tmp_path / "w"), workers=1, size=256))
