@@ -58,8 +58,10 @@ def _open(path: Path) -> Image.Image:
             # We apply our own, lower size limit below; Pillow's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(path)
-    except Image.DecompressionBombError as err:
-        raise BadImage(f"refused: the image is too large to load safely ({err}).") from None
+    except Image.DecompressionBombError:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) // 1_000_000
+        raise BadImage(f"refused: its header claims over {limit} megapixels, too large to load safely "
+                       "(a damaged file or a decompression bomb).") from None
     except UnidentifiedImageError:
         raise BadImage(f"not an image (or a format we cannot read) despite its {ext or 'missing'} extension.") from None
     except OSError as err:

@@ -53,6 +53,7 @@ class PrepareReport:
     bg_removed: bool
     bg_color: str = "white"
     bg_model: str | None = None
+    crop: str = "face"
     removed_outputs: list[Path] = field(default_factory=list)
     ignored_files: int = 0
     seconds: float = 0.0
@@ -78,8 +79,9 @@ class PrepareReport:
         lines = [f"Kept {len(kept)} of {len(self.items)} images in {self.image_dir}"
                  f" ({self.seconds:.1f} s)."]
         focal = sum(1 for r in kept if r.crop_mode == "focal")
-        lines.append(f"Faces found: {self.faces_found} of {len(kept)}"
-                     + (f"; {focal} cropped around the busiest area instead." if focal else "."))
+        if self.crop in ("face", "bucket"):
+            lines.append(f"Faces found: {self.faces_found} of {len(kept)}"
+                         + (f"; {focal} cropped around the busiest area instead." if focal else "."))
         if self.bg_removed:
             lines.append(f"Background: removed ({self.bg_model or 'source transparency'}), on {self.bg_color}.")
         if self.skipped:
@@ -388,10 +390,11 @@ def _remove_stale(old: dict[str, ImageRecord], current: set[str], train_dir: Pat
 
 def _report(train_dir: Path, image_dir: Path, records: list[ImageRecord], cfg: PrepareConfig, s: Settings,
             removed: list[Path], ignored: int, seconds: float) -> PrepareReport:
+    records = sorted(records, key=lambda r: r.source.as_posix().casefold())
     kept = [r for r in records if r.kept]
     bg_removed = bool(kept) and all(r.background_removed for r in kept)
     return PrepareReport(train_dir=train_dir, image_dir=image_dir, items=records, bg_removed=bg_removed,
-                         bg_color=cfg.bg_color, bg_model=s.bg_model.spec if s.bg_model else None,
+                         bg_color=cfg.bg_color, bg_model=s.bg_model.spec if s.bg_model else None, crop=cfg.crop,
                          removed_outputs=removed, ignored_files=ignored, seconds=seconds)
 
 
@@ -467,7 +470,8 @@ def load_report(train_dir: str | Path) -> PrepareReport:
     bg = data.get("background", {})
     return PrepareReport(train_dir=train_dir, image_dir=train_dir / data["image_dir"],
                          items=list(records_of(data, train_dir).values()), bg_removed=bool(bg.get("removed")),
-                         bg_color=bg.get("color", "white"), bg_model=bg.get("model"))
+                         bg_color=bg.get("color", "white"), bg_model=bg.get("model"),
+                         crop=data.get("config", {}).get("crop", "face"))
 
 
 def clear_outputs(train_dir: Path) -> None:
