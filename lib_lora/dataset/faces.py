@@ -7,11 +7,14 @@ grayscale copy (long side <= DETECT_SIDE); boxes come back in that copy's pixels
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DETECT_SIDE = 800
 
@@ -57,7 +60,14 @@ def detect_faces(rgb: np.ndarray, yunet_path: str | None = None) -> list[Face]:
     h, w = rgb.shape[:2]
     f = min(1.0, DETECT_SIDE / max(h, w))
     small = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else rgb
-    faces = _detect_yunet(small, yunet_path) if yunet_path else _detect_haar(small)
+    faces = None
+    if yunet_path:
+        try:
+            faces = _detect_yunet(small, yunet_path)
+        except cv2.error:  # an unreadable or incompatible model file: the cascades still work
+            log.warning("YuNet model %s could not be used; using OpenCV's Haar cascades.", yunet_path)
+    if faces is None:
+        faces = _detect_haar(small)
     faces = [face.scaled(1 / f, 1 / f) for face in faces]
     return sorted(faces, key=lambda face: face.w * face.h, reverse=True)
 

@@ -150,3 +150,16 @@ def test_crop_geometry_rules():
     with pytest.raises(ValueError):
         crop.clamp_box((700, 0, 800, 100), 640, 480, square=False)
     assert crop.whole_output(300, 200, 512, upscale=False) == (300, 200)
+
+
+def test_yunet_discovery_and_fallback(tmp_path, grace_hopper):
+    from lib_lora.dataset.faces import find_yunet
+
+    assert find_yunet("", tmp_path) is None
+    bogus = tmp_path / "face_detection_yunet_2023mar.onnx"
+    bogus.write_bytes(b"not an onnx file")
+    assert find_yunet("", tmp_path) == str(bogus)
+    assert find_yunet(str(tmp_path / "missing.onnx"), tmp_path) is None
+    # A file OpenCV cannot load must not cost the faces: the Haar cascades take over.
+    faces = detect_faces(np.asarray(grace_hopper), str(bogus))
+    assert faces and 150 < faces[0].x + faces[0].w / 2 < 350
