@@ -70,6 +70,12 @@ def test_grey_background_and_keep_rgba(src, tmp_path):
     assert arr[280, 256, 3] > 245
     assert rec.mask is not None and rec.mask.parent.name == "masks" and rec.mask.is_file()
     assert not list(rec.output.parent.glob("*mask*"))  # masks stay out of the training folder
+    # The trainer, given train_dir, finds exactly the <repeats>_<name> folder (masks/ is not a subset).
+    from lib_lora.config import TrainConfig
+    from lib_lora.training.data import find_subsets
+
+    subsets = find_subsets(rec.output.parent.parent, TrainConfig())
+    assert [(s.folder, s.repeats) for s in subsets] == [(rec.output.parent, 10)]
 
 
 def test_named_model_from_model_folder(src, tmp_path):
