@@ -192,6 +192,13 @@ def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
         trainer.cfg, trainer.unet_lr, trainer.te_lr = saved
         _restore(trainer, snap)
     found = curves[key][-1]
+    if not found > curves[key][0]:
+        from lib_lora.errors import UserError
+
+        raise UserError(
+            f"The learning-rate probe's d x lr did not move from its start value in {step} steps, so it "
+            "found nothing: raise --probe-max-steps (or --probe-min-steps), or give a learning rate with --lr."
+        )
     if key == "unet":
         lr, te_lr = found, None
     else:  # only the text encoder trains: its own d x lr is its lr
