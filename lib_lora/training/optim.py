@@ -82,7 +82,7 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch
             opt = bnb.optim.AdamW8bit(groups, weight_decay=wd)
             return OptimizerChoice(opt, name, _qualname(opt), f"weight_decay={wd}", "")
         note = f"AdamW8bit cannot step on {torch.device(device).type} ({why}); using torch AdamW (32-bit) instead."
-        log.info(note)
+        log.debug(note)
         name_used = "adamw"
     else:
         name_used = name

@@ -31,7 +31,14 @@ from lib_lora.progress import Progress, check_cancel
 from lib_lora.training import data as data_mod
 from lib_lora.training.backbone import Backbone
 from lib_lora.training.metadata import RunInfo, build_metadata
-from lib_lora.training.optim import group_lrs, make_optimizer, make_scheduler, param_groups, text_encoder_lr, warmup_steps
+from lib_lora.training.optim import (
+    group_lrs,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+    text_encoder_lr,
+    warmup_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +114,7 @@ class Trainer:
     def emit(self, kind: str, **fields: Any) -> None:
         event = {"kind": kind, **fields}
         if kind == "phase":
-            log.info(fields.get("text", ""))
+            log.debug(fields.get("text", ""))
         if self._events_file is not None:
             with open(self._events_file, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(event, ensure_ascii=False, default=str) + "\n")
