@@ -107,19 +107,30 @@ def _scalars(log_dir):
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_auto_run_equals_a_manual_run_at_the_found_value(dataset, tmp_path, tiny_backbone):
-    events = []
-    auto = train(_cfg(dataset, tmp_path, "auto"), backbone=tiny_backbone, on_event=events.append)
+def test_auto_run_equals_a_manual_run_at_the_found_value(dataset, tmp_path, tiny_backbone, capsys):
+    from lib_lora.cli import main
+
+    run_dir = tmp_path / "auto"
+    argv = ["train", str(dataset), "--name", "auto", "--output-dir", str(tmp_path / "out"), "--run-dir", str(run_dir)]
+    for k, v in dataclasses.asdict(_cfg(dataset, tmp_path, "auto")).items():
+        if k not in ("name", "dataset", "output_dir", "run_dir") and v != getattr(TrainConfig(), k):
+            argv += ["--" + k.replace("_", "-"), str(v)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    events = [json.loads(line) for line in (run_dir / "logs" / "events.jsonl").read_text(encoding="utf-8").splitlines()]
     done = [e for e in events if e["kind"] == "probe_done"]
     assert len(done) == 1
     found = done[0]["lr"]
     probes = [e for e in events if e["kind"] == "probe"]
     assert [e["step"] for e in probes] == list(range(1, done[0]["steps"] + 1))
     assert probes[-1]["dlr"] == found
-    assert done[0]["plot"] == str(auto.run_dir / probe.PLOT_NAME) and (auto.run_dir / probe.PLOT_NAME).is_file()
-    assert any("Learning rate found" in e.get("text", "") and str(auto.run_dir) in e["text"] for e in events)
+    plot = run_dir / probe.PLOT_NAME
+    assert done[0]["plot"] == str(plot) and plot.is_file()
+    # The CLI tells the user the value and where to look.
+    assert f"Learning rate found: {found:.3g}" in err and str(plot) in err
 
-    md = auto.metadata
+    auto_path = tmp_path / "out" / "auto.safetensors"
+    a, md = read_lora(auto_path)
     assert float(md["ss_unet_lr"]) == found == float(md["ss_learning_rate"])
     assert float(md["ss_text_encoder_lr"]) == pytest.approx(found * 0.1)
     info = json.loads(md[probe.METADATA_KEY])
@@ -127,17 +138,16 @@ def test_auto_run_equals_a_manual_run_at_the_found_value(dataset, tmp_path, tiny
     assert "AdamW" in md["ss_optimizer"]
 
     manual = train(_cfg(dataset, tmp_path, "manual", lr=repr(found)), backbone=tiny_backbone)
-    a, _ = read_lora(auto.lora_path)
     m, _ = read_lora(manual.lora_path)
     assert a.keys() == m.keys()
     assert all(torch.equal(a[k], m[k]) for k in a)  # nothing of the probe leaks into training
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_up.weight"))  # and it did train
 
-    probe_tb = _scalars(auto.run_dir / "logs" / "probe")
+    probe_tb = _scalars(run_dir / "logs" / "probe")
     for tag in ("lr/d*lr/unet", "lr/d*lr/textencoder", "lr/unet", "lr/textencoder", "loss/current", "loss/average"):
         assert tag in probe_tb, tag
     assert probe_tb["lr/d*lr/unet"][-1] == pytest.approx(found, rel=1e-6)  # stored as float32
-    train_tb = _scalars(auto.run_dir / "logs")
+    train_tb = _scalars(run_dir / "logs")
     assert train_tb["lr/unet"][-1] == pytest.approx(found, rel=1e-6)
     assert "loss/current" in train_tb and all(math.isfinite(v) for v in train_tb["loss/current"])
 
