@@ -88,10 +88,14 @@ class StepPlan:
         lines.append(
             "  buckets: " + ", ".join(f"{k} ({v} image{'s' if v != 1 else ''})" for k, v in self.buckets.items())
         )
-        lines.append(
-            f"Steps: {self.steps_per_epoch} per epoch (batch {self.batch_size}) x {self.epochs} "
-            f"epoch{'s' if self.epochs != 1 else ''} = {self.total_steps} steps."
-        )
+        ep = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        if self.total_steps == self.epochs * self.steps_per_epoch:
+            lines.append(f"Steps: {self.steps_per_epoch} per epoch (batch {self.batch_size}) x {ep} = {self.total_steps} steps.")
+        else:
+            lines.append(
+                f"Steps: {self.steps_per_epoch} per epoch (batch {self.batch_size}); "
+                f"max_steps = {self.total_steps} steps ({ep}, the last one partial)."
+            )
         if self.skipped:
             lines.append(f"Skipped {len(self.skipped)} file(s):")
             lines.extend(f"  {s['path']}: {s['reason']}" for s in self.skipped[:20])
@@ -485,7 +489,11 @@ def cache_latents(
                 if on_skip:
                     on_skip(it.path, f"not a readable image ({type(err).__name__}: {err})")
                 continue
-            with torch.no_grad():
+            # The VAE samples its latent: seed it from the image's key, so a latent never
+            # depends on which other images were encoded before it (determinism).
+            dev = torch.device(backbone.device)
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+                torch.manual_seed(int(key[:15], 16))
                 lat = backbone.encode_images(pixels.unsqueeze(0).to(backbone.device, backbone.dtype))
             lat = lat[0].detach().to("cpu", torch.float32).contiguous()
             out[key] = lat

@@ -320,6 +320,31 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    @torch.no_grad()
+    def fixed_loss(self, timesteps: tuple[int, ...] = (50, 200, 400, 600, 800, 950), seed: int = 1234) -> float:
+        """Mean loss over fixed (noise, timestep) pairs of every training image, with the LoRA as
+        it is now: a learning signal that does not depend on the step's random draw."""
+        gen = torch.Generator("cpu").manual_seed(seed)
+        total, n = 0.0, 0
+        was_training = self.network.training
+        self.network.eval()  # no dropout while measuring
+        try:
+            for it in self.dataset.items:
+                lat = self.latent_of[id(it)].unsqueeze(0).to(self.device)
+                ids = self.tokens.batch([it.caption]).to(self.device)
+                for ts in timesteps:
+                    noise = torch.randn(lat.shape, generator=gen).to(self.device)
+                    t = torch.tensor([ts], device=self.device)
+                    noisy = self.sqrt_ac[t].view(1, 1, 1, 1) * lat + self.sqrt_1mac[t].view(1, 1, 1, 1) * noise
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                        cond = self.backbone.encode_text(ids, clip_skip=self.cfg.clip_skip)
+                        pred = self.backbone.predict_noise(noisy.to(self.backbone.dtype), t, cond.to(self.backbone.dtype))
+                    total += F.mse_loss(pred.float(), noise).item()
+                    n += 1
+        finally:
+            self.network.train(was_training)
+        return total / n
+
     # ---------------------------------------------------------------- saving
     def metadata(self, finished: bool = False) -> dict[str, str]:
         run = RunInfo(

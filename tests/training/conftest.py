@@ -28,3 +28,11 @@ def randomize_lora(network, seed: int = 0, scale: float = 0.05) -> None:
 @pytest.fixture
 def randomize():
     return randomize_lora
+
+
+@pytest.fixture(scope="session")
+def drawn_dataset(tmp_path_factory):
+    """4 drawn 64x64 images of the demo character, captioned, in a 2_<name> folder."""
+    from lib_lora.demo import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("drawn"), count=4, size=64, repeats=2)
