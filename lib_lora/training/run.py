@@ -195,9 +195,6 @@ class Trainer:
     def cache_latents(self) -> None:
         cfg = self.cfg
         self.phase(f"Caching latents of {len(self.dataset.items)} images")
-        # The VAE samples each latent from torch's global RNG: seed it, so a run's latents do not
-        # depend on what ran before it in this process (same seed, same LoRA).
-        torch.manual_seed(cfg.seed)
         cache_dir = self.run_dir / "latent_cache" if cfg.cache_latents_to_disk else None
         skipped = []
         self.latents = data_mod.cache_latents(
