@@ -276,6 +276,13 @@ class TrainConfig:
         "adamw8bit", "optimizer", choices=["adamw8bit", "adamw", "dadaptation", "prodigy"], group="basic"
     )
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0)
+    # LR probe (lr = auto; training/probe.py)
+    probe_optimizer: str = opt("dadaptation", "adaptive optimizer the lr probe reads d x lr from", choices=["dadaptation", "prodigy"])
+    probe_fraction: float = opt(0.05, "lr probe step budget as a fraction of the run's steps", min=0, max=1)
+    probe_min_steps: int = opt(30, "lr probe budget floor (steps)", min=1)
+    probe_max_steps: int = opt(300, "lr probe budget cap (steps)", min=1)
+    probe_window: int = opt(10, "the probe stops when d x lr moved less than probe_tolerance over this many steps", min=2)
+    probe_tolerance: float = opt(0.01, "relative change of d x lr below which the probe counts it settled", min=0, max=1)
     lr_scheduler: str = opt(
         "constant_with_warmup",
         "learning-rate schedule",
