@@ -107,6 +107,7 @@ class Trainer:
         self.step = 0
         self.final_loss = float("nan")
         self._events_file: Path | None = None
+        self.resume_state: dict | None = None  # a stopped run's saved state (training/state.py)
         self.extra_metadata: dict[str, str] = {}  # later phases add keys (the LR probe: fastlora_lr_probe)
 
     # ---------------------------------------------------------------- events
@@ -135,6 +136,9 @@ class Trainer:
         self.load_model()
         self.cache_latents()
         self.build_network()
+        from lib_lora.training import state as state_mod
+
+        self.resume_state = state_mod.load_for_resume(self)
         self.resolve_lr()
         self.build_optimizer()
         self.open_logs()
@@ -249,7 +253,14 @@ class Trainer:
         cfg = self.cfg
         lr, te = cfg.unet_lr_value, None
         if lr is None:
-            lr, te = self.probe_lr()
+            from lib_lora.training.state import saved_lrs
+
+            saved = saved_lrs(self.resume_state)
+            if saved is not None:  # a resumed run keeps the value its probe found
+                lr, te = saved
+                self.phase(f"Learning rate from the stopped run: {lr:.3g} (no new probe).")
+            else:
+                lr, te = self.probe_lr()
         self.unet_lr = lr
         self.te_lr = text_encoder_lr(cfg, lr) if te is None or cfg.text_encoder_lr is not None else te
 
