@@ -306,6 +306,7 @@ class Trainer:
                 cfg.noise_offset, encode if cache_te else None, fmt,
             )  # fmt: skip
             self.predict = speed.compile_predict(self.backbone.predict_noise, cfg.compile_unet)
+        self.feeder.gen = self.noise_gen  # build_optimizer (re)seeds it, e.g. after the LR probe
         return self.feeder(batch)
 
     def compute_step(self, d: speed.StepData) -> torch.Tensor:

@@ -139,3 +139,18 @@ def test_fused_adamw_steps_like_the_reference():
         o1.step()
         o2.step()
     torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
+
+
+def test_feeder_follows_a_reseeded_noise_generator(tmp_path, bb):
+    """The LR probe runs steps, then build_optimizer re-seeds the noise: training must use the new one."""
+    tr = _setup(_cfg(tmp_path), bb)
+    try:
+        batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, 0)))
+        first = tr.step_inputs(batch)
+        tr.step_inputs(batch)  # advance the generator, as probe steps would
+        tr.build_optimizer()  # a fresh seeded generator
+        again = tr.step_inputs(batch)
+        torch.testing.assert_close(again.noise, first.noise)
+        assert torch.equal(again.timesteps, first.timesteps)
+    finally:
+        tr.close()
