@@ -156,7 +156,7 @@ class StandaloneHost:
             raise UserError(f"Width and height must be multiples of 8 (got {width}x{height}).")
         scheduler = DPMSolverMultistepScheduler(
             num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            use_karras_sigmas=True,
+            use_karras_sigmas=True, steps_offset=1,
         )
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,

@@ -101,10 +101,11 @@ def build_app(host: Host, policy: FolderPolicy | None = None) -> gr.Blocks:
     css = read_asset("style.css")
     with gr.Blocks(title="Fast LoRA", css=css, analytics_enabled=False, elem_id="fast_lora_app") as app:
         with gr.Row(elem_id="fast_lora_header"):
-            gr.Markdown("# Fast LoRA\nPhotos in, a working SD1.5 LoRA out: prepare → tag → edit → train → test.")
-            lang = gr.Radio(list(LANGUAGES), value="English", label="Language", elem_id="fast_lora_lang")
-        tabs = build_tabs(host, policy)
-        tabs.render()
+            with gr.Column(scale=4):
+                gr.Markdown("# Fast LoRA\nPhotos in, a working SD1.5 LoRA out: prepare → tag → edit → train → test.")
+            with gr.Column(scale=1, min_width=220):
+                lang = gr.Radio(list(LANGUAGES), value="English", label="Language", elem_id="fast_lora_lang")
+        tabs = build_tabs(host, policy)  # created inside this Blocks, so it renders here
         ctx: UIContext = tabs.fast_lora  # type: ignore[attr-defined]
         show_zh = ctx.parts["edit"].get("show_zh")
         lang.change(None, [lang], None, **compat.js(

@@ -17,10 +17,25 @@ import gradio as gr
 from lib_lora.config import field_type, validate
 from lib_lora.errors import UserError
 
+# Field names that read badly when simply capitalised.
+LABELS = {
+    "out": "Work folder", "remove_bg": "Background removal", "bg_color": "Background colour",
+    "keep_rgba": "Keep transparency", "model_dir": "Model folder", "face_model": "Face model",
+    "dim": "Network dim", "alpha": "Network alpha", "conv_dim": "Conv dim", "conv_alpha": "Conv alpha",
+    "lr_scheduler": "LR schedule", "lr_warmup_steps": "LR warm-up steps", "te_lr_ratio": "Text-encoder LR ratio",
+    "text_encoder_lr": "Text-encoder LR", "min_snr_gamma": "Min-SNR gamma", "run_dir": "Run folder",
+    "train_unet": "Train U-Net", "clip_skip": "CLIP skip", "max_grad_norm": "Max grad norm",
+    "bucket_reso_steps": "Bucket resolution steps", "min_bucket_reso": "Min bucket resolution",
+    "max_bucket_reso": "Max bucket resolution", "log_every_n_steps": "Log every N steps",
+    "save_every_n_steps": "Save every N steps", "save_every_n_epochs": "Save every N epochs",
+    "tags_file": "Tags file", "general_threshold": "General threshold", "score_floor": "Score floor",
+    "max_tags": "Max tags", "existing": "Existing captions", "batch_size": "Batch size",
+}
+
 
 def label_for(f: dataclasses.Field) -> str:
     """'network_dropout' -> 'Network dropout'; the help text becomes the info line."""
-    return f.name.replace("_", " ").capitalize()
+    return LABELS.get(f.name) or f.name.replace("_", " ").capitalize()
 
 
 def default_of(f: dataclasses.Field) -> Any:

@@ -21,6 +21,8 @@ from lib_lora.ui.context import UIContext
 ID = "fast_lora_train_"
 # Handled by dedicated controls (or by the host) instead of generated ones.
 SPECIAL = {"lr", "output_dir", "dataset", "name"}
+# Basic controls shown side by side; any other basic field follows, one per line.
+ROWS = (("repeats", "epochs", "batch_size", "max_steps"), ("dim", "alpha", "optimizer"), ("resolution", "base_model"))
 STEP_FIELDS = ("repeats", "epochs", "batch_size", "max_steps")
 METADATA_SHOWN = ("ss_output_name", "ss_network_dim", "ss_network_alpha", "ss_optimizer", "ss_learning_rate",
                   "ss_unet_lr", "ss_text_encoder_lr", "ss_num_train_images", "ss_max_train_steps", "ss_steps",
@@ -226,7 +228,14 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 lr_mode = gr.Radio(["auto", "manual"], value="auto", label="Learning rate",
                                    info="auto: a short D-Adaptation probe finds it first", elem_id=ID + "lr_mode")
                 lr_value = gr.Textbox(value="1e-4", label="Learning rate value", elem_id=ID + "lr_value")
-            controls = forms.build(cls, basic, defaults, ID)
+            controls: dict[str, Any] = {}
+            for row in ROWS:
+                present = [n for n in row if n in basic]
+                if present:
+                    with gr.Row():
+                        controls.update(forms.build(cls, present, defaults, ID))
+            rest = [n for n in basic if n not in controls]
+            controls.update(forms.build(cls, rest, defaults, ID))
             steps_md = gr.Markdown("Choose a dataset folder to see the step count.", elem_id=ID + "steps")
             with gr.Accordion("Advanced", open=False, elem_id=ID + "advanced"):
                 controls.update(forms.build(cls, advanced, defaults, ID))
