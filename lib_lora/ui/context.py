@@ -16,7 +16,6 @@ class UIContext:
     policy: FolderPolicy = field(default_factory=FolderPolicy)
     runner: JobRunner = None  # type: ignore[assignment]
     language: str = "en"  # "en" or "zh_CN": default for showing tag translations
-    sessions: dict[str, Any] = field(default_factory=dict)  # tag-edit sessions by folder
     parts: dict[str, Any] = field(default_factory=dict)  # each tab's components, for wiring across tabs
 
     def __post_init__(self) -> None:

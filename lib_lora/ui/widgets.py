@@ -93,14 +93,14 @@ def thumbnail(path: Any, side: int = 256) -> Image.Image:
         return im.copy()
 
 
-def diff_html(rows: list[tuple[str, list[str], list[str], list[str]]], limit: int = 200) -> str:
-    """rows: (image name, kept tags, removed tags, added tags) -> a readable diff table."""
+def diff_html(rows: list[tuple[str, list[str], list[tuple[str, str]], list[str]]], limit: int = 200) -> str:
+    """rows: (image name, kept tags, removed (tag, reason), added tags) -> a readable diff table."""
     if not rows:
         return message_html("No changes: the preset leaves every caption as it is.", "info")
     out = ['<table class="fast-lora-diff"><tr><th>image</th><th>caption after the change</th></tr>']
     for name, kept, removed, added in rows[:limit]:
         tags = [f'<span class="tag-kept">{html.escape(t)}</span>' for t in kept]
-        tags += [f'<del class="tag-removed">{html.escape(t)}</del>' for t in removed]
+        tags += [f'<del class="tag-removed" title="{html.escape(why)}">{html.escape(t)}</del>' for t, why in removed]
         tags += [f'<ins class="tag-added">{html.escape(t)}</ins>' for t in added]
         out.append(f"<tr><td>{html.escape(name)}</td><td>{' '.join(tags)}</td></tr>")
     out.append("</table>")
