@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lib_lora.errors import UserError
 from lib_lora.ui import compat, forms, steps, widgets
@@ -55,8 +55,10 @@ def gallery_items(state: dict[str, Any]) -> list[tuple[Image.Image, str]]:
 
 
 def skipped_rows(state: dict[str, Any]) -> list[list[str]]:
-    rows = [[Path(r["source"]).name, r.get("message") or r.get("status") or ""] for r in state.get("items", []) if not _ok(r)]
-    return rows or [["", ""]]
+    """Skipped files and kept ones with a warning, each with its reason."""
+    rows = [[Path(r["source"]).name, "skipped" if not _ok(r) else str(r.get("status")), r.get("message") or ""]
+            for r in state.get("items", []) if not _ok(r) or r.get("status") not in (None, "", "ok")]
+    return rows or [["", "", ""]]
 
 
 def run_prepare(ctx: UIContext, src: str, names: list[str], *values: Any) -> Iterator[tuple]:
@@ -64,7 +66,7 @@ def run_prepare(ctx: UIContext, src: str, names: list[str], *values: Any) -> Ite
     mod, cfg_cls = steps.prepare(), steps.prepare_config()
     for m in (mod, cfg_cls):
         if isinstance(m, steps.Missing):
-            yield widgets.message_html(m.message(), "missing"), [], [["", ""]], {}, ""
+            yield widgets.message_html(m.message(), "missing"), [], [["", "", ""]], {}, ""
             return
     try:
         src_dir = ctx.policy.check(src, "source folder")
@@ -100,14 +102,18 @@ def select_image(state: dict[str, Any], evt: gr.SelectData) -> tuple:
         return None, -1, 0, 0, 0, 0
     rec = ok[int(idx)]
     box = rec.get("crop_box") or [0, 0, 0, 0]
-    with Image.open(rec["source"]) as im:
-        shown = widgets.draw_boxes(im, rec.get("crop_box"), rec.get("face_box"))
+    shown = widgets.draw_boxes(_open_source(rec["source"]), rec.get("crop_box"), rec.get("face_box"))
     return (shown, int(idx), *[round(v) for v in box])
 
 
-def _source_size(path: str) -> tuple[int, int]:
+def _open_source(path: str) -> Image.Image:
+    """The source as the prepare step sees it: EXIF orientation applied (crop boxes use it)."""
     with Image.open(path) as im:
-        return im.size
+        return ImageOps.exif_transpose(im)
+
+
+def _source_size(path: str) -> tuple[int, int]:
+    return _open_source(path).size
 
 
 def move_box(state: dict[str, Any], idx: int, x0: float, y0: float, x1: float, y1: float, evt: gr.SelectData) -> tuple:
@@ -131,8 +137,7 @@ def preview_box(state: dict[str, Any], idx: int, x0: float, y0: float, x1: float
     if idx is None or not (0 <= int(idx) < len(ok)):
         return gr.update()
     rec = ok[int(idx)]
-    with Image.open(rec["source"]) as im:
-        return widgets.draw_boxes(im, (x0, y0, x1, y1), rec.get("face_box"))
+    return widgets.draw_boxes(_open_source(rec["source"]), (x0, y0, x1, y1), rec.get("face_box"))
 
 
 def recrop(ctx: UIContext, state: dict[str, Any], idx: int, x0: float, y0: float, x1: float, y1: float) -> tuple:
@@ -176,7 +181,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 advanced = [f.name for f in forms.fields(cfg_cls, "advanced")]
                 values = {"out": ctx.default_folder()}
                 controls.update(forms.build(cfg_cls, basic, values, ID))
-                with gr.Accordion("Advanced", open=False):
+                with gr.Accordion("Advanced", open=False, elem_id=ID + "advanced"):
                     controls.update(forms.build(cfg_cls, advanced, values, ID))
                 names = basic + advanced
             run = gr.Button("Prepare images", variant="primary", elem_id=ID + "run")
@@ -195,7 +200,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
                     y1 = gr.Number(label="Bottom", precision=0)
                 recrop_btn = gr.Button("Re-crop this image", elem_id=ID + "recrop")
                 recrop_msg = gr.HTML()
-            skipped = gr.Dataframe(headers=["file", "reason"], value=[["", ""]], label="Skipped files",
+            skipped = gr.Dataframe(headers=["file", "status", "reason"], value=[["", "", ""]], label="Skipped files and warnings",
                                    interactive=False, elem_id=ID + "skipped")
     state = gr.State({})
     index = gr.State(-1)

@@ -94,7 +94,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 basic = [f.name for f in forms.fields(cfg_cls, "basic", skip=RULE_FIELDS)]
                 advanced = [f.name for f in forms.fields(cfg_cls, "advanced", skip=RULE_FIELDS)]
                 controls.update(forms.build(cfg_cls, basic, {}, ID))
-                with gr.Accordion("Advanced", open=False):
+                with gr.Accordion("Advanced", open=False, elem_id=ID + "advanced"):
                     controls.update(forms.build(cfg_cls, advanced, {}, ID))
                 names = basic + advanced
             with gr.Row():

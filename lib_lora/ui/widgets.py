@@ -6,6 +6,7 @@ import html
 import math
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 
@@ -39,21 +40,20 @@ def progress_html(done: int, total: int, text: str = "", eta: float | None = Non
 
 def message_html(text: str, kind: str = "info") -> str:
     """kind: info | ok | error | missing."""
-    return f'<div class="fast-lora-msg fast-lora-msg-{kind}">{html.escape(text)}</div>'
+    return f'<div class="fast-lora-msg fast-lora-msg-{kind}">{html.escape(text, quote=False)}</div>'
 
 
 def loss_chart(points: list[tuple[int, float]], title: str = "loss", width: int = 640, height: int = 280) -> Image.Image | None:
     """A line chart of (step, loss) with a moving average, as an image (same in every gradio)."""
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     steps = [p[0] for p in points]
     losses = [p[1] for p in points]
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    canvas = FigureCanvasAgg(fig)  # no pyplot: thread-safe, no GUI backend
     ax = fig.add_subplot(111)
     ax.plot(steps, losses, color="#9ab", linewidth=1, label=title)
     if len(losses) >= 5:
@@ -65,9 +65,8 @@ def loss_chart(points: list[tuple[int, float]], title: str = "loss", width: int 
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.canvas.draw()
-    buf = fig.canvas.buffer_rgba()
-    return Image.frombuffer("RGBA", fig.canvas.get_width_height(), buf, "raw", "RGBA", 0, 1).convert("RGB")
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
 
 def draw_boxes(image: Image.Image, crop_box: Any = None, face_box: Any = None, max_side: int = 512) -> Image.Image:
