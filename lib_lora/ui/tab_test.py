@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from lib_lora.errors import UserError
 from lib_lora.names import validate_name
@@ -46,18 +46,40 @@ def grid_prompts(name: str, prompts_text: str, weights: list[float]) -> tuple[li
     return rows, cells
 
 
+# Fonts that can write Chinese prompts on the grid (Debian/Ubuntu, macOS, Windows); PIL's
+# built-in font is Latin-1 only.
+FONT_CANDIDATES = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", "/System/Library/Fonts/PingFang.ttc", "C:/Windows/Fonts/msyh.ttc",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+)
+
+
+def label_font(size: int = 14) -> tuple[ImageFont.ImageFont, bool]:
+    """(font, whether it can write beyond Latin-1)."""
+    for path in FONT_CANDIDATES:
+        try:
+            return ImageFont.truetype(path, size), "dejavu" not in path.lower()
+        except OSError:
+            continue
+    return ImageFont.load_default(), False
+
+
 def make_grid(images: list[Image.Image], rows: list[str], weights: list[float]) -> Image.Image:
     """Images in a table with the weights on top and the prompts on the left."""
     w, h = images[0].size
     left, top = 180, 28
     grid = Image.new("RGB", (left + w * len(weights), top + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
+    font, wide = label_font()
     for j, wt in enumerate(weights):
-        draw.text((left + j * w + 6, 8), f"weight {wt:g}", fill="black")
+        draw.text((left + j * w + 6, 8), f"weight {wt:g}", fill="black", font=font)
     for i, row in enumerate(rows):
         text = row if len(row) <= 60 else row[:57] + "..."
-        lines = [text[k:k + 26] for k in range(0, len(text), 26)]
-        draw.multiline_text((6, top + i * h + 6), "\n".join(lines), fill="black")
+        if not wide:  # a Latin-1 font: show what it can, never fail on a Chinese name
+            text = text.encode("latin-1", "replace").decode("latin-1")
+        lines = [text[k:k + 20] for k in range(0, len(text), 20)]
+        draw.multiline_text((6, top + i * h + 6), "\n".join(lines), fill="black", font=font)
         for j in range(len(weights)):
             grid.paste(images[i * len(weights) + j].convert("RGB").resize((w, h)), (left + j * w, top + i * h))
     return grid

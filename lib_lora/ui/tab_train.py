@@ -67,20 +67,24 @@ def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any])
         plan = data.plan_steps(dataset_dir, cfg)
     except UserError as err:
         return f"⚠ {err}"
-    return describe_plan(plan)
+    return describe_plan(plan, cfg.max_steps)
 
 
-def describe_plan(plan: Any) -> str:
+def describe_plan(plan: Any, max_steps: int | None = None) -> str:
     subsets = plan.subsets or []
     if len(subsets) == 1:
         s = subsets[0]
         head = f"{s['images']} images × {s['repeats']} repeats"
     else:
         head = f"{plan.images_with_repeats} images with repeats"
-    epochs = f"{plan.epochs} epoch{'s' if plan.epochs != 1 else ''}"
-    line = f"**{plan.total_steps} steps** = {head} × {epochs} ÷ batch {plan.batch_size}"
-    if len(plan.buckets) > 1 or (plan.batch_size > 1):
-        line += f" (rounded up per bucket: {plan.steps_per_epoch} per epoch)"
+    if max_steps:
+        line = (f"**{plan.total_steps} steps** (max steps; one epoch is {plan.steps_per_epoch} = {head} "
+                f"÷ batch {plan.batch_size})")
+    else:
+        epochs = f"{plan.epochs} epoch{'s' if plan.epochs != 1 else ''}"
+        line = f"**{plan.total_steps} steps** = {head} × {epochs} ÷ batch {plan.batch_size}"
+        if len(plan.buckets) > 1 or plan.batch_size > 1:
+            line += f" (rounded up per bucket: {plan.steps_per_epoch} per epoch)"
     if getattr(plan, "skipped", None):
         line += f"; {len(plan.skipped)} file(s) skipped"
     return line

@@ -6,6 +6,7 @@ test-artifacts/ui/."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -52,7 +53,14 @@ def app(tmp_path):
     port = free_port()
     compat.launch(blocks, "127.0.0.1", port, allowed_paths=[str(tmp_path)])
     yield f"http://127.0.0.1:{port}/", host
-    blocks.close()
+    ctx = blocks.fast_lora
+    ctx.runner.stop()
+    if ctx.runner.current is not None:
+        ctx.runner.current.finished.wait(60)
+    # The server's graceful shutdown can wait on open event streams; never let it hang the run.
+    closer = threading.Thread(target=blocks.close, daemon=True)
+    closer.start()
+    closer.join(20)
 
 
 @pytest.fixture()
@@ -69,6 +77,7 @@ class Page:
 
     def __init__(self, page, shots: Path) -> None:
         self.page, self.shots = page, shots
+        self.t0 = time.monotonic()
 
     def tab(self, title: str) -> None:
         self.page.locator("#fast_lora_tabs .tab-nav button", has_text=title).first.click()
@@ -83,7 +92,7 @@ class Page:
         return self.page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
 
     def click(self, elem_id: str) -> None:
-        self.page.locator(f"#{elem_id}").click()
+        self.page.locator(f"#{elem_id}").first.click()
 
     def open_accordion(self, elem_id: str) -> None:
         self.page.locator(f"#{elem_id} > .label-wrap, #{elem_id} button.label-wrap").first.click()
@@ -93,7 +102,7 @@ class Page:
         self.page.locator(f"#{elem_id} label", has_text=label).first.click()
 
     def wait_text(self, elem_id: str, text: str, timeout_s: float = 120) -> str:
-        loc = self.page.locator(f"#{elem_id}")
+        loc = self.page.locator(f"#{elem_id}").first
         deadline = time.monotonic() + timeout_s
         content = ""
         while time.monotonic() < deadline:
@@ -106,6 +115,7 @@ class Page:
 
     def shot(self, name: str) -> None:
         self.page.screenshot(path=str(self.shots / f"{name}.png"), full_page=True)
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {name}", flush=True)  # where the time goes (-s)
 
 
 @pytest.mark.skipif(bool(MISSING), reason="; ".join(MISSING) or "all steps present")
@@ -177,8 +187,10 @@ def test_whole_flow_in_browser(app, page, photos, tagger_files, bg_model, artifa
     ui.fill("fast_lora_train_resolution", "128")
     ui.fill("fast_lora_train_dim", "4")
     ui.fill("fast_lora_train_alpha", "2")
-    ui.wait_text("fast_lora_train_steps", "20 steps", 30)
+    ui.wait_text("fast_lora_train_steps", "20 steps (max steps; one epoch is 25 = 5 images × 5 repeats", 30)
     ui.radio("fast_lora_train_lr_mode", "auto")
+    ui.open_accordion("fast_lora_train_advanced")
+    ui.fill("fast_lora_train_log_every_n_steps", "2")  # a denser loss chart
     ui.click("fast_lora_train_start")
     ui.wait_text("fast_lora_train_status", "ETA", 120)  # the live progress with its ETA
     deadline = time.monotonic() + 600
