@@ -135,11 +135,99 @@ def load(cls: type, path: str | Path) -> Any:
 # --------------------------------------------------------------------------------------------
 # Prepare (steps 1-2): PrepareConfig goes here.
 
+CROP_MODES = ["face", "center", "bucket", "none"]
+BG_MODELS = ["none", "u2net", "u2netp", "isnet-anime", "birefnet-portrait"]
+
+
+@dataclass
+class PrepareConfig:
+    name: str = opt("", "dataset name: the <repeats>_<name> folder and the class token (Unicode allowed)", group="basic")
+    out: str = opt("work", "work folder; the training folder <out>/<name> is created inside it", group="basic")
+    size: int = opt(512, "output side in pixels (square crops; the area for 'bucket' and 'none')", min=64, max=4096,
+                    group="basic")
+    crop: str = opt("face", "face: head-and-shoulders square around the main face; center: centre square; "
+                    "bucket: keep the aspect, fit the nearest training bucket; none: whole image", choices=CROP_MODES,
+                    group="basic")
+    remove_bg: str = opt("none", "background removal: none, a rembg model name, or a path to a .onnx file",
+                         group="basic")
+    bg_color: str = opt("white", "colour the cut-out is put on: a name (white, grey) or #rrggbb", group="basic")
+    keep_rgba: bool = opt(False, "also keep transparency: RGBA images plus a mask file in masks/")
+    repeats: int = opt(10, "repeats: the number in the <repeats>_<name> folder name", min=1, max=10000, group="basic")
+    recursive: bool = opt(False, "also import images from sub-folders")
+    upscale: bool = opt(False, "enlarge images smaller than the output size (off: small images stay small)")
+    workers: int = opt(0, "worker processes (0 = all CPU cores)", min=0, max=256)
+    model_dir: str = opt("", "folder of background-removal models (default: rembg's, $U2NET_HOME or ~/.u2net)")
+    download: bool = opt(True, "download a missing background-removal model (rembg's release files)")
+    face_model: str = opt("", "YuNet face model .onnx (default: face_detection_yunet*.onnx in model_dir if "
+                          "present, else OpenCV's Haar cascades)")
+
+    def check(self) -> None:
+        if self.remove_bg not in BG_MODELS and not self.remove_bg.lower().endswith(".onnx"):
+            raise UserError(
+                f"remove_bg = {self.remove_bg!r}: use one of {', '.join(BG_MODELS)} or a path to a .onnx model file."
+            )
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(self.bg_color)
+        except ValueError:
+            raise UserError(f"bg_color = {self.bg_color!r} is not a colour: use a name such as white or grey, "
+                            "or #rrggbb.") from None
+
 
 
 # --------------------------------------------------------------------------------------------
 # Tagging (steps 3-4): TagConfig goes here.
 
+
+TAGGERS = ["deepdanbooru", "wd14", "webui"]
+TAG_PRESETS = ["person", "character", "style", "object", "none"]
+
+
+@dataclass
+class TagConfig:
+    # Step 3: automatic tagging
+    tagger: str = opt("deepdanbooru", "tagger: deepdanbooru (the tutorial's), wd14, or webui (the WebUI's built-in Deepbooru)",
+                      choices=TAGGERS, group="basic")
+    model: str = opt("", "tagger model: an .onnx file or its folder (empty: the tagger's own cache folder); "
+                         "for wd14 also a hub repo id such as SmilingWolf/wd-swinv2-tagger-v3")
+    tags_file: str = opt("", "the model's tag list (DeepDanbooru tags.txt, WD14 selected_tags.csv); empty: beside the model")
+    general_threshold: float | None = opt(None, "score a tag needs to be written (empty: 0.5 for DeepDanbooru, 0.35 for WD14)",
+                                          min=0, max=1, group="basic")
+    character_threshold: float = opt(0.85, "score a WD14 character tag needs to be written", min=0, max=1)
+    score_floor: float = opt(0.05, "scores above this are kept in the sidecar, so a lower threshold later needs no re-run",
+                             min=0, max=1)
+    sort: str = opt("score", "order of the tags in a caption", choices=["score", "alphabetical"])
+    trigger: str = opt("", "trigger word written first in every caption (empty: the LoRA's name from the folder)", group="basic")
+    keep_underscores: bool = opt(False, "keep underscores in tags (normally long_hair becomes 'long hair')")
+    max_tags: int = opt(0, "at most this many tags per caption, best first (0 = no limit)", min=0, max=500)
+    existing: str = opt("overwrite", "what to do with an image that already has a caption (overwriting can be undone)",
+                        choices=["overwrite", "skip", "merge"])
+    match_background: bool = opt(True, "when the prepare step removed backgrounds, write matching background tags")
+    batch_size: int = opt(4, "images per tagger call", min=1, max=256)
+    device: str = opt("auto", "where the ONNX taggers run", choices=["auto", "cpu", "cuda"])
+    allow_download: bool = opt(True, "download a missing tagger model (off: only use files already on disk)")
+    # Step 4: tag rules
+    preset: str = opt("person", "tag rules: person, character, style, object, or none", choices=TAG_PRESETS, group="basic")
+    blacklist: list[str] = opt([], "tags always removed by the rules")
+    whitelist: list[str] = opt([], "tags the rules never remove")
+    implications_file: str = opt("", "extra implication table, one 'specific > general' per line")
+    aliases_file: str = opt("", "extra aliases, one 'alias > tag' per line")
+
+    def check(self) -> None:
+        if self.trigger:
+            if "," in self.trigger:
+                raise UserError(f"trigger = {self.trigger!r}: a trigger word cannot contain a comma.")
+        for path_field in ("implications_file", "aliases_file"):
+            value = getattr(self, path_field)
+            if value and not Path(value).is_file():
+                raise UserError(f"{path_field} = {value!r} does not exist; give an existing text file.")
+
+    def caption_threshold(self) -> float:
+        """The general threshold in effect: the field, or the tagger's customary default."""
+        if self.general_threshold is not None:
+            return self.general_threshold
+        return 0.35 if self.tagger == "wd14" else 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +276,13 @@ class TrainConfig:
         "adamw8bit", "optimizer", choices=["adamw8bit", "adamw", "dadaptation", "prodigy"], group="basic"
     )
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0)
+    # LR probe (lr = auto; training/probe.py)
+    probe_optimizer: str = opt("dadaptation", "adaptive optimizer the lr probe reads d x lr from", choices=["dadaptation", "prodigy"])
+    probe_fraction: float = opt(0.05, "lr probe step budget as a fraction of the run's steps", min=0, max=1)
+    probe_min_steps: int = opt(30, "lr probe budget floor (steps)", min=1)
+    probe_max_steps: int = opt(300, "lr probe budget cap (steps)", min=1)
+    probe_window: int = opt(10, "the probe stops when d x lr moved less than probe_tolerance over this many steps", min=2)
+    probe_tolerance: float = opt(0.01, "relative change of d x lr below which the probe counts it settled", min=0, max=1)
     lr_scheduler: str = opt(
         "constant_with_warmup",
         "learning-rate schedule",
@@ -209,6 +304,11 @@ class TrainConfig:
     save_every_n_epochs: int = opt(0, "also save an intermediate LoRA every N epochs (0 = off)", min=0)
     log_every_n_steps: int = opt(10, "read the loss back from the device every N steps", min=1)
     comment: str = opt("", "free text stored in the LoRA's metadata")
+    # Reliability (issue 5): resume, numerical guards, out-of-memory
+    restart: bool = opt(False, "discard the run's saved state and start over (default: resume where it stopped)")
+    state_every_n_steps: int = opt(50, "save the resumable state every N steps (0 = only on stop and at the end)", min=0)
+    max_nonfinite_steps: int = opt(20, "stop after this many steps in a row with NaN/inf loss or gradients", min=1)
+    oom_retry: bool = opt(False, "on GPU out-of-memory, retry with gradient checkpointing, then half-size batches")
 
     def check(self) -> None:
         if self.lr != "auto":
