@@ -184,7 +184,7 @@ def test_whole_flow_in_browser(app, page, photos, tagger_files, bg_model, artifa
     page.wait_for_timeout(500)
     ui.fill("fast_lora_train_name", "小明")
     ui.fill("fast_lora_train_max_steps", "20")
-    ui.fill("fast_lora_train_resolution", "128")
+    ui.fill("fast_lora_train_resolution", "64")
     ui.fill("fast_lora_train_dim", "4")
     ui.fill("fast_lora_train_alpha", "2")
     ui.wait_text("fast_lora_train_steps", "20 steps (max steps; one epoch is 25 = 5 images × 5 repeats", 30)
