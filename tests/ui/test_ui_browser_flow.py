@@ -191,6 +191,9 @@ def test_whole_flow_in_browser(app, page, photos, tagger_files, bg_model, artifa
     ui.radio("fast_lora_train_lr_mode", "auto")
     ui.open_accordion("fast_lora_train_advanced")
     ui.fill("fast_lora_train_log_every_n_steps", "2")  # a denser loss chart
+    ui.fill("fast_lora_train_probe_min_steps", "10")  # a short lr probe: this checks the wiring, not the lr
+    ui.fill("fast_lora_train_probe_window", "4")
+    ui.open_accordion("fast_lora_train_advanced")  # closed again, for a readable screenshot
     ui.click("fast_lora_train_start")
     ui.wait_text("fast_lora_train_status", "ETA", 120)  # the live progress with its ETA
     deadline = time.monotonic() + 600
@@ -198,11 +201,13 @@ def test_whole_flow_in_browser(app, page, photos, tagger_files, bg_model, artifa
         assert time.monotonic() < deadline, page.locator("#fast_lora_train_status").inner_text()
         page.wait_for_timeout(500)
     page.wait_for_selector("#fast_lora_train_loss img", timeout=20_000)
+    page.wait_for_selector("#fast_lora_train_probe img", timeout=20_000)  # the lr probe's plot
     ui.shot("5_train")
     lora = host.lora_dir() / "小明.safetensors"
     tensors, meta = read_lora(lora)
     assert meta["ss_output_name"] == "小明" and meta["ss_network_dim"] == "4"
     assert int(meta["ss_steps"]) == 20
+    assert float(meta["ss_unet_lr"]) > 0  # found by the probe (lr auto)
     assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
 
     # Step 7: the weight x prompt grid through the standalone host's diffusers pipeline.
