@@ -15,7 +15,7 @@ class UIContext:
     host: Host
     policy: FolderPolicy = field(default_factory=FolderPolicy)
     runner: JobRunner = None  # type: ignore[assignment]
-    language: str = "en"  # "en" or "zh_CN": default for showing tag translations
+    language: str = "en"  # "en", or "zh"/"zh_CN": shows tag translations by default
     parts: dict[str, Any] = field(default_factory=dict)  # each tab's components, for wiring across tabs
 
     def __post_init__(self) -> None:

@@ -214,8 +214,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
         folder = gr.Textbox(label="Image folder", placeholder="the tagged images (filled in by Prepare)",
                             elem_id=ID + "folder", scale=4)
         load_btn = gr.Button("Load", elem_id=ID + "load", scale=1)
-        show_zh = gr.Checkbox(ctx.language == "zh_CN", label="Show Chinese translations", elem_id=ID + "show_zh",
-                              scale=1)
+        show_zh = gr.Checkbox(str(ctx.language).startswith("zh"), label="Show Chinese translations",
+                              elem_id=ID + "show_zh", scale=1)
     status = gr.HTML(elem_id=ID + "status")
     with gr.Row():
         with gr.Column(scale=2):
