@@ -157,6 +157,27 @@ def test_edit_bulk_add_undo_redo(ctx: UIContext, tmp_path: Path) -> None:
     assert "from 3 images" in status and "hat" not in caption.read_text(encoding="utf-8")
     status, *_ = tab_edit.add_tags(ctx, str(folder), "", False, " , ", "all images")
     assert "Type the tags to add" in status
+    _, freqs, *_ = tab_edit.load(ctx, str(folder), "", True)  # the Chinese column, when asked for
+    assert ["smile", 3, "微笑"] in freqs
+
+
+class _WebUILikeHost(StandaloneHost):
+    """A host that trains the model it has loaded: no base-model choice on the page."""
+
+    language = "zh"
+
+    def __getattribute__(self, name):
+        if name == "base_model":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_tabs_for_a_host_with_its_own_model(tmp_path: Path) -> None:
+    host = _WebUILikeHost(output_dir=tmp_path / "l", work_dir=tmp_path / "w")
+    tabs = build_tabs(host)
+    ctx = tabs.fast_lora
+    assert "base_model" not in ctx.parts["train"]["form"].names
+    assert ctx.parts["edit"]["show_zh"].value is True  # Chinese UI: translations shown by default
 
 
 # ---- prepare, test, folders, jobs ------------------------------------------------------------
