@@ -1,0 +1,146 @@
+"""LoRA modules in kohya's format: y = W x + up(down(x)) * multiplier * alpha / dim.
+
+The network wraps each target module's `forward` (the module itself stays where it is, so
+the host's model tree, state dict and weights are untouched) and `remove()` puts the
+original forwards back. LoRA weights are fp32 whatever the base model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lib_lora.training.naming import TE_PREFIX, UNET_PREFIX, Target
+
+
+class LoRAModule(nn.Module):
+    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float, dropout: float = 0.0, multiplier: float = 1.0):
+        super().__init__()
+        self.lora_name = name
+        if isinstance(org, nn.Conv2d):
+            self.lora_down = nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False)
+            self.lora_up = nn.Conv2d(dim, org.out_channels, 1, 1, bias=False)
+        elif isinstance(org, nn.Linear):
+            self.lora_down = nn.Linear(org.in_features, dim, bias=False)
+            self.lora_up = nn.Linear(dim, org.out_features, bias=False)
+        else:
+            raise TypeError(f"LoRA supports Linear and Conv2d, not {type(org).__name__} ({name})")
+        self.dim = dim
+        alpha = float(dim if alpha in (None, 0) else alpha)
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.scale = alpha / dim
+        self.dropout = dropout
+        self.multiplier = multiplier
+        # kohya's init: down Kaiming-uniform (a=sqrt(5)), up zero, so training starts at W.
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self._org = [org]  # a list, so the wrapped module is not registered as our child
+        self._org_forward = None
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    def apply_to(self) -> None:
+        if self._org_forward is None:
+            self._org_forward = self.org_module.forward
+            self.org_module.forward = self.forward
+
+    def remove(self) -> None:
+        if self._org_forward is not None:
+            # The original forward was the bound method found through the class; deleting
+            # our instance attribute restores exactly that.
+            del self.org_module.forward
+            self._org_forward = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self._org_forward(x, *args, **kwargs)
+        if self.multiplier == 0:
+            return out
+        h = self.lora_down(x.to(self.lora_down.weight.dtype) if not torch.is_autocast_enabled() else x)
+        if self.dropout and self.training:
+            h = nn.functional.dropout(h, p=self.dropout)
+        delta = self.lora_up(h) * (self.multiplier * self.scale)
+        return out + delta.to(out.dtype)
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one network, keyed by kohya name."""
+
+    def __init__(
+        self,
+        targets: Iterable[Target],
+        dim: int,
+        alpha: float,
+        conv_dim: int = 0,
+        conv_alpha: float = 1.0,
+        dropout: float = 0.0,
+        multiplier: float = 1.0,
+    ):
+        super().__init__()
+        mods = {}
+        for t in targets:
+            if t.conv3x3:
+                if not conv_dim:
+                    continue
+                mods[t.name] = LoRAModule(t.name, t.module, conv_dim, conv_alpha, dropout, multiplier)
+            else:
+                mods[t.name] = LoRAModule(t.name, t.module, dim, alpha, dropout, multiplier)
+        if not mods:
+            raise ValueError("no LoRA targets found in the model")
+        self.loras = nn.ModuleDict(mods)
+        self.applied = False
+
+    def apply(self) -> LoRANetwork:
+        for m in self.loras.values():
+            m.apply_to()
+        self.applied = True
+        return self
+
+    def remove(self) -> None:
+        for m in self.loras.values():
+            m.remove()
+        self.applied = False
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for m in self.loras.values():
+            m.multiplier = multiplier
+
+    def names(self, prefix: str | None = None) -> list[str]:
+        return [n for n in self.loras if prefix is None or n.startswith(prefix + "_")]
+
+    def parameters_for(self, prefix: str) -> list[nn.Parameter]:
+        """Trainable parameters of the modules under `prefix` ('lora_unet' or 'lora_te')."""
+        return [p for n in self.names(prefix) for p in self.loras[n].parameters()]
+
+    def unet_parameters(self) -> list[nn.Parameter]:
+        return self.parameters_for(UNET_PREFIX)
+
+    def te_parameters(self) -> list[nn.Parameter]:
+        return self.parameters_for(TE_PREFIX)
+
+    def state_dict_kohya(self) -> dict[str, torch.Tensor]:
+        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (0-d), as in kohya files."""
+        out: dict[str, torch.Tensor] = {}
+        for name, m in self.loras.items():
+            out[f"{name}.lora_down.weight"] = m.lora_down.weight.detach()
+            out[f"{name}.lora_up.weight"] = m.lora_up.weight.detach()
+            out[f"{name}.alpha"] = m.alpha.detach()
+        return out
+
+    @torch.no_grad()
+    def load_kohya(self, tensors: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load kohya-format weights (e.g. from a saved LoRA or a checkpoint) into this network."""
+        for name, m in self.loras.items():
+            for part in ("lora_down", "lora_up"):
+                key = f"{name}.{part}.weight"
+                if key in tensors:
+                    getattr(m, part).weight.copy_(tensors[key].to(getattr(m, part).weight.dtype))
+                elif strict:
+                    raise KeyError(f"missing {key}")
+            if f"{name}.alpha" in tensors:
+                m.alpha.copy_(tensors[f"{name}.alpha"].float())
+                m.scale = float(m.alpha) / m.dim
