@@ -15,6 +15,7 @@ A1111 (applied LoRAs, attention hijacks, low-VRAM placement).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +75,33 @@ class LdmBackbone:
         return self.unet(noisy_latents, timesteps, context=cond)
 
     def lora_targets(self, conv: bool = False) -> list[naming.Target]:
-        return naming.unet_targets(self.unet, conv=conv) + naming.text_encoder_targets(self.text_encoder)
+        return standalone_order(naming.unet_targets(self.unet, conv=conv)) + naming.text_encoder_targets(self.text_encoder)
+
+
+def standalone_order(targets: list[naming.Target]) -> list[naming.Target]:
+    """U-Net targets in the diffusers model's module order (the order kohya and the standalone
+    backbone create them in). LoRA weights are initialised in target order from the seeded RNG,
+    so this order makes the same seed give the same LoRA on both backbones; ldm's own order
+    differs (input/middle/output blocks; attn1, ff, attn2 inside a transformer block)."""
+    rank = _diffusers_rank(any(t.conv3x3 for t in targets))
+    if rank is None:
+        return targets
+    end = len(rank)
+    return sorted(targets, key=lambda t: rank.get(t.name, end))
+
+
+@functools.lru_cache(maxsize=2)
+def _diffusers_rank(conv: bool) -> dict[str, int] | None:
+    try:
+        from diffusers import UNet2DConditionModel
+
+        from lib_lora.training.models import sd15_unet_config
+    except ImportError:  # the order is a nicety (reproducibility across hosts), not a need
+        return None
+    config = {k: v for k, v in sd15_unet_config().items() if not k.startswith("_")}
+    with torch.device("meta"):  # names only: no memory, no weights
+        unet = UNet2DConditionModel(**config)
+    return {t.name: i for i, t in enumerate(naming.unet_targets(unet, conv=conv))}
 
 
 # --------------------------------------------------------------------------------------------

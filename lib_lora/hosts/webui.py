@@ -373,7 +373,7 @@ class WebUIHost:
         return list(processed.images[-n:])
 
     # -- the two jobs the tab and the API start ----------------------------------------------
-    def train(self, cfg: Any, progress: StateProgress, on_event: Callable[[dict], None] | None = None) -> dict:
+    def train(self, progress: StateProgress, cfg: Any, on_event: Callable[[dict], None] | None = None) -> dict:
         """Train `cfg` (a TrainConfig) on the loaded checkpoint; run inside `run_job`/`job`."""
         from lib_lora.config import validate
 
@@ -416,13 +416,15 @@ class WebUIHost:
             summary["lora_path"] = ""
             return summary
         write_card(lora_path, cfg, backbone, summary)
-        with contextlib.suppress(Exception):  # a preview is a nicety: training already succeeded
-            progress.update(1, 1, "Making the preview image...")
+        self.after_save(lora_path)  # before the preview: its prompt uses the new LoRA
+        try:
+            shared.state.textinfo = "Making the preview image..."
             trigger = cfg.class_tokens or name
             image = self.generate([f"{trigger}, <lora:{lora_path.stem}:1>"], seed=cfg.seed)[0]
             write_preview(lora_path, image)
             shared.state.assign_current_image(image)
-        self.after_save(lora_path)
+        except Exception:  # a preview is a nicety: the LoRA is already saved
+            log.warning("Fast LoRA: could not make the preview image for %s", lora_path, exc_info=True)
         return summary
 
     def test_grid(self, progress: StateProgress, name: str, prompts: list[str], seed: int = 1234,

@@ -146,7 +146,7 @@ def build_webui_model(checkpoint: Path, dtype: torch.dtype = torch.float32) -> L
     return model
 
 
-def state_hash(module: nn.Module) -> str:
+def _state_hash(module: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -154,8 +154,19 @@ def state_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def grad_flags(module: nn.Module) -> dict[str, bool]:
+def _grad_flags(module: nn.Module) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in module.named_parameters()}
+
+
+@pytest.fixture
+def state_hash():
+    """sha256 over a module's whole state dict (names and raw bytes)."""
+    return _state_hash
+
+
+@pytest.fixture
+def grad_flags():
+    return _grad_flags
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ list_available_networks (scans cmd_opts.lora_dir)."""
 import os
 
 import torch
-
 from modules import shared
 
 loaded_networks = []

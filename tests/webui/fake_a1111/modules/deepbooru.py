@@ -9,7 +9,7 @@ class FakeDeepDanbooruModel(torch.nn.Module):
     tags = ["1girl", "long_hair", "red_background", "^_^", "rating:safe"]
 
     def forward(self, x):
-        r, g, b = x[..., 0].mean(), x[..., 1].mean(), x[..., 2].mean()
+        r = x[..., 0].mean()  # red images score "red_background"
         scores = torch.stack([torch.tensor(0.9), torch.tensor(0.6), r, torch.tensor(0.7), torch.tensor(0.99)])
         return scores.unsqueeze(0)
 

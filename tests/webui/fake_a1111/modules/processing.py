@@ -51,8 +51,8 @@ def process_images(p):
     seeds = p.seed if isinstance(p.seed, list) else [int(p.seed) + i for i in range(len(prompts))]
     nets = sys.modules.get("networks")
     images = []
-    for prompt, seed in zip(prompts, seeds):
-        for name, weight in re.findall(r"<lora:([^:>]+):([0-9.]+)>", prompt):
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        for name, _weight in re.findall(r"<lora:([^:>]+):([0-9.]+)>", prompt):
             if nets is None or name not in nets.available_networks:
                 raise RuntimeError(f"networks with names not found: {name}")
         digest = hashlib.sha256(f"{prompt}|{seed}".encode()).digest()
