@@ -377,14 +377,14 @@ class WebUIHost:
         """Train `cfg` (a TrainConfig) on the loaded checkpoint; run inside `run_job`/`job`."""
         from lib_lora.config import validate
 
+        name = validate_name(cfg.name, "LoRA name")
+        backbone = self.backbone()  # refusals (Forge, --lowvram, not SD1.5) come first
         try:
             from lib_lora.training.run import train
         except ModuleNotFoundError as err:
             if err.name and err.name.startswith("lib_lora"):
                 raise UserError("This build of Fast LoRA has no training loop yet; update the extension.") from None
             raise
-        name = validate_name(cfg.name, "LoRA name")
-        backbone = self.backbone()
         cfg = validate(dataclasses.replace(
             cfg,
             name=name,

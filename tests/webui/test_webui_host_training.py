@@ -62,7 +62,7 @@ def test_training_in_place_leaves_the_model_bit_identical(host, webui, webui_mod
             seen["frozen"] = not any(p.requires_grad for p in webui_model.parameters())
             seen["locked"] = webui.call_queue.queue_lock.locked()
 
-    summary = run(host, tiny_cfg(dataset), on_event)
+    summary = run(host, tiny_cfg(dataset, max_steps=2), on_event)
     assert seen == {"hijack": False, "frozen": True, "locked": True}
     assert state_hash(webui_model) == before and grad_flags(webui_model) == flags
     assert webui.sd_hijack.optimizations_applied()  # given back to the WebUI
@@ -71,11 +71,11 @@ def test_training_in_place_leaves_the_model_bit_identical(host, webui, webui_mod
     assert summary["lora_path"] == str(lora) and lora.is_file() and not summary["interrupted"]
     card = json.loads(lora.with_suffix(".json").read_text(encoding="utf-8"))
     assert card["sd version"] == "SD1" and card["activation text"] == "sks" and card["preferred weight"] == 1.0
-    assert "4 steps" in card["description"]
+    assert "2 steps" in card["description"]
     assert (lora.parent / "sks.preview.png").is_file()
     assert "sks" in webui.networks.available_networks  # the card list was refreshed
     # progress went to the page's bar and the WebUI's task bookkeeping; the state was reset after
-    assert ("job_no", 4) in webui.shared.state.history
+    assert ("job_no", 2) in webui.shared.state.history
     assert any(k == "textinfo" and v and "loss" in str(v) for k, v in webui.shared.state.history)
     assert webui.progress.finished_tasks and webui.progress.finished_tasks[-1].startswith("task(fastlora-")
     assert webui.shared.state.job_count == 0 and not webui.shared.state.interrupted
@@ -86,13 +86,12 @@ def test_interrupt_stops_cleanly_and_keeps_the_checkpoint(host, webui, webui_mod
     before, flags = state_hash(webui_model), grad_flags(webui_model)
 
     def on_event(ev):
-        if ev["kind"] == "loss" and ev["step"] == 2:
+        if ev["kind"] == "loss" and ev["step"] == 1:
             webui.shared.state.interrupt()  # the page's Interrupt button
 
-    summary = run(host, tiny_cfg(dataset), on_event)
+    summary = run(host, tiny_cfg(dataset, max_steps=3), on_event)
     assert summary["interrupted"] and summary["lora_path"] == ""
-    assert list((dataset.parent / "work").glob("**/checkpoints/*interrupted*")) or list(
-        (webui.root / "fast_lora" / "runs" / "sks" / "checkpoints").glob("*interrupted*"))
+    assert list((webui.root / "fast_lora" / "runs" / "sks" / "checkpoints").glob("*interrupted*"))
     assert state_hash(webui_model) == before and grad_flags(webui_model) == flags
     assert webui.sd_hijack.optimizations_applied()
     assert not webui.shared.state.interrupted  # reset for the next job, as wrap_gradio_call does
@@ -102,11 +101,11 @@ def test_an_exception_mid_run_still_gives_the_model_back(host, webui, webui_mode
     before, flags = state_hash(webui_model), grad_flags(webui_model)
 
     def on_event(ev):
-        if ev["kind"] == "loss" and ev["step"] == 2:
+        if ev["kind"] == "loss" and ev["step"] == 1:
             raise RuntimeError("CUDA out of memory (simulated)")
 
     with pytest.raises(RuntimeError, match="simulated"):
-        run(host, tiny_cfg(dataset), on_event)
+        run(host, tiny_cfg(dataset, max_steps=2), on_event)
     assert state_hash(webui_model) == before and grad_flags(webui_model) == flags
     assert all("forward" not in m.__dict__ for m in webui_model.modules())
     assert webui.sd_hijack.optimizations_applied()
