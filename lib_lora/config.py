@@ -141,6 +141,55 @@ def load(cls: type, path: str | Path) -> Any:
 # Tagging (steps 3-4): TagConfig goes here.
 
 
+TAGGERS = ["deepdanbooru", "wd14", "webui"]
+TAG_PRESETS = ["person", "character", "style", "object", "none"]
+
+
+@dataclass
+class TagConfig:
+    # Step 3: automatic tagging
+    tagger: str = opt("deepdanbooru", "tagger: deepdanbooru (the tutorial's), wd14, or webui (the WebUI's built-in Deepbooru)",
+                      choices=TAGGERS, group="basic")
+    model: str = opt("", "tagger model: an .onnx file or its folder (empty: the tagger's own cache folder); "
+                         "for wd14 also a hub repo id such as SmilingWolf/wd-swinv2-tagger-v3")
+    tags_file: str = opt("", "the model's tag list (DeepDanbooru tags.txt, WD14 selected_tags.csv); empty: beside the model")
+    general_threshold: float | None = opt(None, "score a tag needs to be written (empty: 0.5 for DeepDanbooru, 0.35 for WD14)",
+                                          min=0, max=1, group="basic")
+    character_threshold: float = opt(0.85, "score a WD14 character tag needs to be written", min=0, max=1)
+    score_floor: float = opt(0.05, "scores above this are kept in the sidecar, so a lower threshold later needs no re-run",
+                             min=0, max=1)
+    sort: str = opt("score", "order of the tags in a caption", choices=["score", "alphabetical"])
+    trigger: str = opt("", "trigger word written first in every caption (empty: the LoRA's name from the folder)", group="basic")
+    keep_underscores: bool = opt(False, "keep underscores in tags (normally long_hair becomes 'long hair')")
+    max_tags: int = opt(0, "at most this many tags per caption, best first (0 = no limit)", min=0, max=500)
+    existing: str = opt("overwrite", "what to do with an image that already has a caption (overwriting can be undone)",
+                        choices=["overwrite", "skip", "merge"])
+    match_background: bool = opt(True, "when the prepare step removed backgrounds, write matching background tags")
+    batch_size: int = opt(4, "images per tagger call", min=1, max=256)
+    device: str = opt("auto", "where the ONNX taggers run", choices=["auto", "cpu", "cuda"])
+    allow_download: bool = opt(True, "download a missing tagger model (off: only use files already on disk)")
+    # Step 4: tag rules
+    preset: str = opt("person", "tag rules: person, character, style, object, or none", choices=TAG_PRESETS, group="basic")
+    blacklist: list[str] = opt([], "tags always removed by the rules")
+    whitelist: list[str] = opt([], "tags the rules never remove")
+    implications_file: str = opt("", "extra implication table, one 'specific > general' per line")
+    aliases_file: str = opt("", "extra aliases, one 'alias > tag' per line")
+
+    def check(self) -> None:
+        if self.trigger:
+            if "," in self.trigger:
+                raise UserError(f"trigger = {self.trigger!r}: a trigger word cannot contain a comma.")
+        for path_field in ("implications_file", "aliases_file"):
+            value = getattr(self, path_field)
+            if value and not Path(value).is_file():
+                raise UserError(f"{path_field} = {value!r} does not exist; give an existing text file.")
+
+    def caption_threshold(self) -> float:
+        """The general threshold in effect: the field, or the tagger's customary default."""
+        if self.general_threshold is not None:
+            return self.general_threshold
+        return 0.35 if self.tagger == "wd14" else 0.5
+
 
 # --------------------------------------------------------------------------------------------
 # Training

@@ -285,7 +285,8 @@ def _load_diffusers_folder(folder: Path):
     if (folder / "text_encoder_2").exists():
         raise ModelLoadError(f"{folder} is an SDXL model; Fast LoRA trains SD1.5 LoRAs.")
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
-    if unet_cfg.get("cross_attention_dim") != 768 or unet_cfg.get("in_channels", 4) != 4:
+    # SD2 has 1024-wide text features, SDXL 2048; inpainting/instruct U-Nets take extra channels.
+    if unet_cfg.get("cross_attention_dim") in (1024, 2048) or unet_cfg.get("in_channels", 4) != 4:
         raise ModelLoadError(f"{folder} is not an SD1.5 text-to-image model (SD2, inpainting or other).")
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)

@@ -1,0 +1,136 @@
+"""Step 3 end to end: tag a folder with the tiny DeepDanbooru/WD14 models, captions and scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lib_lora.config import TagConfig, validate
+from lib_lora.errors import Cancelled, DatasetError
+from lib_lora.progress import NullProgress
+from lib_lora.tagging.captions import (
+    background_tags,
+    caption_from_scores,
+    colour_name,
+    image_dirs,
+    recaption,
+    tag_dataset,
+)
+from lib_lora.tagging.session import STATE_DIR, EditSession
+from lib_lora.tagging.taggers import load_tagger
+
+from .conftest import TAGGERS
+
+RED, WHITE = (255, 0, 0), (255, 255, 255)
+
+
+class Recorder(NullProgress):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def update(self, done: int, total: int, text: str = "") -> None:
+        self.calls.append((done, total))
+
+
+def test_tag_folder_with_deepdanbooru(make_images, dd_dir: Path) -> None:
+    d = make_images({"a.png": RED, "b.png": WHITE, "c.jpg": RED})
+    tagger = load_tagger("deepdanbooru", dd_dir, threshold=0.05, batch_size=2)
+    progress = Recorder()
+    report = tag_dataset(d, tagger, validate(TagConfig(batch_size=2)), progress)
+    assert report.tagged == 3 and report.captions_written == 3 and report.trigger == "Zhang"
+    # Score order, threshold 0.5, underscores gone, ratings out, the trigger (folder name) first.
+    assert (d / "a.txt").read_text(encoding="utf-8") == "Zhang, red theme, 1girl, lips, long hair"
+    assert (d / "b.txt").read_text(encoding="utf-8") == (
+        "Zhang, 1girl, white background, lips, simple background, long hair")
+    scores = json.loads((d / STATE_DIR / "scores.json").read_text(encoding="utf-8"))
+    assert scores["tagger"] == "deepdanbooru"
+    a = scores["images"]["a.png"]["scores"]
+    assert a["^_^"] == pytest.approx(0.26894, abs=1e-4) and "rating:safe" in a
+    assert scores["images"]["a.png"]["categories"]["rating:safe"] == "rating"
+    assert progress.calls[-1] == (3, 3)
+    # Tagging is one undoable step: undo removes the new captions again.
+    assert EditSession(d).undo() == "tag with deepdanbooru"
+    assert not (d / "a.txt").exists()
+
+
+def test_recaption_from_scores_needs_no_tagger(make_images, dd_dir: Path) -> None:
+    d = make_images({"a.png": RED})
+    tag_dataset(d, load_tagger("deepdanbooru", dd_dir), validate(TagConfig()))
+    cfg = validate(TagConfig(general_threshold=0.2, sort="alphabetical", trigger="zz"))
+    report = recaption(d, cfg)
+    assert report.captions_written == 1
+    assert (d / "a.txt").read_text(encoding="utf-8") == "zz, 1girl, ^_^, lips, long hair, red theme"
+
+
+def test_background_from_manifest(make_images, dd_dir: Path) -> None:
+    d = make_images({"a.png": WHITE})
+    (d.parent / "manifest.json").write_text(json.dumps({"background": {"removed": True, "color": [128, 128, 128]}}))
+    report = tag_dataset(d, load_tagger("deepdanbooru", dd_dir), validate(TagConfig(trigger="T")))
+    assert report.background == "simple background, grey background"
+    tags = (d / "a.txt").read_text(encoding="utf-8").split(", ")
+    assert tags[0] == "T" and "white background" not in tags
+    assert tags[-2:] == ["simple background", "grey background"]
+
+
+def test_background_helpers() -> None:
+    assert background_tags({}) is None
+    assert background_tags({"background": {"removed": False}}) is None
+    assert background_tags({"background": {"removed": True}}) == ["simple background", "white background"]
+    assert colour_name("#FAFAFA") == "white" and colour_name("gray") == "grey" and colour_name("rgb(10,0,0)") == "black"
+
+
+def test_wd14_thresholds_and_ratings(make_images) -> None:
+    d = make_images({"a.png": RED}, folder="plain")
+    tagger = load_tagger("wd14", TAGGERS / "wd14_v3", threshold=0.05)
+    tag_dataset(d, tagger, validate(TagConfig(tagger="wd14")))
+    tags = (d / "a.txt").read_text(encoding="utf-8").split(", ")
+    # general >= 0.35 (solo 0.5, ^_^ 0.45 kept as a kaomoji), character >= 0.85 (marisa yes, miku 0.73 no),
+    # no rating tags, and no trigger: a plain folder has no LoRA name.
+    # (1girl and kirisame marisa both score sigmoid(3): their order is float noise.)
+    assert tags[0] == "red theme" and tags[3:] == ["solo", "^_^"]
+    assert set(tags[1:3]) == {"1girl", "kirisame marisa"}
+
+
+def test_existing_captions_skip_merge_and_bad_files(make_images, dd_dir: Path) -> None:
+    d = make_images({"a.png": RED, "b.png": RED, "c.png": RED})
+    (d / "a.txt").write_text("my own, words", encoding="utf-8")
+    (d / "c.txt").write_bytes(b"\xff\xfe\x00bad")
+    (d / "d.png").write_bytes(b"not an image at all")
+    tagger = load_tagger("deepdanbooru", dd_dir)
+    report = tag_dataset(d, tagger, validate(TagConfig(existing="skip", max_tags=2)))
+    assert (d / "a.txt").read_text(encoding="utf-8") == "my own, words"
+    assert (d / "b.txt").read_text(encoding="utf-8") == "Zhang, red theme, 1girl"
+    assert (d / "c.txt").read_bytes() == b"\xff\xfe\x00bad"
+    assert any("c.txt" in p for p in report.problems) and any("d.png" in p for p in report.problems)
+    tag_dataset(d, tagger, validate(TagConfig(existing="merge", max_tags=1)))
+    assert (d / "a.txt").read_text(encoding="utf-8") == "Zhang, my own, words, red theme"
+
+
+def test_cancel(make_images, dd_dir: Path) -> None:
+    d = make_images({"a.png": RED})
+    p = NullProgress()
+    p.cancel()
+    with pytest.raises(Cancelled):
+        tag_dataset(d, load_tagger("deepdanbooru", dd_dir), validate(TagConfig()), p)
+    assert not (d / "a.txt").exists()
+
+
+def test_caption_from_scores_pure() -> None:
+    cfg = validate(TagConfig(general_threshold=0.5))
+    scores = {"b_tag": 0.9, "a_tag": 0.6, "low": 0.3, "rating:safe": 0.99, "some_char": 0.8}
+    assert caption_from_scores(scores, {"some_char": "character"}, cfg) == ["b tag", "a tag"]
+    # Without categories a character tag counts as general; `rating:` tags never enter a caption.
+    assert caption_from_scores(scores, {}, cfg, trigger="t") == ["t", "b tag", "some char", "a tag"]
+
+
+def test_dataset_folders(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError):
+        image_dirs(tmp_path)
+    for sub in ("10_a", "5_b"):
+        (tmp_path / sub).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / sub / "x.png")
+    assert [p.name for p in image_dirs(tmp_path)] == ["10_a", "5_b"]

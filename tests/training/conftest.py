@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """The tiny built-in model, loaded through the single-file checkpoint path (shared, read-only)."""
+    from lib_lora.training.models import load_backbone
+
+    return load_backbone("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint():
+    from lib_lora.training.tiny_model import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint()
+
+
+def randomize_lora(network, seed: int = 0, scale: float = 0.05) -> None:
+    """Give every LoRA non-zero up weights, so its effect on the outputs is visible."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in network.loras.values():
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=gen) * scale)
+
+
+@pytest.fixture
+def randomize():
+    return randomize_lora
