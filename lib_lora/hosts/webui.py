@@ -271,11 +271,22 @@ class WebUIHost:
 
     # -- the model ---------------------------------------------------------------------------
     def backbone(self, base_model: str | None = None) -> LdmBackbone:
-        """The WebUI's loaded checkpoint (`base_model` is ignored: we train on what is loaded)."""
+        """The WebUI's loaded checkpoint, trained in place (`base_model` is ignored).
+
+        Inside a job, the first call also readies the model for training (`training_state`)
+        and the job's end gives it back exactly, whatever happens in between: so a caller
+        that trains with this backbone (our UI, the API, a script) cannot leave it changed."""
         sd_model = a1111("shared").sd_model
         check_trainable(sd_model)
         name, sha = checkpoint_identity(sd_model)
-        return LdmBackbone(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device)
+        backbone = LdmBackbone(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device)
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            log.warning("Fast LoRA: backbone() outside a job; train only inside host.job(...)")
+        elif not self._local.guarded:
+            stack.enter_context(training_state(sd_model, backbone.device))
+            self._local.guarded = True
+        return backbone
 
     # -- jobs --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -301,11 +312,15 @@ class WebUIHost:
         shared.state.job = title
         shared.state.textinfo = title
         progress = StateProgress(shared.state, self._note_progress)
-        self._local.progress = progress
+        stack = contextlib.ExitStack()  # holds training_state once backbone() is called
+        self._local.__dict__.update(progress=progress, stack=stack, guarded=False, previews=[])
         try:
-            yield progress
+            with stack:
+                yield progress
+            # The model is the WebUI's own again: previews use its normal generation path.
+            self._make_previews(self._local.previews)
         finally:
-            self._local.progress = None
+            self._local.__dict__.update(progress=None, stack=None, guarded=False, previews=[])
 
     def run_job(self, title: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run `fn(progress, *args, **kwargs)` through the WebUI's `wrap_gradio_gpu_call`:
@@ -342,9 +357,34 @@ class WebUIHost:
         return DeepbooruTagger()
 
     def after_save(self, lora_path: Path) -> None:
+        """Make a new LoRA usable at once: its card (`.json`), the WebUI's card list, and (at
+        the end of the job) a `.preview.png` generated with it."""
+        lora_path = Path(lora_path)
+        try:
+            write_card(lora_path)
+        except Exception:  # the LoRA itself is saved; a card is a nicety
+            log.warning("Fast LoRA: could not write the card for %s", lora_path, exc_info=True)
         nets = lora_extension()
         if nets is not None:
             nets.list_available_networks()
+        if getattr(self._local, "stack", None) is not None:
+            self._local.previews.append(lora_path)
+
+    def _make_previews(self, paths: list[Path]) -> None:
+        from lib_lora.training.export import read_metadata
+
+        shared = a1111("shared")
+        for path in paths:
+            try:
+                shared.state.textinfo = f"Making the preview image of {path.stem}..."
+                meta = read_metadata(path)
+                trigger = meta.get("ss_output_name") or path.stem
+                seed = int(meta.get("ss_seed", 1234))
+                image = self.generate([f"{trigger}, <lora:{path.stem}:1>"], seed=seed)[0]
+                write_preview(path, image)
+                shared.state.assign_current_image(image)
+            except Exception:  # a preview is a nicety: the LoRA is already saved
+                log.warning("Fast LoRA: could not make the preview image for %s", path, exc_info=True)
 
     def generate(self, prompts: list[str], seed: int, **kw: Any) -> list:
         """Images through the WebUI's own txt2img (so `<lora:name:w>` in a prompt works),
@@ -404,27 +444,17 @@ class WebUIHost:
                 on_event(ev)
 
         interrupted = False
-        with training_state(backbone.sd_model, backbone.device):
-            try:
-                result = train(cfg, backbone=backbone, progress=progress, on_event=event)
-            except Cancelled:
-                result, interrupted = None, True
+        try:  # the model is given back at the end of the job (see backbone())
+            result = train(cfg, backbone=backbone, progress=progress, on_event=event)
+        except Cancelled:
+            result, interrupted = None, True
         lora_path = _result_path(result, cfg)
         summary = {"name": name, "lora_path": str(lora_path) if lora_path else "", "interrupted": interrupted,
                    "run_dir": cfg.run_dir, "steps": _last(events, "loss", "step"), "loss": _last(events, "loss", "loss")}
         if lora_path is None or not lora_path.is_file():
             summary["lora_path"] = ""
             return summary
-        write_card(lora_path, cfg, backbone, summary)
-        self.after_save(lora_path)  # before the preview: its prompt uses the new LoRA
-        try:
-            shared.state.textinfo = "Making the preview image..."
-            trigger = cfg.class_tokens or name
-            image = self.generate([f"{trigger}, <lora:{lora_path.stem}:1>"], seed=cfg.seed)[0]
-            write_preview(lora_path, image)
-            shared.state.assign_current_image(image)
-        except Exception:  # a preview is a nicety: the LoRA is already saved
-            log.warning("Fast LoRA: could not make the preview image for %s", lora_path, exc_info=True)
+        self.after_save(lora_path)
         return summary
 
     def test_grid(self, progress: StateProgress, name: str, prompts: list[str], seed: int = 1234,
@@ -491,29 +521,34 @@ def _last(events: list[dict], kind: str, key: str) -> Any:
 # Output beside the LoRA: the card's .json and the .preview.png
 
 
-def card(cfg: Any, backbone: Any, summary: dict) -> dict[str, Any]:
-    """The `<name>.json` the WebUI's LoRA card reads (its user-metadata editor writes the same keys)."""
-    trigger = cfg.class_tokens or cfg.name
-    steps = summary.get("steps")
-    base = backbone.model_name or "the loaded checkpoint"
-    short = (backbone.model_hash or "")[:10]
+def card(meta: dict[str, str], lora_path: Path) -> dict[str, Any]:
+    """The `<name>.json` the WebUI's LoRA card reads (its metadata editor writes the same keys),
+    from the LoRA's own `ss_*` metadata."""
+    trigger = meta.get("ss_output_name") or lora_path.stem
+    base = meta.get("ss_sd_model_name") or "the loaded checkpoint"
+    short = (meta.get("ss_new_sd_model_hash") or "")[:10]
+    steps = meta.get("ss_steps")
+    images = meta.get("ss_num_train_images")
+    notes = [f"{k[3:].replace('_', ' ')} {meta[k]}" for k in (
+        "ss_network_dim", "ss_network_alpha", "ss_learning_rate", "ss_text_encoder_lr", "ss_optimizer",
+        "ss_resolution", "ss_seed") if meta.get(k) not in (None, "", "None")]
     return {
         "description": f"Trained with Fast LoRA on {base}{f' [{short}]' if short else ''}"
-                       f"{f' for {steps} steps' if steps else ''}.",
+                       f"{f' for {steps} steps' if steps else ''}{f' ({images} images with repeats)' if images else ''}.",
         "sd version": "SD1",
         "activation text": trigger,
         "preferred weight": 1.0,
         "negative text": "",
-        "notes": (f"dim {cfg.dim}, alpha {cfg.alpha:g}, lr {cfg.lr}, optimizer {cfg.optimizer}, "
-                  f"resolution {cfg.resolution}, seed {cfg.seed}, {datetime.date.today().isoformat()}"
-                  + (" (interrupted)" if summary.get("interrupted") else "")),
+        "notes": ", ".join(notes) + f"; saved {datetime.date.today().isoformat()}",
     }
 
 
-def write_card(lora_path: Path, cfg: Any, backbone: Any, summary: dict) -> Path:
+def write_card(lora_path: Path) -> Path:
     from lib_lora.atomic import atomic_write_json
+    from lib_lora.training.export import read_metadata
 
-    return atomic_write_json(lora_path.with_suffix(".json"), card(cfg, backbone, summary))
+    lora_path = Path(lora_path)
+    return atomic_write_json(lora_path.with_suffix(".json"), card(read_metadata(lora_path), lora_path))
 
 
 def write_preview(lora_path: Path, image: Any) -> Path:

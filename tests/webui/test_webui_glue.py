@@ -138,18 +138,24 @@ def test_grid_prompts_come_from_the_dataset_tags(tmp_path):
 
 
 def test_card_and_preview_files(tmp_path):
-    from lib_lora.config import TrainConfig
-    from lib_lora.hosts.webui import card, write_card, write_preview
+    import json
 
-    class BB:
-        model_name, model_hash = "v1-5-pruned-emaonly.safetensors", "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
+    import torch
 
-    cfg = TrainConfig(name="张娜英", class_tokens="", dim=128, alpha=64)
-    c = card(cfg, BB, {"steps": 1050})
-    assert c["sd version"] == "SD1" and c["activation text"] == "张娜英"
+    from lib_lora.hosts.webui import write_card, write_preview
+    from lib_lora.training.export import write_lora
+
+    meta = {"ss_output_name": "张娜英", "ss_sd_model_name": "v1-5-pruned-emaonly.safetensors",
+            "ss_new_sd_model_hash": "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+            "ss_steps": "1050", "ss_num_train_images": "1050", "ss_network_dim": "128", "ss_network_alpha": "64.0",
+            "ss_text_encoder_lr": "None", "ss_seed": "42"}
+    lora = write_lora(tmp_path / "张娜英.safetensors", {"x.alpha": torch.tensor(1.0)}, meta)
+    card_path = write_card(lora)
+    assert card_path.name == "张娜英.json"
+    c = json.loads(card_path.read_text(encoding="utf-8"))
+    assert c["sd version"] == "SD1" and c["activation text"] == "张娜英" and c["preferred weight"] == 1.0
     assert "v1-5-pruned-emaonly.safetensors [6ce0161689]" in c["description"] and "1050 steps" in c["description"]
-    lora = tmp_path / "张娜英.safetensors"
-    assert write_card(lora, cfg, BB, {}).name == "张娜英.json"
+    assert "network dim 128" in c["notes"] and "text encoder lr" not in c["notes"]
     assert write_preview(lora, Image.new("RGB", (8, 8))).name == "张娜英.preview.png"
 
 

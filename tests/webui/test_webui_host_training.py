@@ -197,3 +197,22 @@ def test_exported_lora_equals_the_standalone_backbones(host, webui, webui_model,
     assert any(float(b[k].abs().max()) > 0 for k in b if k.endswith("lora_up.weight"))  # it did train
     for key in ("ss_network_dim", "ss_network_alpha", "ss_steps", "ss_seed", "ss_resolution"):
         assert meta_a[key] == meta_b[key], key
+
+
+def test_the_uis_own_calls_are_guarded_by_the_job(host, webui, webui_model, dataset, state_hash, grad_flags):
+    """The UI's Train tab calls host.job(), host.backbone(), train() and host.after_save() itself."""
+    from lib_lora.training.run import train
+
+    before, flags = state_hash(webui_model), grad_flags(webui_model)
+    cfg = tiny_cfg(dataset, max_steps=1, output_dir=str(host.lora_dir()), run_dir=str(webui.root / "ui_run"))
+    with host.job("Train") as progress:
+        backbone = host.backbone()
+        assert not any(p.requires_grad for p in webui_model.parameters())
+        assert not webui.sd_hijack.optimizations_applied()
+        result = train(cfg, backbone=backbone, progress=progress)
+        host.after_save(result.lora_path)
+    assert state_hash(webui_model) == before and grad_flags(webui_model) == flags
+    assert webui.sd_hijack.optimizations_applied()
+    lora = host.lora_dir() / "sks.safetensors"
+    assert lora.with_suffix(".json").is_file() and (lora.parent / "sks.preview.png").is_file()
+    assert webui.processing.calls[-1]["prompts"] == ["sks, <lora:sks:1>"]
