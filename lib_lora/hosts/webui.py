@@ -255,6 +255,12 @@ class WebUIHost:
         self._record_lock = threading.Lock()
         self.record = JobRecord()
 
+    @property
+    def language(self) -> str:
+        """The UI language: Chinese when the WebUI's localization is a zh_* one."""
+        loc = str(opt("localization", "None") or "None")
+        return "zh" if loc.lower().startswith("zh") else "en"
+
     # -- places ------------------------------------------------------------------------------
     def lora_dir(self) -> Path:
         shared = a1111("shared")

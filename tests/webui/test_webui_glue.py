@@ -59,6 +59,10 @@ def test_paths_follow_the_webui_options(webui, host):
     webui.shared.opts.add_option("fast_lora_work_dir", webui.shared.OptionInfo(""))
     webui.shared.opts.fast_lora_work_dir = str(webui.root / "elsewhere")
     assert host.work_dir() == webui.root / "elsewhere"
+    assert host.language == "en"
+    webui.shared.opts.add_option("localization", webui.shared.OptionInfo("None"))
+    webui.shared.opts.localization = "zh_CN"
+    assert host.language == "zh"
 
 
 def test_jobs_hold_the_queue_lock_one_at_a_time(webui, host):
