@@ -8,7 +8,6 @@ package and the command to run by hand, and the WebUI still starts: the tab says
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -18,12 +17,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib_lora.hosts import webui_requirements as reqs  # noqa: E402
 
 
+def _quote(arg: str) -> str:
+    # run_pip hands one string to the shell (cmd.exe on Windows, sh elsewhere): double quotes
+    # work in both, and specs such as onnxruntime>=1.23,<1.27 must not become redirections.
+    return f'"{arg}"' if any(c in arg for c in ' <>|&^;()') else arg
+
+
+def command_line(args: list[str]) -> str:
+    return " ".join(_quote(a) for a in args)
+
+
 def _pip(args: list[str], desc: str) -> None:
     """Run pip through A1111's helper when we run inside its launcher, else directly."""
     try:
         import launch  # A1111's launch.py: run_pip adds --prefer-binary and the index URL
 
-        launch.run_pip(" ".join(shlex.quote(a) for a in args), desc)
+        launch.run_pip(command_line(args), desc)
     except ImportError:
         subprocess.run([sys.executable, "-m", "pip", *args], check=True)
 
@@ -46,7 +55,7 @@ def main() -> int:
                 failed.append((step, err))
     for step, err in failed:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        by_hand = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "pip", *step.pip_args()])
+        by_hand = command_line([sys.executable, "-m", "pip", *step.pip_args()])
         print(
             f"Fast LoRA: could not install {', '.join(step.names)} ({reason}). "
             f"The WebUI still starts; run this by hand, then restart it:\n    {by_hand}",

@@ -97,3 +97,13 @@ def test_install_failure_names_the_package_and_the_command(tmp_path, monkeypatch
     assert "-m pip install --no-deps deepdanbooru-onnx==0.0.8" in err
     assert "No matching distribution" in err
     assert all("-c" in args for args in calls)  # every pip call carries the host-pin constraints
+
+
+def test_pip_command_line_is_safe_for_cmd_and_sh():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fast_lora_install_q", ROOT / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    line = module.command_line(["install", "-c", "C:/Users/John Doe/pins.txt", "onnxruntime>=1.23,<1.27", "rembg==2.0.69"])
+    assert line == 'install -c "C:/Users/John Doe/pins.txt" "onnxruntime>=1.23,<1.27" rembg==2.0.69'
