@@ -50,13 +50,15 @@ def compvis_state_dict(size: str):
     if size == "tiny":
         return build_tiny_state_dict()
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
+
+    from lib_lora.training.models import sd15_text_encoder_config
 
     gen = torch.Generator().manual_seed(0)
     sd = {}
     parts = (("model.diffusion_model.", lambda: UNetModel(**FULL_UNET)),
              ("first_stage_model.", lambda: shapes().AutoencoderKLShape(FULL_VAE)),
-             ("cond_stage_model.transformer.", lambda: CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu"))))
+             ("cond_stage_model.transformer.", lambda: CLIPTextModel(sd15_text_encoder_config())))
     for prefix, make in parts:
         m = make()
         _randomize(m, gen)
@@ -68,8 +70,9 @@ def compvis_state_dict(size: str):
 def webui_model(sd: dict, size: str):
     """The WebUI-shaped ldm model holding `sd`."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
+    from lib_lora.training.models import sd15_text_encoder_config
     from lib_lora.training.tiny_model import TINY_LDM_UNET_KWARGS, TINY_LDM_VAE_KWARGS, tiny_clip_config
     from lib_lora.training.tokenizer import load_clip_tokenizer
 
@@ -77,7 +80,7 @@ def webui_model(sd: dict, size: str):
     tiny = size == "tiny"
     unet = UNetModel(**(TINY_LDM_UNET_KWARGS if tiny else FULL_UNET))
     vae = s.AutoencoderKLShape(TINY_LDM_VAE_KWARGS if tiny else FULL_VAE)
-    clip = CLIPTextModel(tiny_clip_config() if tiny else CLIPTextConfig(hidden_act="quick_gelu"))
+    clip = CLIPTextModel(tiny_clip_config() if tiny else sd15_text_encoder_config())
 
     def part(prefix):
         return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
