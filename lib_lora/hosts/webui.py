@@ -360,7 +360,7 @@ class WebUIHost:
             a1111("deepbooru")
         except ImportError:
             return None
-        return DeepbooruTagger()
+        return DeepbooruTagger(threshold=opt("fast_lora_tag_threshold", None))
 
     def after_save(self, lora_path: Path) -> None:
         """Make a new LoRA usable at once: its card (`.json`), the WebUI's card list, and (at
