@@ -258,6 +258,11 @@ class TrainConfig:
     save_every_n_epochs: int = opt(0, "also save an intermediate LoRA every N epochs (0 = off)", min=0)
     log_every_n_steps: int = opt(10, "read the loss back from the device every N steps", min=1)
     comment: str = opt("", "free text stored in the LoRA's metadata")
+    # Reliability (issue 5): resume, numerical guards, out-of-memory
+    restart: bool = opt(False, "discard the run's saved state and start over (default: resume where it stopped)")
+    state_every_n_steps: int = opt(50, "save the resumable state every N steps (0 = only on stop and at the end)", min=0)
+    max_nonfinite_steps: int = opt(20, "stop after this many steps in a row with NaN/inf loss or gradients", min=1)
+    oom_retry: bool = opt(False, "on GPU out-of-memory, retry with gradient checkpointing, then half-size batches")
 
     def check(self) -> None:
         if self.lr != "auto":

@@ -32,7 +32,7 @@ class Backbone(Protocol):
         """The U-Net's epsilon prediction."""
 
     def lora_targets(self, conv: bool = False) -> list[tuple[str, nn.Module]]:
-        """(kohya name, module) pairs: 192 U-Net + 72 text-encoder modules for SD1.5, plus the
+        """`naming.Target`s (kohya name, module, conv3x3): 192 U-Net + 72 text-encoder modules for SD1.5, plus the
         3x3 convs when `conv` is true. Names come from lib_lora.training.naming."""
 
 

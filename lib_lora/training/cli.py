@@ -1,0 +1,69 @@
+"""`python -m lib_lora train DATASET --name NAME ...`: flags come from TrainConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from lib_lora.config import PRESETS, TrainConfig, add_arguments, apply_preset, from_args
+from lib_lora.training.data import SUBSET_RE
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a LoRA on a folder of images",
+        description="Train an SD1.5 LoRA. DATASET is a folder of <repeats>_<name> subfolders "
+        "or a plain folder of images (with --repeats).",
+    )
+    p.add_argument("dataset", metavar="DATASET", help="dataset folder")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a recipe; other flags override it")
+    p.add_argument("--plan-only", action="store_true", help="print the step plan and stop")
+    add_arguments(p, TrainConfig, skip=("dataset",))
+    p.set_defaults(func=run_train)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    base = apply_preset(TrainConfig(), args.preset) if args.preset else TrainConfig()
+    cfg = from_args(TrainConfig, args, base=base)
+    cfg = dataclasses.replace(cfg, dataset=args.dataset)
+    if not cfg.name:
+        # Default to the dataset's name, without a kohya '<repeats>_' prefix.
+        folder = Path(args.dataset).resolve().name
+        m = SUBSET_RE.match(folder)
+        cfg = dataclasses.replace(cfg, name=m[2] if m else folder)
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from lib_lora.progress import TqdmProgress
+    from lib_lora.training.data import plan_steps
+    from lib_lora.training.metadata import summary
+    from lib_lora.training.run import train
+
+    cfg = config_from_args(args)
+    if args.plan_only:
+        print(plan_steps(cfg.dataset, cfg).describe())
+        return 0
+    bar = TqdmProgress(desc="train", unit="step")
+
+    def on_event(e: dict) -> None:
+        kind = e["kind"]
+        if kind in ("phase", "plan"):
+            bar.close()
+            print(e["text"], file=sys.stderr)
+        elif kind == "saved" and "checkpoints" in e["path"]:
+            bar.close()
+            print(f"saved {e['path']}", file=sys.stderr)
+
+    try:
+        result = train(cfg, progress=bar, on_event=on_event)
+    finally:
+        bar.close()
+    print(f"LoRA written: {result.lora_path}")
+    print(f"run folder:   {result.run_dir}  (config, TensorBoard logs, checkpoints)")
+    print(f"final loss:   {result.final_loss:.4f} after {result.steps} steps")
+    print(summary(result.metadata))
+    return 0

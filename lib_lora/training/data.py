@@ -1,0 +1,504 @@
+"""The training data: dataset scan, captions, aspect-ratio buckets, the step plan, caption
+tokens and cached latents.
+
+Layout (kohya's): a folder of `<repeats>_<class tokens>` subfolders, or a plain folder of
+images trained `cfg.repeats` times. Each image may have a caption `<stem>.txt` / `.caption`
+(first line); images without one get the class tokens. Bad images or captions are reported
+once and skipped; the run goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from lib_lora.errors import DatasetError
+
+if TYPE_CHECKING:
+    from lib_lora.config import TrainConfig
+    from lib_lora.progress import Progress
+    from lib_lora.training.backbone import Backbone
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTENSIONS = (".txt", ".caption")
+SUBSET_RE = re.compile(r"^(\d+)_(.+)$")
+TOKENS_PER_CHUNK = 75  # + BOS/EOS = 77, CLIP's context
+MAX_CHUNKS = 3  # 225 tokens, kohya's longest setting; longer captions are cut
+
+
+# --------------------------------------------------------------------------------------------
+# Scan
+
+
+@dataclass
+class Item:
+    """One training image."""
+
+    path: Path
+    caption: str  # first caption line, or the class tokens
+    repeats: int
+    subset: str  # the folder it came from (its name, as kohya's metadata keys it)
+    size: tuple[int, int]  # (width, height) after EXIF rotation
+    bucket: tuple[int, int] = (0, 0)  # (width, height) it is trained at
+    digest: str = ""  # sha256 of the file's bytes: the latent cache key
+
+
+@dataclass
+class Subset:
+    folder: Path
+    repeats: int
+    class_tokens: str
+    items: list[Item] = field(default_factory=list)
+
+
+@dataclass
+class StepPlan:
+    """What a run will do, known before any model is loaded; shown before training."""
+
+    dataset_dir: str
+    images: int  # distinct usable images
+    images_with_repeats: int  # kohya's ss_num_train_images
+    subsets: list[dict[str, Any]]  # [{folder, repeats, images}]
+    buckets: dict[str, int]  # "WxH" -> images in that bucket
+    batch_size: int
+    steps_per_epoch: int  # sum over buckets of ceil(images x repeats / batch)
+    epochs: int
+    total_steps: int  # epochs x steps_per_epoch, or max_steps when set
+    skipped: list[dict[str, str]]  # [{path, reason}] bad images or captions
+
+    def describe(self) -> str:
+        lines = [f"Dataset {self.dataset_dir}: {self.images} images, {self.images_with_repeats} with repeats."]
+        for s in self.subsets:
+            lines.append(f"  {s['folder']}: {s['images']} images x {s['repeats']} repeats")
+        lines.append(
+            "  buckets: " + ", ".join(f"{k} ({v} image{'s' if v != 1 else ''})" for k, v in self.buckets.items())
+        )
+        ep = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        if self.total_steps == self.epochs * self.steps_per_epoch:
+            lines.append(f"Steps: {self.steps_per_epoch} per epoch (batch {self.batch_size}) x {ep} = {self.total_steps} steps.")
+        else:
+            lines.append(
+                f"Steps: {self.steps_per_epoch} per epoch (batch {self.batch_size}); "
+                f"max_steps = {self.total_steps} steps ({ep}, the last one partial)."
+            )
+        if self.skipped:
+            lines.append(f"Skipped {len(self.skipped)} file(s):")
+            lines.extend(f"  {s['path']}: {s['reason']}" for s in self.skipped[:20])
+            if len(self.skipped) > 20:
+                lines.append(f"  ... and {len(self.skipped) - 20} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    subsets: list[Subset]
+    items: list[Item]  # every usable image, in a stable order
+    plan: StepPlan
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
+    """The `<repeats>_<name>` subfolders, or the folder itself with cfg.repeats."""
+    if not dataset_dir.is_dir():
+        raise DatasetError(f"The dataset folder {dataset_dir} does not exist; give a folder of images.")
+    subsets = []
+    for sub in sorted(p for p in dataset_dir.iterdir() if p.is_dir()):
+        m = SUBSET_RE.match(sub.name)
+        if m and _images_in(sub):
+            repeats = int(m[1])
+            if repeats < 1:
+                raise DatasetError(f"{sub.name}: the repeat count before '_' must be at least 1.")
+            subsets.append(Subset(sub, repeats, cfg.class_tokens or m[2].strip()))
+    if subsets:
+        return subsets
+    if _images_in(dataset_dir):
+        name = dataset_dir.name
+        m = SUBSET_RE.match(name)
+        return [Subset(dataset_dir, cfg.repeats, cfg.class_tokens or (m[2] if m else name))]
+    others = [p.name for p in dataset_dir.iterdir() if p.is_dir() and _images_in(p)]
+    hint = (
+        f" Its subfolders with images ({', '.join(others[:3])}) need names like '10_{others[0]}' "
+        "(<repeats>_<name>)."
+        if others
+        else f" Put the images ({', '.join(IMAGE_EXTENSIONS)}) in it, or in '<repeats>_<name>' subfolders."
+    )
+    raise DatasetError(f"No training images found in {dataset_dir}.{hint}")
+
+
+def read_caption(image: Path, preferred: str = ".txt") -> str | None:
+    """The first line of the image's caption file, '' for an empty one, None when it has none.
+
+    Raises ValueError for a caption that is not UTF-8 text."""
+    for ext in (preferred, *(e for e in CAPTION_EXTENSIONS if e != preferred)):
+        cap = image.with_suffix(ext)
+        if cap.is_file():
+            raw = cap.read_bytes()
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                raise ValueError(f"caption {cap.name} is not UTF-8 text; re-save it as UTF-8") from None
+            lines = text.splitlines()
+            return lines[0].strip() if lines else ""
+    return None
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """The image upright (EXIF), RGB; transparency composited on white (a learned background
+    should be neutral, never black)."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im.load()
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im.convert("RGB")
+
+
+def scan_dataset(
+    dataset_dir: str | Path, cfg: TrainConfig, on_skip: Callable[[Path, str], None] | None = None
+) -> Dataset:
+    """Read the dataset (every image is decoded once, so broken files are found now, not mid-run),
+    assign buckets and plan the steps."""
+    root = Path(dataset_dir).expanduser()
+    subsets = find_subsets(root, cfg)
+    skipped: list[dict[str, str]] = []
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"path": str(path), "reason": reason})
+        log.warning("skipping %s: %s", path, reason)
+        if on_skip:
+            on_skip(path, reason)
+
+    items: list[Item] = []
+    for sub in subsets:
+        for img in _images_in(sub.folder):
+            try:
+                caption = read_caption(img, cfg.caption_extension)
+            except (OSError, ValueError) as err:
+                skip(img, str(err))
+                continue
+            try:
+                data = img.read_bytes()
+                size = load_rgb(img).size
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
+                skip(img, f"not a readable image ({type(err).__name__}: {err})")
+                continue
+            item = Item(img, caption or sub.class_tokens, sub.repeats, sub.folder.name, size)
+            item.digest = hashlib.sha256(data).hexdigest()
+            bucket = choose_bucket(size, cfg)
+            if bucket is None:
+                skip(img, f"too small ({size[0]}x{size[1]}) for buckets of {cfg.bucket_reso_steps} px steps")
+                continue
+            item.bucket = bucket
+            sub.items.append(item)
+            items.append(item)
+    if not items:
+        raise DatasetError(f"None of the images in {root} could be used (see the messages above); fix or replace them.")
+    plan = make_plan(root, subsets, items, cfg, skipped)
+    return Dataset(root, subsets, items, plan)
+
+
+def plan_steps(dataset_dir: str | Path, cfg: TrainConfig) -> StepPlan:
+    """The step plan of a dataset under a config (images, repeats, buckets, steps)."""
+    return scan_dataset(dataset_dir, cfg).plan
+
+
+def make_plan(
+    root: Path, subsets: list[Subset], items: list[Item], cfg: TrainConfig, skipped: list[dict[str, str]]
+) -> StepPlan:
+    per_bucket: dict[tuple[int, int], int] = Counter()
+    images: dict[tuple[int, int], int] = Counter()
+    for it in items:
+        per_bucket[it.bucket] += it.repeats
+        images[it.bucket] += 1
+    steps_per_epoch = sum(math.ceil(n / cfg.batch_size) for n in per_bucket.values())
+    if cfg.max_steps:
+        total = cfg.max_steps
+        epochs = math.ceil(total / steps_per_epoch)
+    else:
+        epochs = cfg.epochs
+        total = epochs * steps_per_epoch
+    order = sorted(images, key=lambda b: (b[0] * b[1], b))
+    return StepPlan(
+        dataset_dir=str(root),
+        images=len(items),
+        images_with_repeats=sum(it.repeats for it in items),
+        subsets=[{"folder": s.folder.name, "repeats": s.repeats, "images": len(s.items)} for s in subsets if s.items],
+        buckets={f"{w}x{h}": images[(w, h)] for w, h in order},
+        batch_size=cfg.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        total_steps=total,
+        skipped=skipped,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets
+
+
+def _floor(x: float, step: int) -> int:
+    return int(x // step) * step
+
+
+def bucket_sizes(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """Buckets of (at most) the training resolution's area, sides multiples of bucket_reso_steps,
+    between the min and max bucket side."""
+    step = cfg.bucket_reso_steps
+    area = cfg.resolution * cfg.resolution
+    lo = max(step, _floor(min(cfg.min_bucket_reso, cfg.resolution), step))
+    hi = max(_floor(max(cfg.max_bucket_reso, cfg.resolution), step), lo)
+    sizes = set()
+    w = lo
+    while w <= hi:
+        h = min(hi, _floor(area / w, step))
+        if h >= lo:
+            sizes.add((w, h))
+            sizes.add((h, w))
+        w += step
+    square = _floor(cfg.resolution, step)
+    sizes.add((square, square))
+    return sorted(sizes)
+
+
+def choose_bucket(size: tuple[int, int], cfg: TrainConfig) -> tuple[int, int] | None:
+    """The (width, height) an image is trained at; None when it is too small to train."""
+    w, h = size
+    step = cfg.bucket_reso_steps
+    if not cfg.enable_buckets:
+        side = _floor(cfg.resolution, step)
+        return (side, side)
+    if cfg.bucket_no_upscale:
+        area = cfg.resolution * cfg.resolution
+        scale = min(1.0, math.sqrt(area / (w * h)))
+        bw, bh = _floor(w * scale, step), _floor(h * scale, step)
+        return (bw, bh) if bw and bh else None
+    ratio = w / h
+    return min(bucket_sizes(cfg), key=lambda b: (abs(b[0] / b[1] - ratio), -b[0] * b[1]))
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Resize so the image covers the bucket (keeping its aspect ratio), then centre-crop."""
+    bw, bh = bucket
+    w, h = image.size
+    scale = max(bw / w, bh / h)
+    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    if (rw, rh) != (w, h):
+        image = image.resize((rw, rh), Image.Resampling.LANCZOS)
+    left, top = (rw - bw) // 2, (rh - bh) // 2
+    return image.crop((left, top, left + bw, top + bh))
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3,H,W) float in [-1, 1]."""
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Captions and tokens
+
+
+def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """Shuffle the comma-separated tags after the first `keep_tokens` (the trigger word stays)."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+def tag_frequency(dataset: Dataset) -> dict[str, dict[str, int]]:
+    """{subset folder: {tag: count}} as kohya's ss_tag_frequency."""
+    freq: dict[str, Counter] = {}
+    for it in dataset.items:
+        c = freq.setdefault(it.subset, Counter())
+        c.update(t.strip() for t in it.caption.split(",") if t.strip())
+    return {k: dict(v) for k, v in freq.items()}
+
+
+class CaptionTokens:
+    """Token ids of captions in 77-token chunks (BOS + 75 + EOS, padded), prepared once."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad = self.eos if pad is None else pad
+        self._cache: dict[str, list[list[int]]] = {}
+        self.truncated: set[str] = set()
+
+    def chunks(self, caption: str) -> list[list[int]]:
+        hit = self._cache.get(caption)
+        if hit is not None:
+            return hit
+        ids = self.tokenizer(caption, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        if len(ids) > TOKENS_PER_CHUNK * MAX_CHUNKS:
+            self.truncated.add(caption)
+            ids = ids[: TOKENS_PER_CHUNK * MAX_CHUNKS]
+        out = []
+        for i in range(0, max(len(ids), 1), TOKENS_PER_CHUNK):
+            out.append(self._chunk(ids[i : i + TOKENS_PER_CHUNK]))
+        self._cache[caption] = out
+        return out
+
+    def _chunk(self, ids: Sequence[int]) -> list[int]:
+        c = [self.bos, *ids, self.eos]
+        return c + [self.pad] * (TOKENS_PER_CHUNK + 2 - len(c))
+
+    def batch(self, captions: Sequence[str]) -> torch.Tensor:
+        """(B, n*77) ids; captions shorter than the batch's longest get empty chunks."""
+        per = [self.chunks(c) for c in captions]
+        n = max(len(p) for p in per)
+        empty = self._chunk([])
+        rows = [sum(p + [empty] * (n - len(p)), []) for p in per]
+        return torch.tensor(rows, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    epoch: int
+    items: list[Item]
+    captions: list[str]
+
+
+def epoch_batches(items: list[Item], cfg: TrainConfig, epoch: int, seed: int) -> list[Batch]:
+    """One epoch: every image `repeats` times, grouped per bucket into batches, in a seeded
+    random order. A batch never mixes buckets."""
+    rng = random.Random(f"{seed}-{epoch}")
+    by_bucket: dict[tuple[int, int], list[Item]] = {}
+    for it in items:
+        by_bucket.setdefault(it.bucket, []).extend([it] * it.repeats)
+    batches: list[Batch] = []
+    for bucket in sorted(by_bucket):
+        pool = by_bucket[bucket]
+        rng.shuffle(pool)
+        for i in range(0, len(pool), cfg.batch_size):
+            chunk = pool[i : i + cfg.batch_size]
+            caps = [shuffle_tags(it.caption, cfg.keep_tokens, rng) if cfg.shuffle_caption else it.caption for it in chunk]
+            batches.append(Batch(epoch, chunk, caps))
+    rng.shuffle(batches)
+    return batches
+
+
+def iter_batches(items: list[Item], cfg: TrainConfig, total_steps: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
+    """Batches for steps start_step..total_steps-1, epoch after epoch."""
+    step, epoch = 0, 0
+    while step < total_steps:
+        for b in epoch_batches(items, cfg, epoch, seed):
+            if step >= total_steps:
+                return
+            if step >= start_step:
+                yield b
+            step += 1
+        epoch += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Latents
+
+
+def vae_identity(backbone: Backbone) -> str:
+    """Which VAE encoded a latent: a host-given id, else a hash of the VAE's weights, else the
+    model file's hash. Part of the disk cache key, so a different VAE never reuses latents."""
+    given = getattr(backbone, "vae_identity", None)
+    if isinstance(given, str) and given:
+        return given
+    vae = getattr(backbone, "vae", None)
+    h = hashlib.sha256(str(backbone.dtype).encode())
+    if isinstance(vae, torch.nn.Module):
+        with torch.no_grad():
+            for name, t in sorted(vae.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+    if backbone.model_hash:
+        h.update(backbone.model_hash.encode())
+        return h.hexdigest()
+    return ""
+
+
+def latent_key(item: Item, vae_id: str) -> str:
+    return hashlib.sha256(f"{item.digest}|{item.bucket[0]}x{item.bucket[1]}|{vae_id}".encode()).hexdigest()
+
+
+def cache_latents(
+    items: list[Item],
+    backbone: Backbone,
+    cache_dir: Path | None,
+    progress: Progress | None = None,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encode every image once; {latent key: (4, h/8, w/8) fp32 CPU tensor}. With `cache_dir`,
+    latents found there are reused and new ones written (one safetensors file per key).
+    Images that fail to load now are reported, dropped from `items` (in place) and skipped."""
+    from safetensors.torch import load_file, save_file
+
+    from lib_lora.atomic import atomic_path
+    from lib_lora.progress import check_cancel
+
+    vae_id = vae_identity(backbone)
+    disk = cache_dir if (cache_dir is not None and vae_id) else None
+    if disk is not None:
+        disk.mkdir(parents=True, exist_ok=True)
+    out: dict[str, torch.Tensor] = {}
+    bad: list[Item] = []
+    for i, it in enumerate(items):
+        check_cancel(progress)
+        key = latent_key(it, vae_id)
+        if key not in out and disk is not None and (disk / f"{key}.safetensors").is_file():
+            try:
+                out[key] = load_file(str(disk / f"{key}.safetensors"))["latent"]
+            except Exception:  # noqa: BLE001 - a damaged cache file is simply re-encoded
+                pass
+        if key not in out:
+            try:
+                pixels = to_pixels(fit_to_bucket(load_rgb(it.path), it.bucket))
+            except Exception as err:  # noqa: BLE001
+                bad.append(it)
+                if on_skip:
+                    on_skip(it.path, f"not a readable image ({type(err).__name__}: {err})")
+                continue
+            # The VAE samples its latent: seed it from the image's key, so a latent never
+            # depends on which other images were encoded before it (determinism).
+            dev = torch.device(backbone.device)
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+                torch.manual_seed(int(key[:15], 16))
+                lat = backbone.encode_images(pixels.unsqueeze(0).to(backbone.device, backbone.dtype))
+            lat = lat[0].detach().to("cpu", torch.float32).contiguous()
+            out[key] = lat
+            if disk is not None:
+                with atomic_path(disk / f"{key}.safetensors") as tmp:
+                    save_file({"latent": lat}, str(tmp))
+        if progress is not None:
+            progress.update(i + 1, len(items), "caching latents")
+    for it in bad:
+        items.remove(it)
+    return out

@@ -1,0 +1,205 @@
+"""Guards around one training step: non-finite numbers and CUDA out-of-memory.
+
+Non-finite loss or gradients never reach the LoRA's weights: with fp16 the grad scaler skips
+the optimizer step (it checks the gradients itself); otherwise `StepGuard` checks the
+gradients before the optimizer steps and skips a non-finite step. After
+`cfg.max_nonfinite_steps` skipped steps in a row the run stops with advice, and the last
+saved state and checkpoint (taken before the trouble) are left as they were.
+
+Out-of-memory on the GPU gives a message with the numbers (batch, resolution, free memory);
+with `cfg.oom_retry` the step is retried once with gradient checkpointing, then with the
+batch split in halves (each half its own optimizer step). Memory is released either way.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lib_lora.errors import UserError
+
+if TYPE_CHECKING:
+    from lib_lora.training.data import Batch
+    from lib_lora.training.run import Trainer
+
+
+class NonFiniteError(UserError):
+    """Too many steps in a row with NaN/inf loss or gradients."""
+
+
+class OutOfMemory(UserError):
+    """The GPU ran out of memory and no retry was allowed or left."""
+
+
+def _grads_finite(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    # One reduction per tensor and one host read: cheap next to the step (LoRA grads are small).
+    norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+    return bool(torch.isfinite(norms).all())
+
+
+class StepGuard:
+    """Wraps the trainer's optimizer.step to skip non-finite updates and count them."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.in_a_row = 0
+        self.skipped_total = 0
+        self.first_bad_step: int | None = None
+        self._stepped = False
+        self.oom_retries: list[str] = []
+        self.split_batches = False
+        opt = trainer.optimizer
+        self._inner_step = opt.step
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            # With a grad scaler this is only called when the scaler found the grads finite.
+            if trainer.scaler is None and not _grads_finite(trainer.params):
+                return None
+            self._stepped = True
+            return self._inner_step(*args, **kwargs)
+
+        # Tell the LR scheduler's order check that this is still its wrapped step (no false warning).
+        guarded_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        opt.step = guarded_step  # an instance attribute: the optimizer class is untouched
+
+    # ------------------------------------------------------------ one step
+    def run_step(self, batch: Batch) -> torch.Tensor:
+        """trainer.train_step(batch) with the non-finite count and the out-of-memory handling."""
+        try:
+            loss = self._train(batch)
+        except torch.OutOfMemoryError as err:
+            loss = self._handle_oom(batch, err)
+        self._count(loss)
+        return loss
+
+    def _train(self, batch: Batch) -> torch.Tensor:
+        tr = self.trainer
+        self._stepped = False
+        if not self.split_batches or len(batch.items) < 2:
+            return tr.train_step(batch)
+        from lib_lora.training.data import Batch as B
+
+        half = (len(batch.items) + 1) // 2
+        parts = [B(batch.epoch, batch.items[:half], batch.captions[:half]),
+                 B(batch.epoch, batch.items[half:], batch.captions[half:])]  # fmt: skip
+        stepped = False
+        losses = []
+        for part in parts:
+            self._stepped = False
+            losses.append(tr.train_step(part))
+            stepped = stepped or self._stepped
+        self._stepped = stepped
+        return torch.stack(losses).mean()
+
+    def _count(self, loss: torch.Tensor) -> None:
+        tr = self.trainer
+        if self._stepped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.skipped_total += 1
+        if self.first_bad_step is None:
+            self.first_bad_step = tr.step + 1
+        limit = getattr(tr.cfg, "max_nonfinite_steps", 0)
+        if limit and self.in_a_row >= limit:
+            value = float(loss)
+            what = f"the loss was {value}" if not math.isfinite(value) else "the gradients were NaN/inf"
+            fp16 = tr.precision == "fp16"
+            advice = (
+                "train in bf16 (--mixed-precision bf16) or fp32, lower the learning rate, or lower alpha"
+                if fp16 else "lower the learning rate, lower alpha, or turn max_grad_norm on"
+            )  # fmt: skip
+            raise NonFiniteError(
+                f"Training stopped at step {tr.step + 1}: {self.in_a_row} steps in a row were skipped because "
+                f"{what}. {advice[0].upper() + advice[1:]}. The last good state and checkpoints in "
+                f"{tr.run_dir} were kept."
+            )
+
+    # ------------------------------------------------------------ out of memory
+    def _describe(self, batch: Batch) -> str:
+        tr = self.trainer
+        w, h = batch.items[0].bucket if batch.items else (tr.cfg.resolution, tr.cfg.resolution)
+        return f"batch {len(batch.items)} at {w}x{h}, {memory_text(tr.device)}"
+
+    def _handle_oom(self, batch: Batch, err: BaseException) -> torch.Tensor:
+        tr = self.trainer
+        first = self._describe(batch)
+        release_memory(tr)
+        if not getattr(tr.cfg, "oom_retry", False):
+            raise OutOfMemory(
+                f"The GPU ran out of memory at step {tr.step + 1} ({first}). Lower the batch size or resolution, "
+                "turn on gradient checkpointing, or allow automatic retries (--oom-retry)."
+            ) from err
+        while True:
+            if not tr.cfg.gradient_checkpointing and "checkpointing" not in self.oom_retries:
+                self.oom_retries.append("checkpointing")
+                enable_gradient_checkpointing(tr)
+                tr.phase(f"Out of GPU memory ({first}); retrying with gradient checkpointing.")
+            elif not self.split_batches and len(batch.items) >= 2:
+                self.oom_retries.append("split")
+                self.split_batches = True
+                tr.phase(f"Out of GPU memory ({first}); retrying with the batch split in halves.")
+            else:
+                raise OutOfMemory(
+                    f"The GPU ran out of memory at step {tr.step + 1} ({first}) even after retrying with "
+                    f"{' and '.join(self.oom_retries) or 'nothing left to try'}. Lower the resolution or batch size, "
+                    "or close other programs using the GPU."
+                ) from err
+            try:
+                return self._train(batch)
+            except torch.OutOfMemoryError as again:
+                err = again
+                first = self._describe(batch)
+                release_memory(tr)
+
+
+def memory_text(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(device)
+        return f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"
+    return "free memory unknown (not a CUDA device)"
+
+
+def release_memory(trainer: Trainer) -> None:
+    """Drop the failed step's gradients and cached blocks so the retry (or the host) gets them back."""
+    opt = getattr(trainer, "optimizer", None)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def enable_gradient_checkpointing(trainer: Trainer) -> None:
+    import dataclasses
+
+    bb = trainer.backbone
+    if hasattr(bb.unet, "enable_gradient_checkpointing"):
+        bb.unet.enable_gradient_checkpointing()
+        bb.unet.train()  # diffusers only checkpoints in training mode
+    if trainer.te_params and hasattr(bb.text_encoder, "gradient_checkpointing_enable"):
+        bb.text_encoder.gradient_checkpointing_enable()
+        bb.text_encoder.train()
+        if hasattr(bb.text_encoder, "enable_input_require_grads"):
+            bb.text_encoder.enable_input_require_grads()
+    trainer.cfg = dataclasses.replace(trainer.cfg, gradient_checkpointing=True)
+
+
+def write_error(err: OSError, path: Path) -> UserError:
+    """A user's sentence for a failed write (the atomic write left any previous file intact)."""
+    import errno
+
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EROFS: "the folder is read-only", errno.EACCES: "permission was denied"}.get(err.errno)  # fmt: skip
+    why = why or (err.strerror or str(err))
+    return UserError(
+        f"Could not write {path} ({why}); any previous file there is intact. Free disk space or choose another "
+        "folder, then start the same command again: the run resumes from its saved state."
+    )

@@ -1,0 +1,138 @@
+"""Optimizers and learning-rate schedules for the LoRA parameters.
+
+AdamW8bit (bitsandbytes) is the tutorial's choice; it is used when it can actually step on the
+training device (probed once per device kind: bitsandbytes 0.45-0.49 cannot on the CPU), and
+torch's AdamW otherwise, with one line saying so. D-Adaptation Adam and Prodigy find their own
+step size: their `d x lr` is the learning rate they settled on (what the LR probe reads).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from lib_lora.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+_BNB_CAN_STEP: dict[str, tuple[bool, str]] = {}
+
+
+def bnb_adamw8bit_works(device: torch.device | str) -> tuple[bool, str]:
+    """Whether bitsandbytes' AdamW8bit can step on this kind of device, and why not."""
+    kind = torch.device(device).type
+    if kind in _BNB_CAN_STEP:
+        return _BNB_CAN_STEP[kind]
+    try:
+        import bitsandbytes as bnb
+
+        # 8-bit state is only used for tensors of >= 4096 elements; smaller ones step in 32 bit,
+        # so the probe must be at least that large to test the 8-bit kernels.
+        p = torch.nn.Parameter(torch.zeros(8192, device=device))
+        opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        ok = bool(torch.isfinite(p).all()) and bool((p != 0).any())
+        result = (ok, "" if ok else "it produced invalid values")
+    except Exception as err:  # noqa: BLE001 - any failure means: not usable here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        result = (False, first[:160].rstrip(" :"))
+    _BNB_CAN_STEP[kind] = result
+    return result
+
+
+@dataclass
+class OptimizerChoice:
+    optimizer: torch.optim.Optimizer
+    name: str  # what the config asked for
+    used: str  # the class actually stepping, e.g. torch.optim.adamw.AdamW
+    args: str  # its arguments, for the metadata
+    note: str  # a line for the user when the choice differs from the request ('' otherwise)
+
+
+def param_groups(
+    unet_params: list[torch.nn.Parameter], te_params: list[torch.nn.Parameter], unet_lr: float, te_lr: float
+) -> list[dict[str, Any]]:
+    groups = []
+    if unet_params:
+        groups.append({"params": unet_params, "lr": unet_lr, "name": "unet"})
+    if te_params:
+        groups.append({"params": te_params, "lr": te_lr, "name": "textencoder"})
+    return groups
+
+
+def text_encoder_lr(cfg: TrainConfig, unet_lr: float) -> float:
+    """te lr = cfg.text_encoder_lr when set, else unet lr x te_lr_ratio."""
+    return cfg.text_encoder_lr if cfg.text_encoder_lr is not None else unet_lr * cfg.te_lr_ratio
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch.device) -> OptimizerChoice:
+    name = cfg.optimizer
+    wd = cfg.weight_decay
+    note = ""
+    if name == "adamw8bit":
+        ok, why = bnb_adamw8bit_works(device)
+        if ok:
+            import bitsandbytes as bnb
+
+            opt = bnb.optim.AdamW8bit(groups, weight_decay=wd)
+            return OptimizerChoice(opt, name, _qualname(opt), f"weight_decay={wd}", "")
+        note = f"AdamW8bit cannot step on {torch.device(device).type} ({why}); using torch AdamW (32-bit) instead."
+        log.debug(note)
+        name_used = "adamw"
+    else:
+        name_used = name
+    if name_used == "adamw":
+        opt = torch.optim.AdamW(groups, weight_decay=wd)
+        args = f"weight_decay={wd}"
+    elif name_used == "dadaptation":
+        import dadaptation
+
+        # decouple=True is AdamW-style weight decay, as kohya users run it.
+        opt = dadaptation.DAdaptAdam(groups, weight_decay=wd, decouple=True)
+        args = f"weight_decay={wd}, decouple=True"
+    elif name_used == "prodigy":
+        import prodigyopt
+
+        opt = prodigyopt.Prodigy(groups, weight_decay=wd, decouple=True)
+        args = f"weight_decay={wd}, decouple=True"
+    else:  # config validation lists the choices; this guards a new one added there only
+        raise ValueError(f"unknown optimizer {name!r}")
+    return OptimizerChoice(opt, name, _qualname(opt), args, note)
+
+
+def _qualname(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """cfg.lr_warmup_steps below 1 is a fraction of all steps."""
+    w = cfg.lr_warmup_steps
+    return int(round(w * total_steps)) if w < 1 else int(w)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """diffusers' schedules (the ones kohya uses), by the config's name."""
+    from diffusers.optimization import get_scheduler
+
+    warm = warmup_steps(cfg, total_steps)
+    if cfg.lr_scheduler == "constant":
+        warm = 0
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warm, num_training_steps=total_steps)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """{group name: current lr}; for D-Adaptation/Prodigy also '<name>_d*lr' (the effective lr)."""
+    out = {}
+    for g in optimizer.param_groups:
+        name = g.get("name", "group")
+        out[name] = float(g["lr"])
+        if "d" in g:
+            out[f"{name}_d*lr"] = float(g["d"]) * float(g["lr"])
+    return out
+

@@ -1,0 +1,481 @@
+"""The training loop: `train(cfg)` runs one LoRA training from a config to a LoRA file.
+
+The `Trainer` keeps the phases apart so later work can slot in: `setup()` (run folder, data,
+model, latents, network, optimizer, logs), `resolve_lr()` (the LR probe hooks in here),
+`train_step()` (one optimisation step, no host sync), `save_lora()` / `save_checkpoint()`,
+and `run()` which strings them together. Events go to `on_event` as dicts:
+'phase' {text}, 'plan' {StepPlan fields, text}, 'loss' {step, loss, average, lr},
+'saved' {path, step}, 'done' {lora_path, steps, final_loss, seconds}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lib_lora.atomic import atomic_write_json
+from lib_lora.config import TrainConfig, to_dict, validate
+from lib_lora.errors import Cancelled, UserError
+from lib_lora.names import output_file, validate_name
+from lib_lora.progress import Progress, check_cancel
+from lib_lora.training import data as data_mod
+from lib_lora.training.backbone import Backbone
+from lib_lora.training.metadata import RunInfo, build_metadata
+from lib_lora.training.optim import (
+    group_lrs,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+    text_encoder_lr,
+    warmup_steps,
+)
+
+log = logging.getLogger(__name__)
+
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012
+FALLBACK_LR = 1e-4  # used for lr='auto' until an LR probe is part of the build
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    run_dir: Path
+    steps: int
+    final_loss: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(cfg.device)
+    except RuntimeError:
+        raise UserError(f"device = {cfg.device!r}: use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device = cuda, but no CUDA GPU is available here; use --device cpu.")
+    return dev
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """'fp16' | 'bf16' | 'no' (fp32)."""
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        return "fp16" if device.type == "cuda" else "no"
+    if mp == "fp16" and device.type != "cuda":
+        raise UserError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision no (or bf16) on the CPU.")
+    return mp
+
+
+def noise_schedule() -> torch.Tensor:
+    """alphas_cumprod of the SD1.5 DDPM schedule (1000 steps, scaled-linear 0.00085 -> 0.012)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END,
+        beta_schedule="scaled_linear", clip_sample=False,
+    )  # fmt: skip
+    return sched.alphas_cumprod.to(torch.float32)
+
+
+def _target_name(t: Any) -> str:
+    return t.name if hasattr(t, "name") else t[0]
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        backbone: Backbone | None = None,
+        progress: Progress | None = None,
+        on_event: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.cfg = validate(cfg)
+        self.backbone = backbone
+        self.progress = progress
+        self.on_event = on_event
+        self.step = 0
+        self.final_loss = float("nan")
+        self._events_file: Path | None = None
+
+    # ---------------------------------------------------------------- events
+    def emit(self, kind: str, **fields: Any) -> None:
+        event = {"kind": kind, **fields}
+        if kind == "phase":
+            log.debug(fields.get("text", ""))
+        if self._events_file is not None:
+            with open(self._events_file, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event, ensure_ascii=False, default=str) + "\n")
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def phase(self, text: str) -> None:
+        self.emit("phase", text=text)
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.started_at = time.time()
+        self.name = validate_name(cfg.name, "LoRA name")
+        # Fail before any work when the final file could not be written.
+        self.lora_path = output_file(cfg.output_dir, self.name, ".safetensors", overwrite=cfg.overwrite)
+        self.prepare_run_dir()
+        self.load_data()
+        self.load_model()
+        self.cache_latents()
+        self.build_network()
+        self.resolve_lr()
+        self.build_optimizer()
+        self.open_logs()
+        self.begin_reliability()
+
+    def prepare_run_dir(self) -> None:
+        cfg = self.cfg
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / self.name
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / "config.json", to_dict(cfg))
+        self._events_file = self.run_dir / "logs" / "events.jsonl"
+
+    def load_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.dataset:
+            raise UserError("No dataset folder given; pass the folder of training images.")
+        self.phase(f"Reading the dataset {cfg.dataset}")
+        self.dataset = data_mod.scan_dataset(cfg.dataset, cfg)
+        self.plan = self.dataset.plan
+        self.emit("plan", text=self.plan.describe(), **self.plan.to_dict())
+
+    def load_model(self) -> None:
+        cfg = self.cfg
+        self.device = resolve_device(cfg) if self.backbone is None else torch.device(self.backbone.device)
+        self.precision = resolve_precision(cfg, self.device)
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[self.precision]
+        if self.backbone is None:
+            from lib_lora.training.models import load_backbone
+
+            self.phase(f"Loading the base model {cfg.base_model} on {self.device}")
+            self.backbone = load_backbone(cfg.base_model, device=str(self.device), dtype=weight_dtype)
+        bb = self.backbone
+        if self.precision == "no" and bb.dtype in (torch.float16, torch.bfloat16):
+            # A host's half-precision model (the WebUI's) can only be trained under autocast.
+            self.precision = "fp16" if bb.dtype == torch.float16 else "bf16"
+            self.phase(f"The host's model is {bb.dtype}; training with {self.precision} mixed precision.")
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[self.precision]
+        bb.unet.requires_grad_(False)
+        bb.text_encoder.requires_grad_(False)
+        bb.unet.eval()
+        bb.text_encoder.eval()
+        if cfg.gradient_checkpointing:
+            if hasattr(bb.unet, "enable_gradient_checkpointing"):
+                bb.unet.enable_gradient_checkpointing()
+                bb.unet.train()  # diffusers only checkpoints in training mode; SD's U-Net has no dropout
+            if cfg.train_text_encoder and hasattr(bb.text_encoder, "gradient_checkpointing_enable"):
+                bb.text_encoder.gradient_checkpointing_enable()
+                bb.text_encoder.train()
+                if hasattr(bb.text_encoder, "enable_input_require_grads"):
+                    bb.text_encoder.enable_input_require_grads()
+        self.tokens = data_mod.CaptionTokens(bb.tokenizer)
+        ac = noise_schedule().to(self.device)
+        self.sqrt_ac = ac.sqrt()
+        self.sqrt_1mac = (1 - ac).sqrt()
+        self.snr = ac / (1 - ac)
+
+    def cache_latents(self) -> None:
+        cfg = self.cfg
+        self.phase(f"Caching latents of {len(self.dataset.items)} images")
+        cache_dir = self.run_dir / "latent_cache" if cfg.cache_latents_to_disk else None
+        skipped = []
+        torch.manual_seed(cfg.seed)  # the VAE samples its latents: same seed, same latents (issue 5)
+        self.latents = data_mod.cache_latents(
+            self.dataset.items, self.backbone, cache_dir, self.progress, on_skip=lambda p, r: skipped.append((p, r))
+        )
+        if skipped:
+            for p, r in skipped:
+                self.plan.skipped.append({"path": str(p), "reason": r})
+            if not self.dataset.items:
+                raise UserError("None of the dataset's images could be loaded; fix or replace them.")
+            self.plan = data_mod.make_plan(
+                self.dataset.root, self.dataset.subsets, self.dataset.items, cfg, self.plan.skipped
+            )
+            self.dataset.plan = self.plan
+            self.emit("plan", text=self.plan.describe(), **self.plan.to_dict())
+        self.vae_id = data_mod.vae_identity(self.backbone)
+        self.latent_of = {id(it): self.latents[data_mod.latent_key(it, self.vae_id)] for it in self.dataset.items}
+
+    def build_network(self) -> None:
+        from lib_lora.training.lora import LoRANetwork
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from torch's global RNG
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed_all(cfg.seed)
+        targets = self.backbone.lora_targets(conv=cfg.conv_dim > 0)
+        keep = []
+        for t in targets:
+            name = _target_name(t)
+            if (name.startswith("lora_unet") and cfg.train_unet) or (name.startswith("lora_te") and cfg.train_text_encoder):
+                keep.append(t)
+        self.network = LoRANetwork(
+            keep, dim=cfg.dim, alpha=cfg.alpha, conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha,
+            dropout=cfg.network_dropout, multiplier=1.0,
+        )  # fmt: skip
+        self.network.to(self.device, torch.float32)  # LoRA weights stay fp32 under mixed precision
+        self.network.apply()
+        self.network.train()
+        self.unet_params = list(self.network.parameters_for("lora_unet")) if cfg.train_unet else []
+        self.te_params = list(self.network.parameters_for("lora_te")) if cfg.train_text_encoder else []
+        n = sum(p.numel() for p in self.unet_params + self.te_params)
+        self.phase(f"LoRA: {len(keep)} modules, {n / 1e6:.2f} M trainable parameters (dim {cfg.dim}, alpha {cfg.alpha})")
+
+    def probe_lr(self) -> float | None:
+        """The learning rate to use when cfg.lr is 'auto'; the LR probe (issue 6) overrides this."""
+        return None
+
+    def resolve_lr(self) -> None:
+        cfg = self.cfg
+        lr = cfg.unet_lr_value
+        if lr is None:
+            lr = self.probe_lr()
+            if lr is None:
+                lr = FALLBACK_LR
+                self.phase(f"lr = auto: no learning-rate probe in this build; training with lr {lr:g}.")
+        self.unet_lr = lr
+        self.te_lr = text_encoder_lr(cfg, lr)
+
+    def build_optimizer(self) -> None:
+        cfg = self.cfg
+        groups = param_groups(self.unet_params, self.te_params, self.unet_lr, self.te_lr)
+        self.optim = make_optimizer(cfg, groups, self.device)
+        if self.optim.note:
+            self.phase(self.optim.note)
+        self.optimizer = self.optim.optimizer
+        self.total_steps = self.plan.total_steps
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.total_steps)
+        self.params = self.unet_params + self.te_params
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and self.device.type == "cuda" else None
+        self.noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)
+
+    def begin_reliability(self) -> None:
+        """Issue 5: non-finite/OOM guard around each step; resume from the saved state."""
+        from lib_lora.training import guards, state
+
+        self.guard = guards.StepGuard(self)
+        state.begin(self)
+
+    def open_logs(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "logs"))
+        except Exception as err:  # noqa: BLE001 - TensorBoard is a convenience, never a blocker
+            self.tb = None
+            self.phase(f"TensorBoard logging is off ({type(err).__name__}: {err}).")
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self, batch: data_mod.Batch) -> torch.Tensor:
+        """One optimisation step; returns the batch's loss as a detached device tensor (no sync)."""
+        cfg, bb, dev = self.cfg, self.backbone, self.device
+        latents = torch.stack([self.latent_of[id(it)] for it in batch.items]).to(dev, non_blocking=True)
+        b = latents.shape[0]
+        # Noise and timesteps come from a seeded CPU generator: the same on every device.
+        noise = torch.randn(latents.shape, generator=self.noise_gen)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=self.noise_gen)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=self.noise_gen)
+        noise, t = noise.to(dev, non_blocking=True), t.to(dev, non_blocking=True)
+        shape = (b, 1, 1, 1)
+        noisy = self.sqrt_ac[t].view(shape) * latents + self.sqrt_1mac[t].view(shape) * noise
+        ids = self.tokens.batch(batch.captions).to(dev, non_blocking=True)
+
+        amp = self.amp_dtype is not None
+        with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
+            with torch.set_grad_enabled(bool(self.te_params)):
+                cond = bb.encode_text(ids, clip_skip=cfg.clip_skip)
+            pred = bb.predict_noise(noisy.to(bb.dtype), t, cond.to(bb.dtype))
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            snr = self.snr[t]
+            loss = loss * (torch.clamp(snr, max=cfg.min_snr_gamma) / snr)
+        loss = loss.mean()
+
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @torch.no_grad()
+    def fixed_loss(self, timesteps: tuple[int, ...] = (50, 200, 400, 600, 800, 950), seed: int = 1234) -> float:
+        """Mean loss over fixed (noise, timestep) pairs of every training image, with the LoRA as
+        it is now: a learning signal that does not depend on the step's random draw."""
+        gen = torch.Generator("cpu").manual_seed(seed)
+        total, n = 0.0, 0
+        was_training = self.network.training
+        self.network.eval()  # no dropout while measuring
+        try:
+            for it in self.dataset.items:
+                lat = self.latent_of[id(it)].unsqueeze(0).to(self.device)
+                ids = self.tokens.batch([it.caption]).to(self.device)
+                for ts in timesteps:
+                    noise = torch.randn(lat.shape, generator=gen).to(self.device)
+                    t = torch.tensor([ts], device=self.device)
+                    noisy = self.sqrt_ac[t].view(1, 1, 1, 1) * lat + self.sqrt_1mac[t].view(1, 1, 1, 1) * noise
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                        cond = self.backbone.encode_text(ids, clip_skip=self.cfg.clip_skip)
+                        pred = self.backbone.predict_noise(noisy.to(self.backbone.dtype), t, cond.to(self.backbone.dtype))
+                    total += F.mse_loss(pred.float(), noise).item()
+                    n += 1
+        finally:
+            self.network.train(was_training)
+        return total / n
+
+    # ---------------------------------------------------------------- saving
+    def metadata(self, finished: bool = False) -> dict[str, str]:
+        run = RunInfo(
+            started_at=self.started_at,
+            unet_lr=self.unet_lr,
+            text_encoder_lr=self.te_lr,
+            optimizer=self.optim.used,
+            optimizer_args=self.optim.args,
+            mixed_precision=self.precision,
+            model_name=getattr(self.backbone, "model_name", "") or self.cfg.base_model,
+            model_hash=getattr(self.backbone, "model_hash", "") or "",
+            session_id=getattr(self, "session_id", ""),
+            steps=self.step,
+            epoch=self.step // max(1, self.plan.steps_per_epoch),
+            finished_at=time.time() if finished else None,
+            warmup_steps=warmup_steps(self.cfg, self.total_steps) if self.cfg.lr_scheduler != "constant" else 0,
+            tag_frequency=data_mod.tag_frequency(self.dataset),
+        )
+        return build_metadata(self.cfg, self.plan, run)
+
+    def save_lora(self, path: Path, overwrite: bool, finished: bool = False) -> Path:
+        from lib_lora.training.export import write_lora
+
+        tensors = self.network.state_dict_kohya()
+        dtype = SAVE_DTYPES[self.cfg.save_precision]
+        try:
+            out = write_lora(Path(path), tensors, self.metadata(finished), overwrite=overwrite, dtype=dtype)
+        except OSError as err:  # issue 5: a full disk or a read-only folder, said plainly
+            from lib_lora.training.guards import write_error
+
+            raise write_error(err, Path(path)) from err
+        self.emit("saved", path=str(out), step=self.step)
+        return out
+
+    def save_checkpoint(self, tag: str) -> Path:
+        """An intermediate LoRA in the run folder (never in the output folder the WebUI scans)."""
+        return self.save_lora(self.run_dir / "checkpoints" / f"{self.name}-{tag}.safetensors", overwrite=True)
+
+    # ---------------------------------------------------------------- the run
+    def log_losses(self, window: list[torch.Tensor], epoch_sum: torch.Tensor, epoch_n: int) -> None:
+        cur, avg, ep = torch.stack([window[-1], torch.stack(window).mean(), epoch_sum / epoch_n]).tolist()
+        self.final_loss = avg
+        lrs = group_lrs(self.optimizer)
+        if self.tb is not None:
+            self.tb.add_scalar("loss/current", cur, self.step)
+            self.tb.add_scalar("loss/average", ep, self.step)
+            if "unet" in lrs:
+                self.tb.add_scalar("lr/unet", lrs["unet"], self.step)
+            if "textencoder" in lrs:
+                self.tb.add_scalar("lr/textencoder", lrs["textencoder"], self.step)
+            dlr = lrs.get("unet_d*lr", lrs.get("textencoder_d*lr"))
+            if dlr is not None:
+                self.tb.add_scalar("lr/d*lr", dlr, self.step)
+        self.emit("loss", step=self.step, loss=cur, average=ep, lr=lrs)
+        if self.progress is not None:
+            self.progress.update(self.step, self.total_steps, f"loss {avg:.4f}")
+
+    def run(self) -> TrainResult:
+        from lib_lora.training import state
+        self.session_id = uuid.uuid4().hex
+        t0 = time.time()
+        try:
+            self.setup()
+            self.train_loop()
+            self.phase(f"Writing {self.lora_path}")
+            path = self.save_lora(self.lora_path, overwrite=self.cfg.overwrite, finished=True)
+            state.finish(self)
+        except (Cancelled, KeyboardInterrupt):
+            if getattr(self, "network", None) is not None and self.step > 0:
+                self.save_checkpoint(f"interrupted-step{self.step:06d}")
+                state.on_stop(self)
+            raise
+        finally:
+            self.close()
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+        seconds = time.time() - t0
+        self.emit("done", lora_path=str(path), steps=self.step, final_loss=self.final_loss, seconds=seconds)
+        return TrainResult(path, self.run_dir, self.step, self.final_loss, metadata)
+
+    def train_loop(self) -> None:
+        cfg = self.cfg
+        total, spe = self.total_steps, self.plan.steps_per_epoch
+        self.phase(f"Training {total} steps on {self.device} ({self.precision if self.precision != 'no' else 'fp32'})")
+        from lib_lora.training import state as state_mod
+
+        window: list[torch.Tensor] = []
+        epoch_sum, epoch_n = torch.zeros((), device=self.device), 0
+        for batch in data_mod.iter_batches(self.dataset.items, cfg, total, cfg.seed, start_step=self.step):
+            check_cancel(self.progress)
+            loss = self.guard.run_step(batch)
+            self.step += 1
+            window.append(loss)
+            epoch_sum, epoch_n = epoch_sum + loss, epoch_n + 1
+            if self.step % cfg.log_every_n_steps == 0 or self.step == total:
+                self.log_losses(window, epoch_sum, epoch_n)
+                window = []
+            elif self.progress is not None:
+                self.progress.update(self.step, total)
+            if self.step % spe == 0:
+                epoch_sum, epoch_n = torch.zeros((), device=self.device), 0
+                epoch = self.step // spe
+                if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and self.step < total:
+                    self.save_checkpoint(f"epoch{epoch:04d}")
+            if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < total:
+                self.save_checkpoint(f"step{self.step:06d}")
+            state_mod.after_step(self)
+        if self.tokens.truncated:
+            self.phase(f"{len(self.tokens.truncated)} caption(s) were longer than 225 tokens and were cut.")
+
+    def close(self) -> None:
+        if getattr(self, "tb", None) is not None:
+            self.tb.close()
+            self.tb = None
+        if getattr(self, "network", None) is not None:
+            self.network.remove()  # the host's model is left exactly as it was
+
+
+def train(
+    cfg: TrainConfig,
+    backbone: Backbone | None = None,
+    progress: Progress | None = None,
+    on_event: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train a LoRA as `cfg` says; the final file goes to cfg.output_dir/<name>.safetensors."""
+    return Trainer(cfg, backbone, progress, on_event).run()

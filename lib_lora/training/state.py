@@ -1,0 +1,270 @@
+"""Resumable training state: everything needed to continue a run at the exact step.
+
+One file, `<run dir>/state/state.pt`, written atomically (temporary name, fsync, rename), so
+after kill -9 or a full disk the folder holds either the previous complete state or the new
+one. It holds the LoRA weights (fp32), the optimizer, scheduler and grad-scaler states, every
+RNG the loop draws from (torch CPU and CUDA, numpy, python, the loop's noise generator), the
+step and epoch, a digest of the data order, the learning rate the probe found, and a
+fingerprint of the config. It is read back with `torch.load(weights_only=True)`: plain
+tensors and containers only, never arbitrary pickled objects.
+
+Starting the same command again resumes at the saved step and says so; `--restart` discards
+the state and starts over; a state whose config or data no longer match is refused with a
+message, never silently mixed with a different run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from lib_lora.atomic import TMP_MARK, atomic_path
+from lib_lora.config import to_dict
+from lib_lora.errors import UserError
+
+if TYPE_CHECKING:
+    from lib_lora.training.run import Trainer
+
+STATE_DIR = "state"
+STATE_FILE = "state.pt"
+FORMAT = 1
+
+# Fields that do not change what is trained: a resumed run may differ in these.
+NEUTRAL_FIELDS = frozenset({
+    "output_dir", "run_dir", "overwrite", "device", "save_every_n_steps", "save_every_n_epochs",
+    "log_every_n_steps", "comment", "cache_latents_to_disk", "restart", "state_every_n_steps",
+    "max_nonfinite_steps", "oom_retry", "gradient_checkpointing",
+})  # fmt: skip
+
+
+class ResumeError(UserError):
+    """A saved state that cannot be used for this run."""
+
+
+def state_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / STATE_DIR / STATE_FILE
+
+
+def fingerprint(cfg: Any) -> dict[str, Any]:
+    """The config fields that decide the trained weights (JSON-safe values)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in NEUTRAL_FIELDS}
+
+
+def data_digest(trainer: Trainer) -> str:
+    """Digest of the data order's inputs: images (content), captions, buckets, repeats, seed.
+
+    The order itself is a pure function of these (`data.epoch_batches` seeds per epoch), so
+    equal digests mean the resumed run walks the same batches from the saved step on."""
+    h = hashlib.sha256()
+    h.update(str(trainer.cfg.seed).encode())
+    for it in trainer.dataset.items:
+        h.update(json.dumps([it.digest, it.caption, it.repeats, list(it.bucket), it.subset]).encode())
+    return h.hexdigest()
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}  # fmt: skip
+
+
+def _set_numpy_state(s: dict[str, Any]) -> None:
+    keys = s["keys"].numpy().astype(np.uint32)
+    np.random.set_state((s["name"], keys, s["pos"], s["has_gauss"], s["cached"]))
+
+
+def _python_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_state(s: list[Any]) -> None:
+    random.setstate((s[0], tuple(s[1]), s[2]))
+
+
+def capture(trainer: Trainer) -> dict[str, Any]:
+    """The state of `trainer` as plain tensors and containers (loadable with weights_only)."""
+    tr = trainer
+    spe = max(1, tr.plan.steps_per_epoch)
+    rng: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(),
+        "python": _python_state(),
+        "noise": tr.noise_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "format": FORMAT,
+        "saved_at": time.time(),
+        "step": tr.step,
+        "epoch": tr.step // spe,
+        "total_steps": tr.total_steps,
+        "started_at": tr.started_at,
+        "session_id": getattr(tr, "session_id", ""),
+        "final_loss": float(tr.final_loss),
+        "config": json.dumps(fingerprint(tr.cfg), sort_keys=True, default=str),
+        "data": data_digest(tr),
+        "probe": {"unet_lr": float(tr.unet_lr), "te_lr": float(tr.te_lr)},
+        "network": {k: v.detach().to("cpu").clone() for k, v in tr.network.state_dict().items()},
+        "optimizer": tr.optimizer.state_dict(),
+        "scheduler": tr.scheduler.state_dict(),
+        "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
+        "rng": rng,
+    }
+
+
+def save_state(trainer: Trainer) -> Path:
+    """Write the resumable state atomically; the previous state stays intact if this fails."""
+    path = state_path(trainer.run_dir)
+    obj = capture(trainer)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except OSError as err:
+        raise UserError(
+            f"Could not save the run's state to {path.parent} ({err.strerror or err}); the previous state is "
+            "intact. Free disk space (or fix the folder's permissions) and start the same command again to resume."
+        ) from err
+    trainer.emit("state", path=str(path), step=trainer.step)
+    return path
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable state gets the same advice
+        raise ResumeError(
+            f"The saved state {path} cannot be read ({type(err).__name__}); pass --restart to start the run over."
+        ) from err
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ResumeError(f"The saved state {path} is from another version; pass --restart to start over.")
+    return obj
+
+
+def _config_diff(saved: str, now: dict[str, Any]) -> list[str]:
+    old = json.loads(saved)
+    now = json.loads(json.dumps(now, sort_keys=True, default=str))
+    return sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+
+
+def check_compatible(trainer: Trainer, st: dict[str, Any], path: Path) -> None:
+    diff = _config_diff(st["config"], fingerprint(trainer.cfg))
+    if diff:
+        raise ResumeError(
+            f"The run folder {trainer.run_dir} holds a stopped run with different settings "
+            f"({', '.join(diff[:6])}). Start it with the same settings to resume, pass --restart to start over, "
+            "or give another name."
+        )
+    if st["data"] != data_digest(trainer):
+        raise ResumeError(
+            f"The dataset changed since the run in {trainer.run_dir} stopped (images, captions or repeats). "
+            "Pass --restart to start over with the new data, or restore the old files to resume."
+        )
+    if st["total_steps"] != trainer.total_steps:
+        raise ResumeError(f"The saved state in {path} plans a different number of steps; pass --restart.")
+
+
+def restore(trainer: Trainer, st: dict[str, Any]) -> None:
+    """Put the saved state back into a set-up trainer (network, optimizer... already built)."""
+    tr = trainer
+    tr.network.load_state_dict(st["network"])
+    tr.optimizer.load_state_dict(st["optimizer"])
+    tr.scheduler.load_state_dict(st["scheduler"])
+    if tr.scaler is not None and st["scaler"]:
+        tr.scaler.load_state_dict(st["scaler"])
+    rng = st["rng"]
+    torch.set_rng_state(rng["torch"])
+    _set_numpy_state(rng["numpy"])
+    _set_python_state(rng["python"])
+    tr.noise_gen.set_state(rng["noise"])
+    if "cuda" in rng and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):  # a different GPU count: CUDA RNG starts fresh
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    tr.step = int(st["step"])
+    tr.started_at = float(st["started_at"])
+    tr.final_loss = float(st["final_loss"])
+    if st.get("session_id"):
+        tr.session_id = st["session_id"]
+
+
+def clean_temps(*folders: Path) -> list[Path]:
+    """Remove temporary files a killed writer left in these folders (recursively), skipping
+    those of a process that is still running (another run writing into the same LoRA folder)."""
+    import os
+
+    removed = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for p in Path(folder).rglob(f".*{TMP_MARK}*"):
+            pid_part = p.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
+            if pid_part.isdigit() and int(pid_part) != os.getpid() and _alive(int(pid_part)):
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------- hooks called by run.Trainer
+
+
+def begin(trainer: Trainer) -> None:
+    """After set-up: clean leftovers of a killed run, then resume from the saved state or start."""
+    tr = trainer
+    removed = clean_temps(tr.run_dir, Path(tr.cfg.output_dir))
+    if removed:
+        tr.phase(f"Removed {len(removed)} temporary file(s) left by an interrupted run.")
+    path = state_path(tr.run_dir)
+    if not path.is_file():
+        return
+    if getattr(tr.cfg, "restart", False):
+        path.unlink()
+        tr.phase(f"--restart: discarded the saved state in {path.parent}; starting over at step 0.")
+        return
+    st = load_state(path)
+    check_compatible(tr, st, path)
+    restore(tr, st)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["saved_at"]))
+    tr.phase(f"Resuming at step {tr.step} of {tr.total_steps} from the state saved {when} ({path}).")
+
+
+def after_step(trainer: Trainer) -> None:
+    """Save the state every cfg.state_every_n_steps steps and after the last step (so a kill
+    during the export resumes straight into the export)."""
+    n = getattr(trainer.cfg, "state_every_n_steps", 0)
+    if (n and trainer.step % n == 0) or trainer.step == trainer.total_steps:
+        save_state(trainer)
+
+
+def on_stop(trainer: Trainer) -> None:
+    """On a user's stop: keep the current state so the same command resumes here."""
+    if getattr(trainer, "optimizer", None) is not None and trainer.step > 0:
+        save_state(trainer)
+
+
+def finish(trainer: Trainer) -> None:
+    """After the final LoRA is written: the state has served its purpose."""
+    with contextlib.suppress(FileNotFoundError):
+        state_path(trainer.run_dir).unlink()

@@ -1,0 +1,87 @@
+"""Resume: a run stopped at an arbitrary step and resumed ends with the same LoRA bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from helpers_rel import header, make_dataset, tensor_bytes, tiny_config
+
+from lib_lora.errors import Cancelled, UserError
+from lib_lora.progress import NullProgress
+from lib_lora.training import state
+from lib_lora.training.run import train
+
+
+class StopAt(NullProgress):
+    """Asks the loop to stop once `step` steps are done (what the UI's Stop button does)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.stop_at = step
+
+    def update(self, done: int, total: int, text: str = "") -> None:
+        if text != "caching latents" and done >= self.stop_at:
+            self.cancel()
+
+
+def _events():
+    seen = []
+    return seen, seen.append
+
+
+@pytest.mark.parametrize("stop_at", [5])
+def test_resume_is_byte_identical(tmp_path, stop_at, bb):
+    ds = make_dataset(tmp_path / "data")
+    ref = train(tiny_config(tmp_path / "a", ds), backbone=bb)
+
+    cfg = tiny_config(tmp_path / "b", ds, state_every_n_steps=3)
+    with pytest.raises(Cancelled):
+        train(cfg, progress=StopAt(stop_at), backbone=bb)
+    st = state.load_state(state.state_path(cfg.run_dir))
+    assert st["step"] == stop_at
+    assert not (tmp_path / "b" / "out" / "rel.safetensors").exists()
+
+    seen, on_event = _events()
+    res = train(cfg, on_event=on_event, backbone=bb)
+    phases = [e["text"] for e in seen if e["kind"] == "phase"]
+    assert any(f"Resuming at step {stop_at} of 12" in t for t in phases), phases
+    assert res.steps == 12
+    assert tensor_bytes(res.lora_path) == tensor_bytes(ref.lora_path)
+    a, b = header(ref.lora_path)["__metadata__"], header(res.lora_path)["__metadata__"]
+    varying = {"ss_training_started_at", "ss_training_finished_at", "ss_session_id", "modelspec.date",
+               "sshs_model_hash", "sshs_legacy_hash", "ss_output_name"}  # fmt: skip
+    varying.add("fastlora_config")  # holds run_dir / state_every_n_steps, which differ here on purpose
+    assert {k: v for k, v in a.items() if k not in varying} == {k: v for k, v in b.items() if k not in varying}
+    ca, cb = json.loads(a["fastlora_config"]), json.loads(b["fastlora_config"])
+    assert {k for k in ca if ca[k] != cb[k]} <= state.NEUTRAL_FIELDS
+    assert not state.state_path(cfg.run_dir).exists()  # finished: the state is gone
+
+
+def test_restart_and_refusals(tmp_path, bb):
+    ds = make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, ds, max_steps=6)
+    with pytest.raises(Cancelled):
+        train(cfg, progress=StopAt(3), backbone=bb)
+    # Different settings: refused with advice, the state untouched.
+    with pytest.raises(UserError, match="different settings.*--restart"):
+        train(dataclasses.replace(cfg, dim=8), backbone=bb)
+    # Changed data: refused.
+    (ds / "5_tok" / "img0.txt").write_text("tok, changed", encoding="utf-8")
+    with pytest.raises(UserError, match="dataset changed"):
+        train(cfg, backbone=bb)
+    seen, on_event = _events()
+    res = train(dataclasses.replace(cfg, restart=True), on_event=on_event, backbone=bb)
+    assert any("--restart" in e.get("text", "") for e in seen)
+    assert res.steps == 6
+
+
+def test_unreadable_state_is_refused(tmp_path, bb):
+    ds = make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, ds, max_steps=4)
+    path = state.state_path(cfg.run_dir)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(UserError, match="cannot be read.*--restart"):
+        train(cfg, backbone=bb)
