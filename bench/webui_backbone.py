@@ -125,10 +125,10 @@ def state_hash(module) -> str:
 
 def one(args) -> dict:
     import torch
-    from lib_lora.training.run import train
 
     from lib_lora.config import TrainConfig
     from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state
+    from lib_lora.training.run import train
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
