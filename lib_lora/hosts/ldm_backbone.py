@@ -56,6 +56,19 @@ class LdmBackbone:
         self.model_name = model_name
         self.model_hash = model_hash
 
+    @functools.cached_property
+    def vae_identity(self) -> str:
+        """Which VAE makes our latents (the WebUI lets users swap it): a hash of its weights.
+        Part of the latent cache's key, and of the seed each latent is sampled with."""
+        import hashlib
+
+        h = hashlib.sha256(f"ldm-vae|{self.vae_dtype()}".encode())
+        with torch.no_grad():
+            for name, t in sorted(self.sd_model.first_stage_model.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     # -- encoding ---------------------------------------------------------------------------
     def vae_dtype(self) -> torch.dtype:
         return next(self.sd_model.first_stage_model.parameters()).dtype
