@@ -135,6 +135,45 @@ def load(cls: type, path: str | Path) -> Any:
 # --------------------------------------------------------------------------------------------
 # Prepare (steps 1-2): PrepareConfig goes here.
 
+CROP_MODES = ["face", "center", "bucket", "none"]
+BG_MODELS = ["none", "u2net", "u2netp", "isnet-anime", "birefnet-portrait"]
+
+
+@dataclass
+class PrepareConfig:
+    name: str = opt("", "dataset name: the <repeats>_<name> folder and the class token (Unicode allowed)", group="basic")
+    out: str = opt("work", "work folder; the training folder <out>/<name> is created inside it", group="basic")
+    size: int = opt(512, "output side in pixels (square crops; the area for 'bucket' and 'none')", min=64, max=4096,
+                    group="basic")
+    crop: str = opt("face", "face: head-and-shoulders square around the main face; center: centre square; "
+                    "bucket: keep the aspect, fit the nearest training bucket; none: whole image", choices=CROP_MODES,
+                    group="basic")
+    remove_bg: str = opt("none", "background removal: none, a rembg model name, or a path to a .onnx file",
+                         group="basic")
+    bg_color: str = opt("white", "colour the cut-out is put on: a name (white, grey) or #rrggbb", group="basic")
+    keep_rgba: bool = opt(False, "also keep transparency: RGBA images plus a mask file in masks/")
+    repeats: int = opt(10, "repeats: the number in the <repeats>_<name> folder name", min=1, max=10000, group="basic")
+    recursive: bool = opt(False, "also import images from sub-folders")
+    upscale: bool = opt(False, "enlarge images smaller than the output size (off: small images stay small)")
+    workers: int = opt(0, "worker processes (0 = all CPU cores)", min=0, max=256)
+    model_dir: str = opt("", "folder of background-removal models (default: rembg's, $U2NET_HOME or ~/.u2net)")
+    download: bool = opt(True, "download a missing background-removal model (rembg's release files)")
+    face_model: str = opt("", "YuNet face model .onnx (default: face_detection_yunet*.onnx in model_dir if "
+                          "present, else OpenCV's Haar cascades)")
+
+    def check(self) -> None:
+        if self.remove_bg not in BG_MODELS and not self.remove_bg.lower().endswith(".onnx"):
+            raise UserError(
+                f"remove_bg = {self.remove_bg!r}: use one of {', '.join(BG_MODELS)} or a path to a .onnx model file."
+            )
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(self.bg_color)
+        except ValueError:
+            raise UserError(f"bg_color = {self.bg_color!r} is not a colour: use a name such as white or grey, "
+                            "or #rrggbb.") from None
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +276,13 @@ class TrainConfig:
         "adamw8bit", "optimizer", choices=["adamw8bit", "adamw", "dadaptation", "prodigy"], group="basic"
     )
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0)
+    # LR probe (lr = auto; training/probe.py)
+    probe_optimizer: str = opt("dadaptation", "adaptive optimizer the lr probe reads d x lr from", choices=["dadaptation", "prodigy"])
+    probe_fraction: float = opt(0.05, "lr probe step budget as a fraction of the run's steps", min=0, max=1)
+    probe_min_steps: int = opt(30, "lr probe budget floor (steps)", min=1)
+    probe_max_steps: int = opt(300, "lr probe budget cap (steps)", min=1)
+    probe_window: int = opt(10, "the probe stops when d x lr moved less than probe_tolerance over this many steps", min=2)
+    probe_tolerance: float = opt(0.01, "relative change of d x lr below which the probe counts it settled", min=0, max=1)
     lr_scheduler: str = opt(
         "constant_with_warmup",
         "learning-rate schedule",

@@ -93,16 +93,33 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch
         import dadaptation
 
         # decouple=True is AdamW-style weight decay, as kohya users run it.
-        opt = dadaptation.DAdaptAdam(groups, weight_decay=wd, decouple=True)
+        opt = dadaptation.DAdaptAdam(_one_lr(groups, "layer_scale"), weight_decay=wd, decouple=True)
         args = f"weight_decay={wd}, decouple=True"
     elif name_used == "prodigy":
         import prodigyopt
 
-        opt = prodigyopt.Prodigy(groups, weight_decay=wd, decouple=True)
+        shared = _one_lr(groups, None)
+        if any(g["lr"] != s["lr"] for g, s in zip(groups, shared, strict=True)):
+            note = "Prodigy uses one learning rate for all groups: the text-encoder lr ratio does not apply."
+        opt = prodigyopt.Prodigy(shared, weight_decay=wd, decouple=True)
         args = f"weight_decay={wd}, decouple=True"
     else:  # config validation lists the choices; this guards a new one added there only
         raise ValueError(f"unknown optimizer {name!r}")
     return OptimizerChoice(opt, name, _qualname(opt), args, note)
+
+
+def _one_lr(groups: list[dict], scale_key: str | None) -> list[dict]:
+    """D-Adaptation and Prodigy share one d over all groups and refuse different lrs per group:
+    every group gets the first group's lr; DAdaptAdam keeps the ratio as its `layer_scale`."""
+    base = float(groups[0]["lr"])
+    out = []
+    for g in groups:
+        g = dict(g)
+        if scale_key and base:
+            g[scale_key] = float(g["lr"]) / base
+        g["lr"] = base
+        out.append(g)
+    return out
 
 
 def _qualname(obj: object) -> str:

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
-FALLBACK_LR = 1e-4  # used for lr='auto' until an LR probe is part of the build
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -108,6 +107,8 @@ class Trainer:
         self.step = 0
         self.final_loss = float("nan")
         self._events_file: Path | None = None
+        self.resume_state: dict | None = None  # a stopped run's saved state (training/state.py)
+        self.extra_metadata: dict[str, str] = {}  # later phases add keys (the LR probe: fastlora_lr_probe)
 
     # ---------------------------------------------------------------- events
     def emit(self, kind: str, **fields: Any) -> None:
@@ -135,6 +136,9 @@ class Trainer:
         self.load_model()
         self.cache_latents()
         self.build_network()
+        from lib_lora.training import state as state_mod
+
+        self.resume_state = state_mod.load_for_resume(self)
         self.resolve_lr()
         self.build_optimizer()
         self.open_logs()
@@ -239,20 +243,26 @@ class Trainer:
         n = sum(p.numel() for p in self.unet_params + self.te_params)
         self.phase(f"LoRA: {len(keep)} modules, {n / 1e6:.2f} M trainable parameters (dim {cfg.dim}, alpha {cfg.alpha})")
 
-    def probe_lr(self) -> float | None:
-        """The learning rate to use when cfg.lr is 'auto'; the LR probe (issue 6) overrides this."""
-        return None
+    def probe_lr(self) -> tuple[float, float | None]:
+        """(U-Net lr, text-encoder lr or None) for lr = 'auto': the LR probe (training/probe.py)."""
+        from lib_lora.training.probe import auto_lr
+
+        return auto_lr(self)
 
     def resolve_lr(self) -> None:
         cfg = self.cfg
-        lr = cfg.unet_lr_value
+        lr, te = cfg.unet_lr_value, None
         if lr is None:
-            lr = self.probe_lr()
-            if lr is None:
-                lr = FALLBACK_LR
-                self.phase(f"lr = auto: no learning-rate probe in this build; training with lr {lr:g}.")
+            from lib_lora.training.state import saved_lrs
+
+            saved = saved_lrs(self.resume_state)
+            if saved is not None:  # a resumed run keeps the value its probe found
+                lr, te = saved
+                self.phase(f"Learning rate from the stopped run: {lr:.3g} (no new probe).")
+            else:
+                lr, te = self.probe_lr()
         self.unet_lr = lr
-        self.te_lr = text_encoder_lr(cfg, lr)
+        self.te_lr = text_encoder_lr(cfg, lr) if te is None or cfg.text_encoder_lr is not None else te
 
     def build_optimizer(self) -> None:
         cfg = self.cfg
@@ -368,6 +378,7 @@ class Trainer:
             finished_at=time.time() if finished else None,
             warmup_steps=warmup_steps(self.cfg, self.total_steps) if self.cfg.lr_scheduler != "constant" else 0,
             tag_frequency=data_mod.tag_frequency(self.dataset),
+            extra=dict(self.extra_metadata),
         )
         return build_metadata(self.cfg, self.plan, run)
 

@@ -114,6 +114,7 @@ def capture(trainer: Trainer) -> dict[str, Any]:
         "config": json.dumps(fingerprint(tr.cfg), sort_keys=True, default=str),
         "data": data_digest(tr),
         "probe": {"unet_lr": float(tr.unet_lr), "te_lr": float(tr.te_lr)},
+        "extra_metadata": dict(getattr(tr, "extra_metadata", {})),
         "network": {k: v.detach().to("cpu").clone() for k, v in tr.network.state_dict().items()},
         "optimizer": tr.optimizer.state_dict(),
         "scheduler": tr.scheduler.state_dict(),
@@ -192,6 +193,7 @@ def restore(trainer: Trainer, st: dict[str, Any]) -> None:
     tr.step = int(st["step"])
     tr.started_at = float(st["started_at"])
     tr.final_loss = float(st["final_loss"])
+    tr.extra_metadata.update(st.get("extra_metadata", {}))
     if st.get("session_id"):
         tr.session_id = st["session_id"]
 
@@ -230,22 +232,40 @@ def _alive(pid: int) -> bool:
 # ---------------------------------------------------------------- hooks called by run.Trainer
 
 
-def begin(trainer: Trainer) -> None:
-    """After set-up: clean leftovers of a killed run, then resume from the saved state or start."""
+def load_for_resume(trainer: Trainer) -> dict[str, Any] | None:
+    """Before the LR is resolved: clean leftovers of a killed run, honour --restart, and read
+    the saved state (if any) so a resumed run reuses the probe's value instead of probing again."""
     tr = trainer
     removed = clean_temps(tr.run_dir, Path(tr.cfg.output_dir))
     if removed:
         tr.phase(f"Removed {len(removed)} temporary file(s) left by an interrupted run.")
     path = state_path(tr.run_dir)
     if not path.is_file():
-        return
+        return None
     if getattr(tr.cfg, "restart", False):
         path.unlink()
         tr.phase(f"--restart: discarded the saved state in {path.parent}; starting over at step 0.")
+        return None
+    return load_state(path)
+
+
+def saved_lrs(st: dict[str, Any] | None) -> tuple[float, float] | None:
+    """(U-Net lr, text-encoder lr) the stopped run trained with, e.g. found by its LR probe."""
+    if not st or "probe" not in st:
+        return None
+    return float(st["probe"]["unet_lr"]), float(st["probe"]["te_lr"])
+
+
+def begin(trainer: Trainer) -> None:
+    """After set-up: resume from the state `load_for_resume` read, or start at step 0."""
+    tr = trainer
+    st = getattr(tr, "resume_state", None)
+    if st is None:
         return
-    st = load_state(path)
+    path = state_path(tr.run_dir)
     check_compatible(tr, st, path)
     restore(tr, st)
+    tr.resume_state = None  # the tensors are in the trainer now; let the copy go
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["saved_at"]))
     tr.phase(f"Resuming at step {tr.step} of {tr.total_steps} from the state saved {when} ({path}).")
 

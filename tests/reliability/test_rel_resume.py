@@ -85,3 +85,29 @@ def test_unreadable_state_is_refused(tmp_path, bb):
     path.write_bytes(b"\x80\x04garbage")
     with pytest.raises(UserError, match="cannot be read.*--restart"):
         train(cfg, backbone=bb)
+
+
+def test_resumed_auto_lr_run_reuses_the_probe_value(tmp_path, bb):
+    """A stopped `--lr auto` run resumes with its probe's value: no second probe, same LoRA."""
+    ds = make_dataset(tmp_path / "data")
+    probe = dict(lr="auto", probe_min_steps=10, probe_max_steps=10, probe_window=3, lr_warmup_steps=0)
+    ref = train(tiny_config(tmp_path / "a", ds, **probe), backbone=bb)
+
+    cfg = tiny_config(tmp_path / "b", ds, state_every_n_steps=2, **probe)
+    stop = NullProgress()
+
+    def stop_in_training(event):  # after the probe, at training step 6
+        if event["kind"] == "loss" and event["step"] >= 6:
+            stop.cancel()
+
+    with pytest.raises(Cancelled):
+        train(cfg, progress=stop, on_event=stop_in_training, backbone=bb)
+    seen, on_event = _events()
+    res = train(cfg, on_event=on_event, backbone=bb)
+    assert not [e for e in seen if e["kind"] in ("probe", "probe_done")]
+    assert any("Learning rate from the stopped run" in e.get("text", "") for e in seen)
+    assert tensor_bytes(res.lora_path) == tensor_bytes(ref.lora_path)
+    a, b = header(ref.lora_path)["__metadata__"], header(res.lora_path)["__metadata__"]
+    assert a["ss_unet_lr"] == b["ss_unet_lr"]
+    pa, pb = json.loads(a["fastlora_lr_probe"]), json.loads(b["fastlora_lr_probe"])
+    assert {k: v for k, v in pa.items() if k != "seconds"} == {k: v for k, v in pb.items() if k != "seconds"}

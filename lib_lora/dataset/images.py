@@ -1,0 +1,186 @@
+"""Reading user images safely: header checks, EXIF orientation, colour modes, reduced decoding.
+
+Every problem becomes a `BadImage` whose text is one sentence for the user; nothing here
+writes, and the source file is only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+SUPPORTED_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
+# Image formats users do drop in a folder that we cannot read: reported, not silently ignored.
+UNSUPPORTED_IMAGE_EXTENSIONS = {".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".raw", ".cr2", ".cr3", ".nef",
+                                ".arw", ".dng", ".orf", ".rw2", ".ico", ".jp2"}
+# Refuse before decoding: 150 MP is above any camera's normal output (a 200 MP phone mode is
+# refused too) and keeps one worker's decode under ~1 GB.
+MAX_PIXELS = 150_000_000
+MIN_SIDE_SKIP = 64
+MIN_SIDE_WARN = 256
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+
+
+class BadImage(Exception):
+    """A file that cannot be used; str() is the one-line reason shown to the user."""
+
+
+@dataclass
+class Decoded:
+    image: Image.Image  # RGB, or RGBA when the source has real transparency
+    scale: float  # decoded size / full oriented size (1.0 = full resolution)
+    notes: list[str]
+
+
+@dataclass
+class SourceInfo:
+    path: Path
+    format: str
+    size: tuple[int, int]  # oriented (as the user sees it), full resolution
+    orientation: int
+    frames: int
+
+
+def _megapixels(w: int, h: int) -> str:
+    return f"{w}x{h} pixels ({w * h / 1e6:.0f} megapixels)"
+
+
+def _open(path: Path) -> Image.Image:
+    ext = path.suffix.lower()
+    try:
+        with warnings.catch_warnings():
+            # We apply our own, lower size limit below; Pillow's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) // 1_000_000
+        raise BadImage(f"refused: its header claims over {limit} megapixels, too large to load safely "
+                       "(a damaged file or a decompression bomb).") from None
+    except UnidentifiedImageError:
+        raise BadImage(f"not an image (or a format we cannot read) despite its {ext or 'missing'} extension.") from None
+    except OSError as err:
+        raise BadImage(f"cannot be read ({err.strerror or err}).") from None
+
+
+def inspect(path: Path) -> SourceInfo:
+    """Header-only checks: format, size, orientation. Raises BadImage; never decodes pixels."""
+    img = _open(path)
+    try:
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise BadImage(
+                f"refused: {_megapixels(w, h)} is above the {MAX_PIXELS // 1_000_000}-megapixel limit; "
+                "downscale it first."
+            )
+        orientation = _orientation(img)
+        if orientation in _SWAPS_AXES:
+            w, h = h, w
+        return SourceInfo(path, img.format or "?", (w, h), orientation, getattr(img, "n_frames", 1))
+    finally:
+        img.close()
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block must not lose the image
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def decode(info: SourceInfo, min_scale: float = 1.0) -> Decoded:
+    """Decode the image, oriented, as RGB/RGBA, at a scale of at least `min_scale` of full size.
+
+    JPEGs are decoded at 1/2, 1/4 or 1/8 size when that is still large enough (libjpeg's DCT
+    scaling): a 3000x2000 photo cropped to 512 never needs its full 6 megapixels.
+    """
+    img = _open(info.path)
+    notes: list[str] = []
+    try:
+        if info.frames > 1:
+            img.seek(0)
+            notes.append(f"animated ({info.frames} frames): first frame used")
+        if img.format == "JPEG" and min_scale < 1.0:
+            sw, sh = img.size
+            img.draft(img.mode, (max(1, math.ceil(sw * min_scale)), max(1, math.ceil(sh * min_scale))))
+        try:
+            img.load()
+        except Image.DecompressionBombError as err:
+            raise BadImage(f"refused: the image is too large to load safely ({err}).") from None
+        except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... on bad data
+            raise BadImage(f"corrupt or truncated file ({_short(err)}): re-save or re-export it.") from None
+        oriented = img
+        if info.orientation != 1:
+            try:
+                oriented = ImageOps.exif_transpose(img)
+            except Exception:
+                notes.append("unreadable EXIF orientation: used as stored")
+        rgb, mode_note = to_rgb(oriented, img.info.get("icc_profile"))
+        if mode_note:
+            notes.append(mode_note)
+        if rgb is img and getattr(img, "fp", None) is not None:
+            rgb = img.copy()  # multi-frame files keep their file open; detach before closing
+    finally:
+        if "rgb" not in locals() or rgb is not img:
+            img.close()
+    scale = rgb.width / info.size[0]
+    return Decoded(rgb, scale, notes)
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:80]
+
+
+def to_rgb(img: Image.Image, icc: bytes | None = None) -> tuple[Image.Image, str]:
+    """Any Pillow mode to RGB, or RGBA when there is real transparency. Returns (image, note)."""
+    mode = img.mode
+    note = ""
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Pillow's own convert clips 16-bit values at 255 (an all-white image); scale instead.
+        arr = np.asarray(img).astype(np.float32)
+        hi = float(arr.max()) if arr.size else 0.0
+        if mode == "F" and hi <= 1.0:
+            arr = arr * 255.0
+        elif hi > 255:
+            arr = arr / 257.0 if hi <= 65535 else arr * (255.0 / hi)
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return img, f"{mode} (high bit depth) converted to 8-bit"
+    if icc and mode in ("RGB", "RGBA", "CMYK"):
+        img, converted = _to_srgb(img, icc)
+        if converted:
+            note = "colour profile converted to sRGB"
+        mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    elif mode not in ("RGB", "RGBA"):
+        img = img.convert("RGB")
+        note = note or f"{mode} converted to RGB"
+    if img.mode == "RGBA" and img.getchannel("A").getextrema()[0] == 255:
+        img = img.convert("RGB")  # an alpha channel that is opaque everywhere is no transparency
+    return img, note
+
+
+_SRGB = None
+
+
+def _to_srgb(img: Image.Image, icc: bytes) -> tuple[Image.Image, bool]:
+    global _SRGB
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in (ImageCms.getProfileDescription(src) or "").lower().replace(" ", ""):
+            return img, False
+        if _SRGB is None:
+            _SRGB = ImageCms.createProfile("sRGB")
+        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+        return ImageCms.profileToProfile(img, src, _SRGB, outputMode=out_mode), True
+    except Exception:  # a broken or exotic profile: keep the pixels as they are
+        return img, False
