@@ -10,7 +10,15 @@ PIP := $(PY) -m pip
 # (deepdanbooru-onnx, whose onnx requirement is unused and does not build under protobuf 3.20).
 NODEPS := deepdanbooru-onnx==0.0.8 open-clip-torch==2.20.0 stable-diffusion-sdkit==2.1.5
 
-.PHONY: setup demo test lint
+# A second, small environment with the gradio that Forge ships (4.x): its own gradio and the web
+# packages gradio 4 needs (pydantic 2, fastapi...), and the main env's site-packages (torch & co)
+# through a .pth file, which Python reads after the venv's own site-packages.
+G4VENV ?= .venv-gradio4
+G4PY := $(G4VENV)/bin/python
+# Debian's Chromium for the browser tests (Playwright drives it; no browser download).
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: setup demo test lint gradio4 chromium
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
@@ -20,12 +28,25 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --no-deps -c constraints.txt $(NODEPS)
 	touch $@
 
+gradio4: $(G4VENV)/.installed
+
+$(G4VENV)/.installed: $(VENV)/.installed constraints-gradio4.txt
+	test -x $(G4PY) || $(PYTHON) -m venv $(G4VENV)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$$($(G4PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_main_env.pth"
+	$(G4PY) -m pip install -q -c constraints-gradio4.txt gradio
+	touch $@
+
+chromium:
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk; } \
+		|| echo "warning: could not install Chromium; the browser tests will be skipped"
+
 demo: setup
 	$(PY) -m lib_lora demo
 
 lint: setup
 	$(PY) -m ruff check .
 
-test: setup
+test: setup gradio4 chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+	$(G4PY) -m pytest tests/ui -m "not browser" -q -p no:cacheprovider

@@ -173,6 +173,8 @@ class Trainer:
             self.phase(f"Loading the base model {cfg.base_model} on {self.device}")
             self.backbone = load_backbone(cfg.base_model, device=str(self.device), dtype=weight_dtype)
         bb = self.backbone
+        if cfg.mixed_precision == "auto" and bb.dtype == torch.bfloat16:
+            self.precision = "bf16"  # a host running bf16 weights trains under bf16 autocast, no scaler
         if self.precision == "no" and bb.dtype in (torch.float16, torch.bfloat16):
             # A host's half-precision model (the WebUI's) can only be trained under autocast.
             self.precision = "fp16" if bb.dtype == torch.float16 else "bf16"

@@ -1,0 +1,204 @@
+"""The standalone host: `python -m lib_lora ui` and the CLI, with no WebUI around.
+
+It does itself what the WebUI does for the WebUI host: loads the base model (kept for the
+next job), serialises jobs with a lock, and generates test images through a diffusers
+StableDiffusionPipeline assembled from the backbone's own modules (no second copy), with
+LoRAs named in the prompt the WebUI way (`<lora:name:weight>`) applied by our LoRANetwork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lib_lora.errors import ModelLoadError, UserError
+from lib_lora.names import validate_name
+from lib_lora.progress import NullProgress, Progress, check_cancel
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from lib_lora.training.backbone import Backbone
+
+log = logging.getLogger(__name__)
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?>")
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """'a photo <lora:zny:0.8>' -> ('a photo', [('zny', 0.8)]); the weight defaults to 1."""
+    loras = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in LORA_TAG.finditer(prompt)]
+    text = re.sub(r"\s*,?\s*" + LORA_TAG.pattern, "", prompt).strip().strip(",").strip()
+    return text, loras
+
+
+def lora_shape(tensors: dict[str, Any]) -> tuple[int, float, int, float]:
+    """(dim, alpha, conv_dim, conv_alpha) of a kohya LoRA from its tensors."""
+    dim = alpha = None
+    conv_dim, conv_alpha = 0, 1.0
+    for key, t in tensors.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        base = key[: -len(".lora_down.weight")]
+        a = tensors.get(base + ".alpha")
+        rank = int(t.shape[0])
+        value = float(a) if a is not None else float(rank)
+        if t.ndim == 4 and t.shape[-1] == 3:
+            conv_dim, conv_alpha = rank, value
+        elif dim is None:
+            dim, alpha = rank, value
+    if dim is None:
+        raise UserError("This file has no LoRA weights (no '.lora_down.weight' keys); is it a LoRA?")
+    return dim, float(alpha), conv_dim, conv_alpha
+
+
+class StandaloneHost:
+    name = "standalone"
+
+    def __init__(
+        self,
+        base_model: str = "tiny",
+        output_dir: str | Path = "output",
+        work_dir: str | Path = "work",
+        device: str = "auto",
+    ) -> None:
+        self.base_model = base_model
+        self._lora_dir = Path(output_dir).expanduser().resolve()
+        self._work_dir = Path(work_dir).expanduser().resolve()
+        self.device = device
+        self._lock = threading.Lock()
+        self._backbones: dict[str, Backbone] = {}
+        self._model_lock = threading.Lock()
+
+    # Where things live
+    def lora_dir(self) -> Path:
+        self._lora_dir.mkdir(parents=True, exist_ok=True)
+        return self._lora_dir
+
+    def work_dir(self) -> Path:
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        return self._work_dir
+
+    # The model
+    def _torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def backbone(self, base_model: str | None = None) -> Backbone:
+        """Load the base model once and keep it (one model at a time, like the WebUI)."""
+        key = base_model or self.base_model
+        with self._model_lock:
+            if key not in self._backbones:
+                import torch
+
+                from lib_lora.training.models import load_backbone
+
+                device = self._torch_device()
+                dtype = torch.float16 if device.startswith("cuda") else torch.float32
+                self._backbones.clear()  # free the previous model before loading another
+                self._backbones[key] = load_backbone(key, device=device, dtype=dtype)
+            return self._backbones[key]
+
+    # Jobs
+    @contextlib.contextmanager
+    def job(self, title: str) -> Iterator[Progress]:
+        if not self._lock.acquire(timeout=0.1):
+            raise UserError(f"Another job is running; '{title}' can start when it ends.")
+        try:
+            yield NullProgress()
+        finally:
+            self._lock.release()
+
+    def tagger(self) -> Any | None:
+        return None
+
+    def after_save(self, lora_path: Path) -> None:
+        log.info("LoRA saved: %s", lora_path)
+
+    # Test images
+    def find_lora(self, name: str) -> Path:
+        name = validate_name(name, "LoRA name")
+        for suffix in (".safetensors",):
+            path = self.lora_dir() / f"{name}{suffix}"
+            if path.is_file():
+                return path
+        raise UserError(f"No LoRA named {name!r} in {self.lora_dir()}; train it first or check the name.")
+
+    def generate(
+        self,
+        prompts: list[str],
+        seed: int,
+        negative_prompt: str = "",
+        steps: int = 20,
+        cfg_scale: float = 7.0,
+        width: int = 512,
+        height: int = 512,
+        progress: Progress | None = None,
+        **kw: Any,
+    ) -> list[Image.Image]:
+        """One image per prompt, each from the same seed, LoRAs taken from `<lora:name:w>`."""
+        import torch
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        backbone = self.backbone(kw.get("base_model"))
+        vae = getattr(backbone, "vae", None)
+        if vae is None:
+            raise ModelLoadError("This base model was loaded without its VAE, so it cannot make test images.")
+        if width % 8 or height % 8:
+            raise UserError(f"Width and height must be multiples of 8 (got {width}x{height}).")
+        scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            use_karras_sigmas=True, steps_offset=1,
+        )
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for i, prompt in enumerate(prompts):
+            check_cancel(progress)
+            if progress is not None:
+                progress.update(i, len(prompts), "generating test images")
+            text, loras = parse_lora_tags(prompt)
+            with contextlib.ExitStack() as stack:
+                for name, weight in loras:
+                    stack.enter_context(self.applied_lora(backbone, self.find_lora(name), weight))
+                generator = torch.Generator(device="cpu").manual_seed(int(seed))
+                with torch.no_grad():
+                    out = pipe(
+                        prompt=text, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
+                        guidance_scale=float(cfg_scale), width=int(width), height=int(height), generator=generator,
+                        output_type="pil",
+                    )
+                images.append(out.images[0])
+        if progress is not None:
+            progress.update(len(prompts), len(prompts), "test images done")
+        return images
+
+    @contextlib.contextmanager
+    def applied_lora(self, backbone: Backbone, path: Path, weight: float) -> Iterator[None]:
+        """The LoRA file applied to the backbone at `weight`, removed again afterwards."""
+        from lib_lora.training.export import read_lora
+        from lib_lora.training.lora import LoRANetwork
+
+        tensors, _meta = read_lora(path)
+        dim, alpha, conv_dim, conv_alpha = lora_shape(tensors)
+        targets = backbone.lora_targets(conv=conv_dim > 0)
+        net = LoRANetwork(targets, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha, multiplier=weight)
+        net.load_kohya(tensors)
+        if hasattr(net, "to"):  # the LoRA weights on the model's device and dtype
+            net.to(device=backbone.device, dtype=backbone.dtype)
+        net.apply()
+        try:
+            yield
+        finally:
+            net.remove()

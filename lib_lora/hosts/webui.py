@@ -1,0 +1,654 @@
+"""The AUTOMATIC1111 host: the only module that imports the WebUI's `modules` (and `networks`).
+
+It trains on the checkpoint the WebUI has loaded, in place (`LdmBackbone`), one job at a time
+under the WebUI's queue lock, reports to the page's progress bar, obeys its Interrupt button,
+and writes the LoRA where `<lora:name:1>` finds it at once. The WebUI's model is left exactly
+as it was found, also after an error or an interrupt (`training_state`).
+
+`modules` is imported inside functions: this file is importable (and testable against a
+small fake `modules` package) without a WebUI.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime
+import gc
+import importlib
+import logging
+import re
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lib_lora.errors import Cancelled, UserError
+from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state
+from lib_lora.names import validate_name
+
+log = logging.getLogger(__name__)
+
+SETTINGS_SECTION = ("fast_lora", "Fast LoRA")
+API_PREFIX = "/fastlora/v1"
+GRID_WEIGHTS = (0.0, 0.5, 0.75, 1.0)
+
+
+def a1111(name: str) -> Any:
+    """`modules.<name>` of the running WebUI."""
+    return importlib.import_module(f"modules.{name}")
+
+
+def lora_extension() -> Any | None:
+    """The built-in Lora extension's `networks` module (None when that extension is disabled)."""
+    return sys.modules.get("networks")
+
+
+def opt(key: str, default: Any) -> Any:
+    return getattr(a1111("shared").opts, key, default)
+
+
+# --------------------------------------------------------------------------------------------
+# What can be trained here
+
+
+def is_forge() -> bool:
+    return hasattr(a1111("shared").sd_model, "forge_objects")
+
+
+def check_trainable(sd_model: Any) -> None:
+    """Raise a UserError saying why the loaded model cannot be trained on here, if it cannot."""
+    shared = a1111("shared")
+    if getattr(shared.cmd_opts, "lowvram", False):
+        raise UserError(
+            "Training is not possible with --lowvram (the WebUI's own training refuses it too); "
+            "restart the WebUI without it, or with --medvram."
+        )
+    if sd_model is None:
+        raise UserError("No checkpoint is loaded: choose an SD1.5 checkpoint at the top of the page first.")
+    if hasattr(sd_model, "forge_objects"):
+        raise UserError(
+            "Training on Forge's model object is not implemented yet: use AUTOMATIC1111 v1.10, "
+            "or the standalone app (python -m lib_lora ui) with this checkpoint's file."
+        )
+    if getattr(sd_model, "is_sdxl", False) or getattr(sd_model, "is_sd2", False) or getattr(sd_model, "is_sd3", False):
+        raise UserError("The loaded checkpoint is not SD1.5; Fast LoRA trains SD1.5 LoRAs: load an SD1.5 checkpoint.")
+    if not hasattr(getattr(sd_model, "model", None), "diffusion_model"):
+        raise UserError("The loaded checkpoint has no SD1.5 U-Net; load an SD1.5 checkpoint.")
+
+
+def checkpoint_identity(sd_model: Any) -> tuple[str, str]:
+    """(file name, sha256 or '') of the loaded checkpoint, for the LoRA's metadata."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    if info is None:
+        return "", ""
+    name = Path(getattr(info, "filename", "") or getattr(info, "name", "")).name
+    return name, getattr(info, "sha256", None) or ""
+
+
+# --------------------------------------------------------------------------------------------
+# Host state: everything training touches, given back exactly
+
+
+@dataclasses.dataclass
+class AppliedLoras:
+    loaded: list  # networks.loaded_networks as it was
+    modules: list  # modules whose weights held LoRA deltas
+
+
+def take_back_applied_loras(sd_model: Any) -> AppliedLoras | None:
+    """Put back the original weights where the WebUI added LoRA deltas in place, and empty
+    `loaded_networks` so its patched forwards do not re-apply them during training."""
+    nets = lora_extension()
+    if nets is None:
+        return None
+    touched = [m for m in sd_model.modules() if getattr(m, "network_current_names", ())]
+    with torch.no_grad():
+        for m in touched:
+            nets.network_restore_weights_from_backup(m)
+            m.network_current_names = ()
+    state = AppliedLoras(list(nets.loaded_networks), touched)
+    nets.loaded_networks.clear()
+    return state
+
+
+def give_back_applied_loras(state: AppliedLoras | None) -> None:
+    """Re-apply the deltas exactly as the WebUI computes them (same backup, same code)."""
+    nets = lora_extension()
+    if state is None or nets is None:
+        return
+    nets.loaded_networks[:] = state.loaded
+    try:
+        with torch.no_grad():
+            for m in state.modules:
+                nets.network_apply_weights(m)
+    except Exception:  # the WebUI re-applies them itself at the next forward
+        log.exception("Fast LoRA: re-applying the WebUI's LoRA weights failed; they are re-applied on next use")
+        for m in state.modules:
+            with contextlib.suppress(Exception):
+                nets.network_restore_weights_from_backup(m)
+            m.network_current_names = ()
+
+
+class Placement:
+    """Device placement of the model's three parts, and the --medvram hooks' bookkeeping."""
+
+    PARTS = ("model", "cond_stage_model", "first_stage_model")
+
+    def __init__(self, sd_model: Any, device: torch.device):
+        self.sd_model = sd_model
+        self.device = device
+        self.medvram = bool(getattr(sd_model, "lowvram", False))
+        self.devices = {p: _device_of(getattr(sd_model, p)) for p in self.PARTS}
+
+    def for_training(self) -> None:
+        if not self.medvram:
+            return
+        # --medvram keeps one part on the GPU at a time (forward pre-hooks). We call the U-Net
+        # directly, past its hook, so it is placed here; the text encoder's and the VAE's own
+        # hooks still move them in when they run (latents are cached before the first step).
+        a1111("lowvram").send_everything_to_cpu()
+        self.sd_model.model.to(self.device)
+
+    def restore(self) -> None:
+        if self.medvram:
+            a1111("lowvram").send_everything_to_cpu()
+        for part, dev in self.devices.items():
+            module = getattr(self.sd_model, part)
+            if dev is not None and _device_of(module) != dev:
+                module.to(dev)
+
+
+def _device_of(module: Any) -> torch.device | None:
+    p = next(iter(module.parameters()), None) if module is not None else None
+    return None if p is None else p.device
+
+
+@contextlib.contextmanager
+def training_state(sd_model: Any, device: torch.device) -> Iterator[None]:
+    """The WebUI's model ready for in-place LoRA training, and given back exactly afterwards:
+    applied LoRA deltas taken out and put back, attention hijacks undone as the WebUI's own
+    training does, --medvram placement handled, every parameter frozen, and every hook,
+    forward override, flag and requires_grad restored, on success, error or interrupt."""
+    check_trainable(sd_model)
+    sd_hijack, devices = a1111("sd_hijack"), a1111("devices")
+    undo_hijack = not opt("training_xattention_optimizations", False)
+    applied = take_back_applied_loras(sd_model)
+    placement = Placement(sd_model, device)
+    try:
+        if undo_hijack:
+            sd_hijack.undo_optimizations()
+        placement.for_training()
+        with preserve_model_state(sd_model):
+            yield
+    finally:
+        try:
+            placement.restore()
+            if undo_hijack:
+                sd_hijack.apply_optimizations()
+        finally:
+            give_back_applied_loras(applied)
+            gc.collect()
+            devices.torch_gc()
+
+
+# --------------------------------------------------------------------------------------------
+# Progress on the page's bar, Interrupt from the page's button
+
+
+class StateProgress:
+    """`lib_lora.progress.Progress` over the WebUI's `shared.state`."""
+
+    def __init__(self, state: Any, on_update: Callable[[int, int, str], None] | None = None):
+        self.state = state
+        self.on_update = on_update
+
+    def update(self, done: int, total: int, text: str = "") -> None:
+        self.state.job_count = max(int(total), 1)
+        self.state.job_no = min(int(done), self.state.job_count)
+        if text:
+            self.state.textinfo = text
+        if self.on_update is not None:
+            self.on_update(done, total, text)
+
+    def cancelled(self) -> bool:
+        return bool(self.state.interrupted or getattr(self.state, "stopping_generation", False))
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """What the REST progress route reports."""
+
+    job_id: str = ""
+    status: str = "idle"  # idle | queued | running | done | interrupted | error
+    title: str = ""
+    step: int = 0
+    total: int = 0
+    text: str = ""
+    loss: float | None = None
+    lora_path: str = ""
+    error: str = ""
+    events: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=50))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "events"}
+        d["events"] = list(self.events)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# The host
+
+
+class WebUIHost:
+    """`lib_lora.hosts.base.Host` for AUTOMATIC1111 v1.10."""
+
+    name = "webui"
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._record_lock = threading.Lock()
+        self.record = JobRecord()
+
+    @property
+    def language(self) -> str:
+        """The UI language: Chinese when the WebUI's localization is a zh_* one."""
+        loc = str(opt("localization", "None") or "None")
+        return "zh" if loc.lower().startswith("zh") else "en"
+
+    # -- places ------------------------------------------------------------------------------
+    def lora_dir(self) -> Path:
+        shared = a1111("shared")
+        folder = getattr(shared.cmd_opts, "lora_dir", None)
+        if not folder:
+            folder = Path(a1111("paths").models_path) / "Lora"
+        return Path(folder)
+
+    def work_dir(self) -> Path:
+        configured = opt("fast_lora_work_dir", "")
+        if configured:
+            return Path(configured).expanduser()
+        return Path(a1111("paths").data_path) / "fast_lora"
+
+    # -- the model ---------------------------------------------------------------------------
+    def backbone(self, base_model: str | None = None) -> LdmBackbone:
+        """The WebUI's loaded checkpoint, trained in place (`base_model` is ignored).
+
+        Inside a job, the first call also readies the model for training (`training_state`)
+        and the job's end gives it back exactly, whatever happens in between: so a caller
+        that trains with this backbone (our UI, the API, a script) cannot leave it changed."""
+        sd_model = a1111("shared").sd_model
+        check_trainable(sd_model)
+        name, sha = checkpoint_identity(sd_model)
+        backbone = LdmBackbone(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device)
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            log.warning("Fast LoRA: backbone() outside a job; train only inside host.job(...)")
+        elif not self._local.guarded:
+            stack.enter_context(training_state(sd_model, backbone.device))
+            self._local.guarded = True
+        return backbone
+
+    # -- jobs --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def job(self, title: str) -> Iterator[StateProgress]:
+        """The WebUI's queue lock and progress bar, as `wrap_gradio_gpu_call` gives them.
+        Re-entrant within one thread (the lock itself is not)."""
+        shared = a1111("shared")
+        if getattr(self._local, "progress", None) is not None:
+            yield self._local.progress
+            return
+        with a1111("call_queue").queue_lock:
+            shared.state.begin(job=title)
+            try:
+                with self._active(title) as progress:
+                    yield progress
+            finally:
+                shared.state.end()
+                _reset_state(shared.state)
+
+    @contextlib.contextmanager
+    def _active(self, title: str) -> Iterator[StateProgress]:
+        shared = a1111("shared")
+        shared.state.job = title
+        shared.state.textinfo = title
+        progress = StateProgress(shared.state, self._note_progress)
+        stack = contextlib.ExitStack()  # holds training_state once backbone() is called
+        self._local.__dict__.update(progress=progress, stack=stack, guarded=False, previews=[])
+        try:
+            with stack:
+                yield progress
+            # The model is the WebUI's own again: previews use its normal generation path.
+            self._make_previews(self._local.previews)
+        finally:
+            self._local.__dict__.update(progress=None, stack=None, guarded=False, previews=[])
+
+    def run_job(self, title: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(progress, *args, **kwargs)` through the WebUI's `wrap_gradio_gpu_call`:
+        its queue lock (generation and checkpoint changes wait), its task id (the page's
+        progress bar) and its Interrupt. Errors are raised here, not turned into HTML."""
+        box: dict[str, Any] = {}
+
+        def inner(id_task: str) -> tuple:
+            try:
+                with self._active(title) as progress:
+                    box["result"] = fn(progress, *args, **kwargs)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, outside the WebUI's wrapper
+                box["error"] = err
+            return (None, "")
+
+        id_task = f"task(fastlora-{uuid.uuid4().hex[:8]})"
+        a1111("call_queue").wrap_gradio_gpu_call(inner, extra_outputs=[None, ""])(id_task)
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def _note_progress(self, done: int, total: int, text: str) -> None:
+        with self._record_lock:
+            self.record.step, self.record.total = done, total
+            if text:
+                self.record.text = text
+
+    # -- tagging, saving, generating ---------------------------------------------------------
+    def tagger(self) -> DeepbooruTagger | None:
+        try:
+            a1111("deepbooru")
+        except ImportError:
+            return None
+        return DeepbooruTagger(threshold=opt("fast_lora_tag_threshold", None))
+
+    def after_save(self, lora_path: Path) -> None:
+        """Make a new LoRA usable at once: its card (`.json`), the WebUI's card list, and (at
+        the end of the job) a `.preview.png` generated with it."""
+        lora_path = Path(lora_path)
+        try:
+            write_card(lora_path)
+        except Exception:  # the LoRA itself is saved; a card is a nicety
+            log.warning("Fast LoRA: could not write the card for %s", lora_path, exc_info=True)
+        nets = lora_extension()
+        if nets is not None:
+            nets.list_available_networks()
+        if getattr(self._local, "stack", None) is not None:
+            self._local.previews.append(lora_path)
+
+    def _make_previews(self, paths: list[Path]) -> None:
+        from lib_lora.training.export import read_metadata
+
+        shared = a1111("shared")
+        for path in paths:
+            try:
+                shared.state.textinfo = f"Making the preview image of {path.stem}..."
+                meta = read_metadata(path)
+                trigger = meta.get("ss_output_name") or path.stem
+                seed = int(meta.get("ss_seed", 1234))
+                image = self.generate([f"{trigger}, <lora:{path.stem}:1>"], seed=seed)[0]
+                write_preview(path, image)
+                shared.state.assign_current_image(image)
+            except Exception:  # a preview is a nicety: the LoRA is already saved
+                log.warning("Fast LoRA: could not make the preview image for %s", path, exc_info=True)
+
+    def generate(self, prompts: list[str], seed: int, **kw: Any) -> list:
+        """Images through the WebUI's own txt2img (so `<lora:name:w>` in a prompt works),
+        one per prompt, all with the same seed. Call inside a job (it needs the queue lock)."""
+        processing, shared = a1111("processing"), a1111("shared")
+        n = len(prompts)
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model,
+            prompt=list(prompts),
+            negative_prompt=kw.get("negative_prompt", ""),
+            seed=[int(seed)] * n,
+            sampler_name=kw.get("sampler_name", "Euler a"),
+            batch_size=1,
+            n_iter=n,
+            steps=int(kw.get("steps", 20)),
+            cfg_scale=float(kw.get("cfg_scale", 7.0)),
+            width=int(kw.get("width", 512)),
+            height=int(kw.get("height", 512)),
+            do_not_save_samples=True,
+            do_not_save_grid=True,
+        )
+        try:
+            processed = processing.process_images(p)
+        finally:
+            p.close()
+        return list(processed.images[-n:])
+
+    # -- the two jobs the tab and the API start ----------------------------------------------
+    def train(self, progress: StateProgress, cfg: Any, on_event: Callable[[dict], None] | None = None) -> dict:
+        """Train `cfg` (a TrainConfig) on the loaded checkpoint; run inside `run_job`/`job`."""
+        from lib_lora.config import validate
+
+        name = validate_name(cfg.name, "LoRA name")
+        backbone = self.backbone()  # refusals (Forge, --lowvram, not SD1.5) come first
+        try:
+            from lib_lora.training.run import train
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("lib_lora"):
+                raise UserError("This build of Fast LoRA has no training loop yet; update the extension.") from None
+            raise
+        cfg = validate(dataclasses.replace(
+            cfg,
+            name=name,
+            base_model=backbone.model_name or "webui",
+            output_dir=str(self.lora_dir()),
+            run_dir=cfg.run_dir or str(self.work_dir() / "runs" / name),
+            device=str(backbone.device),
+            mixed_precision=_precision_for(cfg.mixed_precision, backbone),
+        ))
+        shared = a1111("shared")
+        events: list[dict] = []
+
+        def event(ev: dict) -> None:
+            events.append(ev)
+            self._note_event(ev, shared.state)
+            if on_event is not None:
+                on_event(ev)
+
+        interrupted = False
+        try:  # the model is given back at the end of the job (see backbone())
+            result = train(cfg, backbone=backbone, progress=progress, on_event=event)
+        except Cancelled:
+            result, interrupted = None, True
+        lora_path = _result_path(result, cfg)
+        summary = {"name": name, "lora_path": str(lora_path) if lora_path else "", "interrupted": interrupted,
+                   "run_dir": cfg.run_dir, "steps": _last(events, "loss", "step"), "loss": _last(events, "loss", "loss")}
+        if lora_path is None or not lora_path.is_file():
+            summary["lora_path"] = ""
+            return summary
+        self.after_save(lora_path)
+        return summary
+
+    def test_grid(self, progress: StateProgress, name: str, prompts: list[str], seed: int = 1234,
+                  weights: tuple[float, ...] = GRID_WEIGHTS, **kw: Any) -> tuple[Any, list[str]]:
+        """(grid image, prompts) of `prompts` x LoRA `weights` at a fixed seed, rows = prompts."""
+        name = validate_name(name, "LoRA name")
+        full = [f"{p}, <lora:{name}:{w:g}>" for p in prompts for w in weights]
+        progress.update(0, 1, f"Test grid: {len(full)} images")
+        images = self.generate(full, seed, **kw)
+        return grid_image(images, cols=len(weights)), full
+
+    def _note_event(self, ev: dict, state: Any) -> None:
+        kind = ev.get("kind")
+        with self._record_lock:
+            self.record.events.append({k: v for k, v in ev.items() if isinstance(v, int | float | str | bool)})
+            if kind == "loss" and ev.get("loss") is not None:
+                self.record.loss = float(ev["loss"])
+            if kind == "saved" and ev.get("path"):
+                self.record.lora_path = str(ev["path"])
+        if kind == "phase" and ev.get("text", ev.get("phase")):
+            state.textinfo = str(ev.get("text", ev.get("phase")))
+        image = ev.get("image")
+        if image is not None and hasattr(image, "size"):
+            state.assign_current_image(image)  # a live sample on the page's preview
+
+
+def _reset_state(state: Any) -> None:
+    # what wrap_gradio_call does after every job
+    state.skipped = False
+    state.interrupted = False
+    state.stopping_generation = False
+    state.job_count = 0
+    state.job = ""
+
+
+def _precision_for(requested: str, backbone: LdmBackbone) -> str:
+    """Autocast must match the host's weights: fp16 weights need fp16 autocast, bf16 bf16."""
+    if requested != "auto":
+        return requested
+    if backbone.dtype == torch.float16:
+        return "fp16"
+    if backbone.dtype == torch.bfloat16:
+        return "bf16"
+    return "auto"
+
+
+def _result_path(result: Any, cfg: Any) -> Path | None:
+    for attr in ("lora_path", "path", "output_path"):
+        value = getattr(result, attr, None) if result is not None else None
+        if value:
+            return Path(value)
+    candidate = Path(cfg.output_dir) / f"{cfg.name}.safetensors"
+    return candidate if result is not None and candidate.is_file() else None
+
+
+def _last(events: list[dict], kind: str, key: str) -> Any:
+    for ev in reversed(events):
+        if ev.get("kind") == kind and key in ev:
+            return ev[key]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Output beside the LoRA: the card's .json and the .preview.png
+
+
+def card(meta: dict[str, str], lora_path: Path) -> dict[str, Any]:
+    """The `<name>.json` the WebUI's LoRA card reads (its metadata editor writes the same keys),
+    from the LoRA's own `ss_*` metadata."""
+    trigger = meta.get("ss_output_name") or lora_path.stem
+    base = meta.get("ss_sd_model_name") or "the loaded checkpoint"
+    short = (meta.get("ss_new_sd_model_hash") or "")[:10]
+    steps = meta.get("ss_steps")
+    images = meta.get("ss_num_train_images")
+    notes = [f"{k[3:].replace('_', ' ')} {meta[k]}" for k in (
+        "ss_network_dim", "ss_network_alpha", "ss_learning_rate", "ss_text_encoder_lr", "ss_optimizer",
+        "ss_resolution", "ss_seed") if meta.get(k) not in (None, "", "None")]
+    return {
+        "description": f"Trained with Fast LoRA on {base}{f' [{short}]' if short else ''}"
+                       f"{f' for {steps} steps' if steps else ''}{f' ({images} images with repeats)' if images else ''}.",
+        "sd version": "SD1",
+        "activation text": trigger,
+        "preferred weight": 1.0,
+        "negative text": "",
+        "notes": ", ".join(notes) + f"; saved {datetime.date.today().isoformat()}",
+    }
+
+
+def write_card(lora_path: Path) -> Path:
+    from lib_lora.atomic import atomic_write_json
+    from lib_lora.training.export import read_metadata
+
+    lora_path = Path(lora_path)
+    return atomic_write_json(lora_path.with_suffix(".json"), card(read_metadata(lora_path), lora_path))
+
+
+def write_preview(lora_path: Path, image: Any) -> Path:
+    from lib_lora.atomic import atomic_path
+
+    target = lora_path.with_name(lora_path.stem + ".preview.png")
+    with atomic_path(target) as tmp:
+        image.save(tmp, format="PNG")
+    return target
+
+
+def grid_image(images: list, cols: int) -> Any:
+    from PIL import Image
+
+    rows = max(1, -(-len(images) // cols))
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * cols, h * rows), "white")
+    for i, img in enumerate(images):
+        grid.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def grid_prompts(trigger: str, dataset: str | Path, n: int = 3, tags_per_prompt: int = 3) -> list[str]:
+    """A few test prompts: the trigger word alone, then with the dataset's most common tags."""
+    counts: collections.Counter[str] = collections.Counter()
+    folder = Path(dataset) if dataset else None
+    if folder is not None and folder.is_dir():
+        for txt in sorted(folder.rglob("*.txt"))[:2000]:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                first = txt.read_text(encoding="utf-8").splitlines()[:1]
+                counts.update(t.strip() for t in (first[0].split(",") if first else []) if t.strip())
+    counts.pop(trigger, None)
+    common = [t for t, _ in counts.most_common(n * tags_per_prompt)]
+    prompts = [trigger]
+    for i in range(n - 1):
+        chunk = common[i * tags_per_prompt:(i + 1) * tags_per_prompt]
+        if chunk:
+            prompts.append(", ".join([trigger, *chunk]))
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in Deepbooru, as a tagging `Tagger`
+
+
+class DeepbooruTagger:
+    """The WebUI's own DeepDanbooru model (`modules.deepbooru.model`): nothing to download.
+    `tag_images` gives {tag: score} per image, scores at or above `threshold`."""
+
+    name = "deepbooru (WebUI)"
+
+    def __init__(self, threshold: float | None = None):
+        self.threshold = threshold
+
+    def tag_images(self, images: list) -> list[dict[str, float]]:
+        import numpy as np
+
+        deepbooru, devices, a_images = a1111("deepbooru"), a1111("devices"), a1111("images")
+        threshold = self.threshold if self.threshold is not None else opt("interrogate_deepbooru_score_threshold", 0.5)
+        spaces = opt("deepbooru_use_spaces", True)
+        model = deepbooru.model
+        model.start()  # loads once, moves to the GPU
+        try:
+            out = []
+            for image in images:
+                # the same preparation as DeepDanbooru.tag_multi: 512x512 RGB in [0, 1], NHWC
+                pic = a_images.resize_image(2, image.convert("RGB"), 512, 512)
+                a = np.expand_dims(np.array(pic, dtype=np.float32), 0) / 255
+                with torch.no_grad(), devices.autocast():
+                    x = torch.from_numpy(a).to(devices.device, devices.dtype)
+                    y = model.model(x)[0].detach().float().cpu().numpy()
+                tags = {}
+                for tag, p in zip(model.model.tags, y, strict=False):
+                    if p >= threshold and not tag.startswith("rating:"):
+                        tags[_tag_text(tag, spaces)] = float(p)
+                out.append(tags)
+            return out
+        finally:
+            model.stop()
+
+
+def _tag_text(tag: str, spaces: bool) -> str:
+    # danbooru writes "long_hair"; captions use "long hair" (kaomoji such as ^_^ keep theirs)
+    return tag.replace("_", " ") if spaces and re.search(r"[a-z0-9]_[a-z0-9]", tag) else tag
+
+
+# --------------------------------------------------------------------------------------------
+# One host per WebUI process
+
+_HOST: WebUIHost | None = None
+
+
+def get_host() -> WebUIHost:
+    global _HOST
+    if _HOST is None:
+        _HOST = WebUIHost()
+    return _HOST

@@ -1,0 +1,323 @@
+"""What `scripts/fast_lora.py` registers with the WebUI: the tab, the settings section and the
+REST routes. The WebUI's `modules` are reached only through `lib_lora.hosts.webui`.
+
+REST (JSON), mounted on the WebUI's FastAPI app, driven like the WebUI's own API:
+  POST {API_PREFIX}/train     body: TrainConfig fields, plus an optional "preset"
+                              -> {"job_id", "status": "queued"}; 409 while a job runs
+  GET  {API_PREFIX}/progress  -> the job record: status, step, total, loss, text, lora_path, error
+  POST {API_PREFIX}/stop      -> interrupts the running job (the last checkpoint is kept)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import uuid
+from typing import Any
+
+from lib_lora.config import PRESETS, TrainConfig, apply_preset, validate
+from lib_lora.errors import UserError
+from lib_lora.hosts import webui
+from lib_lora.hosts.webui_requirements import missing_now
+
+log = logging.getLogger(__name__)
+
+TAB_TITLE, TAB_ID = "Fast LoRA", "fast_lora"
+ACTIVE = ("queued", "running", "stopping")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+def settings_options() -> list[tuple[str, Any, str, dict | None]]:
+    """(key, default, label, component kwargs) of the settings section."""
+    return [
+        ("fast_lora_work_dir", "", "Work folder for datasets and training runs (empty: <webui>/fast_lora)", None),
+        ("fast_lora_tagger", "deepbooru", "Default tagger", {"choices": ["deepbooru", "wd14"]}),
+        ("fast_lora_tag_threshold", 0.5, "Tag threshold (general tags)", {"minimum": 0.05, "maximum": 1.0, "step": 0.01}),
+        ("fast_lora_character_threshold", 0.85, "Tag threshold (character tags, WD14)",
+         {"minimum": 0.05, "maximum": 1.0, "step": 0.01}),
+        ("fast_lora_keep_models", False, "Keep tagger and background-removal models in memory between runs", None),
+        ("fast_lora_preset", "person", "Default training preset", {"choices": list(PRESETS)}),
+    ]
+
+
+def add_settings() -> None:
+    """on_ui_settings callback: the 'Fast LoRA' section of the WebUI's Settings."""
+    import gradio as gr
+
+    shared = webui.a1111("shared")
+    for key, default, label, kwargs in settings_options():
+        component = None
+        if kwargs and "choices" in kwargs:
+            component = gr.Radio if len(kwargs["choices"]) <= 3 else gr.Dropdown
+        elif kwargs:
+            component = gr.Slider
+        shared.opts.add_option(key, shared.OptionInfo(default, label, component, kwargs, section=webui.SETTINGS_SECTION))
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs started from the API (or the fallback tab): one at a time, in a thread
+
+
+def config_from_request(body: dict[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from a JSON body: the preset (or the default preset), then the fields."""
+    body = dict(body or {})
+    preset = body.pop("preset", None) or webui.opt("fast_lora_preset", "")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(body) - names)
+    if unknown:
+        raise UserError(f"Unknown training option(s): {', '.join(unknown)}.")
+    cfg = apply_preset(TrainConfig(), preset) if preset else TrainConfig()
+    try:
+        cfg = dataclasses.replace(cfg, **body)
+    except TypeError as err:
+        raise UserError(f"Bad training options: {err}.") from None
+    if not cfg.name:
+        raise UserError("Give the LoRA a name (the 'name' field).")
+    if not cfg.dataset:
+        raise UserError("Give the dataset folder (the 'dataset' field).")
+    return validate(cfg)
+
+
+def start_training(host: webui.WebUIHost, cfg: TrainConfig) -> str:
+    """Queue a training job in a thread; it waits for the WebUI's queue lock. Returns its id."""
+    with host._record_lock:
+        if host.record.status in ACTIVE:
+            raise JobBusy("A Fast LoRA training job is already queued or running; stop it or wait for it to end.")
+        job_id = uuid.uuid4().hex[:12]
+        host.record = webui.JobRecord(job_id=job_id, status="queued", title=f"Training {cfg.name}")
+    threading.Thread(target=_run_training, args=(host, cfg, job_id), name=f"fast-lora-{job_id}", daemon=True).start()
+    return job_id
+
+
+class JobBusy(UserError):
+    pass
+
+
+def _run_training(host: webui.WebUIHost, cfg: TrainConfig, job_id: str) -> None:
+    record = host.record
+
+    def body(progress: webui.StateProgress) -> dict:
+        if record.status == "stopping":  # stopped while it waited for the lock
+            return {"interrupted": True, "lora_path": ""}
+        record.status = "running"
+        return host.train(progress, cfg)
+
+    try:
+        summary = host.run_job(record.title, body)
+        record.status = "interrupted" if summary.get("interrupted") else "done"
+        record.lora_path = summary.get("lora_path", "") or record.lora_path
+    except UserError as err:
+        record.status, record.error = "error", str(err)
+    except Exception as err:  # noqa: BLE001 - reported through the API, logged in full
+        log.exception("Fast LoRA training failed")
+        record.status, record.error = "error", f"{type(err).__name__}: {err}"
+
+
+def stop_training(host: webui.WebUIHost) -> bool:
+    """Interrupt our job (and only ours: a generation in progress is left alone)."""
+    with host._record_lock:
+        status = host.record.status
+        if status == "queued":
+            host.record.status = "stopping"
+            return True
+        if status == "running":
+            webui.a1111("shared").state.interrupt()
+            return True
+    return False
+
+
+def mount_api(app: Any, host: webui.WebUIHost) -> None:
+    """on_app_started callback body: add the routes to the WebUI's FastAPI app."""
+    from fastapi import Body, HTTPException
+
+    prefix = webui.API_PREFIX
+
+    @app.post(f"{prefix}/train")
+    def api_train(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's idiom
+        try:
+            cfg = config_from_request(body)
+            job_id = start_training(host, cfg)
+        except JobBusy as err:
+            raise HTTPException(status_code=409, detail=str(err)) from None
+        except UserError as err:
+            raise HTTPException(status_code=400, detail=str(err)) from None
+        return {"job_id": job_id, "status": "queued"}
+
+    @app.get(f"{prefix}/progress")
+    def api_progress() -> dict:
+        return host.record.as_dict()
+
+    @app.post(f"{prefix}/stop")
+    def api_stop() -> dict:
+        return {"stopping": stop_training(host), "status": host.record.status}
+
+
+def on_app_started(demo: Any, app: Any) -> None:
+    mount_api(app, webui.get_host())
+
+
+# --------------------------------------------------------------------------------------------
+# The tab
+
+
+def missing_banner() -> str:
+    missing = missing_now()
+    if not missing:
+        return ""
+    import sys
+
+    names = ", ".join(r.name for r in missing)
+    deps = [r.spec for r in missing if not r.no_deps]
+    nodeps = [r.spec for r in missing if r.no_deps]
+    cmds = []
+    if deps:
+        cmds.append(f"{sys.executable} -m pip install {' '.join(deps)}")
+    if nodeps:
+        cmds.append(f"{sys.executable} -m pip install --no-deps {' '.join(nodeps)}")
+    lines = "\n".join(f"    {c}" for c in cmds)
+    return (f"**Fast LoRA is missing {names}** (its installer could not add them). "
+            f"Steps that need them will not work. Install them by hand, then restart the WebUI:\n\n{lines}\n")
+
+
+def ui_tabs() -> list[tuple[Any, str, str]]:
+    """on_ui_tabs callback: the UI's tabs when that part is installed, else a minimal Train tab."""
+    import gradio as gr
+
+    host = webui.get_host()
+    banner = missing_banner()
+    try:
+        from lib_lora.ui.app import build_tabs
+    except ImportError as err:
+        log.info("Fast LoRA: the full UI is not available (%s); showing the minimal Train tab", err)
+        build_tabs = None
+    if build_tabs is not None and not banner:
+        return [(build_tabs(host), TAB_TITLE, TAB_ID)]
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        if banner:
+            gr.Markdown(banner)
+        if build_tabs is not None:
+            build_tabs(host)
+        else:
+            build_minimal_tab(host)
+    return [(blocks, TAB_TITLE, TAB_ID)]
+
+
+def _component(gr: Any, f: dataclasses.Field, default: Any) -> Any:
+    from lib_lora.config import field_type
+
+    typ, _ = field_type(TrainConfig, f)
+    label = f"{f.name} — {f.metadata.get('help', '')}"
+    choices = f.metadata.get("choices")
+    if choices:
+        return gr.Dropdown(choices=list(choices), value=default, label=label)
+    if typ is bool:
+        return gr.Checkbox(value=bool(default), label=label)
+    if typ in (int, float):
+        return gr.Number(value=default, label=label, precision=0 if typ is int else None)
+    return gr.Textbox(value="" if default is None else str(default), label=label)
+
+
+def form_values_to_config(fields: list[dataclasses.Field], values: list[Any]) -> TrainConfig:
+    from lib_lora.config import field_type
+
+    kwargs = {}
+    for f, v in zip(fields, values, strict=True):
+        typ, optional = field_type(TrainConfig, f)
+        if v in (None, "") and optional:
+            v = None
+        elif typ is int and v is not None:
+            v = int(v)
+        elif typ is float and v is not None:
+            v = float(v)
+        kwargs[f.name] = v
+    return validate(dataclasses.replace(TrainConfig(), **kwargs))
+
+
+def build_minimal_tab(host: webui.WebUIHost) -> None:
+    """Train on the loaded checkpoint, then a test grid: the fields come from TrainConfig."""
+    import gradio as gr
+
+    preset = webui.opt("fast_lora_preset", "person")
+    base = apply_preset(TrainConfig(), preset) if preset in PRESETS else TrainConfig()
+    skip = {"base_model", "output_dir", "device"}  # the WebUI decides these
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in skip]
+    gr.Markdown("Trains an SD1.5 LoRA on the checkpoint loaded at the top of the page; the result "
+                "appears under Lora at once (`<lora:name:1>`).")
+    comps = []
+    with gr.Row():
+        with gr.Column():
+            for f in fields:
+                if f.metadata.get("group") == "basic":
+                    comps.append((f, _component(gr, f, getattr(base, f.name))))
+            with gr.Accordion("Advanced", open=False):
+                for f in fields:
+                    if f.metadata.get("group") != "basic":
+                        comps.append((f, _component(gr, f, getattr(base, f.name))))
+            with gr.Row():
+                train_btn = gr.Button("Train", variant="primary", elem_id="fast_lora_train")
+                stop_btn = gr.Button("Stop", elem_id="fast_lora_stop")
+            status = gr.Markdown()
+        with gr.Column():
+            grid_prompts_box = gr.Textbox(label="Test prompts (one per line; empty: from the dataset's tags)", lines=3)
+            grid_seed = gr.Number(value=1234, label="Seed", precision=0)
+            grid_btn = gr.Button("Test grid (weights 0, 0.5, 0.75, 1)")
+            grid_img = gr.Image(label="Rows: prompts; columns: LoRA weight", type="pil", interactive=False)
+            grid_prompt = gr.Textbox(label="Prompt", interactive=False, elem_id="fast_lora_grid_prompt")
+            _send_to_txt2img(grid_prompt)
+
+    ordered = [f for f, _ in comps]
+    inputs = [c for _, c in comps]
+
+    def on_train(*values: Any) -> str:
+        try:
+            cfg = form_values_to_config(ordered, list(values))
+            summary = host.run_job(f"Training {cfg.name}", host.train, cfg)
+        except UserError as err:
+            return f"**{err}**"
+        if summary.get("interrupted"):
+            return f"Stopped. The last checkpoint is in `{summary.get('run_dir')}`."
+        return f"Done: `{summary['lora_path']}` — use `<lora:{cfg.name}:1>` in a prompt."
+
+    def on_stop() -> str:
+        return "Stopping..." if stop_training(host) or _interrupt_running(host) else "Nothing to stop."
+
+    def on_grid(*values: Any) -> tuple:
+        try:
+            cfg = form_values_to_config(ordered, list(values[:-2]))
+            text, seed = values[-2], int(values[-1] or 1234)
+            prompts = [p.strip() for p in (text or "").splitlines() if p.strip()]
+            if not prompts:
+                prompts = webui.grid_prompts(cfg.class_tokens or cfg.name, cfg.dataset)
+            grid, full = host.run_job("Fast LoRA test grid", host.test_grid, cfg.name, prompts, seed)
+        except UserError as err:
+            return None, str(err)
+        return grid, full[-1]
+
+    train_btn.click(on_train, inputs=inputs, outputs=[status])
+    stop_btn.click(on_stop, inputs=[], outputs=[status])
+    grid_btn.click(on_grid, inputs=inputs + [grid_prompts_box, grid_seed], outputs=[grid_img, grid_prompt])
+
+
+def _interrupt_running(host: webui.WebUIHost) -> bool:
+    # a job started from this tab (not through the API) has no record; it holds shared.state
+    state = webui.a1111("shared").state
+    if str(getattr(state, "job", "")).startswith("Training "):
+        state.interrupt()
+        return True
+    return False
+
+
+def _send_to_txt2img(prompt_box: Any) -> None:
+    """The WebUI's own "Send to txt2img" button for the grid's prompt (modules.infotext_utils)."""
+    try:
+        infotext_utils = webui.a1111("infotext_utils")
+    except ImportError:
+        return
+    buttons = infotext_utils.create_buttons(["txt2img"])
+    infotext_utils.register_paste_params_button(
+        infotext_utils.ParamBinding(paste_button=buttons["txt2img"], tabname="txt2img", source_text_component=prompt_box)
+    )

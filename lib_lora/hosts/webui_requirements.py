@@ -1,0 +1,156 @@
+"""What the extension needs inside an A1111 venv, and the pip steps that add only what is missing.
+
+Pure standard library: `install.py` imports it at every WebUI start (it must be fast and must
+not import torch), and the tab imports it to explain what is still missing.
+
+A1111 re-installs its own pins at every launch, so we never plan a change to them: the
+packages in `HOST_PINNED` are never installed, upgraded or downgraded, and every pip call gets
+a constraints file holding their installed versions, so pip fails instead of replacing them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+# The host's pins (REFERENCE §3). Planned never; constrained to their installed versions.
+HOST_PINNED = (
+    "torch", "torchvision", "torchaudio", "xformers", "gradio", "transformers", "accelerate",
+    "safetensors", "numpy", "pillow", "protobuf", "tokenizers", "huggingface-hub",
+)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    name: str  # distribution name as pip knows it
+    spec: str  # what we install: a pip requirement string
+    lo: str | None = None  # an installed version below this (or >= hi) counts as missing
+    hi: str | None = None
+    no_deps: bool = False  # install with --no-deps
+    alternatives: tuple[str, ...] = ()  # other distributions that provide the same module
+    why: str = ""
+
+
+# Versions measured to work beside A1111 v1.10's pins (REFERENCE §3).
+REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement("diffusers", "diffusers==0.31.0", lo="0.31", hi="0.32", why="model loading outside the WebUI"),
+    Requirement("onnxruntime", "onnxruntime>=1.23,<1.27", lo="1.17",
+                alternatives=("onnxruntime-gpu", "onnxruntime-directml"), why="taggers and background removal"),
+    Requirement("opencv-python-headless", "opencv-python-headless==4.11.0.86", lo="4", hi="5",
+                alternatives=("opencv-python", "opencv-contrib-python", "opencv-contrib-python-headless"),
+                why="face detection for cropping"),
+    Requirement("rembg", "rembg==2.0.69", lo="2.0.60", hi="2.1", why="background removal"),
+    Requirement("prodigyopt", "prodigyopt==1.1.2", why="the Prodigy optimizer"),
+    Requirement("dadaptation", "dadaptation==3.2", why="the D-Adaptation optimizer (learning-rate probe)"),
+    Requirement("bitsandbytes", "bitsandbytes", why="the AdamW8bit optimizer"),
+    Requirement("tensorboard", "tensorboard", why="training logs"),
+    Requirement("matplotlib", "matplotlib", why="loss and learning-rate charts"),
+    Requirement("einops", "einops", why="the WebUI's model classes"),
+    Requirement("omegaconf", "omegaconf", why="the WebUI's model configs"),
+    # Its own requirements pull `onnx`, which does not build under protobuf 3.20 and is unused.
+    Requirement("deepdanbooru-onnx", "deepdanbooru-onnx==0.0.8", no_deps=True, why="the DeepDanbooru tagger"),
+    # Only its BPE vocabulary file is read (the CLIP tokenizer offline); the WebUI ships it.
+    Requirement("open-clip-torch", "open-clip-torch==2.20.0", no_deps=True, why="the CLIP tokenizer vocabulary"),
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pip call: `pip install [--no-deps] <specs>` (always with the host-pin constraints)."""
+
+    specs: tuple[str, ...]
+    no_deps: bool
+    names: tuple[str, ...]
+
+    def pip_args(self, constraints_file: str | None = None) -> list[str]:
+        args = ["install"]
+        if self.no_deps:
+            args.append("--no-deps")
+        if constraints_file:
+            args += ["-c", constraints_file]
+        return args + list(self.specs)
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("."):
+        m = re.match(r"\d+", piece)
+        if not m:
+            break
+        parts.append(int(m.group()))
+    return tuple(parts)
+
+
+def satisfied(req: Requirement, version: str | None) -> bool:
+    """Whether an installed `version` (None: not installed) of `req` is usable."""
+    if version is None:
+        return False
+    v = _version_tuple(version)
+    if req.lo is not None and v < _version_tuple(req.lo):
+        return False
+    if req.hi is not None and v >= _version_tuple(req.hi):
+        return False
+    return True
+
+
+def missing(installed: Mapping[str, str]) -> list[Requirement]:
+    """The requirements not satisfied by `installed` ({distribution name: version})."""
+    have = {canonical(k): v for k, v in installed.items()}
+    out = []
+    for req in REQUIREMENTS:
+        if canonical(req.name) in HOST_PINNED:
+            continue  # never ours to install, whatever the table says
+        candidates = [req.name, *req.alternatives]
+        if any(satisfied(req, have.get(canonical(n))) for n in candidates):
+            continue
+        out.append(req)
+    return out
+
+
+def plan(installed: Mapping[str, str]) -> list[Step]:
+    """The pip steps that install exactly what is missing: one call with dependencies, one
+    without (`--no-deps` packages). Empty when everything is present."""
+    todo = missing(installed)
+    steps = []
+    for no_deps in (False, True):
+        group = [r for r in todo if r.no_deps == no_deps]
+        if group:
+            steps.append(Step(tuple(r.spec for r in group), no_deps, tuple(r.name for r in group)))
+    return steps
+
+
+def pin_constraints(installed: Mapping[str, str]) -> str:
+    """A pip constraints file's text holding the installed host pins at their exact versions."""
+    have = {canonical(k): v for k, v in installed.items()}
+    lines = [f"{name}=={have[name]}" for name in HOST_PINNED if name in have]
+    return "\n".join(lines) + "\n"
+
+
+def installed_distributions(names: Iterable[str]) -> dict[str, str]:
+    """{canonical name: version} for those of `names` this interpreter has installed."""
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            out[canonical(name)] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def relevant_names() -> set[str]:
+    names = set(HOST_PINNED)
+    for req in REQUIREMENTS:
+        names.add(canonical(req.name))
+        names.update(canonical(a) for a in req.alternatives)
+    return names
+
+
+def missing_now() -> list[Requirement]:
+    """What this interpreter still lacks (the tab shows it when install.py could not finish)."""
+    return missing(installed_distributions(relevant_names()))

@@ -1,0 +1,116 @@
+"""The page: five tabs for the seven steps, shared by the WebUI and the standalone app.
+
+`build_tabs(host)` is what the WebUI mounts as its tab; `build_app(host)` wraps the same
+tabs in a standalone page with a title, the stylesheet, and a language switch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lib_lora.hosts.base import Host
+from lib_lora.ui import compat, tab_edit, tab_prepare, tab_tag, tab_test, tab_train
+from lib_lora.ui.context import UIContext
+from lib_lora.ui.paths import FolderPolicy
+
+ROOT = Path(__file__).resolve().parents[2]  # the extension's folder (style.css, javascript/, localizations/)
+LANGUAGES = {"English": "en", "中文": "zh_CN"}
+
+
+def asset(*parts: str) -> Path:
+    return ROOT.joinpath(*parts)
+
+
+def read_asset(*parts: str) -> str:
+    path = asset(*parts)
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
+def localization(lang: str) -> dict[str, str]:
+    """A1111-format translations ({english: translated}) for our labels; {} for English."""
+    if lang == "en":
+        return {}
+    text = read_asset("localizations", f"{lang}.json")
+    return json.loads(text) if text else {}
+
+
+def build_tabs(host: Host, policy: FolderPolicy | None = None, language: str | None = None) -> gr.Blocks:
+    """The tabs as one Blocks; the WebUI renders it inside its own page."""
+    ctx = UIContext(host=host, policy=policy or FolderPolicy(), language=language or getattr(host, "language", "en"))
+    with gr.Blocks(analytics_enabled=False, elem_id="fast_lora") as blocks:
+        if ctx.policy.restricted:
+            gr.Markdown(f"Folders are limited to: {ctx.policy.describe()}", elem_id="fast_lora_roots")
+        with gr.Tabs(elem_id="fast_lora_tabs"):
+            with gr.Tab("1-2 Prepare", elem_id="fast_lora_tab_prepare"):
+                ctx.parts["prepare"] = tab_prepare.build(ctx)
+            with gr.Tab("3 Tag", elem_id="fast_lora_tab_tag"):
+                ctx.parts["tag"] = tab_tag.build(ctx)
+            with gr.Tab("4 Edit tags", elem_id="fast_lora_tab_edit"):
+                ctx.parts["edit"] = tab_edit.build(ctx)
+            with gr.Tab("5-6 Train", elem_id="fast_lora_tab_train"):
+                ctx.parts["train"] = tab_train.build(ctx)
+            with gr.Tab("7 Test", elem_id="fast_lora_tab_test"):
+                ctx.parts["test"] = tab_test.build(ctx)
+        _link_tabs(ctx)
+    blocks.fast_lora = ctx  # type: ignore[attr-defined]  # for tests and the hosts
+    return blocks
+
+
+def _link_tabs(ctx: UIContext) -> None:
+    """Each step's output becomes the next step's input: a prepared folder flows to Tag, Edit
+    and Train; tagging refreshes Edit; a trained LoRA is selected in Test."""
+    prep, tag, edit, train, test = (ctx.parts[k] for k in ("prepare", "tag", "edit", "train", "test"))
+
+    def after_prepare(state: dict[str, Any], *current: Any) -> tuple:
+        if not state or not state.get("image_dir"):
+            return tuple(gr.update() for _ in current)
+        return state["image_dir"], state["image_dir"], state["train_dir"]
+
+    prep["event"].then(after_prepare, [prep["state"], tag["folder"], edit["folder"], train["dataset"]],
+                       [tag["folder"], edit["folder"], train["dataset"]])
+
+    def after_train(lora_name: str, current: str) -> Any:
+        update = test["refresh_fn"](lora_name or current)
+        return update
+
+    train["event"].then(after_train, [train["lora_name"], test["lora"]], [test["lora"]])
+    if "name" in prep.get("controls", {}):
+        # The dataset's name is the natural LoRA name.
+        prep["controls"]["name"].change(lambda n, cur: n if n and not cur else gr.update(),
+                                        [prep["controls"]["name"], train["name"]], [train["name"]])
+
+
+def i18n_script(lang_component: bool = True) -> str:
+    """Client code for the standalone page: translate labels (A1111's localization format)
+    and remember the language choice. Inside the WebUI, A1111's own localization does this."""
+    maps = {code: localization(code) for code in LANGUAGES.values() if code != "en"}
+    js = read_asset("javascript", "fast_lora.js")
+    return (
+        "() => {\n" + js + "\n"
+        f"return fastLoraStandaloneInit({json.dumps(maps, ensure_ascii=False)}, {json.dumps(LANGUAGES, ensure_ascii=False)});\n"
+        "}"
+    )
+
+
+def build_app(host: Host, policy: FolderPolicy | None = None) -> gr.Blocks:
+    """The standalone page."""
+    css = read_asset("style.css")
+    with gr.Blocks(title="Fast LoRA", css=css, analytics_enabled=False, elem_id="fast_lora_app") as app:
+        with gr.Row(elem_id="fast_lora_header"):
+            with gr.Column(scale=4):
+                gr.Markdown("# Fast LoRA\nPhotos in, a working SD1.5 LoRA out: prepare → tag → edit → train → test.")
+            with gr.Column(scale=1, min_width=220):
+                lang = gr.Radio(list(LANGUAGES), value="English", label="Language", elem_id="fast_lora_lang")
+        tabs = build_tabs(host, policy)  # created inside this Blocks, so it renders here
+        ctx: UIContext = tabs.fast_lora  # type: ignore[attr-defined]
+        show_zh = ctx.parts["edit"].get("show_zh")
+        lang.change(None, [lang], None, **compat.js(
+            "(v) => { if ((localStorage.getItem('fast_lora_lang') || 'English') !== v) { "
+            "localStorage.setItem('fast_lora_lang', v); window.location.reload(); } return []; }"))
+        app.load(None, None, [lang, show_zh] if show_zh is not None else [lang], **compat.js(i18n_script()))
+    app.fast_lora = ctx  # type: ignore[attr-defined]
+    return app

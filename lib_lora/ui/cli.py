@@ -1,0 +1,75 @@
+"""`python -m lib_lora ui`: the standalone web app."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import time
+from pathlib import Path
+
+from lib_lora.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ui", help="start the web UI (all seven steps in the browser)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=7861, help="port (default: 7861)")
+    p.add_argument("--base-model", default="tiny", help="SD1.5 checkpoint, diffusers folder, or 'tiny'")
+    p.add_argument("--output-dir", default="output", help="where finished LoRAs go (default: ./output)")
+    p.add_argument("--work-dir", default="work", help="where datasets and runs go (default: ./work)")
+    p.add_argument("--root", action="append", default=[],
+                   help="a folder the page may read and write when listening beyond loopback (repeatable; "
+                        "the work and output folders are always allowed)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=run)
+
+
+def make_app(args: argparse.Namespace):  # -> gr.Blocks
+    from lib_lora.hosts.standalone import StandaloneHost
+    from lib_lora.ui.app import build_app
+    from lib_lora.ui.paths import FolderPolicy
+
+    host = StandaloneHost(base_model=args.base_model, output_dir=args.output_dir, work_dir=args.work_dir,
+                          device=args.device)
+    policy = FolderPolicy()
+    if not is_loopback(args.host):
+        policy = FolderPolicy.limited([host.work_dir(), host.lora_dir(), *args.root])
+    return build_app(host, policy), host, policy
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError("The web UI needs gradio: pip install 'gradio>=3.41.2'.") from None
+    from lib_lora.ui import compat
+
+    app, host, policy = make_app(args)
+    if policy.restricted:
+        print(f"Listening on {args.host}, beyond this machine: folder inputs are limited to {policy.describe()} "
+              "(add more with --root).")
+    compat.enable_queue(app)
+    allowed = [str(host.work_dir()), str(host.lora_dir()), *(str(Path(r).resolve()) for r in args.root)]
+    try:
+        compat.launch(app, args.host, args.port, allowed_paths=allowed)
+    except OSError as err:
+        raise UserError(f"Cannot listen on {args.host}:{args.port} ({err}); choose another --port.") from None
+    print(f"Fast LoRA is running at http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
+          " (Ctrl+C to stop).")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        app.close()

@@ -1,0 +1,152 @@
+"""UI controls generated from the config schema (lib_lora.config `opt(...)` metadata).
+
+A field is declared once in the config; here it becomes a Checkbox (bool), a Dropdown (it
+has choices), a Number (int/float, with its bounds) or a Textbox, labelled by its help text.
+`collect` turns the controls' values back into a validated config, so the page shows the
+same message as the CLI for a bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import gradio as gr
+
+from lib_lora.config import field_type, validate
+from lib_lora.errors import UserError
+
+# Field names that read badly when simply capitalised.
+LABELS = {
+    "out": "Work folder", "remove_bg": "Background removal", "bg_color": "Background colour",
+    "keep_rgba": "Keep transparency", "model_dir": "Model folder", "face_model": "Face model",
+    "dim": "Network dim", "alpha": "Network alpha", "conv_dim": "Conv dim", "conv_alpha": "Conv alpha",
+    "lr_scheduler": "LR schedule", "lr_warmup_steps": "LR warm-up steps", "te_lr_ratio": "Text-encoder LR ratio",
+    "text_encoder_lr": "Text-encoder LR", "min_snr_gamma": "Min-SNR gamma", "run_dir": "Run folder",
+    "train_unet": "Train U-Net", "clip_skip": "CLIP skip", "max_grad_norm": "Max grad norm",
+    "bucket_reso_steps": "Bucket resolution steps", "min_bucket_reso": "Min bucket resolution",
+    "max_bucket_reso": "Max bucket resolution", "log_every_n_steps": "Log every N steps",
+    "save_every_n_steps": "Save every N steps", "save_every_n_epochs": "Save every N epochs",
+    "tags_file": "Tags file", "general_threshold": "General threshold", "score_floor": "Score floor",
+    "max_tags": "Max tags", "existing": "Existing captions", "batch_size": "Batch size",
+}
+
+
+def label_for(f: dataclasses.Field) -> str:
+    """'network_dropout' -> 'Network dropout'; the help text becomes the info line."""
+    return LABELS.get(f.name) or f.name.replace("_", " ").capitalize()
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def fields(cls: type, group: str | None = None, skip: typing.Iterable[str] = ()) -> list[dataclasses.Field]:
+    skip = set(skip)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if group is not None and f.metadata.get("group", "advanced") != group:
+            continue
+        out.append(f)
+    return out
+
+
+def component_for(cls: type, f: dataclasses.Field, value: Any = None, elem_prefix: str = "") -> gr.components.Component:
+    typ, optional = field_type(cls, f)
+    meta = f.metadata
+    value = default_of(f) if value is None else value
+    kw: dict[str, Any] = {"label": label_for(f), "info": meta.get("help") or None}
+    if elem_prefix:
+        kw["elem_id"] = f"{elem_prefix}{f.name}"
+    if typ is bool:
+        return gr.Checkbox(value=bool(value), **kw)
+    if meta.get("choices"):
+        choices = [str(c) for c in meta["choices"]]
+        return gr.Dropdown(choices=choices, value=None if value is None else str(value), **kw)
+    if typ in (int, float) and not optional:
+        return gr.Number(
+            value=value,
+            precision=0 if typ is int else None,
+            minimum=meta.get("min"),
+            maximum=meta.get("max"),
+            **kw,
+        )
+    if typing.get_origin(typ) is list:
+        return gr.Textbox(value=", ".join(map(str, value or [])), **kw)
+    # Optional numbers are text so that "empty" can mean "off / default".
+    return gr.Textbox(value="" if value is None else str(value), **kw)
+
+
+def build(cls: type, names: list[str], values: dict[str, Any] | None = None, elem_prefix: str = "") -> dict[str, Any]:
+    values = values or {}
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    return {n: component_for(cls, by_name[n], values.get(n), elem_prefix) for n in names}
+
+
+def convert(cls: type, name: str, raw: Any) -> Any:
+    """A control's value as the field's type; UserError naming the field when it does not parse."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    typ, optional = field_type(cls, f)
+    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+        if optional:
+            return None
+        if typ is str:
+            return ""
+        if typ in (int, float):
+            raise UserError(f"{label_for(f)} is empty: give a number.")
+    if typ is bool:
+        return bool(raw)
+    if typing.get_origin(typ) is list:
+        items = raw if isinstance(raw, list) else [s.strip() for s in str(raw).split(",")]
+        return [s for s in items if s != ""]
+    if typ is int:
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{label_for(f)} = {raw!r} is not a whole number.") from None
+        if number != int(number):
+            raise UserError(f"{label_for(f)} = {raw} is not a whole number.")
+        return int(number)
+    if typ is float:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{label_for(f)} = {raw!r} is not a number.") from None
+    if meta_choices := f.metadata.get("choices"):
+        # Dropdowns give strings; map back to the declared choice (which may be an int).
+        for c in meta_choices:
+            if str(c) == str(raw):
+                return c
+    return str(raw)
+
+
+def collect(cls: type, names: list[str], raw_values: list[Any], base: Any | None = None, **fixed: Any) -> Any:
+    """A validated config from the controls' values (in `names` order) plus fixed values."""
+    values = {n: convert(cls, n, v) for n, v in zip(names, raw_values, strict=True)}
+    values.update(fixed)
+    cfg = dataclasses.replace(base, **values) if base is not None else cls(**values)
+    return validate(cfg)
+
+
+def values_of(cfg: Any, names: list[str]) -> list[Any]:
+    """Control values for a config (the inverse of collect), e.g. after a preset."""
+    out = []
+    for n in names:
+        v = getattr(cfg, n)
+        if isinstance(v, list):
+            v = ", ".join(map(str, v))
+        elif v is None:
+            v = ""
+        elif isinstance(v, str | bool | int | float):
+            pass
+        else:
+            v = str(v)
+        out.append(v)
+    return out

@@ -1,0 +1,119 @@
+"""Step 3: auto-tag the prepared images with a tagger, with progress; the tags per image shown."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from lib_lora.errors import UserError
+from lib_lora.ui import captions_view, compat, forms, steps, widgets
+from lib_lora.ui.context import UIContext
+
+ID = "fast_lora_tag_"
+# Fields of TagConfig that belong to step 4 (rules); the Edit tab handles those.
+RULE_FIELDS = {"preset", "blacklist", "whitelist", "implications_file", "aliases_file"}
+
+
+def make_tagger(ctx: UIContext, cfg: Any) -> Any:
+    if cfg.tagger == "webui":
+        tagger = ctx.host.tagger()
+        if tagger is None:
+            raise UserError("This host has no built-in tagger; choose deepdanbooru or wd14.")
+        return tagger
+    mod = steps.taggers()
+    if isinstance(mod, steps.Missing):
+        raise UserError(mod.message())
+    return mod.load_tagger(cfg.tagger, cfg.model or None, cfg.tags_file or None, threshold=cfg.score_floor,
+                           device=cfg.device, batch_size=cfg.batch_size, allow_download=cfg.allow_download)
+
+
+def run_tag(ctx: UIContext, folder: str, names: list[str], *values: Any) -> Iterator[tuple]:
+    """Generator handler: (progress html, gallery, caption rows)."""
+    cap, cfg_cls = steps.captions(), steps.tag_config()
+    for m in (cap, cfg_cls):
+        if isinstance(m, steps.Missing):
+            yield widgets.message_html(m.message(), "missing"), gr.update(), gr.update()
+            return
+    try:
+        image_dir = captions_view.find_image_dir(ctx.policy.check(folder, "image folder"))
+        cfg = forms.collect(cfg_cls, names, list(values))
+
+        def work(p: Any) -> Any:
+            p.update(0, 1, "loading the tagger")
+            tagger = make_tagger(ctx, cfg)
+            return cap.tag_dataset(image_dir, tagger, cfg, progress=p)
+
+        job = ctx.runner.start("Tag images", work)
+    except UserError as err:
+        yield widgets.message_html(str(err), "error"), gr.update(), gr.update()
+        return
+    for j in ctx.runner.follow(job):
+        p = j.progress
+        if j.running:
+            yield widgets.progress_html(p.done, p.total, p.text, p.eta_seconds(), p.elapsed()), gr.update(), gr.update()
+    if job.error or job.cancelled:
+        yield widgets.message_html(job.error or "Stopped.", "error"), gr.update(), gr.update()
+        return
+    rows = captions_view.caption_rows(image_dir)
+    text = f"Tagged {len(rows)} images in {image_dir}."
+    summary = getattr(job.result, "summary", None)
+    if callable(summary):
+        text = str(summary())
+    yield (widgets.progress_html(len(rows), len(rows), text, None, job.progress.elapsed(), state="done"),
+           gallery_of(image_dir), rows or [["", ""]])
+
+
+def gallery_of(image_dir: Any) -> list[tuple[Any, str]]:
+    return [(widgets.thumbnail(p), captions_view.caption_of(p)[:120]) for p in captions_view.images_in(image_dir)]
+
+
+def show_folder(ctx: UIContext, folder: str) -> tuple:
+    try:
+        image_dir = captions_view.find_image_dir(ctx.policy.check(folder, "image folder"))
+    except UserError as err:
+        return widgets.message_html(str(err), "error"), gr.update(), gr.update()
+    rows = captions_view.caption_rows(image_dir)
+    return widgets.message_html(f"{len(rows)} images in {image_dir}.", "info"), gallery_of(image_dir), rows or [["", ""]]
+
+
+def build(ctx: UIContext) -> dict[str, Any]:
+    cfg_cls = steps.tag_config()
+    missing = [m for m in (cfg_cls, steps.captions(), steps.taggers()) if isinstance(m, steps.Missing)]
+    gr.Markdown("Write a caption (comma-separated tags) beside every image, like A1111's Deepbooru pre-processing.")
+    if missing:
+        gr.HTML(widgets.message_html(missing[0].message(), "missing"))
+    names: list[str] = []
+    controls: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=2):
+            folder = gr.Textbox(label="Image folder", placeholder="the prepared images (filled in by Prepare)",
+                                elem_id=ID + "folder")
+            if not isinstance(cfg_cls, steps.Missing):
+                basic = [f.name for f in forms.fields(cfg_cls, "basic", skip=RULE_FIELDS)]
+                advanced = [f.name for f in forms.fields(cfg_cls, "advanced", skip=RULE_FIELDS)]
+                controls.update(forms.build(cfg_cls, basic, {}, ID))
+                with gr.Accordion("Advanced", open=False, elem_id=ID + "advanced"):
+                    controls.update(forms.build(cfg_cls, advanced, {}, ID))
+                names = basic + advanced
+            with gr.Row():
+                run = gr.Button("Tag images", variant="primary", elem_id=ID + "run")
+                stop = gr.Button("Stop", variant="stop", elem_id=ID + "stop")
+                show = gr.Button("Show captions", elem_id=ID + "show")
+            status = gr.HTML(elem_id=ID + "status")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Images and their tags", columns=5, height=360, object_fit="contain",
+                                 allow_preview=True, elem_id=ID + "gallery")
+            table = gr.Dataframe(headers=["image", "tags"], value=[["", ""]], label="Tags per image",
+                                 interactive=False, wrap=True, elem_id=ID + "table")
+
+    def _run(folder_text: str, *vals: Any) -> Iterator[tuple]:
+        yield from run_tag(ctx, folder_text, names, *vals)
+
+    event = run.click(_run, [folder, *controls.values()], [status, gallery, table], **compat.event_kwargs())
+    stop.click(lambda: ctx.runner.stop() and None, None, None, queue=False)
+    show.click(lambda f: show_folder(ctx, f), [folder], [status, gallery, table])
+    return dict(folder=folder, controls=controls, names=names, run=run, status=status, gallery=gallery, table=table,
+                event=event)
+

@@ -1,0 +1,277 @@
+"""Steps 5-6: the recipe (preset, name, repeats/epochs/batch with the live step count, the
+learning rate auto or manual, advanced options generated from the schema) and the run: a
+progress bar with ETA, the live loss chart, the LR-probe plot and samples as they are made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lib_lora import config
+from lib_lora.errors import UserError
+from lib_lora.names import validate_name
+from lib_lora.ui import compat, forms, steps, widgets
+from lib_lora.ui.context import UIContext
+
+ID = "fast_lora_train_"
+# Handled by dedicated controls (or by the host) instead of generated ones.
+SPECIAL = {"lr", "output_dir", "dataset", "name"}
+# Basic controls shown side by side; any other basic field follows, one per line.
+ROWS = (("repeats", "epochs", "batch_size", "max_steps"), ("dim", "alpha", "optimizer"), ("resolution", "base_model"))
+STEP_FIELDS = ("repeats", "epochs", "batch_size", "max_steps")
+METADATA_SHOWN = ("ss_output_name", "ss_network_dim", "ss_network_alpha", "ss_optimizer", "ss_learning_rate",
+                  "ss_unet_lr", "ss_text_encoder_lr", "ss_num_train_images", "ss_max_train_steps", "ss_steps",
+                  "ss_sd_model_name", "sshs_model_hash")
+
+
+@dataclasses.dataclass
+class TrainForm:
+    """The Train tab's controls in a fixed order; `values` follow `names`."""
+
+    names: list[str]
+    has_base_model: bool
+
+    def config(self, ctx: UIContext, name: str, dataset: str, lr_mode: str, lr_value: str, values: list[Any]) -> Any:
+        """A validated TrainConfig, or UserError with the message the page shows."""
+        name = validate_name(name or "", "LoRA name")
+        dataset_dir = ctx.policy.check(dataset, "dataset folder")
+        lr = "auto" if lr_mode == "auto" else str(lr_value or "").strip()
+        if lr_mode != "auto" and not lr:
+            raise UserError("Learning rate is empty: give a number such as 1e-4, or choose auto.")
+        fixed = {"name": name, "dataset": str(dataset_dir), "lr": lr, "output_dir": str(ctx.host.lora_dir())}
+        cfg = forms.collect(config.TrainConfig, self.names, values, **fixed)
+        if not cfg.run_dir:
+            cfg = dataclasses.replace(cfg, run_dir=str(ctx.host.work_dir() / "runs" / name))
+        else:
+            cfg = dataclasses.replace(cfg, run_dir=str(ctx.policy.check(cfg.run_dir, "run folder", must_exist=False)))
+        if not self.has_base_model:
+            cfg = dataclasses.replace(cfg, base_model=getattr(ctx.host, "base_model", cfg.base_model) or cfg.base_model)
+        return cfg
+
+
+def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any]) -> str:
+    """The live step count: images x repeats x epochs / batch, as the tutorial computes 35 x 30 = 1050."""
+    data = steps.training_data()
+    if isinstance(data, steps.Missing):
+        return data.message()
+    if not str(dataset or "").strip():
+        return "Choose a dataset folder to see the step count."
+    try:
+        dataset_dir = ctx.policy.check(dataset, "dataset folder")
+        cfg = forms.collect(config.TrainConfig, form.names, values, dataset=str(dataset_dir), name="preview")
+        plan = data.plan_steps(dataset_dir, cfg)
+    except UserError as err:
+        return f"⚠ {err}"
+    return describe_plan(plan, cfg.max_steps)
+
+
+def describe_plan(plan: Any, max_steps: int | None = None) -> str:
+    subsets = plan.subsets or []
+    if len(subsets) == 1:
+        s = subsets[0]
+        head = f"{s['images']} images × {s['repeats']} repeats"
+    else:
+        head = f"{plan.images_with_repeats} images with repeats"
+    if max_steps:
+        line = (f"**{plan.total_steps} steps** (max steps; one epoch is {plan.steps_per_epoch} = {head} "
+                f"÷ batch {plan.batch_size})")
+    else:
+        epochs = f"{plan.epochs} epoch{'s' if plan.epochs != 1 else ''}"
+        line = f"**{plan.total_steps} steps** = {head} × {epochs} ÷ batch {plan.batch_size}"
+        if len(plan.buckets) > 1 or plan.batch_size > 1:
+            line += f" (rounded up per bucket: {plan.steps_per_epoch} per epoch)"
+    if getattr(plan, "skipped", None):
+        line += f"; {len(plan.skipped)} file(s) skipped"
+    return line
+
+
+@dataclasses.dataclass
+class Live:
+    """What the page shows of a run, rebuilt from the job's events."""
+
+    seen: int = 0
+    phase: str = ""
+    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    probe: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    probe_plot: str | None = None
+    probe_lr: float | None = None
+    samples: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    saved: list[str] = dataclasses.field(default_factory=list)
+    changed_loss: bool = False
+    changed_probe: bool = False
+    changed_samples: bool = False
+
+    def feed(self, events: list[dict[str, Any]]) -> None:
+        self.changed_loss = self.changed_probe = self.changed_samples = False
+        for ev in events:
+            kind = ev.get("kind")
+            if kind == "phase":
+                self.phase = str(ev.get("name") or ev.get("text") or ev.get("phase") or "")
+            elif kind == "loss" and ev.get("loss") is not None:
+                self.losses.append((int(ev.get("step", len(self.losses))), float(ev["loss"])))
+                self.changed_loss = True
+            elif kind == "probe" and ev.get("dlr") is not None:
+                self.probe.append((int(ev.get("step", len(self.probe))), float(ev["dlr"])))
+                self.changed_probe = True
+            elif kind == "probe_done":
+                self.probe_lr = ev.get("lr")
+                plot = ev.get("plot") or ev.get("plot_path") or ev.get("path")
+                self.probe_plot = str(plot) if plot else None
+                self.changed_probe = True
+            elif kind == "sample" and ev.get("path"):
+                self.samples.append((str(ev["path"]), f"step {ev.get('step', '')}"))
+                self.changed_samples = True
+            elif kind == "saved" and ev.get("path"):
+                self.saved.append(str(ev["path"]))
+        self.seen += len(events)
+
+    def probe_image(self) -> Any:
+        if self.probe_plot and Path(self.probe_plot).is_file():
+            return widgets.thumbnail(self.probe_plot, 800)
+        return widgets.loss_chart(self.probe, title="d*lr")
+
+    def sample_items(self) -> list[tuple[Any, str]]:
+        return [(widgets.thumbnail(p, 384), cap) for p, cap in self.samples if Path(p).is_file()]
+
+
+def result_text(result: Any) -> tuple[str, list[list[str]]]:
+    meta = dict(getattr(result, "metadata", {}) or {})
+    rows = [[k, str(meta[k])] for k in METADATA_SHOWN if k in meta]
+    loss = getattr(result, "final_loss", None)
+    loss_text = f", final loss {loss:.4f}" if isinstance(loss, float) else ""
+    text = f"Saved {result.lora_path} ({result.steps} steps{loss_text})."
+    return text, rows or [["", ""]]
+
+
+def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode: str, lr_value: str,
+              *values: Any) -> Iterator[tuple]:
+    """Generator handler: (progress, loss chart, probe plot, samples, result text, metadata rows, lora name)."""
+    keep = (gr.update(),) * 6
+    run = steps.training_run()
+    if isinstance(run, steps.Missing):
+        yield (widgets.message_html(run.message(), "missing"), *keep)
+        return
+    try:
+        cfg = form.config(ctx, name, dataset, lr_mode, lr_value, list(values))
+
+        def work(p: Any) -> Any:
+            p.update(0, 1, "loading the base model")
+            backbone = ctx.host.backbone(cfg.base_model if form.has_base_model else None)
+            result = run.train(cfg, backbone=backbone, progress=p, on_event=p.event)
+            ctx.host.after_save(Path(result.lora_path))
+            return result
+
+        job = ctx.runner.start("Train", work)
+    except UserError as err:
+        yield (widgets.message_html(str(err), "error"), *keep)
+        return
+    live = Live()
+    for j in ctx.runner.follow(job):
+        p = j.progress
+        live.feed(p.events_since(live.seen))
+        text = live.phase if not p.text else p.text
+        if live.losses:
+            text = f"{text} · loss {live.losses[-1][1]:.4f}"
+        status = widgets.progress_html(p.done, p.total, text, p.eta_seconds(), p.elapsed(),
+                                       state="running" if j.running else "done")
+        yield (status,
+               widgets.loss_chart(live.losses) if live.changed_loss else gr.update(),
+               live.probe_image() if live.changed_probe else gr.update(),
+               live.sample_items() if live.changed_samples else gr.update(),
+               gr.update(), gr.update(), gr.update())
+    if job.error or job.cancelled:
+        msg = job.error or "Stopped: the run's state is kept in its run folder; start again to resume."
+        yield (widgets.message_html(msg, "error"), *keep)
+        return
+    text, rows = result_text(job.result)
+    lora_name = Path(job.result.lora_path).stem
+    yield (widgets.message_html(text, "ok"), widgets.loss_chart(live.losses) or gr.update(), gr.update(),
+           live.sample_items() or gr.update(), text, rows, lora_name)
+
+
+def preset_values(form: TrainForm, preset: str, *values: Any) -> list[Any]:
+    """Fill the recipe from a preset: controls take the preset's values, the rest stay as they are."""
+    if preset not in config.PRESETS:
+        return [gr.update() for _ in range(len(form.names) + 2)]
+    recipe = config.PRESETS[preset]
+    out = []
+    for n, v in zip(form.names, values, strict=True):
+        out.append(forms.values_of(dataclasses.replace(config.TrainConfig(), **{n: recipe[n]}), [n])[0]
+                   if n in recipe else v)
+    lr = recipe.get("lr")
+    lr_mode = gr.update() if lr is None else ("auto" if lr == "auto" else "manual")
+    lr_value = gr.update() if lr is None or lr == "auto" else str(lr)
+    return [lr_mode, lr_value, *out]
+
+
+def build(ctx: UIContext) -> dict[str, Any]:
+    cls = config.TrainConfig
+    has_base_model = hasattr(ctx.host, "base_model")  # the WebUI trains the model it has loaded
+    skip = SPECIAL | (set() if has_base_model else {"base_model"})
+    basic = [f.name for f in forms.fields(cls, "basic", skip=skip)]
+    advanced = [f.name for f in forms.fields(cls, "advanced", skip=skip)]
+    form = TrainForm(basic + advanced, has_base_model)
+    defaults = {"base_model": getattr(ctx.host, "base_model", None)}
+    missing = [m for m in (steps.training_run(), steps.training_data()) if isinstance(m, steps.Missing)]
+    if missing:
+        gr.HTML(widgets.message_html(missing[0].message(), "missing"))
+    with gr.Row():
+        with gr.Column(scale=2):
+            preset = gr.Radio(list(config.PRESETS), label="Preset", info="fills the recipe for a kind of LoRA",
+                              elem_id=ID + "preset")
+            name = gr.Textbox(label="LoRA name", info="file name and trigger word; any language",
+                              elem_id=ID + "name")
+            dataset = gr.Textbox(label="Dataset folder", info="filled in by Prepare; <repeats>_<name> inside",
+                                 elem_id=ID + "dataset")
+            with gr.Row():
+                lr_mode = gr.Radio(["auto", "manual"], value="auto", label="Learning rate",
+                                   info="auto: a short D-Adaptation probe finds it first", elem_id=ID + "lr_mode")
+                lr_value = gr.Textbox(value="1e-4", label="Learning rate value", elem_id=ID + "lr_value")
+            controls: dict[str, Any] = {}
+            for row in ROWS:
+                present = [n for n in row if n in basic]
+                if present:
+                    with gr.Row():
+                        controls.update(forms.build(cls, present, defaults, ID))
+            rest = [n for n in basic if n not in controls]
+            controls.update(forms.build(cls, rest, defaults, ID))
+            steps_md = gr.Markdown("Choose a dataset folder to see the step count.", elem_id=ID + "steps")
+            with gr.Accordion("Advanced", open=False, elem_id=ID + "advanced"):
+                controls.update(forms.build(cls, advanced, defaults, ID))
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id=ID + "start")
+                stop = gr.Button("Stop", variant="stop", elem_id=ID + "stop")
+        with gr.Column(scale=3):
+            status = gr.HTML(elem_id=ID + "status")
+            loss = gr.Image(label="Loss", type="pil", interactive=False, elem_id=ID + "loss")
+            with gr.Row():
+                probe = gr.Image(label="Learning-rate probe", type="pil", interactive=False, elem_id=ID + "probe")
+                samples = gr.Gallery(label="Samples", columns=3, height=260, elem_id=ID + "samples")
+            result = gr.Textbox(label="Result", interactive=False, elem_id=ID + "result")
+            meta = gr.Dataframe(headers=["metadata", "value"], value=[["", ""]], label="LoRA metadata",
+                                interactive=False, elem_id=ID + "meta")
+    lora_name = gr.State("")
+    inputs = [controls[n] for n in form.names]
+
+    def _steps(ds: str, *vals: Any) -> str:
+        return step_count(ctx, form, ds, list(vals))
+
+    for comp in [dataset, *(controls[n] for n in STEP_FIELDS if n in controls), *(controls[n] for n in (
+            "resolution", "enable_buckets", "bucket_no_upscale") if n in controls)]:
+        comp.change(_steps, [dataset, *inputs], [steps_md], **compat.event_kwargs())
+    preset.change(lambda p, *v: preset_values(form, p, *v), [preset, *inputs], [lr_mode, lr_value, *inputs])
+
+    def _run(n: str, ds: str, mode: str, lrv: str, *vals: Any) -> Iterator[tuple]:
+        yield from run_train(ctx, form, n, ds, mode, lrv, *vals)
+
+    event = start.click(_run, [name, dataset, lr_mode, lr_value, *inputs],
+                        [status, loss, probe, samples, result, meta, lora_name], **compat.event_kwargs())
+    stop.click(lambda: ctx.runner.stop() and None, None, None, queue=False)
+    return dict(form=form, preset=preset, name=name, dataset=dataset, lr_mode=lr_mode, lr_value=lr_value,
+                controls=controls, steps=steps_md, start=start, stop=stop, status=status, loss=loss, probe=probe,
+                samples=samples, result=result, meta=meta, lora_name=lora_name, event=event)

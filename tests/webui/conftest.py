@@ -1,0 +1,230 @@
+"""WebUI tests: a WebUI-shaped ldm model with the tiny checkpoint's weights, and the fake
+`modules` package (tests/webui/fake_a1111) put on sys.path for the tests that need it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+FAKE_ROOT = Path(__file__).parent / "fake_a1111"
+
+
+# --------------------------------------------------------------------------------------------
+# The model object A1111 holds in shared.sd_model, built from the real ldm classes.
+
+
+class AutoencoderKLShape(nn.Module):
+    """ldm.models.autoencoder.AutoencoderKL (encoder, decoder, quant convs; encode -> posterior).
+    The real class needs pytorch_lightning, which A1111 has and our test venv does not."""
+
+    def __init__(self, ddconfig: dict):
+        from ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+        super().__init__()
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        z = ddconfig["z_channels"]
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+
+    def encode(self, x):
+        from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+
+class DiffusionWrapperShape(nn.Module):
+    """ldm.models.diffusion.ddpm.DiffusionWrapper: holds `diffusion_model`."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.diffusion_model = unet
+        self.conditioning_key = "crossattn"
+
+    def forward(self, x, t, c_concat=None, c_crossattn=None):
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+
+
+class EmbeddingsWithFixesShape(nn.Module):
+    """modules.sd_hijack.EmbeddingsWithFixes: A1111 wraps the token embedding (fixes=None)."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, input_ids):
+        return self.wrapped(input_ids)
+
+
+class FrozenCLIPEmbedderShape(nn.Module):
+    """ldm.modules.encoders.modules.FrozenCLIPEmbedder: `.transformer`, `.tokenizer`."""
+
+    def __init__(self, transformer: nn.Module, tokenizer):
+        super().__init__()
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+
+
+class CustomWordsShape(nn.Module):
+    """modules.sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords: `.wrapped`, and a forward that
+    parses prompt emphasis - training must never call it on captions."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, texts):
+        raise AssertionError("training must tokenize captions itself, not call cond_stage_model(texts)")
+
+
+class LatentDiffusionShape(nn.Module):
+    """ldm.models.diffusion.ddpm.LatentDiffusion as A1111 holds it (attributes and the two
+    first-stage methods, whose bodies are ldm's)."""
+
+    def __init__(self, unet, vae, cond_stage_model):
+        super().__init__()
+        self.model = DiffusionWrapperShape(unet)
+        self.first_stage_model = vae
+        self.cond_stage_model = cond_stage_model
+        self.scale_factor = 0.18215
+        self.is_sd1, self.is_sd2, self.is_sdxl = True, False, False
+        self.lowvram = False
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior):
+        from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise NotImplementedError(type(encoder_posterior))
+        return self.scale_factor * z
+
+
+def build_webui_model(checkpoint: Path, dtype: torch.dtype = torch.float32) -> LatentDiffusionShape:
+    """The WebUI-shaped model with exactly the weights of the tiny single-file checkpoint."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from transformers import CLIPTextModel
+
+    from lib_lora.training.models import read_state_dict
+    from lib_lora.training.tiny_model import TINY_LDM_UNET_KWARGS, TINY_LDM_VAE_KWARGS, tiny_clip_config
+    from lib_lora.training.tokenizer import load_clip_tokenizer
+
+    sd = read_state_dict(checkpoint)
+    unet = UNetModel(**TINY_LDM_UNET_KWARGS)
+    vae = AutoencoderKLShape(TINY_LDM_VAE_KWARGS)
+    clip = CLIPTextModel(tiny_clip_config())
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    unet.load_state_dict(part("model.diffusion_model."))
+    vae.load_state_dict(part("first_stage_model."))
+    te = part("cond_stage_model.transformer.")
+    te.pop("text_model.embeddings.position_ids", None)
+    missing, unexpected = clip.load_state_dict(te, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing)
+    emb = clip.text_model.embeddings
+    emb.token_embedding = EmbeddingsWithFixesShape(emb.token_embedding)  # as sd_hijack does
+    cond = CustomWordsShape(FrozenCLIPEmbedderShape(clip, load_clip_tokenizer()))
+    model = LatentDiffusionShape(unet, vae, cond).to(dtype)
+    model.eval()
+    # A1111 leaves requires_grad on (it never trains these); the host must freeze them itself.
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _state_hash(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _grad_flags(module: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in module.named_parameters()}
+
+
+@pytest.fixture
+def state_hash():
+    """sha256 over a module's whole state dict (names and raw bytes)."""
+    return _state_hash
+
+
+@pytest.fixture
+def grad_flags():
+    return _grad_flags
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from lib_lora.training.tiny_model import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint()
+
+
+@pytest.fixture
+def webui_model(tiny_checkpoint) -> LatentDiffusionShape:
+    return build_webui_model(tiny_checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# The fake WebUI
+
+
+class FakeWebUI:
+    """Handles on the fake `modules` package, configured for one test."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.shared = importlib.import_module("modules.shared")
+        self.paths = importlib.import_module("modules.paths")
+        self.call_queue = importlib.import_module("modules.call_queue")
+        self.sd_hijack = importlib.import_module("modules.sd_hijack")
+        self.processing = importlib.import_module("modules.processing")
+        self.progress = importlib.import_module("modules.progress")
+        self.lowvram = importlib.import_module("modules.lowvram")
+        self.devices = importlib.import_module("modules.devices")
+        self.deepbooru = importlib.import_module("modules.deepbooru")
+        self.script_callbacks = importlib.import_module("modules.script_callbacks")
+        self.networks = importlib.import_module("networks")
+        self.paths.models_path = str(root / "models")
+        self.paths.data_path = str(root)
+        self.shared.cmd_opts.lora_dir = str(root / "models" / "Lora")
+
+
+def _drop_fake_modules() -> None:
+    for name in list(sys.modules):
+        if name == "modules" or name.startswith("modules.") or name == "networks":
+            del sys.modules[name]
+    for name in [n for n in sys.modules if n.startswith("lib_lora.hosts.webui") and n != "lib_lora.hosts.webui_requirements"]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def webui(tmp_path):
+    _drop_fake_modules()
+    sys.path.insert(0, str(FAKE_ROOT))
+    try:
+        fake = FakeWebUI(tmp_path)
+        fake.sd_hijack.apply_optimizations()  # the WebUI starts with its attention optimization on
+        yield fake
+    finally:
+        hijack = sys.modules.get("modules.sd_hijack")
+        if hijack is not None:
+            hijack.undo_optimizations()  # ldm's class is shared by every test
+        sys.path.remove(str(FAKE_ROOT))
+        _drop_fake_modules()
