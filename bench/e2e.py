@@ -41,13 +41,13 @@ class Phases:
         return out
 
 
-def prepare(photos: Path, out: Path) -> Path:
-    from lib_lora.dataset.prepare import prepare_dataset  # type: ignore[import-not-found]
+def prepare(photos: Path, out: Path, repeats: int, size: int) -> Path:
+    """Face crop (content-aware centre when no face) into kohya's layout; returns the image folder."""
+    from lib_lora.config import PrepareConfig
+    from lib_lora.dataset.prepare import prepare_dataset
 
-    from lib_lora.config import PrepareConfig  # type: ignore[attr-defined]
-
-    report = prepare_dataset(photos, PrepareConfig(output_dir=str(out)))  # type: ignore[call-arg]
-    return Path(getattr(report, "train_dir", out))
+    report = prepare_dataset(photos, PrepareConfig(name="zhang", out=str(out), repeats=repeats, size=size))
+    return Path(report.image_dir)
 
 
 def tag(folder: Path) -> None:
@@ -90,8 +90,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         photos = make_dataset(work / "photos", args.images, args.repeats, size=res)
-        prepared = ph.run("prepare (crop, cut out)", prepare, photos / f"{args.repeats}_zhang", work / "prepared")
-        dataset = photos
+        prepared = ph.run("prepare (crop)", prepare, photos / f"{args.repeats}_zhang", work / "prepared", args.repeats, res)
+        dataset = prepared.parent if prepared is not None else photos
         # Tag what prepare produced, else the photos' own folder (its synthetic captions are replaced).
         ph.run("tag (Deepbooru)", tag, prepared if prepared is not None else photos / f"{args.repeats}_zhang")
         cfg = TrainConfig(

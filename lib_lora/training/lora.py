@@ -63,7 +63,8 @@ class LoRAModule(nn.Module):
         h = self.lora_down(x.to(self.lora_down.weight.dtype) if not torch.is_autocast_enabled() else x)
         if self.dropout and self.training:
             h = nn.functional.dropout(h, p=self.dropout)
-        delta = self.lora_up(h) * (self.multiplier * self.scale)
+        # Scale the rank-wide hidden units, not the full-width output: same result, a smaller pass.
+        delta = self.lora_up(h * (self.multiplier * self.scale))
         return out + delta.to(out.dtype)
 
 
