@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from lib_lora.training.tiny_model import TinyVAE
+
 FAKE_ROOT = Path(__file__).parent / "fake_a1111"
 
 
@@ -19,19 +21,9 @@ FAKE_ROOT = Path(__file__).parent / "fake_a1111"
 # The model object A1111 holds in shared.sd_model, built from the real ldm classes.
 
 
-class AutoencoderKLShape(nn.Module):
+class AutoencoderKLShape(TinyVAE):
     """ldm.models.autoencoder.AutoencoderKL (encoder, decoder, quant convs; encode -> posterior).
     The real class needs pytorch_lightning, which A1111 has and our test venv does not."""
-
-    def __init__(self, ddconfig: dict):
-        from ldm.modules.diffusionmodules.model import Decoder, Encoder
-
-        super().__init__()
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
-        z = ddconfig["z_channels"]
-        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
-        self.post_quant_conv = nn.Conv2d(z, z, 1)
 
     def encode(self, x):
         from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
