@@ -35,11 +35,14 @@ def _cmd(tmp: Path, ds: Path, name: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _temps(*folders: Path) -> list[Path]:
+def _temps(*folders: Path, pid: int | None = None) -> list[Path]:
+    """Temporary files in these folders; with `pid`, only that process's (a temp name carries
+    its writer's pid), so a leftover of an earlier kill does not trigger the next one."""
+    mark = TMP_MARK if pid is None else f"{TMP_MARK}{pid}-"
     out = []
     for f in folders:
         if f.is_dir():
-            out += [p for p in f.rglob("*") if TMP_MARK in p.name]
+            out += [p for p in f.rglob("*") if mark in p.name]
     return out
 
 
@@ -78,18 +81,18 @@ def _kill_when(proc: subprocess.Popen, mode: str, run_dir: Path, out: Path, rng:
         skip = rng.randint(0, 3) if mode == "checkpoint" else 0  # not always the first write
         seen = 0
         while time.time() < deadline and proc.poll() is None:
-            if _temps(*watch):
+            if _temps(*watch, pid=proc.pid):
                 if seen >= skip:
                     break
                 seen += 1
-                while _temps(*watch) and proc.poll() is None:
+                while _temps(*watch, pid=proc.pid) and proc.poll() is None:
                     pass
             time.sleep(0.0005)
     if proc.poll() is not None:
         return "finished-before-kill"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return "mid-write" if _temps(run_dir, out) else "killed"
+    return "mid-write" if _temps(run_dir, out, pid=proc.pid) else "killed"
 
 
 def _start(tmp: Path, ds: Path, name: str, log: Path, env: dict) -> subprocess.Popen:
