@@ -40,3 +40,24 @@ def table(rows: list[dict], cols: list[str]) -> str:
     lines = ["  ".join(c.rjust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
     lines += ["  ".join(str(r.get(c, "")).rjust(widths[c]) for c in cols) for r in rows]
     return "\n".join(lines)
+
+
+def ready_trainer(cfg, backbone=None, name: str = "bench"):
+    """A Trainer set up up to its first step (data, model, latents, LoRA, lr, optimizer and the
+    step guard), without the output-file check and TensorBoard of `Trainer.setup()`."""
+    import time
+
+    from lib_lora.training.run import Trainer
+
+    tr = Trainer(cfg, backbone)
+    tr.started_at, tr.name = time.time(), name
+    tr.prepare_run_dir()
+    tr.load_data()
+    tr.load_model()
+    tr.cache_latents()
+    tr.build_network()
+    tr.resolve_lr()
+    tr.build_optimizer()
+    tr.tb = None
+    tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
+    return tr

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import bench_common  # noqa: F401
 import torch
-from bench_common import make_dataset, median_ms, table
+from bench_common import make_dataset, median_ms, ready_trainer, table
 
 
 def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool, images: int = 35, te_cache: bool = True) -> dict:
     from lib_lora.config import TrainConfig
     from lib_lora.training import data as data_mod
-    from lib_lora.training.run import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -36,18 +35,7 @@ def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool
             resolution=resolution, batch_size=batch, optimizer="adamw", lr="1e-4", log_every_n_steps=10**6,
             train_text_encoder=train_te, cache_latents_to_disk=False, cache_text_encoder_outputs=te_cache,
         )  # fmt: skip
-        tr = Trainer(cfg)
-        tr.started_at, tr.name = time.time(), "dvs"
-        tr.prepare_run_dir()
-        tr.load_data()
-        tr.load_model()
-        tr.cache_latents()
-        tr.build_network()
-        tr.resolve_lr()
-        tr.build_optimizer()
-        tr.tb = None
-        if hasattr(tr, "begin_reliability"):
-            tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
+        tr = ready_trainer(cfg, name="dvs")
         try:
             total = 5 + blocks * per_block
             batches = iter(data_mod.iter_batches(tr.dataset.items, cfg, total, cfg.seed))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import bench_common  # noqa: F401
 import torch
-from bench_common import make_dataset, median_ms
+from bench_common import make_dataset, median_ms, ready_trainer
 
 
 def main() -> int:
@@ -36,7 +36,6 @@ def main() -> int:
 
     from lib_lora.config import TrainConfig
     from lib_lora.training import data as data_mod
-    from lib_lora.training.run import Trainer
 
     res = args.resolution or (128 if args.full else 256)
     print(f"# CPU {os.cpu_count()} cores, torch {torch.__version__}, {'full-size' if args.full else 'tiny'} at {res}²,"
@@ -54,18 +53,7 @@ def main() -> int:
             resolution=res, optimizer="adamw", lr="1e-4", log_every_n_steps=10**6, cache_latents_to_disk=False,
             train_text_encoder=bool(args.train_te),
         )  # fmt: skip
-        tr = Trainer(cfg, bb)
-        tr.started_at, tr.name = time.time(), "prof"
-        tr.prepare_run_dir()
-        tr.load_data()
-        tr.load_model()
-        tr.cache_latents()
-        tr.build_network()
-        tr.resolve_lr()
-        tr.build_optimizer()
-        tr.tb = None
-        if hasattr(tr, "begin_reliability"):
-            tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
+        tr = ready_trainer(cfg, bb, name="prof")
         try:
             batches = list(data_mod.iter_batches(tr.dataset.items, cfg, 3 + 2 * args.steps, 0))
             for b in batches[:3]:
