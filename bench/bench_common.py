@@ -51,13 +51,7 @@ def ready_trainer(cfg, backbone=None, name: str = "bench"):
 
     tr = Trainer(cfg, backbone)
     tr.started_at, tr.name = time.time(), name
-    tr.prepare_run_dir()
-    tr.load_data()
-    tr.load_model()
-    tr.cache_latents()
-    tr.build_network()
-    tr.resolve_lr()
-    tr.build_optimizer()
+    tr.load_all()
     tr.tb = None
     tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
     return tr

@@ -74,11 +74,7 @@ def main() -> int:
     bb = sd15_random(args.device, dtype) if args.model == "sd15-random" else None
     tr = Trainer(cfg, backbone=bb)
     tr.started_at, tr.name = time.time(), cfg.name
-    tr.prepare_run_dir()
-    tr.load_data()
-    tr.load_model()
-    tr.cache_latents()
-    tr.build_network()
+    tr.load_all(optimizer=False)
     setup = time.time() - t0
     result, _ = probe.run_probe(tr)
     tr.close()

@@ -132,18 +132,26 @@ class Trainer:
         self.name = validate_name(cfg.name, "LoRA name")
         # Fail before any work when the final file could not be written.
         self.lora_path = output_file(cfg.output_dir, self.name, ".safetensors", overwrite=cfg.overwrite)
+        self.load_all()
+        self.open_logs()
+        self.begin_reliability()
+
+    def load_all(self, optimizer: bool = True) -> None:
+        """Run folder, data, model, latents and LoRA; then (optimizer=True) the learning rate
+        (reusing a stopped run's, else probing when 'auto') and the optimizer. Benchmarks and
+        tests that drive steps themselves call this instead of setup()."""
         self.prepare_run_dir()
         self.load_data()
         self.load_model()
         self.cache_latents()
         self.build_network()
+        if not optimizer:
+            return
         from lib_lora.training import state as state_mod
 
         self.resume_state = state_mod.load_for_resume(self)
         self.resolve_lr()
         self.build_optimizer()
-        self.open_logs()
-        self.begin_reliability()
 
     def prepare_run_dir(self) -> None:
         cfg = self.cfg

@@ -54,13 +54,7 @@ def _lora(path: Path) -> dict[str, torch.Tensor]:
 def _setup(cfg: TrainConfig, backbone) -> Trainer:
     tr = Trainer(cfg, backbone)
     tr.started_at, tr.name = time.time(), cfg.name
-    tr.prepare_run_dir()
-    tr.load_data()
-    tr.load_model()
-    tr.cache_latents()
-    tr.build_network()
-    tr.resolve_lr()
-    tr.build_optimizer()
+    tr.load_all()
     tr.tb = None
     return tr
 
