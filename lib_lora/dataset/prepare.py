@@ -332,9 +332,17 @@ def _run(tasks: list[tuple[ImageRecord, Task]], workers: int, progress: Progress
     pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=init_worker,
                                   initargs=(max(1, default_workers() // n),))
     broken_at_start = False
+    futures: dict[cf.Future, tuple[ImageRecord, Task]] = {}
     try:
-        futures = {pool.submit(process, task): (rec, task) for rec, task in tasks}
-        for fut in cf.as_completed(futures):
+        try:
+            for rec, task in tasks:
+                futures[pool.submit(process, task)] = (rec, task)
+        except (cf.process.BrokenProcessPool, OSError) as err:
+            # Workers that die as they start can break the pool while we are still submitting;
+            # the next worker's start then fails too (a closed pipe). Nothing is done yet.
+            log.debug("prepare: pool broke while submitting: %s", err)
+            broken_at_start = True
+        for fut in [] if broken_at_start else cf.as_completed(futures):
             rec, _ = futures[fut]
             try:
                 result = fut.result()
@@ -353,7 +361,7 @@ def _run(tasks: list[tuple[ImageRecord, Task]], workers: int, progress: Progress
         pool.shutdown(wait=True, cancel_futures=True)
     if broken_at_start:
         log.warning("prepare: worker processes failed to start; processing in this process instead.")
-        inline(list(futures.values()))
+        inline(tasks)
 
 
 def _mark_near_duplicates(records: list[ImageRecord]) -> None:
