@@ -1,10 +1,15 @@
 """Guards around one training step: non-finite numbers and CUDA out-of-memory.
 
-Non-finite loss or gradients never reach the LoRA's weights: with fp16 the grad scaler skips
-the optimizer step (it checks the gradients itself); otherwise `StepGuard` checks the
-gradients before the optimizer steps and skips a non-finite step. After
-`cfg.max_nonfinite_steps` skipped steps in a row the run stops with advice, and the last
-saved state and checkpoint (taken before the trouble) are left as they were.
+Non-finite loss or gradients never reach the LoRA's weights. With an optimizer that takes a
+device-side skip flag (torch's fused AdamW, `_step_supports_amp_scaling`) the check stays on
+the device: the flag is `not isfinite(total grad norm)` (or the fp16 grad scaler's own
+`found_inf`), the fused kernel leaves weights and moments alone when it is set, and the
+skip counters are device tensors read only when the loop reads the loss anyway
+(`settle()`, every `log_every_n_steps`) — no host sync in the step (issue 8). Other
+optimizers (Prodigy, D-Adaptation, bitsandbytes) get a host check of the gradients before
+they step, or the fp16 grad scaler's skip. After `cfg.max_nonfinite_steps` skipped steps in a
+row the run stops with advice (on the device path at the next loss read), and the last saved
+state and checkpoint are kept: skipped steps never change the weights they hold.
 
 Out-of-memory on the GPU gives a message with the numbers (batch, resolution, free memory);
 with `cfg.oom_retry` the step is retried once with gradient checkpointing, then with the
@@ -35,13 +40,27 @@ class OutOfMemory(UserError):
     """The GPU ran out of memory and no retry was allowed or left."""
 
 
-def _grads_finite(params: list[torch.Tensor]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
+def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 2-norm over all gradients as a device tensor (no host read); None without gradients.
+    Non-finite when any gradient is."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
-        return True
-    # One reduction per tensor and one host read: cheap next to the step (LoRA grads are small).
-    norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-    return bool(torch.isfinite(norms).all())
+        return None
+    total = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6 (foreach kernels)
+    if total is not None:
+        return total(grads, 2.0)
+    # Older torch in a WebUI: one reduction per tensor, still on the device.
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def _grads_finite(params: list[torch.Tensor]) -> bool:
+    norm = total_grad_norm(params)
+    return norm is None or bool(torch.isfinite(norm))  # one host read
+
+
+def takes_device_skip_flag(optimizer: torch.optim.Optimizer) -> bool:
+    """torch's fused optimizers read `found_inf` (a device tensor) and skip the update on the device."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 class StepGuard:
@@ -57,8 +76,24 @@ class StepGuard:
         self.split_batches = False
         opt = trainer.optimizer
         self._inner_step = opt.step
+        self.on_device = takes_device_skip_flag(opt)
+        # Device path: 1.0 per optimizer step of this train step that was skipped, and the
+        # counters [in a row, total, longest run since the last settle, first bad step or -1].
+        self._flags: list[torch.Tensor] = []
+        self._counts = torch.tensor([0.0, 0.0, 0.0, -1.0], device=trainer.device)
 
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            if self.on_device:
+                if trainer.scaler is None:
+                    norm = getattr(trainer, "grad_norm", None)
+                    norm = norm if norm is not None else total_grad_norm(trainer.params)
+                    bad = torch.zeros((), device=trainer.device) if norm is None else (~torch.isfinite(norm)).float()
+                    opt.found_inf, opt.grad_scale = bad, None
+                else:  # the fp16 grad scaler set found_inf (and steps fused optimizers every time)
+                    bad = (opt.found_inf > 0).float()
+                self._flags.append(bad.reshape(()))
+                self._stepped = True
+                return self._inner_step(*args, **kwargs)
             # With a grad scaler this is only called when the scaler found the grads finite.
             if trainer.scaler is None and not _grads_finite(trainer.params):
                 return None
@@ -82,6 +117,7 @@ class StepGuard:
     def _train(self, batch: Batch) -> torch.Tensor:
         tr = self.trainer
         self._stepped = False
+        self._flags = []
         if not self.split_batches or len(batch.items) < 2:
             return tr.train_step(batch)
         from lib_lora.training.data import Batch as B
@@ -100,6 +136,9 @@ class StepGuard:
 
     def _count(self, loss: torch.Tensor) -> None:
         tr = self.trainer
+        if self.on_device:
+            self._count_on_device(loss)
+            return
         if self._stepped:
             self.in_a_row = 0
             return
@@ -109,18 +148,45 @@ class StepGuard:
             self.first_bad_step = tr.step + 1
         limit = getattr(tr.cfg, "max_nonfinite_steps", 0)
         if limit and self.in_a_row >= limit:
-            value = float(loss)
-            what = f"the loss was {value}" if not math.isfinite(value) else "the gradients were NaN/inf"
-            fp16 = tr.precision == "fp16"
-            advice = (
-                "train in bf16 (--mixed-precision bf16) or fp32, lower the learning rate, or lower alpha"
-                if fp16 else "lower the learning rate, lower alpha, or turn max_grad_norm on"
-            )  # fmt: skip
-            raise NonFiniteError(
-                f"Training stopped at step {tr.step + 1}: {self.in_a_row} steps in a row were skipped because "
-                f"{what}. {advice[0].upper() + advice[1:]}. The last good state and checkpoints in "
-                f"{tr.run_dir} were kept."
-            )
+            self._stop(loss, self.in_a_row, tr.step + 1)
+
+    def _count_on_device(self, loss: torch.Tensor) -> None:
+        """The same counting as `_count`, as device arithmetic (a handful of tiny kernels, no sync)."""
+        c = self._counts
+        # Skipped = every optimizer step of this train step was skipped (or none ran).
+        bad = torch.stack(self._flags).prod() if self._flags else torch.ones((), device=c.device)
+        run = (c[0] + bad) * bad
+        first = torch.where((c[3] < 0) & (bad > 0), torch.full_like(c[3], self.trainer.step + 1), c[3])
+        self._counts = torch.stack([run, c[1] + bad, torch.maximum(c[2], run), first])
+        self._last_loss = loss
+
+    def settle(self) -> None:
+        """Read the device counters (one host read; the loop calls this where it reads the loss)
+        and stop the run if the limit of skipped steps in a row was reached since the last read."""
+        if not self.on_device:
+            return
+        run, total, longest, first = (int(v) for v in self._counts.tolist())
+        self.in_a_row, self.skipped_total = run, total
+        self.first_bad_step = first if first >= 0 else None
+        self._counts[2] = self._counts[0]
+        limit = getattr(self.trainer.cfg, "max_nonfinite_steps", 0)
+        if limit and longest >= limit:
+            # Called after the loop counted the step, so trainer.step is the step just done.
+            self._stop(getattr(self, "_last_loss", torch.tensor(float("nan"))), longest, self.trainer.step)
+
+    def _stop(self, loss: torch.Tensor, in_a_row: int, at_step: int) -> None:
+        value = float(loss)
+        what = f"the loss was {value}" if not math.isfinite(value) else "the gradients were NaN/inf"
+        fp16 = self.trainer.precision == "fp16"
+        advice = (
+            "train in bf16 (--mixed-precision bf16) or fp32, lower the learning rate, or lower alpha"
+            if fp16 else "lower the learning rate, lower alpha, or turn max_grad_norm on"
+        )  # fmt: skip
+        raise NonFiniteError(
+            f"Training stopped at step {at_step}: {in_a_row} steps in a row were skipped because "
+            f"{what}. {advice[0].upper() + advice[1:]}. The last good state and checkpoints in "
+            f"{self.trainer.run_dir} were kept."
+        )
 
     # ------------------------------------------------------------ out of memory
     def _describe(self, batch: Batch) -> str:

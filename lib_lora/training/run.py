@@ -345,8 +345,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        # The clip's total norm doubles as the non-finite guard's check (guards.StepGuard).
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -479,6 +479,7 @@ class Trainer:
             window.append(loss)
             epoch_sum, epoch_n = epoch_sum + loss, epoch_n + 1
             if self.step % cfg.log_every_n_steps == 0 or self.step == total:
+                self.guard.settle()  # the skip counters are read with the loss, not every step
                 self.log_losses(window, epoch_sum, epoch_n)
                 window = []
             elif self.progress is not None:

@@ -1,0 +1,179 @@
+"""The non-finite guard without a host sync in the step (issue 8 on issue 5's guard).
+
+A step must not read anything back from the device: the spy below records every tensor
+method that does (`item`, `bool`, `float`, `tolist`, ...), which on a GPU is a sync.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from torch.overrides import TorchFunctionMode
+
+from lib_lora.config import TrainConfig
+from lib_lora.training import data as data_mod
+from lib_lora.training import guards
+from lib_lora.training.run import Trainer, train
+
+# Tensor methods that copy a value to the host (a device sync on CUDA).
+HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+              torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}  # fmt: skip
+
+
+class HostReadSpy(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _dataset(root: Path, n: int = 3, size: int = 64) -> Path:
+    sub = root / "2_zhang"
+    sub.mkdir(parents=True)
+    rng = random.Random(0)
+    for i in range(n):
+        Image.effect_noise((size, size), 40 + i).convert("RGB").save(sub / f"{i}.png")
+        (sub / f"{i}.txt").write_text(", ".join(["zhang", *rng.sample(["smile", "hat", "shirt"], 2)]), "utf-8")
+    return root
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    data = tmp_path / "data"
+    base = dict(
+        name="guardtest", dataset=str(data if data.exists() else _dataset(data)), output_dir=str(tmp_path / "out"),
+        run_dir=str(tmp_path / "run"), overwrite=True, resolution=64, optimizer="adamw", lr="1e-3", dim=4,
+        alpha=2.0, log_every_n_steps=5, max_steps=6, cache_latents_to_disk=False, device="cpu",
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def bb():
+    from lib_lora.training.models import load_backbone
+
+    return load_backbone("tiny", device="cpu")
+
+
+def _ready(cfg: TrainConfig, backbone) -> Trainer:
+    tr = Trainer(cfg, backbone)
+    tr.started_at, tr.name = time.time(), cfg.name
+    tr.load_all()
+    tr.tb = None
+    tr.guard = guards.StepGuard(tr)
+    return tr
+
+
+def _batches(tr: Trainer, n: int) -> list[data_mod.Batch]:
+    it = data_mod.iter_batches(tr.dataset.items, tr.cfg, n, tr.cfg.seed)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_a_guarded_step_reads_nothing_back_from_the_device(tmp_path, bb, max_grad_norm):
+    tr = _ready(_cfg(tmp_path, max_grad_norm=max_grad_norm), bb)
+    assert tr.guard.on_device  # torch's fused AdamW takes the device-side skip flag
+    batches = _batches(tr, 3)
+    # A first pass fills the feeder's caches; on a cache miss it reads *host* token tensors,
+    # which the spy cannot tell from device tensors on a CPU-only machine.
+    for b in batches:
+        tr.guard.run_step(b)
+    with HostReadSpy() as spy:
+        for b in batches:
+            tr.guard.run_step(b)
+    assert spy.calls == []
+
+    # The spy does see the host check the other optimizers need (it can fail).
+    tr.guard.on_device = False
+    with HostReadSpy() as spy:
+        tr.guard.run_step(batches[0])
+    assert "__bool__" in spy.calls
+
+
+def test_a_nonfinite_step_leaves_weights_and_moments_alone_and_is_counted(tmp_path, bb):
+    tr = _ready(_cfg(tmp_path), bb)
+    b1, b2, b3 = _batches(tr, 3)
+    tr.guard.run_step(b1)
+    tr.step = 1
+    before = {k: v.clone() for k, v in tr.network.state_dict().items()}
+    p0 = tr.params[0]
+    moments = tr.optimizer.state[p0]["exp_avg"].clone()
+    steps_before = float(tr.optimizer.state[p0]["step"])
+
+    hook = p0.register_hook(lambda g: g * float("nan"))  # one parameter's gradient turns NaN
+    tr.guard.run_step(b2)
+    hook.remove()
+    tr.step = 2
+    for k, v in tr.network.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no parameter moved, not even the finite ones
+    assert torch.equal(tr.optimizer.state[p0]["exp_avg"], moments)
+    assert float(tr.optimizer.state[p0]["step"]) == steps_before
+    tr.guard.settle()
+    assert (tr.guard.in_a_row, tr.guard.skipped_total, tr.guard.first_bad_step) == (1, 1, 2)
+
+    tr.guard.run_step(b3)
+    tr.step = 3
+    tr.guard.settle()
+    assert (tr.guard.in_a_row, tr.guard.skipped_total) == (0, 1)
+    assert any(not torch.equal(v, before[k]) for k, v in tr.network.state_dict().items())
+
+
+@pytest.mark.parametrize("optimizer,log_every", [("adamw", 4), ("prodigy", 1)])
+def test_too_many_skipped_steps_stop_at_the_next_loss_read(tmp_path, bb, optimizer, log_every):
+    # An absurd learning rate drives the activations to inf/NaN within a few steps.
+    cfg = _cfg(tmp_path, optimizer=optimizer, lr="1e12", max_grad_norm=0.0, max_steps=40, max_nonfinite_steps=3,
+               log_every_n_steps=log_every, lr_scheduler="constant", network_dropout=0.0)  # fmt: skip
+    with pytest.raises(guards.NonFiniteError, match=r"stopped at step (\d+): (\d+) steps in a row") as info:
+        train(cfg, backbone=bb)
+    import re
+
+    at, run = map(int, re.search(r"step (\d+): (\d+) steps", str(info.value)).groups())
+    assert at % log_every == 0 and run >= 3  # the device counters are read with the loss
+    assert not (tmp_path / "out" / "guardtest.safetensors").exists()
+
+
+def test_fp16_grad_scaler_skips_are_counted_with_a_fused_optimizer():
+    """GradScaler calls a fused optimizer's step every time (passing found_inf); the guard must
+    still count the steps it skipped. (CPU GradScaler: the same code path as CUDA's.)"""
+    lin = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    state = {"poison": False}
+
+    def train_step(batch):
+        loss = lin(torch.ones(2, 4)).pow(2).mean() * (float("inf") if state["poison"] else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    tr = SimpleNamespace(optimizer=opt, scaler=scaler, params=list(lin.parameters()), device=torch.device("cpu"),
+                         cfg=SimpleNamespace(max_nonfinite_steps=2), precision="fp16", run_dir="run", step=0,
+                         train_step=train_step)  # fmt: skip
+    guard = guards.StepGuard(tr)
+    assert guard.on_device
+    batch = SimpleNamespace(items=[1])
+    guard.run_step(batch)
+    weight = lin.weight.detach().clone()
+    state["poison"] = True
+    guard.run_step(batch)
+    assert torch.equal(lin.weight, weight)
+    tr.step = 2
+    guard.settle()
+    assert (guard.in_a_row, guard.skipped_total) == (1, 1)
+    guard.run_step(batch)
+    tr.step = 3
+    with pytest.raises(guards.NonFiniteError, match="2 steps in a row.*bf16"):
+        guard.settle()
