@@ -308,6 +308,15 @@ class TrainConfig:
     save_every_n_epochs: int = opt(0, "also save an intermediate LoRA every N epochs (0 = off)", min=0)
     log_every_n_steps: int = opt(10, "read the loss back from the device every N steps", min=1)
     comment: str = opt("", "free text stored in the LoRA's metadata")
+    # Sample images during the run (shown in the Train tab as they are made; see training/sample.py)
+    sample_images: int = opt(0, "make sample images this many times, evenly spaced, the last at the end (0 = off)",
+                             min=0, max=100)
+    sample_every_n_steps: int = opt(0, "also make sample images every N steps (0 = off)", min=0)
+    sample_every_n_epochs: int = opt(0, "also make sample images every N epochs (0 = off)", min=0)
+    sample_prompts: str = opt("", "sample prompts separated by '|'; {trigger} is the trigger word (empty: the trigger word)")
+    sample_negative_prompt: str = opt("", "negative prompt of the sample images")
+    sample_steps: int = opt(20, "DDIM steps per sample image", min=1, max=150)
+    sample_cfg_scale: float = opt(7.0, "guidance scale of the sample images", min=1, max=30)
     # Reliability (issue 5): resume, numerical guards, out-of-memory
     restart: bool = opt(False, "discard the run's saved state and start over (default: resume where it stopped)")
     state_every_n_steps: int = opt(50, "save the resumable state every N steps (0 = only on stop and at the end)", min=0)

@@ -123,6 +123,7 @@ def demo_config(out: Path) -> TrainConfig:
             lr_warmup_steps=0.05,
             device="cpu",
             log_every_n_steps=10,
+            sample_images=2,  # half-way and at the end, into <run folder>/samples
             comment="Fast LoRA demo: tiny model, drawn dataset",
         )
     )
@@ -155,6 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
         bar.close()
     print(f"LoRA written: {result.lora_path}")
     print(f"final loss {result.final_loss:.4f} after {result.steps} steps; run folder {result.run_dir}")
+    print(f"sample images: {Path(result.run_dir) / 'samples'}")
     print("metadata:")
     print(summary(result.metadata))
     return 0

@@ -80,6 +80,11 @@ class LdmBackbone:
         posterior = self.sd_model.encode_first_stage(x)
         return self.sd_model.get_first_stage_encoding(posterior).float()
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents x 0.18215 -> pixels in [-1, 1], through the host's own VAE (and its --medvram hooks)."""
+        return self.sd_model.decode_first_stage(latents.to(self.device, self.vae_dtype())).float()
+
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """Token ids (B, n*77), one 77-token chunk at a time -> (B, n*77, width)."""
         return encode_text_chunks(self.text_encoder, input_ids.to(self.device), clip_skip)

@@ -482,9 +482,14 @@ class WebUIHost:
                 self.record.lora_path = str(ev["path"])
         if kind == "phase" and ev.get("text", ev.get("phase")):
             state.textinfo = str(ev.get("text", ev.get("phase")))
-        image = ev.get("image")
-        if image is not None and hasattr(image, "size"):
-            state.assign_current_image(image)  # a live sample on the page's preview
+        if kind == "sample" and ev.get("path"):
+            from PIL import Image
+
+            try:
+                with Image.open(ev["path"]) as im:
+                    state.assign_current_image(im.convert("RGB"))  # a live sample on the page's preview
+            except OSError as err:  # a preview is a nicety: never stop the job for it
+                log.debug("sample preview %s: %s", ev["path"], err)
 
 
 def _reset_state(state: Any) -> None:

@@ -31,6 +31,9 @@ class Backbone(Protocol):
     def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The U-Net's epsilon prediction."""
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents scaled by 0.18215 -> pixels in [-1, 1] (sample images)."""
+
     def lora_targets(self, conv: bool = False) -> list[tuple[str, nn.Module]]:
         """`naming.Target`s (kohya name, module, conv3x3): 192 U-Net + 72 text-encoder modules for SD1.5, plus the
         3x3 convs when `conv` is true. Names come from lib_lora.training.naming."""
@@ -94,6 +97,11 @@ class DiffusersBackbone:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         return dist.sample() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(z, return_dict=False)[0]
 
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         return encode_text_chunks(self.text_encoder, input_ids.to(self.device), clip_skip)

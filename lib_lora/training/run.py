@@ -28,6 +28,7 @@ from lib_lora.errors import Cancelled, UserError
 from lib_lora.names import output_file, validate_name
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.training import data as data_mod
+from lib_lora.training import sample as sample_mod
 from lib_lora.training import speed
 from lib_lora.training.backbone import Backbone
 from lib_lora.training.metadata import RunInfo, build_metadata
@@ -470,6 +471,8 @@ class Trainer:
         self.phase(f"Training {total} steps on {self.device} ({self.precision if self.precision != 'no' else 'fp32'})")
         from lib_lora.training import state as state_mod
 
+        sample_at = sample_mod.sample_steps(total, cfg.sample_images, cfg.sample_every_n_steps,
+                                            cfg.sample_every_n_epochs, spe)  # fmt: skip
         window: list[torch.Tensor] = []
         epoch_sum, epoch_n = torch.zeros((), device=self.device), 0
         for batch in data_mod.iter_batches(self.dataset.items, cfg, total, cfg.seed, start_step=self.step):
@@ -491,9 +494,36 @@ class Trainer:
                     self.save_checkpoint(f"epoch{epoch:04d}")
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < total:
                 self.save_checkpoint(f"step{self.step:06d}")
+            if self.step in sample_at:
+                self.make_samples()
             state_mod.after_step(self)
         if self.tokens.truncated:
             self.phase(f"{len(self.tokens.truncated)} caption(s) were longer than 225 tokens and were cut.")
+
+    def make_samples(self) -> None:
+        """Sample images of the LoRA as it is now, into <run dir>/samples; a `sample` event each."""
+        cfg, bb = self.cfg, self.backbone
+        if getattr(bb, "decode_latents", None) is None:
+            return
+        trigger = self.trigger_word()
+        prompts = sample_mod.prompts_from(cfg.sample_prompts, trigger)
+        self.phase(f"Making {len(prompts)} sample image(s) at step {self.step}")
+        t0 = time.time()
+        made = sample_mod.make_samples(
+            bb, self.tokens, prompts, self.run_dir / "samples", f"{self.name}-step{self.step:06d}",
+            size=(cfg.resolution, cfg.resolution), steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
+            negative=cfg.sample_negative_prompt, seed=cfg.seed, clip_skip=cfg.clip_skip, amp_dtype=self.amp_dtype,
+            network=getattr(self, "network", None), progress=self.progress,
+        )  # fmt: skip
+        for path, prompt in made:
+            self.emit("sample", path=str(path), step=self.step, prompt=prompt, seconds=round(time.time() - t0, 2))
+
+    def trigger_word(self) -> str:
+        """The captions' most common first tag (what keep_tokens holds in place), else the name."""
+        from collections import Counter
+
+        firsts = Counter(it.caption.split(",")[0].strip() for it in self.dataset.items if it.caption.strip())
+        return firsts.most_common(1)[0][0] if firsts else self.name
 
     def close(self) -> None:
         if getattr(self, "tb", None) is not None:

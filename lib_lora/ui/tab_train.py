@@ -24,6 +24,7 @@ SPECIAL = {"lr", "output_dir", "dataset", "name"}
 # Basic controls shown side by side; any other basic field follows, one per line.
 ROWS = (("repeats", "epochs", "batch_size", "max_steps"), ("dim", "alpha", "optimizer"), ("resolution", "base_model"))
 STEP_FIELDS = ("repeats", "epochs", "batch_size", "max_steps")
+UI_SAMPLE_IMAGES = 4  # sample points in a run started from the tab
 METADATA_SHOWN = ("ss_output_name", "ss_network_dim", "ss_network_alpha", "ss_optimizer", "ss_learning_rate",
                   "ss_unet_lr", "ss_text_encoder_lr", "ss_num_train_images", "ss_max_train_steps", "ss_steps",
                   "ss_sd_model_name", "sshs_model_hash")
@@ -216,7 +217,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
     basic = [f.name for f in forms.fields(cls, "basic", skip=skip)]
     advanced = [f.name for f in forms.fields(cls, "advanced", skip=skip)]
     form = TrainForm(basic + advanced, has_base_model)
-    defaults = {"base_model": getattr(ctx.host, "base_model", None)}
+    # The tab shows samples as they are made, so it turns them on (the CLI and library keep kohya's "off").
+    defaults = {"base_model": getattr(ctx.host, "base_model", None), "sample_images": UI_SAMPLE_IMAGES}
     missing = [m for m in (steps.training_run(), steps.training_data()) if isinstance(m, steps.Missing)]
     if missing:
         gr.HTML(widgets.message_html(missing[0].message(), "missing"))

@@ -202,6 +202,7 @@ def test_whole_flow_in_browser(app, page, photos, tagger_files, bg_model, artifa
         page.wait_for_timeout(500)
     page.wait_for_selector("#fast_lora_train_loss img", timeout=20_000)
     page.wait_for_selector("#fast_lora_train_probe img", timeout=20_000)  # the lr probe's plot
+    page.wait_for_selector("#fast_lora_train_samples img", timeout=20_000)  # samples, on by default in the tab
     ui.shot("5_train")
     lora = host.lora_dir() / "小明.safetensors"
     tensors, meta = read_lora(lora)

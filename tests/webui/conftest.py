@@ -22,13 +22,16 @@ FAKE_ROOT = Path(__file__).parent / "fake_a1111"
 
 
 class AutoencoderKLShape(TinyVAE):
-    """ldm.models.autoencoder.AutoencoderKL (encoder, decoder, quant convs; encode -> posterior).
+    """ldm.models.autoencoder.AutoencoderKL (encoder, decoder, quant convs; encode -> posterior, decode).
     The real class needs pytorch_lightning, which A1111 has and our test venv does not."""
 
     def encode(self, x):
         from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
 
 
 class DiffusionWrapperShape(nn.Module):
@@ -76,7 +79,7 @@ class CustomWordsShape(nn.Module):
 
 
 class LatentDiffusionShape(nn.Module):
-    """ldm.models.diffusion.ddpm.LatentDiffusion as A1111 holds it (attributes and the two
+    """ldm.models.diffusion.ddpm.LatentDiffusion as A1111 holds it (attributes and the
     first-stage methods, whose bodies are ldm's)."""
 
     def __init__(self, unet, vae, cond_stage_model):
@@ -91,6 +94,11 @@ class LatentDiffusionShape(nn.Module):
     @torch.no_grad()
     def encode_first_stage(self, x):
         return self.first_stage_model.encode(x)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z):
+        z = 1.0 / self.scale_factor * z
+        return self.first_stage_model.decode(z)
 
     def get_first_stage_encoding(self, encoder_posterior):
         from ldm.modules.distributions.distributions import DiagonalGaussianDistribution

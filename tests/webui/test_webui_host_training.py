@@ -54,16 +54,20 @@ def run(host, cfg, on_event=None):
 
 def test_training_in_place_leaves_the_model_bit_identical(host, webui, webui_model, dataset, state_hash, grad_flags):
     before, flags = state_hash(webui_model), grad_flags(webui_model)
-    seen = {}
+    seen, live = {}, []
 
     def on_event(ev):
         if ev["kind"] == "loss" and "hijack" not in seen:
             seen["hijack"] = webui.sd_hijack.optimizations_applied()
             seen["frozen"] = not any(p.requires_grad for p in webui_model.parameters())
             seen["locked"] = webui.call_queue.queue_lock.locked()
+        if ev["kind"] == "sample":  # made through the ldm model's own VAE, shown on the page's live preview
+            live.append((ev["step"], webui.shared.state.current_image.size))
 
-    summary = run(host, tiny_cfg(dataset, max_steps=2), on_event)
+    # A sample image during the run: sampling too leaves the weights bit-identical.
+    summary = run(host, tiny_cfg(dataset, max_steps=2, sample_images=1, sample_steps=3), on_event)
     assert seen == {"hijack": False, "frozen": True, "locked": True}
+    assert live == [(2, (64, 64))]
     assert state_hash(webui_model) == before and grad_flags(webui_model) == flags
     assert webui.sd_hijack.optimizations_applied()  # given back to the WebUI
     assert all("forward" not in m.__dict__ for m in webui_model.modules())
