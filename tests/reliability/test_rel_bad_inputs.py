@@ -93,55 +93,91 @@ def build_corpus(folder: Path) -> tuple[list[str], list[str]]:
     return must_skip, must_train
 
 
-def _commands() -> set[str]:
-    from lib_lora.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return set(sub.choices)
-
-
-def test_bad_input_corpus_through_the_cli(tmp_path, capsys):
-    from lib_lora.cli import main
-
-    src = tmp_path / "photos"
-    must_skip, must_train = build_corpus(src / "3_bad")
-    assert len(must_skip) + len(must_train) >= 20
-    before = tree_digest(src)
-    work = tmp_path / "work"
-    # Step 1-2 (prepare) writes a new folder from the photos; until its command is part of the
-    # build the corpus is copied as is, which is the harder case (nothing was cleaned up).
-    shutil.copytree(src, work)
-
-    # Step 3 (tag): bad images and captions are reported, the rest tagged.
-    dd = ROOT / "tests" / "fixtures" / "taggers" / "deepdanbooru"
-    if "tag" in _commands() and (dd / "deepdanbooru.onnx").is_file():
-        rc = main(["tag", str(work), "--tagger", "deepdanbooru", "--model", str(dd / "deepdanbooru.onnx"),
-                   "--tags", str(dd / "tags.txt")])  # fmt: skip
-        out = capsys.readouterr()
-        assert rc == 0, out.err[-2000:]
-        problems = [ln for ln in (out.out + out.err).splitlines() if ln.startswith("problem:")]
-        for name in [n for n in must_skip if n != "tiny_1x1.png"]:  # the tagger can read a 1x1 image
-            stem = Path(name).stem
-            hits = [ln for ln in problems if ln.startswith((f"problem: {name}:", f"problem: {stem}.txt:"))]
-            assert len(hits) == 1, (name, problems)
-
-    # Step 6 (train), as a real process.
+def _train_cli(dataset: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m lib_lora train` on the tiny model as a real process: (result, the plan event)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lib_lora", "train", str(work), "--name", "corpus", "--base-model", "tiny",
+    cmd = [sys.executable, "-m", "lib_lora", "train", str(dataset), "--name", "corpus", "--base-model", "tiny",
            "--output-dir", str(tmp_path / "out"), "--run-dir", str(run_dir), "--resolution", "64",
            "--min-bucket-reso", "64", "--max-bucket-reso", "128", "--dim", "4", "--optimizer", "adamw",
            "--max-steps", "3", "--device", "cpu", "--log-every-n-steps", "1"]  # fmt: skip
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "out" / "corpus.safetensors").is_file()
-
     events = [json.loads(ln) for ln in (run_dir / "logs" / "events.jsonl").read_text(encoding="utf-8").splitlines()]
-    plan = [e for e in events if e["kind"] == "plan"][-1]
+    return res, [e for e in events if e["kind"] == "plan"][-1]
+
+
+def _tag_cli(folder: Path, capsys) -> list[str]:
+    """`python -m lib_lora tag` with the committed DeepDanbooru fixture: its 'problem:' lines."""
+    from lib_lora.cli import main
+
+    dd = ROOT / "tests" / "fixtures" / "taggers" / "deepdanbooru"
+    rc = main(["tag", str(folder), "--tagger", "deepdanbooru", "--model", str(dd / "deepdanbooru.onnx"),
+               "--tags", str(dd / "tags.txt")])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    return [ln for ln in (out.out + out.err).splitlines() if ln.startswith("problem:")]
+
+
+def test_bad_input_corpus_through_the_cli(tmp_path, capsys):
+    src = tmp_path / "photos"
+    must_skip, must_train = build_corpus(src / "3_bad")
+    assert len(must_skip) + len(must_train) >= 20
+    before = tree_digest(src)
+    work = tmp_path / "work"
+    # The corpus copied as is, without prepare: the harder case for tag and train (nothing was
+    # cleaned up). The full prepare -> tag -> train path is the next test.
+    shutil.copytree(src, work)
+
+    # Step 3 (tag): bad images and captions are reported, the rest tagged.
+    problems = _tag_cli(work, capsys)
+    for name in [n for n in must_skip if n != "tiny_1x1.png"]:  # the tagger can read a 1x1 image
+        stem = Path(name).stem
+        hits = [ln for ln in problems if ln.startswith((f"problem: {name}:", f"problem: {stem}.txt:"))]
+        assert len(hits) == 1, (name, problems)
+
+    # Step 6 (train), as a real process.
+    res, plan = _train_cli(work, tmp_path)
     skipped = [Path(s["path"]).name for s in plan["skipped"]]
     assert sorted(skipped) == must_skip  # each bad file reported exactly once
     assert plan["images"] == len(must_train)
     for name in must_skip:  # and the user sees it
         assert name in res.stderr, name
+    assert "Traceback" not in res.stderr
+    assert tree_digest(src) == before  # the user's photos are byte-identical
+
+
+def test_bad_input_corpus_prepare_tag_train(tmp_path, capsys):
+    """Steps 1-2 (prepare), 3 (tag) and 6 (train) through the CLI, as a user runs them."""
+    from lib_lora.cli import main
+
+    src = tmp_path / "photos"
+    must_skip, must_train = build_corpus(src)
+    bad_images = [n for n in must_skip if not n.startswith("cap_")]  # prepare takes images, not captions
+    before = tree_digest(src)
+    work = tmp_path / "work"
+
+    rc = main(["prepare", str(src), "--name", "corpus", "--out", str(work), "--size", "64", "--crop", "center",
+               "--repeats", "2"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    report = out.out
+    for name in bad_images:  # each bad image: one line, with its reason
+        assert len([ln for ln in report.splitlines() if ln.startswith(f"  {name}: ")]) == 1, (name, report)
+    kept = len(must_train) + len(must_skip) - len(bad_images)
+    assert f"Kept {kept} of " in report and "Traceback" not in out.err
+    image_dir = work / "corpus" / "2_corpus"
+    made = sorted(p for p in image_dir.iterdir() if p.suffix == ".png")
+    assert len(made) == kept
+    for p in made:
+        with Image.open(p) as im:
+            assert im.size == (64, 64) and im.mode == "RGB", p.name
+
+    assert _tag_cli(work / "corpus", capsys) == []  # prepare let only good images through
+    assert all(p.with_suffix(".txt").is_file() for p in made)
+
+    res, plan = _train_cli(work / "corpus", tmp_path)
+    assert plan["skipped"] == [] and plan["images"] == kept
     assert "Traceback" not in res.stderr
     assert tree_digest(src) == before  # the user's photos are byte-identical
