@@ -7,9 +7,13 @@ Each command lives beside the step it runs, in a module that defines
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from lib_lora.errors import Cancelled, UserError
 
@@ -38,6 +42,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP (a service manager, `kill`, a closed terminal): stop the way Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # A second signal gets the default action (an immediate end), as users expect.
+    signal.signal(signum, signal.SIG_DFL)
+    raise Terminated(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_terminate() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP raise `Terminated` in the main thread, so a
+    training run saves its interrupted checkpoint and resumable state instead of dying as
+    a kill -9 would (which it also survives, but loses the steps since the last state)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {s: signal.signal(s, _terminate) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -46,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with stop_on_terminate():
+            return int(args.func(args) or 0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Terminated as sig:
+        print(f"stopped ({sig}).", file=sys.stderr)
+        return 128 + int(getattr(signal, str(sig), signal.SIGTERM))
     except (KeyboardInterrupt, Cancelled):
         print("stopped.", file=sys.stderr)
         return 130
