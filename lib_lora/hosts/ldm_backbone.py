@@ -95,6 +95,28 @@ class LdmBackbone:
     def lora_targets(self, conv: bool = False) -> list[naming.Target]:
         return standalone_order(naming.unet_targets(self.unet, conv=conv)) + naming.text_encoder_targets(self.text_encoder)
 
+    def enable_gradient_checkpointing(self) -> bool:
+        """Recompute each U-Net block's activations during the backward pass instead of keeping
+        them. torch's non-reentrant checkpoint (not ldm's own, which drops LoRA gradients); an
+        instance `forward` on each block, which `preserve_model_state` removes after the job."""
+        unet = self.unet
+        blocks = [*getattr(unet, "input_blocks", []), getattr(unet, "middle_block", None),
+                  *getattr(unet, "output_blocks", [])]  # fmt: skip
+        blocks = [b for b in blocks if b is not None]
+        for block in blocks:
+            if "forward" not in block.__dict__:
+                block.forward = _checkpointed(block.forward)
+        return bool(blocks)
+
+
+def _checkpointed(forward: Any) -> Any:
+    def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)  # sampling, caching: nothing to save
+
+    return checkpointed_forward
+
 
 def standalone_order(targets: list[naming.Target]) -> list[naming.Target]:
     """U-Net targets in the diffusers model's module order (the order kohya and the standalone
@@ -125,7 +147,8 @@ def _diffusers_rank(conv: bool) -> dict[str, int] | None:
 # --------------------------------------------------------------------------------------------
 # The module tree, exactly as it was: what training may add or change, taken back afterwards.
 
-_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")  # ldm's own (reentrant) checkpointing
+# ldm's own (reentrant) checkpointing, and transformers' (CLIPEncoder), both given back as found.
+_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint", "gradient_checkpointing")
 
 
 @dataclass

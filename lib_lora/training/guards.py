@@ -246,15 +246,9 @@ def release_memory(trainer: Trainer) -> None:
 def enable_gradient_checkpointing(trainer: Trainer) -> None:
     import dataclasses
 
-    bb = trainer.backbone
-    if hasattr(bb.unet, "enable_gradient_checkpointing"):
-        bb.unet.enable_gradient_checkpointing()
-        bb.unet.train()  # diffusers only checkpoints in training mode
-    if trainer.te_params and hasattr(bb.text_encoder, "gradient_checkpointing_enable"):
-        bb.text_encoder.gradient_checkpointing_enable()
-        bb.text_encoder.train()
-        if hasattr(bb.text_encoder, "enable_input_require_grads"):
-            bb.text_encoder.enable_input_require_grads()
+    from lib_lora.training.speed import enable_gradient_checkpointing as enable
+
+    enable(trainer.backbone, bool(trainer.te_params))
     trainer.cfg = dataclasses.replace(trainer.cfg, gradient_checkpointing=True)
 
 

@@ -194,7 +194,9 @@ def enable_gradient_checkpointing(backbone: Any, text_encoder_too: bool) -> bool
     """Turn on gradient checkpointing where the modules support it; True when the U-Net's is on."""
     on = False
     unet = backbone.unet
-    if hasattr(unet, "enable_gradient_checkpointing"):
+    if hasattr(backbone, "enable_gradient_checkpointing"):  # a host's own way (the WebUI's ldm U-Net)
+        on = bool(backbone.enable_gradient_checkpointing())
+    elif hasattr(unet, "enable_gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers only checkpoints in training mode; SD's U-Net has no dropout
         on = True

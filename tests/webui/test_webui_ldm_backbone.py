@@ -87,3 +87,43 @@ def test_preserve_model_state_freezes_then_gives_everything_back(webui_model):
     assert not unet._forward_hooks and not hasattr(unet, "stray")
     assert all("forward" not in m.__dict__ for m in webui_model.modules())
     assert all(p.grad is None for p in webui_model.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients_and_is_given_back(webui_model):
+    """Checkpointing the ldm U-Net's blocks (torch's non-reentrant checkpoint) recomputes them in
+    the backward pass, reaches the LoRA weights with the same gradients, and leaves nothing behind."""
+    from lib_lora.training import speed
+    from lib_lora.training.lora import LoRANetwork
+
+    bb = LdmBackbone(webui_model)
+    unet = webui_model.model.diffusion_model
+    gen = torch.Generator().manual_seed(1)
+    x, t, cond = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([20, 700]), torch.randn(2, 77, 64, generator=gen)
+    calls = []  # calls of a layer inside a block (the block's own recompute bypasses its hooks)
+    hook = unet.input_blocks[1][0].register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def lora_grads(checkpointing: bool) -> tuple[list[torch.Tensor], int]:
+        with preserve_model_state(webui_model):
+            if checkpointing:
+                assert speed.enable_gradient_checkpointing(bb, text_encoder_too=True)
+            torch.manual_seed(0)
+            net = LoRANetwork(bb.lora_targets(), dim=4, alpha=2).apply()
+            for p in net.unet_parameters():  # a non-zero LoRA, so every weight gets a gradient
+                torch.nn.init.normal_(p, std=0.05)
+            calls.clear()
+            bb.predict_noise(x, t, cond).float().pow(2).mean().backward()
+            grads = [p.grad.clone() for p in net.unet_parameters()]
+            net.remove()
+        return grads, len(calls)
+
+    plain, plain_calls = lora_grads(False)
+    ckpt, ckpt_calls = lora_grads(True)
+    hook.remove()
+    assert plain_calls == 1 and ckpt_calls == 2  # the block ran again in the backward pass
+    # All but the self-attention q/k of the 1x1 deepest level (one token: softmax is constant).
+    assert len(plain) == len(ckpt) and sum(bool(g.abs().sum() > 0) for g in ckpt) >= len(ckpt) - 4
+    for a, b in zip(plain, ckpt, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert all("forward" not in m.__dict__ for m in webui_model.modules())
+    te = bb.text_encoder
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in te.modules())
