@@ -6,14 +6,10 @@ method that does (`item`, `bool`, `float`, `tolist`, ...), which on a GPU is a s
 
 from __future__ import annotations
 
-import random
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 from lib_lora.config import TrainConfig
@@ -24,6 +20,7 @@ from lib_lora.training.run import Trainer, train
 # Tensor methods that copy a value to the host (a device sync on CUDA).
 HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
               torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}  # fmt: skip
+GUARD = dict(name="guardtest", device="cpu", log_every_n_steps=5, max_steps=6)
 
 
 class HostReadSpy(TorchFunctionMode):
@@ -37,39 +34,8 @@ class HostReadSpy(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _dataset(root: Path, n: int = 3, size: int = 64) -> Path:
-    sub = root / "2_zhang"
-    sub.mkdir(parents=True)
-    rng = random.Random(0)
-    for i in range(n):
-        Image.effect_noise((size, size), 40 + i).convert("RGB").save(sub / f"{i}.png")
-        (sub / f"{i}.txt").write_text(", ".join(["zhang", *rng.sample(["smile", "hat", "shirt"], 2)]), "utf-8")
-    return root
-
-
-def _cfg(tmp_path: Path, **kw) -> TrainConfig:
-    data = tmp_path / "data"
-    base = dict(
-        name="guardtest", dataset=str(data if data.exists() else _dataset(data)), output_dir=str(tmp_path / "out"),
-        run_dir=str(tmp_path / "run"), overwrite=True, resolution=64, optimizer="adamw", lr="1e-3", dim=4,
-        alpha=2.0, log_every_n_steps=5, max_steps=6, cache_latents_to_disk=False, device="cpu",
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    from lib_lora.training.models import load_backbone
-
-    return load_backbone("tiny", device="cpu")
-
-
-def _ready(cfg: TrainConfig, backbone) -> Trainer:
-    tr = Trainer(cfg, backbone)
-    tr.started_at, tr.name = time.time(), cfg.name
-    tr.load_all()
-    tr.tb = None
+def _ready(ready_trainer, cfg: TrainConfig, backbone) -> Trainer:
+    tr = ready_trainer(cfg, backbone)
     tr.guard = guards.StepGuard(tr)
     return tr
 
@@ -80,8 +46,8 @@ def _batches(tr: Trainer, n: int) -> list[data_mod.Batch]:
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
-def test_a_guarded_step_reads_nothing_back_from_the_device(tmp_path, bb, max_grad_norm):
-    tr = _ready(_cfg(tmp_path, max_grad_norm=max_grad_norm), bb)
+def test_a_guarded_step_reads_nothing_back_from_the_device(tmp_path, bb, max_grad_norm, speed_cfg, ready_trainer):
+    tr = _ready(ready_trainer, speed_cfg(tmp_path, **GUARD, max_grad_norm=max_grad_norm), bb)
     assert tr.guard.on_device  # torch's fused AdamW takes the device-side skip flag
     batches = _batches(tr, 3)
     # A first pass fills the feeder's caches; on a cache miss it reads *host* token tensors,
@@ -100,8 +66,8 @@ def test_a_guarded_step_reads_nothing_back_from_the_device(tmp_path, bb, max_gra
     assert "__bool__" in spy.calls
 
 
-def test_a_nonfinite_step_leaves_weights_and_moments_alone_and_is_counted(tmp_path, bb):
-    tr = _ready(_cfg(tmp_path), bb)
+def test_a_nonfinite_step_leaves_weights_and_moments_alone_and_is_counted(tmp_path, bb, speed_cfg, ready_trainer):
+    tr = _ready(ready_trainer, speed_cfg(tmp_path, **GUARD), bb)
     b1, b2, b3 = _batches(tr, 3)
     tr.guard.run_step(b1)
     tr.step = 1
@@ -129,10 +95,11 @@ def test_a_nonfinite_step_leaves_weights_and_moments_alone_and_is_counted(tmp_pa
 
 
 @pytest.mark.parametrize("optimizer,log_every", [("adamw", 4), ("prodigy", 1)])
-def test_too_many_skipped_steps_stop_at_the_next_loss_read(tmp_path, bb, optimizer, log_every):
+def test_too_many_skipped_steps_stop_at_the_next_loss_read(tmp_path, bb, optimizer, log_every, speed_cfg):
     # An absurd learning rate drives the activations to inf/NaN within a few steps.
-    cfg = _cfg(tmp_path, optimizer=optimizer, lr="1e12", max_grad_norm=0.0, max_steps=40, max_nonfinite_steps=3,
-               log_every_n_steps=log_every, lr_scheduler="constant", network_dropout=0.0)  # fmt: skip
+    run = {**GUARD, "optimizer": optimizer, "lr": "1e12", "max_grad_norm": 0.0, "max_steps": 40,
+           "max_nonfinite_steps": 3, "log_every_n_steps": log_every, "lr_scheduler": "constant", "network_dropout": 0.0}
+    cfg = speed_cfg(tmp_path, **run)
     with pytest.raises(guards.NonFiniteError, match=r"stopped at step (\d+): (\d+) steps in a row") as info:
         train(cfg, backbone=bb)
     import re

@@ -2,47 +2,14 @@
 
 from __future__ import annotations
 
-import random
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from lib_lora.config import TrainConfig
 from lib_lora.training import data as data_mod
 from lib_lora.training import speed
-from lib_lora.training.run import Trainer, train
-
-
-def _dataset(root: Path, n: int = 3, size: int = 64) -> Path:
-    sub = root / "2_zhang"
-    sub.mkdir(parents=True)
-    rng = random.Random(0)
-    for i in range(n):
-        Image.effect_noise((size, size), 40 + i).convert("RGB").save(sub / f"{i}.png")
-        tags = ["zhang", "1girl", *rng.sample(["smile", "hat", "shirt", "earrings", "red hair"], 3)]
-        (sub / f"{i}.txt").write_text(", ".join(tags), encoding="utf-8")
-    return root
-
-
-def _cfg(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(
-        name="speedtest", dataset=str(_dataset(tmp_path / "data")) if not (tmp_path / "data").exists() else str(tmp_path / "data"),
-        output_dir=str(tmp_path / "out"), run_dir=str(tmp_path / "run"), overwrite=True, resolution=64,
-        optimizer="adamw", lr="1e-3", dim=4, alpha=2.0, log_every_n_steps=2, max_steps=3, cache_latents_to_disk=False,
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    """One tiny backbone for the module (the Trainer leaves it as it found it)."""
-    from lib_lora.training.models import load_backbone
-
-    return load_backbone("tiny", device="cpu")
+from lib_lora.training.run import train
 
 
 def _lora(path: Path) -> dict[str, torch.Tensor]:
@@ -51,19 +18,11 @@ def _lora(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _setup(cfg: TrainConfig, backbone) -> Trainer:
-    tr = Trainer(cfg, backbone)
-    tr.started_at, tr.name = time.time(), cfg.name
-    tr.load_all()
-    tr.tb = None
-    return tr
-
-
-def test_cached_text_encoder_outputs_give_the_same_losses(tmp_path, bb):
+def test_cached_text_encoder_outputs_give_the_same_losses(tmp_path, bb, speed_cfg):
     def losses(**kw):
         events = []
         torch.manual_seed(0)  # the VAE samples its latents from torch's global RNG
-        cfg = _cfg(tmp_path, train_text_encoder=False, log_every_n_steps=1, **kw)
+        cfg = speed_cfg(tmp_path, train_text_encoder=False, log_every_n_steps=1, **kw)
         res = train(cfg, backbone=bb, on_event=events.append)
         return res, [e["loss"] for e in events if e["kind"] == "loss"]
 
@@ -76,8 +35,8 @@ def test_cached_text_encoder_outputs_give_the_same_losses(tmp_path, bb):
     assert any(_lora(cached.lora_path)[k].abs().sum() > 0 for k in ups)  # it trained
 
 
-def test_chunk_cache_matches_the_text_encoder_for_mixed_lengths(tmp_path, bb):
-    tr = _setup(_cfg(tmp_path, train_text_encoder=False), bb)
+def test_chunk_cache_matches_the_text_encoder_for_mixed_lengths(tmp_path, bb, speed_cfg, ready_trainer):
+    tr = ready_trainer(speed_cfg(tmp_path, train_text_encoder=False), bb)
     try:
         long = ", ".join(f"tag{i} word{i}" for i in range(60))  # > 75 tokens: two chunks
         captions = ["zhang, 1girl, smile", long]
@@ -101,8 +60,8 @@ def test_chunk_cache_matches_the_text_encoder_for_mixed_lengths(tmp_path, bb):
         tr.close()
 
 
-def test_feeder_draws_the_loops_noise_recipe(tmp_path, bb):
-    tr = _setup(_cfg(tmp_path, noise_offset=0.1), bb)
+def test_feeder_draws_the_loops_noise_recipe(tmp_path, bb, speed_cfg, ready_trainer):
+    tr = ready_trainer(speed_cfg(tmp_path, noise_offset=0.1), bb)
     try:
         batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, 0)))
         d = tr.step_inputs(batch)
@@ -135,9 +94,9 @@ def test_fused_adamw_steps_like_the_reference():
     torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
 
 
-def test_feeder_follows_a_reseeded_noise_generator(tmp_path, bb):
+def test_feeder_follows_a_reseeded_noise_generator(tmp_path, bb, speed_cfg, ready_trainer):
     """The LR probe runs steps, then build_optimizer re-seeds the noise: training must use the new one."""
-    tr = _setup(_cfg(tmp_path), bb)
+    tr = ready_trainer(speed_cfg(tmp_path), bb)
     try:
         batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, 0)))
         first = tr.step_inputs(batch)
