@@ -35,6 +35,9 @@ class Host(Protocol):
     def after_save(self, lora_path: Path) -> None:
         """Make a freshly written LoRA visible (refresh the WebUI's card list)."""
 
+    def samplers(self) -> list[str]:
+        """Sampler names the Test step offers (`generate(sampler_name=...)`); the first is the default."""
+
     def generate(self, prompts: list[str], seed: int, **kw: Any) -> list[Image.Image]:
         """Generate images for the Test step."""
 

@@ -29,6 +29,28 @@ log = logging.getLogger(__name__)
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+0-9.eE]+))?>")
 
+# The WebUI's sampler names, as diffusers schedulers with SD1.5's noise schedule; the first is the default.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+
+
+def make_scheduler(sampler_name: str) -> Any:
+    """A diffusers scheduler for one of `SAMPLERS` (a UserError naming the choices otherwise)."""
+    import diffusers
+
+    if sampler_name not in SAMPLERS:
+        raise UserError(f"Unknown sampler {sampler_name!r}; choose one of {', '.join(SAMPLERS)}.")
+    cls_name, extra = SAMPLERS[sampler_name]
+    cls = getattr(diffusers, cls_name)
+    return cls(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               steps_offset=1, **extra)  # fmt: skip
+
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """'a photo <lora:zny:0.8>' -> ('a photo', [('zny', 0.8)]); the weight defaults to 1."""
@@ -132,6 +154,9 @@ class StandaloneHost:
                 return path
         raise UserError(f"No LoRA named {name!r} in {self.lora_dir()}; train it first or check the name.")
 
+    def samplers(self) -> list[str]:
+        return list(SAMPLERS)
+
     def generate(
         self,
         prompts: list[str],
@@ -146,7 +171,7 @@ class StandaloneHost:
     ) -> list[Image.Image]:
         """One image per prompt, each from the same seed, LoRAs taken from `<lora:name:w>`."""
         import torch
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline
 
         backbone = self.backbone(kw.get("base_model"))
         vae = getattr(backbone, "vae", None)
@@ -154,10 +179,7 @@ class StandaloneHost:
             raise ModelLoadError("This base model was loaded without its VAE, so it cannot make test images.")
         if width % 8 or height % 8:
             raise UserError(f"Width and height must be multiples of 8 (got {width}x{height}).")
-        scheduler = DPMSolverMultistepScheduler(
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            use_karras_sigmas=True, steps_offset=1,
-        )
+        scheduler = make_scheduler(kw.get("sampler_name") or next(iter(SAMPLERS)))
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -392,6 +392,15 @@ class WebUIHost:
             except Exception:  # a preview is a nicety: the LoRA is already saved
                 log.warning("Fast LoRA: could not make the preview image for %s", path, exc_info=True)
 
+    def samplers(self) -> list[str]:
+        """The WebUI's visible samplers (its settings can hide some); DPM++ 2M (Karras) first when there."""
+        mod = a1111("sd_samplers")
+        listed = mod.visible_sampler_names() if hasattr(mod, "visible_sampler_names") else \
+            [s.name for s in getattr(mod, "samplers", None) or mod.all_samplers]
+        names = [getattr(n, "name", n) for n in listed]  # some forks list the sampler objects
+        first = [n for n in ("DPM++ 2M Karras", "DPM++ 2M", "Euler a") if n in names][:1]
+        return first + [n for n in names if n not in first]
+
     def generate(self, prompts: list[str], seed: int, **kw: Any) -> list:
         """Images through the WebUI's own txt2img (so `<lora:name:w>` in a prompt works),
         one per prompt, all with the same seed. Call inside a job (it needs the queue lock)."""

@@ -88,8 +88,15 @@ def make_grid(images: list[Image.Image], rows: list[str], weights: list[float]) 
     return grid
 
 
+def sampler_names(ctx: UIContext) -> list[str]:
+    """The host's samplers, its default first (empty for a host that has no choice)."""
+    get = getattr(ctx.host, "samplers", None)
+    return list(get()) if get is not None else []
+
+
 def run_test(ctx: UIContext, name: str, prompts_text: str, weights_text: str, negative: str, seed: float,
-             sample_steps: float, cfg_scale: float, width: float, height: float) -> Iterator[tuple]:
+             sample_steps: float, cfg_scale: float, width: float, height: float, sampler: str | None = None,
+             ) -> Iterator[tuple]:
     """Generator handler: (status html, grid image)."""
     try:
         name = validate_name(name or "", "LoRA name")
@@ -99,6 +106,11 @@ def run_test(ctx: UIContext, name: str, prompts_text: str, weights_text: str, ne
         rows, cells = grid_prompts(name, prompts_text, weights)
         kw = dict(negative_prompt=negative or "", steps=int(sample_steps), cfg_scale=float(cfg_scale),
                   width=int(width), height=int(height))
+        if sampler:
+            choices = sampler_names(ctx)
+            if choices and sampler not in choices:
+                raise UserError(f"Unknown sampler {sampler!r}; choose one of {', '.join(choices)}.")
+            kw["sampler_name"] = sampler
 
         def work(p: Any) -> Image.Image:
             images = ctx.host.generate(cells, int(seed), progress=p, **kw)
@@ -132,6 +144,9 @@ def build(ctx: UIContext) -> dict[str, Any]:
             negative = gr.Textbox("lowres, blurry", label="Negative prompt", elem_id=ID + "negative")
             weights = gr.Textbox("0, 0.5, 1", label="LoRA weights", elem_id=ID + "weights")
             with gr.Row():
+                samplers = sampler_names(ctx)
+                sampler = gr.Dropdown(samplers, value=samplers[0] if samplers else None, label="Sampler",
+                                      elem_id=ID + "sampler")
                 seed = gr.Number(1234, precision=0, label="Seed", elem_id=ID + "seed")
                 sample_steps = gr.Number(20, precision=0, minimum=1, maximum=150, label="Sampling steps",
                                          elem_id=ID + "steps")
@@ -153,9 +168,9 @@ def build(ctx: UIContext) -> dict[str, Any]:
         names = lora_names(ctx)
         return compat.update(choices=names, value=current if current in names else (names[-1] if names else None))
 
-    event = run.click(_run, [lora, prompts, weights, negative, seed, sample_steps, cfg_scale, width, height],
+    event = run.click(_run, [lora, prompts, weights, negative, seed, sample_steps, cfg_scale, width, height, sampler],
                       [status, grid], **compat.event_kwargs())
     stop.click(lambda: ctx.runner.stop() and None, None, None, queue=False)
     refresh.click(_refresh, [lora], [lora])
-    return dict(lora=lora, refresh=refresh, prompts=prompts, weights=weights, width=width, height=height,
+    return dict(lora=lora, refresh=refresh, prompts=prompts, weights=weights, width=width, height=height, sampler=sampler,
                 seed=seed, steps=sample_steps, run=run, status=status, grid=grid, event=event, refresh_fn=_refresh)

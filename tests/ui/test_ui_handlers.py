@@ -203,6 +203,11 @@ def test_test_tab_input_checks(ctx: UIContext) -> None:
     assert cells[1] == "小明, smile <lora:小明:1>" and len(cells) == 4
     out = list(tab_test.run_test(ctx, "nope", "x", "1", "", 1, 4, 7, 64, 64))
     assert "No LoRA named 'nope'" in out[0][0]
+    assert tab_test.sampler_names(ctx)[0] == "DPM++ 2M Karras"  # the standalone host's default
+    (ctx.host.lora_dir()).mkdir(parents=True, exist_ok=True)
+    (ctx.host.lora_dir() / "known.safetensors").write_bytes(b"")
+    out = list(tab_test.run_test(ctx, "known", "x", "1", "", 1, 4, 7, 64, 64, "k_euler_zz"))
+    assert "Unknown sampler 'k_euler_zz'" in out[0][0] and not ctx.runner.busy()
 
 
 def test_folder_policy_limits_remote_pages(tmp_path: Path) -> None:

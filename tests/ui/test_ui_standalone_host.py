@@ -60,3 +60,17 @@ def test_generate_applies_and_removes_lora(host_with_lora) -> None:
 def test_generate_unknown_lora_is_a_user_error(host_with_lora) -> None:
     with pytest.raises(UserError, match="No LoRA named 'nope'"):
         host_with_lora.generate(["x <lora:nope:1>"], seed=1, steps=1, width=64, height=64)
+
+
+def test_generate_with_each_sampler(host_with_lora) -> None:
+    """Every listed sampler makes an image (deterministic for a seed); the choice changes the image."""
+    host = host_with_lora
+    kw = dict(steps=3, width=64, height=64, cfg_scale=5.0)
+    images = {}
+    for name in host.samplers():
+        first, again = (host.generate(["a face"], seed=3, sampler_name=name, **kw)[0] for _ in range(2))
+        images[name] = np.asarray(first, dtype=np.int16)
+        assert first.size == (64, 64) and np.array_equal(images[name], np.asarray(again, dtype=np.int16)), name
+    assert np.abs(images["DPM++ 2M Karras"] - images["Euler a"]).mean() > 0.5
+    with pytest.raises(UserError, match="Unknown sampler 'nope'.*DPM\\+\\+ 2M Karras"):
+        host.generate(["a face"], seed=1, sampler_name="nope", **kw)

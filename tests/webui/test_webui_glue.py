@@ -121,11 +121,14 @@ def test_test_grid_runs_through_txt2img_with_fixed_seed_and_weights(webui, host)
     (lora_dir / "sks.safetensors").write_bytes(b"")
     host.after_save(lora_dir / "sks.safetensors")
     assert "sks" in webui.networks.available_networks
-    grid, prompts = host.run_job("grid", host.test_grid, "sks", ["sks", "sks, smile"], 77, width=64, height=64)
+    # The Test tab's sampler choice: the WebUI's visible samplers, DPM++ 2M first, hidden ones left out.
+    assert host.samplers() == ["DPM++ 2M", "DPM++ SDE", "Euler a", "Euler", "Heun", "DDIM", "UniPC"]
+    grid, prompts = host.run_job("grid", host.test_grid, "sks", ["sks", "sks, smile"], 77, width=64, height=64,
+                                 sampler_name="DDIM")  # fmt: skip
     assert grid.size == (4 * 64, 2 * 64)
     assert prompts[:4] == [f"sks, <lora:sks:{w}>" for w in ("0", "0.5", "0.75", "1")]
     call = webui.processing.calls[-1]
-    assert call["seeds"] == [77] * 8 and call["prompts"] == prompts
+    assert call["seeds"] == [77] * 8 and call["prompts"] == prompts and call["sampler"] == "DDIM"
     # weight 0 and weight 1 differ (the fake colours images by prompt)
     assert grid.getpixel((10, 10)) != grid.getpixel((3 * 64 + 10, 10))
 

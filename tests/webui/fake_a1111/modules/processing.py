@@ -57,5 +57,5 @@ def process_images(p):
                 raise RuntimeError(f"networks with names not found: {name}")
         digest = hashlib.sha256(f"{prompt}|{seed}".encode()).digest()
         images.append(Image.new("RGB", (p.width, p.height), tuple(digest[:3])))
-    calls.append({"prompts": prompts, "seeds": seeds, "steps": p.steps})
+    calls.append({"prompts": prompts, "seeds": seeds, "steps": p.steps, "sampler": p.sampler_name})
     return Processed(p, images, seeds[0] if seeds else -1)
