@@ -10,9 +10,10 @@ PIP := $(PY) -m pip
 # (deepdanbooru-onnx, whose onnx requirement is unused and does not build under protobuf 3.20).
 NODEPS := deepdanbooru-onnx==0.0.8 open-clip-torch==2.20.0 stable-diffusion-sdkit==2.1.5
 
-# A second, small environment with the gradio that Forge ships (4.x): its own gradio and the web
-# packages gradio 4 needs (pydantic 2, fastapi...), and the main env's site-packages (torch & co)
-# through a .pth file, which Python reads after the venv's own site-packages.
+# A second, small environment with Forge's pins: its own gradio 4.x and transformers 4.46.1 (and
+# the web packages gradio 4 needs: pydantic 2, fastapi...), and the main env's site-packages
+# (torch & co) through a .pth file, which Python reads after the venv's own site-packages.
+# The UI handlers, the training core and the WebUI host tests run there too.
 G4VENV ?= .venv-gradio4
 G4PY := $(G4VENV)/bin/python
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download).
@@ -33,7 +34,7 @@ gradio4: $(G4VENV)/.installed
 $(G4VENV)/.installed: $(VENV)/.installed constraints-gradio4.txt
 	test -x $(G4PY) || $(PYTHON) -m venv $(G4VENV)
 	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$$($(G4PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_main_env.pth"
-	$(G4PY) -m pip install -q -c constraints-gradio4.txt gradio
+	$(G4PY) -m pip install -q -c constraints-gradio4.txt gradio transformers tokenizers
 	touch $@
 
 chromium:
@@ -49,4 +50,4 @@ lint: setup
 test: setup gradio4 chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest
-	$(G4PY) -m pytest tests/ui -m "not browser" -q -p no:cacheprovider
+	$(G4PY) -m pytest tests/ui tests/training tests/webui tests/speed -m "not browser" -q -p no:cacheprovider

@@ -111,6 +111,10 @@ def build_tiny_state_dict(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
     for prefix, m in (("model.diffusion_model.", unet), ("first_stage_model.", vae), ("cond_stage_model.transformer.", clip)):
         for k, v in m.state_dict().items():
             sd[prefix + k] = v.detach().to(torch.float32).contiguous()
+    # transformers < 4.31 saved CLIP's position_ids buffer (as SD1.5 files have it), later ones
+    # do not: add it, so the file is the same bytes whichever transformers builds it.
+    pos = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    sd.setdefault(pos, torch.arange(tiny_clip_config().max_position_embeddings, dtype=torch.float32)[None])
     return sd
 
 
