@@ -55,3 +55,23 @@ def ready_trainer(cfg, backbone=None, name: str = "bench"):
     tr.tb = None
     tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
     return tr
+
+
+def sd15_random_backbone(device: str = "cpu", dtype=None):
+    """A full-size SD1.5-shaped DiffusersBackbone with random weights (seeded), from the bundled
+    configs: the compute of a real SD1.5 without a model file (none can be downloaded here)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from lib_lora.training import models
+    from lib_lora.training.backbone import DiffusersBackbone
+    from lib_lora.training.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(models.sd15_unet_config())
+    vae = AutoencoderKL.from_config(models.sd15_vae_config())
+    te = CLIPTextModel(models.sd15_text_encoder_config())
+    sched = DDPMScheduler.from_config(models.sd15_scheduler_config())
+    bb = DiffusersBackbone(unet, vae, te, load_clip_tokenizer(), sched, model_name="sd15-random")
+    return bb.to(device, dtype)

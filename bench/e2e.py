@@ -8,6 +8,7 @@ training reads the synthetic photos with their synthetic captions directly.
     python bench/e2e.py                         # CUDA if present: a full-size SD1.5 file via --base-model
     python bench/e2e.py --cpu                   # CPU: the tiny built-in model, 256², 1050 steps
     python bench/e2e.py --cpu --steps 200 --json e2e.json
+    python bench/e2e.py --base-model sd15-random   # CUDA, full-size SD1.5 with random weights (no file)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import bench_common  # noqa: F401
 import torch
-from bench_common import make_dataset, table
+from bench_common import make_dataset, sd15_random_backbone, table
 
 
 class Phases:
@@ -65,7 +66,7 @@ def tag(folder: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true")
-    ap.add_argument("--base-model", default="tiny")
+    ap.add_argument("--base-model", default="tiny", help="tiny, sd15-random (full size, random weights) or a model path")
     ap.add_argument("--images", type=int, default=35)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--resolution", type=int, default=None, help="512 on CUDA, 256 with --cpu")
@@ -99,7 +100,8 @@ def main() -> int:
             run_dir=str(work / "run"), resolution=res, lr=args.lr, optimizer=args.optimizer, dim=128, alpha=64.0,
             max_steps=args.steps, device="cuda" if cuda else "cpu", log_every_n_steps=50,
         )  # fmt: skip
-        tr = Trainer(cfg)
+        # sd15-random: the full-size architecture with random weights, where no SD1.5 file can be had.
+        tr = Trainer(cfg, sd15_random_backbone("cuda" if cuda else "cpu") if args.base_model == "sd15-random" else None)
         tr.started_at, tr.name = time.time(), "zhang"
         tr.session_id = "bench"
         from lib_lora.names import output_file

@@ -18,23 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def sd15_random(device: str, dtype):
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from lib_lora.training import models
-    from lib_lora.training.backbone import DiffusersBackbone
-    from lib_lora.training.tokenizer import load_clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(models.sd15_unet_config())
-    vae = AutoencoderKL.from_config(models.sd15_vae_config())
-    te = CLIPTextModel(models.sd15_text_encoder_config())
-    sched = DDPMScheduler.from_config(models.sd15_scheduler_config())
-    bb = DiffusersBackbone(unet, vae, te, load_clip_tokenizer(), sched, model_name="sd15-random")
-    return bb.to(device, dtype)
+from bench_common import sd15_random_backbone  # noqa: E402
 
 
 def main() -> int:
@@ -71,7 +55,7 @@ def main() -> int:
     )  # fmt: skip
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     t0 = time.time()
-    bb = sd15_random(args.device, dtype) if args.model == "sd15-random" else None
+    bb = sd15_random_backbone(args.device, dtype) if args.model == "sd15-random" else None
     tr = Trainer(cfg, backbone=bb)
     tr.started_at, tr.name = time.time(), cfg.name
     tr.load_all(optimizer=False)

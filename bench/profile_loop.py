@@ -45,9 +45,9 @@ def main() -> int:
         ds = make_dataset(work / "data", n_images=8, repeats=10, size=res)
         bb = None
         if args.full:
-            from train_speed import build_full_backbone
+            from bench_common import sd15_random_backbone
 
-            bb = build_full_backbone(torch.device("cpu"))
+            bb = sd15_random_backbone("cpu")
         cfg = TrainConfig(
             name="prof", dataset=str(ds), output_dir=str(work / "out"), run_dir=str(work / "run"), overwrite=True,
             resolution=res, optimizer="adamw", lr="1e-4", log_every_n_steps=10**6, cache_latents_to_disk=False,

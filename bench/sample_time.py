@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import make_dataset, ready_trainer, table  # noqa: E402
+from bench_common import make_dataset, ready_trainer, sd15_random_backbone, table  # noqa: E402
 
 from lib_lora.config import TrainConfig  # noqa: E402
 
@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     precision = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[args.dtype]
     if args.full:
-        from step_time_cpu import full_size_backbone
-
-        backbone, label = full_size_backbone(), "SD1.5 full-size (random)"
+        backbone, label = sd15_random_backbone("cpu"), "SD1.5 full-size (random)"
         resolutions = args.resolution or [512]
     else:
         from lib_lora.training.models import load_backbone

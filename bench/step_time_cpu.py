@@ -22,32 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import sd15_random_backbone  # noqa: E402
+
 from lib_lora.config import TrainConfig  # noqa: E402
 from lib_lora.demo import make_dataset  # noqa: E402
 from lib_lora.training import data as data_mod  # noqa: E402
 from lib_lora.training.run import Trainer  # noqa: E402
-
-
-def full_size_backbone():
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from lib_lora.training.backbone import DiffusersBackbone
-    from lib_lora.training.models import (
-        sd15_scheduler_config,
-        sd15_text_encoder_config,
-        sd15_unet_config,
-        sd15_vae_config,
-    )
-    from lib_lora.training.tokenizer import load_clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**{k: v for k, v in sd15_unet_config().items() if not k.startswith("_")})
-    vae = AutoencoderKL(**{k: v for k, v in sd15_vae_config().items() if not k.startswith("_")})
-    te = CLIPTextModel(sd15_text_encoder_config())
-    sched = DDPMScheduler.from_config(sd15_scheduler_config())
-    bb = DiffusersBackbone(unet, vae, te, load_clip_tokenizer(), sched, model_name="sd15-random")
-    return bb.to("cpu", torch.float32)
 
 
 def measure(label: str, backbone, dataset: Path, resolution: int, steps: int, warmup: int, **kw) -> dict:
@@ -95,7 +75,7 @@ def main() -> int:
         if not args.skip_full:
             ds = make_dataset(Path(tmp) / "full", count=2, size=256, repeats=10)
             t = time.perf_counter()
-            full = full_size_backbone()
+            full = sd15_random_backbone("cpu", torch.float32)
             print(f"full-size SD1.5 built with random weights in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             rows.append(measure("SD1.5 full", full, ds, 256, args.full_steps, 1, dim=128, alpha=64.0))
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -25,31 +25,9 @@ from pathlib import Path
 
 import bench_common  # noqa: F401 - puts the checkout's lib_lora first on sys.path
 import torch
-from bench_common import make_dataset, median_ms, table
+from bench_common import make_dataset, median_ms, sd15_random_backbone, table
 
 FLOOR_TFLOP_512 = 1.6  # one training sample at 512²: forward 0.80 + backward to the inputs
-
-
-def build_full_backbone(device: torch.device):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from lib_lora.training.backbone import DiffusersBackbone
-    from lib_lora.training.models import (
-        sd15_scheduler_config,
-        sd15_text_encoder_config,
-        sd15_unet_config,
-        sd15_vae_config,
-    )
-    from lib_lora.training.tokenizer import load_clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(sd15_unet_config())
-    vae = AutoencoderKL.from_config(sd15_vae_config())
-    te = CLIPTextModel(sd15_text_encoder_config())
-    bb = DiffusersBackbone(unet, vae, te, load_clip_tokenizer(), DDPMScheduler.from_config(sd15_scheduler_config()),
-                           model_name="sd15-random")  # fmt: skip
-    return bb.to(device)
 
 
 def clock(device: torch.device) -> float:
@@ -199,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = torch.cuda.get_device_name(dev) if cuda else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     print(f"# {machine}; torch {torch.__version__}; {args.resolution}²; matmul peak {peak:.2f} TFLOP/s ({peak_what});"
           f" load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
-    bb = build_full_backbone(dev)
+    bb = sd15_random_backbone(dev)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
