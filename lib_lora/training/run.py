@@ -504,6 +504,7 @@ class Trainer:
         """Sample images of the LoRA as it is now, into <run dir>/samples; a `sample` event each."""
         cfg, bb = self.cfg, self.backbone
         if getattr(bb, "decode_latents", None) is None:
+            self.phase("No sample images: this model has no VAE decoder.")
             return
         trigger = self.trigger_word()
         prompts = sample_mod.prompts_from(cfg.sample_prompts, trigger)
