@@ -495,7 +495,13 @@ class Trainer:
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < total:
                 self.save_checkpoint(f"step{self.step:06d}")
             if self.step in sample_at:
-                self.make_samples()
+                try:
+                    self.make_samples()
+                except torch.OutOfMemoryError:  # samples are a view of the run, never a reason to lose it
+                    from lib_lora.training.guards import release_memory
+
+                    release_memory(self)
+                    self.phase(f"No sample images at step {self.step}: the GPU ran out of memory; training goes on.")
             state_mod.after_step(self)
         if self.tokens.truncated:
             self.phase(f"{len(self.tokens.truncated)} caption(s) were longer than 225 tokens and were cut.")

@@ -97,3 +97,15 @@ def test_sampling_restores_every_module_mode(tmp_path, tiny_backbone, drawn_data
     tr.make_samples()
     assert [m.training for r in roots for m in r.modules()] == before
     assert [e["kind"] for e in events] == ["phase", "sample"]
+
+
+def test_out_of_memory_while_sampling_does_not_stop_the_run(tmp_path, tiny_backbone, drawn_dataset, monkeypatch):
+    def no_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(sample, "make_samples", no_memory)
+    events: list[dict] = []
+    res = train(_cfg(tmp_path, drawn_dataset, "oom", sample_images=2), tiny_backbone, on_event=events.append)
+    assert res.steps == 4 and res.lora_path.is_file()
+    notes = [e["text"] for e in events if e["kind"] == "phase" and "No sample images" in e["text"]]
+    assert len(notes) == 2 and "training goes on" in notes[0]
