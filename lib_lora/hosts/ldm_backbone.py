@@ -110,9 +110,11 @@ class LdmBackbone:
 
 
 def _checkpointed(forward: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
     def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)  # sampling, caching: nothing to save
 
     return checkpointed_forward
