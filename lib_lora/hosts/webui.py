@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import datetime
 import gc
 import importlib
 import logging
@@ -31,6 +30,7 @@ import torch
 from lib_lora.errors import Cancelled, UserError
 from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state
 from lib_lora.names import validate_name
+from lib_lora.training.card import write_card, write_preview  # noqa: F401 - also this module's API
 
 log = logging.getLogger(__name__)
 
@@ -535,49 +535,6 @@ def _last(events: list[dict], kind: str, key: str) -> Any:
         if ev.get("kind") == kind and key in ev:
             return ev[key]
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# Output beside the LoRA: the card's .json and the .preview.png
-
-
-def card(meta: dict[str, str], lora_path: Path) -> dict[str, Any]:
-    """The `<name>.json` the WebUI's LoRA card reads (its metadata editor writes the same keys),
-    from the LoRA's own `ss_*` metadata."""
-    trigger = meta.get("ss_output_name") or lora_path.stem
-    base = meta.get("ss_sd_model_name") or "the loaded checkpoint"
-    short = (meta.get("ss_new_sd_model_hash") or "")[:10]
-    steps = meta.get("ss_steps")
-    images = meta.get("ss_num_train_images")
-    notes = [f"{k[3:].replace('_', ' ')} {meta[k]}" for k in (
-        "ss_network_dim", "ss_network_alpha", "ss_learning_rate", "ss_text_encoder_lr", "ss_optimizer",
-        "ss_resolution", "ss_seed") if meta.get(k) not in (None, "", "None")]
-    return {
-        "description": f"Trained with Fast LoRA on {base}{f' [{short}]' if short else ''}"
-                       f"{f' for {steps} steps' if steps else ''}{f' ({images} images with repeats)' if images else ''}.",
-        "sd version": "SD1",
-        "activation text": trigger,
-        "preferred weight": 1.0,
-        "negative text": "",
-        "notes": ", ".join(notes) + f"; saved {datetime.date.today().isoformat()}",
-    }
-
-
-def write_card(lora_path: Path) -> Path:
-    from lib_lora.atomic import atomic_write_json
-    from lib_lora.training.export import read_metadata
-
-    lora_path = Path(lora_path)
-    return atomic_write_json(lora_path.with_suffix(".json"), card(read_metadata(lora_path), lora_path))
-
-
-def write_preview(lora_path: Path, image: Any) -> Path:
-    from lib_lora.atomic import atomic_path
-
-    target = lora_path.with_name(lora_path.stem + ".preview.png")
-    with atomic_path(target) as tmp:
-        image.save(tmp, format="PNG")
-    return target
 
 
 def grid_image(images: list, cols: int) -> Any:

@@ -450,6 +450,7 @@ class Trainer:
             self.phase(f"Writing {self.lora_path}")
             path = self.save_lora(self.lora_path, overwrite=self.cfg.overwrite, finished=True)
             state.finish(self)
+            self.write_card_files(path)
         except (Cancelled, KeyboardInterrupt):
             if getattr(self, "network", None) is not None and self.step > 0:
                 self.save_checkpoint(f"interrupted-step{self.step:06d}")
@@ -522,8 +523,26 @@ class Trainer:
             negative=cfg.sample_negative_prompt, seed=cfg.seed, clip_skip=cfg.clip_skip, amp_dtype=self.amp_dtype,
             network=getattr(self, "network", None), progress=self.progress,
         )  # fmt: skip
+        self.last_samples = [path for path, _ in made]
         for path, prompt in made:
             self.emit("sample", path=str(path), step=self.step, prompt=prompt, seconds=round(time.time() - t0, 2))
+
+    def write_card_files(self, lora_path: Path) -> None:
+        """The card's `.json` and, when samples were made, the last one as `.preview.png`, beside
+        the LoRA (the WebUI shows both on its card). The LoRA is saved already: a failure here
+        is reported, never fatal."""
+        from lib_lora.training.card import write_card, write_preview
+
+        try:
+            write_card(lora_path)
+            last = getattr(self, "last_samples", None)
+            if last:
+                from PIL import Image
+
+                with Image.open(last[0]) as im:
+                    write_preview(lora_path, im.convert("RGB"))
+        except OSError as err:
+            self.phase(f"The LoRA is saved, but its card files could not be written ({err}).")
 
     def trigger_word(self) -> str:
         """The captions' most common first tag (what keep_tokens holds in place), else the name."""

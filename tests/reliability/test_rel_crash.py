@@ -47,11 +47,20 @@ def _temps(*folders: Path, pid: int | None = None) -> list[Path]:
 
 
 def _check_lora_folder(out: Path) -> list[str]:
-    """Every visible file in the LoRA folder is a complete, finite safetensors file."""
+    """Every visible LoRA in the LoRA folder is a complete, finite safetensors file (and its card
+    `.json`, when there, is complete JSON)."""
+    import json
+
     problems = []
     if not out.is_dir():
         return problems
-    for p in out.iterdir():
+    for p in out.glob("*.json"):
+        if TMP_MARK not in p.name:
+            try:
+                json.loads(p.read_text(encoding="utf-8"))
+            except ValueError as err:
+                problems.append(f"{p.name}: broken card ({err})")
+    for p in out.glob("*.safetensors"):
         if TMP_MARK in p.name:
             continue  # hidden temporary name: the WebUI never lists it, the next start removes it
         try:

@@ -84,6 +84,14 @@ def test_a_run_with_samples_trains_exactly_like_one_without(tmp_path, tiny_backb
         assert Path(e["path"]).parent == tmp_path / "with" / "samples"
     assert not list((tmp_path / "with" / "samples").glob("*fastlora-tmp*"))
 
+    # Beside the LoRA, for the WebUI's card: the .json, and the last sample (first prompt) as preview.
+    import json
+
+    out = tmp_path / "out"
+    assert json.loads((out / "with.json").read_text(encoding="utf-8"))["activation text"] == "with"
+    assert (out / "with.preview.png").read_bytes() == Path(samples[2]["path"]).read_bytes()
+    assert (out / "plain.json").is_file() and not (out / "plain.preview.png").exists()
+
 
 def test_sampling_restores_every_module_mode(tmp_path, tiny_backbone, drawn_dataset):
     tr = Trainer(_cfg(tmp_path, drawn_dataset, "modes", sample_images=1, sample_steps=2), tiny_backbone)
