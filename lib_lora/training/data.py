@@ -17,7 +17,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +63,6 @@ class Subset:
     folder: Path
     repeats: int
     class_tokens: str
-    items: list[Item] = field(default_factory=list)
 
 
 @dataclass
@@ -213,7 +212,6 @@ def scan_dataset(
                 skip(img, f"too small ({size[0]}x{size[1]}) for buckets of {cfg.bucket_reso_steps} px steps")
                 continue
             item.bucket = bucket
-            sub.items.append(item)
             items.append(item)
     if not items:
         raise DatasetError(f"None of the images in {root} could be used (see the messages above); fix or replace them.")
@@ -231,6 +229,8 @@ def make_plan(
 ) -> StepPlan:
     per_bucket: dict[tuple[int, int], int] = Counter()
     images: dict[tuple[int, int], int] = Counter()
+    # Counted from the items, so images dropped later (an unreadable latent) leave the counts right.
+    per_subset = Counter(it.subset for it in items)
     for it in items:
         per_bucket[it.bucket] += it.repeats
         images[it.bucket] += 1
@@ -246,7 +246,8 @@ def make_plan(
         dataset_dir=str(root),
         images=len(items),
         images_with_repeats=sum(it.repeats for it in items),
-        subsets=[{"folder": s.folder.name, "repeats": s.repeats, "images": len(s.items)} for s in subsets if s.items],
+        subsets=[{"folder": s.folder.name, "repeats": s.repeats, "images": per_subset[s.folder.name]}
+                 for s in subsets if per_subset[s.folder.name]],
         buckets={f"{w}x{h}": images[(w, h)] for w, h in order},
         batch_size=cfg.batch_size,
         steps_per_epoch=steps_per_epoch,

@@ -147,12 +147,14 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_ste
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """{group name: current lr}; for D-Adaptation/Prodigy also '<name>_d*lr' (the effective lr)."""
+    """{group: lr, group_d*lr: d x lr}: the step size each group really takes (x DAdaptAdam's
+    `layer_scale`, which carries the text-encoder ratio: see `_one_lr`)."""
     out = {}
     for g in optimizer.param_groups:
         name = g.get("name", "group")
-        out[name] = float(g["lr"])
+        scale = float(g.get("layer_scale", 1.0))
+        out[name] = float(g["lr"]) * scale
         if "d" in g:
-            out[f"{name}_d*lr"] = float(g["d"]) * float(g["lr"])
+            out[f"{name}_d*lr"] = float(g["d"]) * float(g["lr"]) * scale
     return out
 

@@ -27,6 +27,7 @@ import torch
 
 from lib_lora.atomic import atomic_path, atomic_write_json
 from lib_lora.progress import check_cancel
+from lib_lora.training.optim import group_lrs
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
@@ -166,7 +167,7 @@ def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
             check_cancel(trainer.progress)
             loss = float(trainer.train_step(batch))  # one host sync per probe step: the probe is short
             step += 1
-            lrs = effective_lrs(opt)
+            lrs = group_lrs(opt)
             for name in ("unet", "textencoder"):
                 if f"{name}_d*lr" in lrs:
                     curves.setdefault(name, []).append(lrs[f"{name}_d*lr"])
@@ -213,18 +214,6 @@ def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
     except Exception as err:  # noqa: BLE001 - the plot is for people; the value stands without it
         trainer.phase(f"The learning-rate plot could not be drawn ({type(err).__name__}: {err}).")
     return result, opt
-
-
-def effective_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """{group: lr, group_d*lr: d x lr x layer_scale}: the step size each group really takes."""
-    out = {}
-    for g in optimizer.param_groups:
-        name = g.get("name", "group")
-        scale = float(g.get("layer_scale", 1.0))
-        out[name] = float(g["lr"]) * scale
-        if "d" in g:
-            out[f"{name}_d*lr"] = float(g["d"]) * float(g["lr"]) * scale
-    return out
 
 
 def _writer(log_dir: Path) -> Any:

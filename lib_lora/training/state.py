@@ -41,7 +41,8 @@ FORMAT = 1
 NEUTRAL_FIELDS = frozenset({
     "output_dir", "run_dir", "overwrite", "device", "save_every_n_steps", "save_every_n_epochs",
     "log_every_n_steps", "comment", "cache_latents_to_disk", "restart", "state_every_n_steps",
-    "max_nonfinite_steps", "oom_retry", "gradient_checkpointing", "sample_images", "sample_every_n_steps",
+    "max_nonfinite_steps", "oom_retry", "gradient_checkpointing", "cache_text_encoder_outputs",
+    "channels_last", "compile_unet", "sample_images", "sample_every_n_steps",
     "sample_every_n_epochs", "sample_prompts", "sample_negative_prompt", "sample_steps", "sample_cfg_scale",
 })  # fmt: skip
 

@@ -77,6 +77,17 @@ def test_restart_and_refusals(tmp_path, bb):
     assert res.steps == 6
 
 
+def test_speed_only_settings_may_change_on_resume(tmp_path, bb):
+    ds = make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, ds, max_steps=6)
+    with pytest.raises(Cancelled):
+        train(cfg, progress=StopAt(3), backbone=bb)
+    seen, on_event = _events()
+    faster = dataclasses.replace(cfg, channels_last=True, cache_text_encoder_outputs=False)
+    res = train(faster, on_event=on_event, backbone=bb)
+    assert any("Resuming at step 3" in e.get("text", "") for e in seen) and res.steps == 6
+
+
 def test_unreadable_state_is_refused(tmp_path, bb):
     ds = make_dataset(tmp_path / "data")
     cfg = tiny_config(tmp_path, ds, max_steps=4)

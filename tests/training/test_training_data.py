@@ -37,6 +37,13 @@ def test_step_count_formula_per_bucket(tmp_path):
     text = plan.describe()
     assert f"{3 * expected} steps" in text and "10_alice" in text
 
+    # An image dropped after the scan (its latent could not be made): the re-made plan counts
+    # from the items left, so the subsets (ss_dataset_dirs img_count) agree with the totals.
+    ds = data.scan_dataset(tmp_path, cfg)
+    left = [it for it in ds.items if it.subset != "5_bob"]
+    again = data.make_plan(ds.root, ds.subsets, left, cfg, ds.plan.skipped)
+    assert again.subsets == [{"folder": "10_alice", "repeats": 10, "images": 5}] and again.images == 5
+
 
 def test_max_steps_overrides_epochs(tmp_path):
     for i in range(2):
