@@ -33,12 +33,14 @@ def card(meta: dict[str, str], lora_path: Path) -> dict[str, Any]:
     }
 
 
-def write_card(lora_path: Path) -> Path:
+def write_card(lora_path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """The card of a LoRA file, from its metadata (read from the file when not given)."""
     from lib_lora.atomic import atomic_write_json
     from lib_lora.training.export import read_metadata
 
     lora_path = Path(lora_path)
-    return atomic_write_json(lora_path.with_suffix(".json"), card(read_metadata(lora_path), lora_path))
+    meta = metadata if metadata is not None else read_metadata(lora_path)
+    return atomic_write_json(lora_path.with_suffix(".json"), card(meta, lora_path))
 
 
 def write_preview(lora_path: Path, image: Any) -> Path:

@@ -456,6 +456,7 @@ def cache_latents(
     cache_dir: Path | None,
     progress: Progress | None = None,
     on_skip: Callable[[Path, str], None] | None = None,
+    vae_id: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode every image once; {latent key: (4, h/8, w/8) fp32 CPU tensor}. With `cache_dir`,
     latents found there are reused and new ones written (one safetensors file per key).
@@ -465,7 +466,7 @@ def cache_latents(
     from lib_lora.atomic import atomic_path
     from lib_lora.progress import check_cancel
 
-    vae_id = vae_identity(backbone)
+    vae_id = vae_id if vae_id is not None else vae_identity(backbone)  # the caller may have it already
     disk = cache_dir if (cache_dir is not None and vae_id) else None
     if disk is not None:
         disk.mkdir(parents=True, exist_ok=True)

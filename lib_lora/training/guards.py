@@ -53,9 +53,10 @@ def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def _grads_finite(params: list[torch.Tensor]) -> bool:
-    norm = total_grad_norm(params)
-    return norm is None or bool(torch.isfinite(norm))  # one host read
+def step_grad_norm(trainer: Trainer) -> torch.Tensor | None:
+    """This step's total gradient norm: the clip's (`compute_step` keeps it), else computed."""
+    norm = getattr(trainer, "grad_norm", None)
+    return norm if norm is not None else total_grad_norm(trainer.params)
 
 
 def takes_device_skip_flag(optimizer: torch.optim.Optimizer) -> bool:
@@ -85,8 +86,7 @@ class StepGuard:
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
             if self.on_device:
                 if trainer.scaler is None:
-                    norm = getattr(trainer, "grad_norm", None)
-                    norm = norm if norm is not None else total_grad_norm(trainer.params)
+                    norm = step_grad_norm(trainer)
                     bad = torch.zeros((), device=trainer.device) if norm is None else (~torch.isfinite(norm)).float()
                     opt.found_inf, opt.grad_scale = bad, None
                 else:  # the fp16 grad scaler set found_inf (and steps fused optimizers every time)
@@ -95,8 +95,10 @@ class StepGuard:
                 self._stepped = True
                 return self._inner_step(*args, **kwargs)
             # With a grad scaler this is only called when the scaler found the grads finite.
-            if trainer.scaler is None and not _grads_finite(trainer.params):
-                return None
+            if trainer.scaler is None:
+                norm = step_grad_norm(trainer)
+                if norm is not None and not bool(torch.isfinite(norm)):  # one host read
+                    return None
             self._stepped = True
             return self._inner_step(*args, **kwargs)
 

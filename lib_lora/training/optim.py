@@ -131,7 +131,9 @@ def _qualname(obj: object) -> str:
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
-    """cfg.lr_warmup_steps below 1 is a fraction of all steps."""
+    """cfg.lr_warmup_steps below 1 is a fraction of all steps; a constant schedule has none."""
+    if cfg.lr_scheduler == "constant":
+        return 0
     w = cfg.lr_warmup_steps
     return int(round(w * total_steps)) if w < 1 else int(w)
 
@@ -140,10 +142,8 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_ste
     """diffusers' schedules (the ones kohya uses), by the config's name."""
     from diffusers.optimization import get_scheduler
 
-    warm = warmup_steps(cfg, total_steps)
-    if cfg.lr_scheduler == "constant":
-        warm = 0
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warm, num_training_steps=total_steps)
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+                         num_training_steps=total_steps)  # fmt: skip
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -206,10 +206,11 @@ class Trainer:
         self.phase(f"Caching latents of {len(self.dataset.items)} images")
         cache_dir = self.run_dir / "latent_cache" if cfg.cache_latents_to_disk else None
         skipped = []
-        torch.manual_seed(cfg.seed)  # the VAE samples its latents: same seed, same latents (issue 5)
-        self.latents = data_mod.cache_latents(
-            self.dataset.items, self.backbone, cache_dir, self.progress, on_skip=lambda p, r: skipped.append((p, r))
-        )
+        # Hashing the VAE's weights takes a while: once, for the cache and the lookup below.
+        self.vae_id = data_mod.vae_identity(self.backbone)
+        # (Each latent's VAE sample is seeded from its cache key inside cache_latents.)
+        latents = data_mod.cache_latents(self.dataset.items, self.backbone, cache_dir, self.progress,
+                                         on_skip=lambda p, r: skipped.append((p, r)), vae_id=self.vae_id)  # fmt: skip
         if skipped:
             for p, r in skipped:
                 self.plan.skipped.append({"path": str(p), "reason": r})
@@ -220,8 +221,7 @@ class Trainer:
             )
             self.dataset.plan = self.plan
             self.emit("plan", text=self.plan.describe(), **self.plan.to_dict())
-        self.vae_id = data_mod.vae_identity(self.backbone)
-        self.latent_of = {id(it): self.latents[data_mod.latent_key(it, self.vae_id)] for it in self.dataset.items}
+        self.latent_of = {id(it): latents[data_mod.latent_key(it, self.vae_id)] for it in self.dataset.items}
 
     def build_network(self) -> None:
         from lib_lora.training.lora import LoRANetwork
@@ -397,7 +397,7 @@ class Trainer:
             steps=self.step,
             epoch=self.step // max(1, self.plan.steps_per_epoch),
             finished_at=time.time() if finished else None,
-            warmup_steps=warmup_steps(self.cfg, self.total_steps) if self.cfg.lr_scheduler != "constant" else 0,
+            warmup_steps=warmup_steps(self.cfg, self.total_steps),
             tag_frequency=data_mod.tag_frequency(self.dataset),
             extra=dict(self.extra_metadata),
         )
@@ -450,7 +450,10 @@ class Trainer:
             self.phase(f"Writing {self.lora_path}")
             path = self.save_lora(self.lora_path, overwrite=self.cfg.overwrite, finished=True)
             state.finish(self)
-            self.write_card_files(path)
+            from lib_lora.training.export import read_metadata
+
+            metadata = read_metadata(path)  # as written: the result's and the card's
+            self.write_card_files(path, metadata)
         except (Cancelled, KeyboardInterrupt):
             if getattr(self, "network", None) is not None and self.step > 0:
                 self.save_checkpoint(f"interrupted-step{self.step:06d}")
@@ -458,10 +461,6 @@ class Trainer:
             raise
         finally:
             self.close()
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
         seconds = time.time() - t0
         self.emit("done", lora_path=str(path), steps=self.step, final_loss=self.final_loss, seconds=seconds)
         return TrainResult(path, self.run_dir, self.step, self.final_loss, metadata)
@@ -527,14 +526,14 @@ class Trainer:
         for path, prompt in made:
             self.emit("sample", path=str(path), step=self.step, prompt=prompt, seconds=round(time.time() - t0, 2))
 
-    def write_card_files(self, lora_path: Path) -> None:
+    def write_card_files(self, lora_path: Path, metadata: dict[str, str]) -> None:
         """The card's `.json` and, when samples were made, the last one as `.preview.png`, beside
         the LoRA (the WebUI shows both on its card). The LoRA is saved already: a failure here
         is reported, never fatal."""
         from lib_lora.training.card import write_card, write_preview
 
         try:
-            write_card(lora_path)
+            write_card(lora_path, metadata)
             last = getattr(self, "last_samples", None)
             if last:
                 from PIL import Image
