@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import time
 import unicodedata
@@ -480,10 +479,3 @@ def load_report(train_dir: str | Path) -> PrepareReport:
                          items=list(records_of(data, train_dir).values()), bg_removed=bool(bg.get("removed")),
                          bg_color=bg.get("color", "white"), bg_model=bg.get("model"),
                          crop=data.get("config", {}).get("crop", "face"))
-
-
-def clear_outputs(train_dir: Path) -> None:
-    """Delete a prepared folder (the UI's "start over"); only folders with our manifest."""
-    if read_manifest(train_dir) is None:
-        raise UserError(f"{train_dir} has no manifest.json; not deleting a folder we did not create.")
-    shutil.rmtree(train_dir)
