@@ -385,11 +385,12 @@ def _mark_near_duplicates(records: list[ImageRecord]) -> None:
 def _remove_stale(old: dict[str, ImageRecord], current: set[str], train_dir: Path) -> list[Path]:
     """Outputs of an earlier run whose source is gone: ours to delete (captions stay)."""
     removed = []
+    root = train_dir.resolve()  # both sides resolved: a relative --out (the default) must still match
     for key, rec in old.items():
         if key in current:
             continue
         for path in (rec.output, rec.mask):
-            if path is not None and path.is_file() and train_dir in path.resolve().parents:
+            if path is not None and path.is_file() and root in path.resolve().parents:
                 path.unlink()
                 removed.append(path)
     return removed

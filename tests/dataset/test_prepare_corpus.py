@@ -196,6 +196,22 @@ def test_rerun_skips_unchanged_and_redoes_on_new_settings(corpus, tmp_path):
         assert img.size == (256, 256)
 
 
+def test_outputs_of_removed_sources_deleted_with_relative_out(tmp_path, pattern, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(pattern(70)).save(src / "keep.png")
+    Image.fromarray(pattern(71)).save(src / "gone.png")
+    cfg = PrepareConfig(name="rel", out="work", crop="center", workers=1)
+    first = prepare_dataset(src, cfg)
+    gone = next(r.output for r in first.items if r.source.name == "gone.png")
+    assert gone.is_file()
+    (src / "gone.png").unlink()
+    second = prepare_dataset(src, cfg)
+    assert not gone.exists() and [p.name for p in second.removed_outputs] == ["gone.png"]
+    assert (second.image_dir / "keep.png").is_file()
+
+
 def test_small_image_warned_not_upscaled(tmp_path, pattern):
     src = tmp_path / "src"
     src.mkdir()
