@@ -368,11 +368,16 @@ def _mark_near_duplicates(records: list[ImageRecord]) -> None:
     if len(kept) < 2:
         return
     hashes = np.array([int(r.phash, 16) for r in kept], dtype=np.uint64)
-    for i in range(1, len(kept)):
+    unchanged = np.array([r.unchanged for r in kept])
+    order = np.arange(len(kept))
+    for i in range(len(kept)):
         if kept[i].unchanged:  # already checked (and reported) by the run that made it
             continue
-        x = np.bitwise_xor(hashes[:i], hashes[i])
+        x = np.bitwise_xor(hashes, hashes[i])
         dist = np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+        # Against every other kept image (unchanged ones after it too), but not itself nor later
+        # new ones: those check against this one, so of two new near duplicates the later is flagged.
+        dist[(order >= i) & ~unchanged] = 65
         j = int(dist.argmin())
         if dist[j] <= NEAR_DUPLICATE_BITS:
             r = kept[i]

@@ -236,6 +236,23 @@ def test_near_duplicates_reported(tmp_path, pattern):
     assert by["c.png"].status == "ok" and by["a.png"].status == "ok"
 
 
+def test_new_near_duplicate_of_unchanged_later_image_reported(tmp_path, pattern):
+    src = tmp_path / "src"
+    src.mkdir()
+    picture = pattern(62)
+    Image.fromarray(picture).save(src / "b.png")
+    cfg = PrepareConfig(name="nd2", out=str(tmp_path / "w"), crop="center", workers=1)
+    prepare_dataset(src, cfg)
+    nudged = picture.copy()
+    nudged[0, 0] ^= 1  # other bytes, same photo
+    Image.fromarray(nudged).save(src / "a.png")
+    report = prepare_dataset(src, cfg)
+    by = {r.source.name: r for r in report.items}
+    assert by["b.png"].unchanged and by["b.png"].status == "ok"
+    assert by["a.png"].status == "warning" and "near duplicate of b.png" in by["a.png"].message
+    assert by["a.png"].duplicate_of == src / "b.png"
+
+
 def test_no_usable_images_is_one_clear_error(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
