@@ -16,12 +16,12 @@ from pathlib import Path
 TMP_MARK = ".fastlora-tmp-"
 
 
-def _tmp_name(target: Path) -> Path:
+def tmp_name(target: Path) -> Path:
     # Hidden and clearly ours, so `cleanup_stale_temps` can find leftovers of a killed run.
     return target.with_name(f".{target.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):  # not supported on every platform/filesystem
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -41,7 +41,7 @@ def atomic_path(target: str | os.PathLike, overwrite: bool = True) -> Iterator[P
     target.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and target.exists():
         raise FileExistsError(target)
-    tmp = _tmp_name(target)
+    tmp = tmp_name(target)
     try:
         yield tmp
         if tmp.exists():
@@ -53,7 +53,7 @@ def atomic_path(target: str | os.PathLike, overwrite: bool = True) -> Iterator[P
             os.unlink(tmp)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -75,14 +75,31 @@ def atomic_write_json(target: str | os.PathLike, obj: object, overwrite: bool = 
 
 
 def cleanup_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Remove temporary files left by a killed writer. Returns what was removed."""
+    """Remove temporary files left by a killed writer. Returns what was removed.
+
+    Temporaries of another process that is still running (a second run writing into the same
+    folder) are left alone: their names carry the writer's pid (see `tmp_name`).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     pattern = f"**/.*{TMP_MARK}*" if recursive else f".*{TMP_MARK}*"
     removed = []
     for p in folder.glob(pattern):
+        pid_part = p.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
+        if pid_part.isdigit() and int(pid_part) != os.getpid() and _alive(int(pid_part)):
+            continue
         with contextlib.suppress(OSError):
             p.unlink()
             removed.append(p)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

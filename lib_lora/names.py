@@ -12,6 +12,8 @@ from lib_lora.errors import UnsafeNameError
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _FORBIDDEN_CHARS = set('/\\:*?"<>|')
 MAX_NAME_LEN = 120
+# A kohya image folder, `<repeats>_<name>` ("10_anna"): the trainer's subsets, the tagger's folders.
+SUBSET_RE = re.compile(r"^(\d+)_(.+)$")
 
 
 def validate_name(name: str, what: str = "name") -> str:

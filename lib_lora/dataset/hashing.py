@@ -33,7 +33,3 @@ def phash(gray: np.ndarray) -> str:
     low = cv2.dct(small)[:8, :8].flatten()
     bits = low > np.median(low[1:])  # the DC term would dominate the median
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
-
-
-def hamming(a: str, b: str) -> int:
-    return bin(int(a, 16) ^ int(b, 16)).count("1")

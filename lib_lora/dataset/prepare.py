@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import time
 import unicodedata
@@ -369,11 +368,16 @@ def _mark_near_duplicates(records: list[ImageRecord]) -> None:
     if len(kept) < 2:
         return
     hashes = np.array([int(r.phash, 16) for r in kept], dtype=np.uint64)
-    for i in range(1, len(kept)):
+    unchanged = np.array([r.unchanged for r in kept])
+    order = np.arange(len(kept))
+    for i in range(len(kept)):
         if kept[i].unchanged:  # already checked (and reported) by the run that made it
             continue
-        x = np.bitwise_xor(hashes[:i], hashes[i])
+        x = np.bitwise_xor(hashes, hashes[i])
         dist = np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+        # Against every other kept image (unchanged ones after it too), but not itself nor later
+        # new ones: those check against this one, so of two new near duplicates the later is flagged.
+        dist[(order >= i) & ~unchanged] = 65
         j = int(dist.argmin())
         if dist[j] <= NEAR_DUPLICATE_BITS:
             r = kept[i]
@@ -386,11 +390,12 @@ def _mark_near_duplicates(records: list[ImageRecord]) -> None:
 def _remove_stale(old: dict[str, ImageRecord], current: set[str], train_dir: Path) -> list[Path]:
     """Outputs of an earlier run whose source is gone: ours to delete (captions stay)."""
     removed = []
+    root = train_dir.resolve()  # both sides resolved: a relative --out (the default) must still match
     for key, rec in old.items():
         if key in current:
             continue
         for path in (rec.output, rec.mask):
-            if path is not None and path.is_file() and train_dir in path.resolve().parents:
+            if path is not None and path.is_file() and root in path.resolve().parents:
                 path.unlink()
                 removed.append(path)
     return removed
@@ -480,10 +485,3 @@ def load_report(train_dir: str | Path) -> PrepareReport:
                          items=list(records_of(data, train_dir).values()), bg_removed=bool(bg.get("removed")),
                          bg_color=bg.get("color", "white"), bg_model=bg.get("model"),
                          crop=data.get("config", {}).get("crop", "face"))
-
-
-def clear_outputs(train_dir: Path) -> None:
-    """Delete a prepared folder (the UI's "start over"); only folders with our manifest."""
-    if read_manifest(train_dir) is None:
-        raise UserError(f"{train_dir} has no manifest.json; not deleting a folder we did not create.")
-    shutil.rmtree(train_dir)

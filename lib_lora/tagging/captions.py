@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from lib_lora.atomic import atomic_write_json
 from lib_lora.config import TagConfig
 from lib_lora.errors import DatasetError
+from lib_lora.names import SUBSET_RE
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.tagging.rules import load_data
 from lib_lora.tagging.session import STATE_DIR, EditSession, list_images
@@ -28,7 +29,6 @@ from lib_lora.tagging.taggers import Tagger, map_threads, tag_category
 from lib_lora.tagging.tagtext import dedupe, normalize, put_first, tag_from_model
 
 SCORES_FILE = "scores.json"
-KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 # Background colours the prepare step may composite on, as Danbooru names them.
 NAMED_COLOURS = {
@@ -115,7 +115,7 @@ def background_tags(manifest: dict[str, Any]) -> list[str] | None:
 
 def default_trigger(image_dir: Path, manifest: dict[str, Any]) -> str | None:
     """The LoRA's name: from a `<repeats>_<name>` folder, else the manifest's name."""
-    m = KOHYA_DIR.match(image_dir.name)
+    m = SUBSET_RE.match(image_dir.name)
     if m:
         return m.group(2)
     name = manifest.get("name")
@@ -129,7 +129,8 @@ def image_dirs(dataset: str | Path) -> list[Path]:
         raise DatasetError(f"{root} is not a folder; give the folder that holds the images.")
     if list_images(root):
         return [root]
-    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and list_images(p))
+    # Only `<repeats>_<name>` folders: prepare's `masks/` beside them holds images that are no training data.
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and SUBSET_RE.match(p.name) and list_images(p))
     if not subs:
         raise DatasetError(f"No images in {root} or its subfolders; run the prepare step first or pick another folder.")
     return subs

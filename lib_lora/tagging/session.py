@@ -15,14 +15,13 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lib_lora.atomic import TMP_MARK, atomic_write_bytes, atomic_write_json, cleanup_stale_temps
+from lib_lora.atomic import atomic_write_bytes, atomic_write_json, cleanup_stale_temps, fsync_dir, tmp_name
 from lib_lora.errors import UserError
 from lib_lora.tagging.tagtext import dedupe, format_caption, normalize, parse_caption, put_first
 
@@ -54,8 +53,7 @@ def write_many(files: dict[Path, bytes | None]) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    temps = [(path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"), path, data)
-             for path, data in files.items() if data is not None]
+    temps = [(tmp_name(path), path, data) for path, data in files.items() if data is not None]
 
     def write(item: tuple[Path, Path, bytes]) -> None:
         with open(item[0], "wb") as fh:
@@ -72,12 +70,7 @@ def write_many(files: dict[Path, bytes | None]) -> None:
                 path.unlink(missing_ok=True)
         folders = {path.parent for path in files}
         for folder in folders:
-            with contextlib.suppress(OSError):
-                fd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            fsync_dir(folder)
     finally:
         for tmp, _, _ in temps:
             with contextlib.suppress(FileNotFoundError):

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import math
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lib_lora.errors import DatasetError
+from lib_lora.names import SUBSET_RE
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")
-SUBSET_RE = re.compile(r"^(\d+)_(.+)$")
 TOKENS_PER_CHUNK = 75  # + BOS/EOS = 77, CLIP's context
 MAX_CHUNKS = 3  # 225 tokens, kohya's longest setting; longer captions are cut
 

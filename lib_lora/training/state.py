@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lib_lora.atomic import TMP_MARK, atomic_path
+from lib_lora.atomic import atomic_path, cleanup_stale_temps
 from lib_lora.config import to_dict
 from lib_lora.errors import UserError
 
@@ -200,37 +200,6 @@ def restore(trainer: Trainer, st: dict[str, Any]) -> None:
         tr.session_id = st["session_id"]
 
 
-def clean_temps(*folders: Path) -> list[Path]:
-    """Remove temporary files a killed writer left in these folders (recursively), skipping
-    those of a process that is still running (another run writing into the same LoRA folder)."""
-    import os
-
-    removed = []
-    for folder in folders:
-        if not Path(folder).is_dir():
-            continue
-        for p in Path(folder).rglob(f".*{TMP_MARK}*"):
-            pid_part = p.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
-            if pid_part.isdigit() and int(pid_part) != os.getpid() and _alive(int(pid_part)):
-                continue
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ---------------------------------------------------------------- hooks called by run.Trainer
 
 
@@ -238,7 +207,8 @@ def load_for_resume(trainer: Trainer) -> dict[str, Any] | None:
     """Before the LR is resolved: clean leftovers of a killed run, honour --restart, and read
     the saved state (if any) so a resumed run reuses the probe's value instead of probing again."""
     tr = trainer
-    removed = clean_temps(tr.run_dir, Path(tr.cfg.output_dir))
+    removed = [p for folder in (tr.run_dir, Path(tr.cfg.output_dir))
+               for p in cleanup_stale_temps(folder, recursive=True)]
     if removed:
         tr.phase(f"Removed {len(removed)} temporary file(s) left by an interrupted run.")
     path = state_path(tr.run_dir)

@@ -196,6 +196,22 @@ def test_rerun_skips_unchanged_and_redoes_on_new_settings(corpus, tmp_path):
         assert img.size == (256, 256)
 
 
+def test_outputs_of_removed_sources_deleted_with_relative_out(tmp_path, pattern, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(pattern(70)).save(src / "keep.png")
+    Image.fromarray(pattern(71)).save(src / "gone.png")
+    cfg = PrepareConfig(name="rel", out="work", crop="center", workers=1)
+    first = prepare_dataset(src, cfg)
+    gone = next(r.output for r in first.items if r.source.name == "gone.png")
+    assert gone.is_file()
+    (src / "gone.png").unlink()
+    second = prepare_dataset(src, cfg)
+    assert not gone.exists() and [p.name for p in second.removed_outputs] == ["gone.png"]
+    assert (second.image_dir / "keep.png").is_file()
+
+
 def test_small_image_warned_not_upscaled(tmp_path, pattern):
     src = tmp_path / "src"
     src.mkdir()
@@ -218,6 +234,23 @@ def test_near_duplicates_reported(tmp_path, pattern):
     by = {r.source.name: r for r in report.items}
     assert by["b.jpg"].status == "warning" and "near duplicate of a.png" in by["b.jpg"].message
     assert by["c.png"].status == "ok" and by["a.png"].status == "ok"
+
+
+def test_new_near_duplicate_of_unchanged_later_image_reported(tmp_path, pattern):
+    src = tmp_path / "src"
+    src.mkdir()
+    picture = pattern(62)
+    Image.fromarray(picture).save(src / "b.png")
+    cfg = PrepareConfig(name="nd2", out=str(tmp_path / "w"), crop="center", workers=1)
+    prepare_dataset(src, cfg)
+    nudged = picture.copy()
+    nudged[0, 0] ^= 1  # other bytes, same photo
+    Image.fromarray(nudged).save(src / "a.png")
+    report = prepare_dataset(src, cfg)
+    by = {r.source.name: r for r in report.items}
+    assert by["b.png"].unchanged and by["b.png"].status == "ok"
+    assert by["a.png"].status == "warning" and "near duplicate of b.png" in by["a.png"].message
+    assert by["a.png"].duplicate_of == src / "b.png"
 
 
 def test_no_usable_images_is_one_clear_error(tmp_path):

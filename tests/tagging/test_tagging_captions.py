@@ -134,3 +134,10 @@ def test_dataset_folders(tmp_path: Path) -> None:
         (tmp_path / sub).mkdir()
         Image.new("RGB", (4, 4)).save(tmp_path / sub / "x.png")
     assert [p.name for p in image_dirs(tmp_path)] == ["10_a", "5_b"]
+
+
+def test_dataset_folders_skip_masks(tmp_path: Path) -> None:
+    for sub in ("10_x", "masks"):
+        (tmp_path / sub).mkdir()
+        Image.new("RGBA", (4, 4)).save(tmp_path / sub / "a.png")
+    assert image_dirs(tmp_path) == [tmp_path / "10_x"]
