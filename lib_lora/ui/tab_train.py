@@ -50,8 +50,6 @@ class TrainForm:
             cfg = dataclasses.replace(cfg, run_dir=str(ctx.host.work_dir() / "runs" / name))
         else:
             cfg = dataclasses.replace(cfg, run_dir=str(ctx.policy.check(cfg.run_dir, "run folder", must_exist=False)))
-        if not self.has_base_model:
-            cfg = dataclasses.replace(cfg, base_model=getattr(ctx.host, "base_model", cfg.base_model) or cfg.base_model)
         return cfg
 
 
@@ -163,7 +161,10 @@ def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode:
         def work(p: Any) -> Any:
             p.update(0, 1, "loading the base model")
             backbone = ctx.host.backbone(cfg.base_model if form.has_base_model else None)
-            result = run.train(cfg, backbone=backbone, progress=p, on_event=p.event)
+            train_cfg = cfg
+            if not form.has_base_model:  # the host's own model: record its name, not TrainConfig's default
+                train_cfg = dataclasses.replace(cfg, base_model=getattr(backbone, "model_name", "") or cfg.base_model)
+            result = run.train(train_cfg, backbone=backbone, progress=p, on_event=p.event)
             ctx.host.after_save(Path(result.lora_path))
             return result
 
