@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from PIL import Image
 
@@ -159,6 +160,13 @@ def test_edit_bulk_add_undo_redo(ctx: UIContext, tmp_path: Path) -> None:
     assert "Type the tags to add" in status
     _, freqs, *_ = tab_edit.load(ctx, str(folder), "", True)  # the Chinese column, when asked for
     assert ["smile", 3, "微笑"] in freqs
+
+
+def test_chinese_switch_without_a_folder_changes_nothing(ctx: UIContext) -> None:
+    out = tab_edit.toggle_zh(ctx, "", "", True)  # the standalone page sets it on open for Chinese users
+    assert len(out) == 5 and all(u == gr.update() for u in out)
+    status, *_ = tab_edit.load(ctx, "", "", True)  # pressing Load with no folder still says so
+    assert "fast-lora-msg-error" in status and "is empty" in status
 
 
 class _WebUILikeHost(StandaloneHost):
