@@ -35,11 +35,7 @@ def settings_options() -> list[tuple[str, Any, str, dict | None]]:
     """(key, default, label, component kwargs) of the settings section."""
     return [
         ("fast_lora_work_dir", "", "Work folder for datasets and training runs (empty: <webui>/fast_lora)", None),
-        ("fast_lora_tagger", "deepbooru", "Default tagger", {"choices": ["deepbooru", "wd14"]}),
         ("fast_lora_tag_threshold", 0.5, "Tag threshold (general tags)", {"minimum": 0.05, "maximum": 1.0, "step": 0.01}),
-        ("fast_lora_character_threshold", 0.85, "Tag threshold (character tags, WD14)",
-         {"minimum": 0.05, "maximum": 1.0, "step": 0.01}),
-        ("fast_lora_keep_models", False, "Keep tagger and background-removal models in memory between runs", None),
         ("fast_lora_preset", "person", "Default training preset", {"choices": list(PRESETS)}),
     ]
 
