@@ -98,9 +98,7 @@ class Live:
     losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     probe: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     probe_plot: str | None = None
-    probe_lr: float | None = None
     samples: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    saved: list[str] = dataclasses.field(default_factory=list)
     changed_loss: bool = False
     changed_probe: bool = False
     changed_samples: bool = False
@@ -118,15 +116,12 @@ class Live:
                 self.probe.append((int(ev.get("step", len(self.probe))), float(ev["dlr"])))
                 self.changed_probe = True
             elif kind == "probe_done":
-                self.probe_lr = ev.get("lr")
                 plot = ev.get("plot") or ev.get("plot_path") or ev.get("path")
                 self.probe_plot = str(plot) if plot else None
                 self.changed_probe = True
             elif kind == "sample" and ev.get("path"):
                 self.samples.append((str(ev["path"]), f"step {ev.get('step', '')}"))
                 self.changed_samples = True
-            elif kind == "saved" and ev.get("path"):
-                self.saved.append(str(ev["path"]))
         self.seen += len(events)
 
     def probe_image(self) -> Any:
