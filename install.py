@@ -15,16 +15,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lib_lora.hosts import webui_requirements as reqs  # noqa: E402
-
-
-def _quote(arg: str) -> str:
-    # run_pip hands one string to the shell (cmd.exe on Windows, sh elsewhere): double quotes
-    # work in both, and specs such as onnxruntime>=1.23,<1.27 must not become redirections.
-    return f'"{arg}"' if any(c in arg for c in ' <>|&^;()') else arg
-
-
-def command_line(args: list[str]) -> str:
-    return " ".join(_quote(a) for a in args)
+from lib_lora.hosts.webui_requirements import command_line  # noqa: E402
 
 
 def _pip(args: list[str], desc: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,9 +39,3 @@ class Host(Protocol):
 
     def generate(self, prompts: list[str], seed: int, **kw: Any) -> list[Image.Image]:
         """Generate images for the Test step."""
-
-
-@contextlib.contextmanager
-def no_lock_job(progress: Progress) -> Iterator[Progress]:
-    """A job context for hosts without a queue lock."""
-    yield progress

@@ -148,10 +148,9 @@ class StandaloneHost:
     # Test images
     def find_lora(self, name: str) -> Path:
         name = validate_name(name, "LoRA name")
-        for suffix in (".safetensors",):
-            path = self.lora_dir() / f"{name}{suffix}"
-            if path.is_file():
-                return path
+        path = self.lora_dir() / f"{name}.safetensors"
+        if path.is_file():
+            return path
         raise UserError(f"No LoRA named {name!r} in {self.lora_dir()}; train it first or check the name.")
 
     def samplers(self) -> list[str]:

@@ -363,13 +363,9 @@ class WebUIHost:
         return DeepbooruTagger(threshold=opt("fast_lora_tag_threshold", None))
 
     def after_save(self, lora_path: Path) -> None:
-        """Make a new LoRA usable at once: its card (`.json`), the WebUI's card list, and (at
-        the end of the job) a `.preview.png` generated with it."""
+        """Make a new LoRA usable at once: the WebUI's card list, and (at the end of the job) a
+        `.preview.png` generated with it. Its card `.json` is written by the trainer's run."""
         lora_path = Path(lora_path)
-        try:
-            write_card(lora_path)
-        except Exception:  # the LoRA itself is saved; a card is a nicety
-            log.warning("Fast LoRA: could not write the card for %s", lora_path, exc_info=True)
         nets = lora_extension()
         if nets is not None:
             nets.list_available_networks()
@@ -434,12 +430,8 @@ class WebUIHost:
 
         name = validate_name(cfg.name, "LoRA name")
         backbone = self.backbone()  # refusals (Forge, --lowvram, not SD1.5) come first
-        try:
-            from lib_lora.training.run import train
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("lib_lora"):
-                raise UserError("This build of Fast LoRA has no training loop yet; update the extension.") from None
-            raise
+        from lib_lora.training.run import train
+
         cfg = validate(dataclasses.replace(
             cfg,
             name=name,
@@ -463,7 +455,7 @@ class WebUIHost:
             result = train(cfg, backbone=backbone, progress=progress, on_event=event)
         except Cancelled:
             result, interrupted = None, True
-        lora_path = _result_path(result, cfg)
+        lora_path = Path(result.lora_path) if result is not None else None
         summary = {"name": name, "lora_path": str(lora_path) if lora_path else "", "interrupted": interrupted,
                    "run_dir": cfg.run_dir, "steps": _last(events, "loss", "step"), "loss": _last(events, "loss", "loss")}
         if lora_path is None or not lora_path.is_file():
@@ -519,15 +511,6 @@ def _precision_for(requested: str, backbone: LdmBackbone) -> str:
     if backbone.dtype == torch.bfloat16:
         return "bf16"
     return "auto"
-
-
-def _result_path(result: Any, cfg: Any) -> Path | None:
-    for attr in ("lora_path", "path", "output_path"):
-        value = getattr(result, attr, None) if result is not None else None
-        if value:
-            return Path(value)
-    candidate = Path(cfg.output_dir) / f"{cfg.name}.safetensors"
-    return candidate if result is not None and candidate.is_file() else None
 
 
 def _last(events: list[dict], kind: str, key: str) -> Any:

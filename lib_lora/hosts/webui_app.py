@@ -19,7 +19,7 @@ from typing import Any
 from lib_lora.config import PRESETS, TrainConfig, apply_preset, validate
 from lib_lora.errors import UserError
 from lib_lora.hosts import webui
-from lib_lora.hosts.webui_requirements import missing_now
+from lib_lora.hosts import webui_requirements as reqs
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,7 @@ def settings_options() -> list[tuple[str, Any, str, dict | None]]:
     """(key, default, label, component kwargs) of the settings section."""
     return [
         ("fast_lora_work_dir", "", "Work folder for datasets and training runs (empty: <webui>/fast_lora)", None),
-        ("fast_lora_tagger", "deepbooru", "Default tagger", {"choices": ["deepbooru", "wd14"]}),
         ("fast_lora_tag_threshold", 0.5, "Tag threshold (general tags)", {"minimum": 0.05, "maximum": 1.0, "step": 0.01}),
-        ("fast_lora_character_threshold", 0.85, "Tag threshold (character tags, WD14)",
-         {"minimum": 0.05, "maximum": 1.0, "step": 0.01}),
-        ("fast_lora_keep_models", False, "Keep tagger and background-removal models in memory between runs", None),
         ("fast_lora_preset", "person", "Default training preset", {"choices": list(PRESETS)}),
     ]
 
@@ -165,20 +161,13 @@ def on_app_started(demo: Any, app: Any) -> None:
 
 
 def missing_banner() -> str:
-    missing = missing_now()
-    if not missing:
+    steps = reqs.plan(reqs.installed_distributions(reqs.relevant_names()))
+    if not steps:
         return ""
     import sys
 
-    names = ", ".join(r.name for r in missing)
-    deps = [r.spec for r in missing if not r.no_deps]
-    nodeps = [r.spec for r in missing if r.no_deps]
-    cmds = []
-    if deps:
-        cmds.append(f"{sys.executable} -m pip install {' '.join(deps)}")
-    if nodeps:
-        cmds.append(f"{sys.executable} -m pip install --no-deps {' '.join(nodeps)}")
-    lines = "\n".join(f"    {c}" for c in cmds)
+    names = ", ".join(n for step in steps for n in step.names)
+    lines = "\n".join(f"    {reqs.command_line([sys.executable, '-m', 'pip', *step.pip_args()])}" for step in steps)
     return (f"**Fast LoRA is missing {names}** (its installer could not add them). "
             f"Steps that need them will not work. Install them by hand, then restart the WebUI:\n\n{lines}\n")
 

@@ -73,6 +73,18 @@ class Step:
         return args + list(self.specs)
 
 
+def _quote(arg: str) -> str:
+    # A1111's run_pip hands one string to the shell (cmd.exe on Windows, sh elsewhere), and a
+    # command shown to copy goes to one too: double quotes work in both, and specs such as
+    # onnxruntime>=1.23,<1.27 must not become redirections.
+    return f'"{arg}"' if any(c in arg for c in ' <>|&^;()') else arg
+
+
+def command_line(args: list[str]) -> str:
+    """`args` as one shell command line, safe for cmd.exe and sh."""
+    return " ".join(_quote(a) for a in args)
+
+
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 

@@ -84,7 +84,7 @@ def _link_tabs(ctx: UIContext) -> None:
                                         [prep["controls"]["name"], train["name"]], [train["name"]])
 
 
-def i18n_script(lang_component: bool = True) -> str:
+def i18n_script() -> str:
     """Client code for the standalone page: translate labels (A1111's localization format)
     and remember the language choice. Inside the WebUI, A1111's own localization does this."""
     maps = {code: localization(code) for code in LANGUAGES.values() if code != "en"}

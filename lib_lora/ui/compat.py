@@ -39,10 +39,6 @@ def select_index(evt: Any) -> Any:
     return getattr(evt, "index", None)
 
 
-def select_value(evt: Any) -> Any:
-    return getattr(evt, "value", None)
-
-
 def update(**kw: Any) -> Any:
     return gr.update(**kw)
 

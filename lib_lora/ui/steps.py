@@ -70,14 +70,6 @@ def training_run() -> ModuleType | Missing:
     return load("lib_lora.training.run", ("train",), "Training")
 
 
-def lora() -> ModuleType | Missing:
-    return load("lib_lora.training.lora", ("LoRANetwork",), "LoRA loading")
-
-
-def models() -> ModuleType | Missing:
-    return load("lib_lora.training.models", ("load_backbone",), "Base model loading")
-
-
 def _config_class(name: str, what: str) -> Any:
     mod = load("lib_lora.config", (name,), what)
     return mod if isinstance(mod, Missing) else getattr(mod, name)

@@ -94,6 +94,14 @@ def load(session: Any, tag_filter: str) -> str:
     return ""
 
 
+def toggle_zh(ctx: UIContext, folder: str, tag_filter: str, show_zh: bool) -> tuple:
+    """The Chinese column switched: reload the folder, or change nothing while none is chosen (the
+    standalone page sets the switch on open, before any folder is typed; Load still says it is empty)."""
+    if not str(folder or "").strip():
+        return tuple(gr.update() for _ in range(5))
+    return load(ctx, folder, tag_filter, show_zh)
+
+
 @_guard
 def add_tags(session: Any, tag_filter: str, text: str, scope: str) -> str:
     tags = _tags(text)
@@ -267,7 +275,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
     bind(load_btn.click, load, [])
     bind(folder.submit, load, [])
     bind(tag_filter.submit, load, [])
-    bind(show_zh.change, load, [])
+    bind(show_zh.change, toggle_zh, [])
     clear.click(lambda: "", None, [tag_filter]).then(lambda *a: load(ctx, *a), base, outs)
     freqs.select(pick_tag, [freqs], [tag_filter]).then(lambda *a: load(ctx, *a), base, outs)
 

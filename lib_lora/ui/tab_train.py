@@ -50,8 +50,6 @@ class TrainForm:
             cfg = dataclasses.replace(cfg, run_dir=str(ctx.host.work_dir() / "runs" / name))
         else:
             cfg = dataclasses.replace(cfg, run_dir=str(ctx.policy.check(cfg.run_dir, "run folder", must_exist=False)))
-        if not self.has_base_model:
-            cfg = dataclasses.replace(cfg, base_model=getattr(ctx.host, "base_model", cfg.base_model) or cfg.base_model)
         return cfg
 
 
@@ -100,9 +98,7 @@ class Live:
     losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     probe: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     probe_plot: str | None = None
-    probe_lr: float | None = None
     samples: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    saved: list[str] = dataclasses.field(default_factory=list)
     changed_loss: bool = False
     changed_probe: bool = False
     changed_samples: bool = False
@@ -120,15 +116,12 @@ class Live:
                 self.probe.append((int(ev.get("step", len(self.probe))), float(ev["dlr"])))
                 self.changed_probe = True
             elif kind == "probe_done":
-                self.probe_lr = ev.get("lr")
                 plot = ev.get("plot") or ev.get("plot_path") or ev.get("path")
                 self.probe_plot = str(plot) if plot else None
                 self.changed_probe = True
             elif kind == "sample" and ev.get("path"):
                 self.samples.append((str(ev["path"]), f"step {ev.get('step', '')}"))
                 self.changed_samples = True
-            elif kind == "saved" and ev.get("path"):
-                self.saved.append(str(ev["path"]))
         self.seen += len(events)
 
     def probe_image(self) -> Any:
@@ -163,7 +156,10 @@ def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode:
         def work(p: Any) -> Any:
             p.update(0, 1, "loading the base model")
             backbone = ctx.host.backbone(cfg.base_model if form.has_base_model else None)
-            result = run.train(cfg, backbone=backbone, progress=p, on_event=p.event)
+            train_cfg = cfg
+            if not form.has_base_model:  # the host's own model: record its name, not TrainConfig's default
+                train_cfg = dataclasses.replace(cfg, base_model=getattr(backbone, "model_name", "") or cfg.base_model)
+            result = run.train(train_cfg, backbone=backbone, progress=p, on_event=p.event)
             ctx.host.after_save(Path(result.lora_path))
             return result
 

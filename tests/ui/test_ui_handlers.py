@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from PIL import Image
 
@@ -161,6 +162,13 @@ def test_edit_bulk_add_undo_redo(ctx: UIContext, tmp_path: Path) -> None:
     assert ["smile", 3, "微笑"] in freqs
 
 
+def test_chinese_switch_without_a_folder_changes_nothing(ctx: UIContext) -> None:
+    out = tab_edit.toggle_zh(ctx, "", "", True)  # the standalone page sets it on open for Chinese users
+    assert len(out) == 5 and all(u == gr.update() for u in out)
+    status, *_ = tab_edit.load(ctx, "", "", True)  # pressing Load with no folder still says so
+    assert "fast-lora-msg-error" in status and "is empty" in status
+
+
 class _WebUILikeHost(StandaloneHost):
     """A host that trains the model it has loaded: no base-model choice on the page."""
 
@@ -178,6 +186,33 @@ def test_tabs_for_a_host_with_its_own_model(tmp_path: Path) -> None:
     ctx = tabs.fast_lora
     assert "base_model" not in ctx.parts["train"]["form"].names
     assert ctx.parts["edit"]["show_zh"].value is True  # Chinese UI: translations shown by default
+
+
+class _OwnModelHost(_WebUILikeHost):
+    """No base-model choice; its backbone() is the model it has loaded, named as the host names it."""
+
+    def backbone(self, base_model=None):
+        assert base_model is None
+        from lib_lora.training.models import load_backbone
+
+        bb = load_backbone("tiny", device="cpu")
+        bb.model_name = "host_model.safetensors"
+        return bb
+
+
+def test_run_train_records_the_hosts_model_name(tmp_path: Path) -> None:
+    if isinstance(steps.training_run(), steps.Missing):
+        pytest.skip("training.run not in this build")
+    ctx = UIContext(host=_OwnModelHost(output_dir=tmp_path / "l", work_dir=tmp_path / "w", device="cpu"))
+    form = tab_train.TrainForm([n for n in train_form(ctx).names if n != "base_model"], has_base_model=False)
+    ds = make_dataset(tmp_path / "ds", n=2, repeats=1)
+    values = form_values(form, resolution=64, enable_buckets=False, max_steps=1, dim=4, alpha=2.0,
+                         optimizer="adamw", mixed_precision="no", cache_latents_to_disk=False,
+                         sample_images=0, save_precision="fp32")
+    out = list(tab_train.run_train(ctx, form, "own", str(ds), "manual", "1e-3", *values))
+    assert "fast-lora-msg-ok" in out[-1][0], out[-1][0]
+    saved = json.loads((ctx.host.work_dir() / "runs" / "own" / "config.json").read_text(encoding="utf-8"))
+    assert saved["base_model"] == "host_model.safetensors"
 
 
 # ---- prepare, test, folders, jobs ------------------------------------------------------------

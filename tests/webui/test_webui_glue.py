@@ -39,9 +39,9 @@ def test_script_registers_tab_settings_and_routes(webui, host):
     assert [len(cb[k]) for k in ("callbacks_ui_tabs", "callbacks_ui_settings", "callbacks_app_started")] == [1, 1, 1]
     webui.script_callbacks.ui_settings_callback()
     labels = webui.shared.opts.data_labels
-    for key in ("fast_lora_work_dir", "fast_lora_tagger", "fast_lora_tag_threshold", "fast_lora_keep_models",
-                "fast_lora_preset"):
+    for key in ("fast_lora_work_dir", "fast_lora_tag_threshold", "fast_lora_preset"):
         assert labels[key].section == ("fast_lora", "Fast LoRA"), key
+    assert not {"fast_lora_tagger", "fast_lora_character_threshold", "fast_lora_keep_models"} & set(labels)
     assert webui.shared.opts.fast_lora_preset == "person"
     tabs = webui.script_callbacks.ui_tabs_callback()
     assert len(tabs) == 1

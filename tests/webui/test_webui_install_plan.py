@@ -107,3 +107,15 @@ def test_pip_command_line_is_safe_for_cmd_and_sh():
     spec.loader.exec_module(module)
     line = module.command_line(["install", "-c", "C:/Users/John Doe/pins.txt", "onnxruntime>=1.23,<1.27", "rembg==2.0.69"])
     assert line == 'install -c "C:/Users/John Doe/pins.txt" "onnxruntime>=1.23,<1.27" rembg==2.0.69'
+
+
+def test_tab_banner_commands_are_quoted_for_the_shell(monkeypatch):
+    from lib_lora.hosts import webui_app
+
+    monkeypatch.setattr(reqs, "installed_distributions", lambda names: dict(A1111_VENV))
+    banner = webui_app.missing_banner()
+    assert "Fast LoRA is missing diffusers" in banner and "deepdanbooru-onnx" in banner
+    assert '"onnxruntime>=1.23,<1.27"' in banner and " onnxruntime>=1.23" not in banner
+    assert "-m pip install --no-deps deepdanbooru-onnx==0.0.8" in banner
+    monkeypatch.setattr(reqs, "installed_distributions", lambda names: dict(EVERYTHING))
+    assert webui_app.missing_banner() == ""
