@@ -36,7 +36,7 @@ class HostReadSpy(TorchFunctionMode):
 
 def _ready(ready_trainer, cfg: TrainConfig, backbone) -> Trainer:
     tr = ready_trainer(cfg, backbone)
-    tr.guard = guards.StepGuard(tr)
+    tr.begin_reliability()  # the loop's step guard, as Trainer.setup() makes it
     return tr
 
 

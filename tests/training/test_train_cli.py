@@ -27,6 +27,8 @@ def test_cli_train_end_to_end(tmp_path, drawn_dataset, capsys):
     # AdamW8bit cannot step on this CPU: the run says so once and uses torch AdamW.
     if "cannot step" in printed.err:
         assert md["ss_optimizer"].startswith("torch.optim.adamw.AdamW")
+    else:  # a bitsandbytes that can step here: then it is what trained
+        assert "AdamW8bit" in md["ss_optimizer"], md["ss_optimizer"]
     # Refuses to overwrite, with a message instead of a traceback; unsafe names are refused.
     assert main(argv) == 2
     assert "already exists" in capsys.readouterr().err

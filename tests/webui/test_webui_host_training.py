@@ -14,8 +14,6 @@ from PIL import Image
 from lib_lora.config import TrainConfig
 from lib_lora.errors import UserError
 
-pytest.importorskip("lib_lora.training.run", reason="the training loop lands on main with its own issue")
-
 
 @pytest.fixture
 def dataset(tmp_path):
