@@ -48,8 +48,9 @@ def make_scheduler(sampler_name: str) -> Any:
         raise UserError(f"Unknown sampler {sampler_name!r}; choose one of {', '.join(SAMPLERS)}.")
     cls_name, extra = SAMPLERS[sampler_name]
     cls = getattr(diffusers, cls_name)
-    return cls(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-               steps_offset=1, **extra)  # fmt: skip
+    from lib_lora.training.schedule import sd15_scheduler
+
+    return sd15_scheduler(cls, **extra)
 
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:

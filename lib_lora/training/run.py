@@ -40,11 +40,10 @@ from lib_lora.training.optim import (
     text_encoder_lr,
     warmup_steps,
 )
+from lib_lora.training.schedule import NUM_TRAIN_TIMESTEPS, noise_schedule
 
 log = logging.getLogger(__name__)
 
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 0.00085, 0.012
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -77,17 +76,6 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     if mp == "fp16" and device.type != "cuda":
         raise UserError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision no (or bf16) on the CPU.")
     return mp
-
-
-def noise_schedule() -> torch.Tensor:
-    """alphas_cumprod of the SD1.5 DDPM schedule (1000 steps, scaled-linear 0.00085 -> 0.012)."""
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END,
-        beta_schedule="scaled_linear", clip_sample=False,
-    )  # fmt: skip
-    return sched.alphas_cumprod.to(torch.float32)
 
 
 def _target_name(t: Any) -> str:

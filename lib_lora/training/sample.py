@@ -21,6 +21,7 @@ from torch import nn
 
 from lib_lora.atomic import atomic_write_bytes
 from lib_lora.progress import Progress, check_cancel
+from lib_lora.training.schedule import sd15_ddim
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -61,20 +62,6 @@ def eval_modes(*roots: nn.Module | None) -> Iterator[None]:
     finally:
         for m, was in saved:
             m.training = was
-
-
-def sd15_ddim(steps: int):  # -> diffusers.DDIMScheduler
-    """SD1.5's DDIM settings (those of its model_index scheduler config)."""
-    from diffusers import DDIMScheduler
-
-    from lib_lora.training.run import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
-
-    sched = DDIMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END,
-        beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-    sched.set_timesteps(steps)
-    return sched
 
 
 @torch.no_grad()

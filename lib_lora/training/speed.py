@@ -88,7 +88,7 @@ class StepFeeder:
         noise = torch.randn(latents.shape, generator=self.gen, pin_memory=self.pin)
         if self.noise_offset:
             offset = torch.randn((b, latents.shape[1], 1, 1), generator=self.gen)
-            noise = (noise + self.noise_offset * offset).pin_memory() if self.pin else noise + self.noise_offset * offset
+            noise += self.noise_offset * offset  # in place: `noise` is already in pinned memory
         t = torch.randint(0, self.num_timesteps, (b,), generator=self.gen, pin_memory=self.pin)
         noise, t = noise.to(dev, non_blocking=True), t.to(dev, non_blocking=True)
         if self.memory_format is not torch.contiguous_format:
