@@ -3,7 +3,8 @@
 # bench/gpu/fetch_wheels.sh here). One part per call, each well inside the 10-minute limit:
 #   bash bench/gpu/run.sh check     # imports, bitsandbytes on the GPU, and one short speed row (a minute)
 #   bash bench/gpu/run.sh speed     # train_speed.py: batch 1/4/8 x fp16/bf16, AdamW8bit and fused AdamW, --sync-debug
-#   bash bench/gpu/run.sh options   # channels_last, torch.compile, gradient checkpointing (batch 1 and 8, bf16)
+#   bash bench/gpu/run.sh options   # channels_last, torch.compile, gradient checkpointing (batch 1 and 8, bf16),
+#                                   # and the fused LoRA forms of bench/lora_layer.py
 #   bash bench/gpu/run.sh e2e       # the tutorial's job end to end, LR probe timing, sample-image cost
 #   bash bench/gpu/run.sh webui     # the WebUI backbone (ldm U-Net, in place) against the diffusers one
 # Tables and JSON go to $OUT (they come back); copy the figures into docs/BENCHMARKS.md.
@@ -34,7 +35,8 @@ print("AdamW8bit on cuda:", bnb_adamw8bit_works("cuda") if __import__("torch").c
   options)
     run python3 bench/train_speed.py --optimizer adamw --batches 1 8 --precisions bf16 --channels-last --json "$OUT/cl.json"
     run python3 bench/train_speed.py --optimizer adamw --batches 1 8 --precisions bf16 --gradient-checkpointing --json "$OUT/gc.json"
-    run python3 bench/train_speed.py --optimizer adamw --batches 1 8 --precisions bf16 --compile --warmup 10 --json "$OUT/compile.json" ;;
+    run python3 bench/train_speed.py --optimizer adamw --batches 1 8 --precisions bf16 --compile --warmup 10 --json "$OUT/compile.json"
+    run python3 bench/lora_layer.py --device cuda --dtype bf16 --json "$OUT/lora_layer.json" ;;
   e2e)
     run python3 bench/e2e.py --base-model sd15-random --json "$OUT/e2e.json"
     run python3 bench/lr_probe.py --model sd15-random --device cuda --resolution 512 --mixed-precision fp16
