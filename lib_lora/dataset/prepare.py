@@ -421,7 +421,8 @@ def _save(report: PrepareReport, cfg: PrepareConfig, src: Path, fingerprint: str
 
 
 def _background_entry(removed: bool, color: str, model: str | None) -> dict:
-    """What the tagging step reads: whether backgrounds are plain now, and the tags that say so."""
+    """What the tagging step reads: whether backgrounds are plain now, and on what colour (the tags are
+    for people: tagging recomputes them from the colour, so old manifests get today's naming)."""
     return {"removed": removed, "color": color, "rgb": list(background.parse_color(color)), "model": model,
             "tags": background.background_tags(color) if removed else []}
 

@@ -12,9 +12,8 @@ from lib_lora.config import TagConfig, validate
 from lib_lora.errors import Cancelled, DatasetError
 from lib_lora.progress import NullProgress
 from lib_lora.tagging.captions import (
-    background_tags,
+    background_from_manifest,
     caption_from_scores,
-    colour_name,
     image_dirs,
     recaption,
     tag_dataset,
@@ -76,11 +75,46 @@ def test_background_from_manifest(make_images, dd_dir: Path) -> None:
     assert tags[-2:] == ["simple background", "grey background"]
 
 
-def test_background_helpers() -> None:
-    assert background_tags({}) is None
-    assert background_tags({"background": {"removed": False}}) is None
-    assert background_tags({"background": {"removed": True}}) == ["simple background", "white background"]
-    assert colour_name("#FAFAFA") == "white" and colour_name("gray") == "grey" and colour_name("rgb(10,0,0)") == "black"
+def test_background_from_manifest_helper() -> None:
+    assert background_from_manifest({}) is None
+    assert background_from_manifest({"background": {"removed": False}}) is None
+    removed = {"background": {"removed": True}}
+    assert background_from_manifest(removed) == ["simple background", "white background"]
+    for kept_transparent in ("transparent", "none", None):
+        manifest = {"background": {"removed": True, "color": kept_transparent}}
+        assert background_from_manifest(manifest) == ["simple background", "transparent background"]
+    # A colour nobody can parse (a hand-edited manifest) names no colour rather than guessing white.
+    unparseable = {"background": {"removed": True, "color": "mauve-ish"}}
+    assert background_from_manifest(unparseable) == ["simple background"]
+
+
+# Spellings prepare's bg_color accepts, by the word a Danbooru tagger uses for that colour.
+COLOUR_SPELLINGS = {
+    "black": ["#000", "#000000", "black", "rgb(0,0,0)", "hsl(0,0%,0%)", "rgb(10,0,0)"],
+    "blue": ["navy", "#00f", "skyblue"],
+    "white": ["white", "#FAFAFA", "#fff"],
+    "grey": ["gray", "Grey", "#808080", "silver", [128, 128, 128]],
+    "red": ["red", "#c00", "maroon"],
+    "green": ["green", "lime"],
+    "yellow": ["yellow", "gold"],
+    "pink": ["pink", "lightpink", "deeppink"],
+    "purple": ["purple", "indigo"],
+    "orange": ["orange"],
+    "brown": ["brown", "saddlebrown", "tan"],
+}
+
+
+@pytest.mark.parametrize(
+    ("colour", "word"),
+    [(colour, word) for word, spellings in COLOUR_SPELLINGS.items() for colour in spellings],
+)
+def test_background_colour_spellings(colour, word) -> None:
+    from lib_lora.dataset.background import parse_color
+
+    if isinstance(colour, str):
+        parse_color(colour)  # a spelling prepare accepts
+    manifest = {"background": {"removed": True, "color": colour}}
+    assert background_from_manifest(manifest) == ["simple background", f"{word} background"]
 
 
 def test_wd14_thresholds_and_ratings(make_images) -> None:
