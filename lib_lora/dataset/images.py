@@ -133,6 +133,20 @@ def decode(info: SourceInfo, min_scale: float = 1.0) -> Decoded:
     return Decoded(rgb, scale, notes)
 
 
+def load_rgb(path: Path) -> Image.Image:
+    """The image as a model should see it: upright (EXIF), RGB, transparency composited on white.
+
+    Training and tagging both read images through this: a transparent cut-out must look the same
+    to both, and a learned or tagged background should be neutral, never the black that hides in
+    the RGB channels of transparent pixels. Raises BadImage.
+    """
+    img = decode(inspect(Path(path))).image
+    if img.mode == "RGBA":
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img).convert("RGB")
+    return img
+
+
 def _short(err: Exception) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return text[:80]

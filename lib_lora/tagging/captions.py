@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from lib_lora.atomic import atomic_write_json
 from lib_lora.config import TagConfig
 from lib_lora.dataset.background import background_tags
+from lib_lora.dataset.images import BadImage, load_rgb
 from lib_lora.errors import DatasetError
 from lib_lora.names import SUBSET_RE
 from lib_lora.progress import Progress, check_cancel
@@ -152,13 +153,11 @@ def _read_scores(image_dir: Path) -> dict[str, Any]:
     return {"images": {}}
 
 
-def _open(path: Path) -> Image.Image | str:
-    """The decoded image, or why it cannot be read."""
+def load_for_tagging(path: Path) -> Image.Image | str:
+    """The image as training will see it (upright, transparency on white), or why it cannot be read."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        return load_rgb(path)
+    except BadImage as err:
         return str(err)
 
 
@@ -193,11 +192,11 @@ def tag_dataset(image_dir: Path, tagger: Tagger, cfg: TagConfig, progress: Progr
         progress.update(0, len(todo), f"tagging {len(todo)} images")
     for i in range(0, len(todo), cfg.batch_size):
         check_cancel(progress)
-        batch_names, images = [], []
-        for name, loaded in zip(todo[i:i + cfg.batch_size], map_threads(_open, [image_dir / n for n in todo[i:i + cfg.batch_size]]),
-                                strict=True):
+        batch, batch_names, images = todo[i : i + cfg.batch_size], [], []
+        loaded_batch = map_threads(load_for_tagging, [image_dir / n for n in batch])
+        for name, loaded in zip(batch, loaded_batch, strict=True):
             if isinstance(loaded, str):
-                report.problems.append(f"{name}: cannot be opened as an image ({loaded}); not tagged.")
+                report.problems.append(f"{name}: {loaded} Not tagged.")
             else:
                 images.append(loaded)
                 batch_names.append(name)

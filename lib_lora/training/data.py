@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from lib_lora.dataset.images import load_rgb
 from lib_lora.errors import DatasetError
 from lib_lora.names import SUBSET_RE
 
@@ -160,19 +161,6 @@ def read_caption(image: Path, preferred: str = ".txt") -> str | None:
             lines = text.splitlines()
             return lines[0].strip() if lines else ""
     return None
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """The image upright (EXIF), RGB; transparency composited on white (a learned background
-    should be neutral, never black)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im.load()
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-    return im.convert("RGB")
 
 
 def scan_dataset(

@@ -175,3 +175,29 @@ def test_dataset_folders_skip_masks(tmp_path: Path) -> None:
         (tmp_path / sub).mkdir()
         Image.new("RGBA", (4, 4)).save(tmp_path / sub / "a.png")
     assert image_dirs(tmp_path) == [tmp_path / "10_x"]
+
+
+def test_tagger_sees_images_upright(tmp_path: Path) -> None:
+    """A phone photo stored sideways with EXIF Orientation=6 reaches the tagger as the user sees it."""
+    from lib_lora.tagging.captions import load_for_tagging
+
+    stored = Image.new("RGB", (60, 40), RED)
+    stored.paste(Image.new("RGB", (60, 20), (0, 0, 255)), (0, 20))  # bottom half blue, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    seen = load_for_tagging(tmp_path / "phone.jpg")
+    assert seen.size == (40, 60)
+    # Turned clockwise, the stored bottom (blue) is on the left, the stored top (red) on the right.
+    left, right = seen.getpixel((5, 30)), seen.getpixel((35, 30))
+    assert left[2] > 200 and left[0] < 60 and right[0] > 200 and right[2] < 60
+    assert isinstance(load_for_tagging(tmp_path / "missing.png"), str)  # a reason, not an exception
+
+
+def test_transparent_png_is_tagged_on_white(make_images, dd_dir: Path) -> None:
+    """A cut-out saved with transparency: the tagger sees white behind it, not the black of its RGB channels."""
+    d = make_images({})
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(d / "cutout.png")
+    tag_dataset(d, load_tagger("deepdanbooru", dd_dir), validate(TagConfig(trigger="T")))
+    # The tiny DeepDanbooru model scores white_background sigmoid(3) on white, ~0 on black.
+    assert "white background" in (d / "cutout.txt").read_text(encoding="utf-8").split(", ")
