@@ -201,3 +201,9 @@ def test_transparent_png_is_tagged_on_white(make_images, dd_dir: Path) -> None:
     tag_dataset(d, load_tagger("deepdanbooru", dd_dir), validate(TagConfig(trigger="T")))
     # The tiny DeepDanbooru model scores white_background sigmoid(3) on white, ~0 on black.
     assert "white background" in (d / "cutout.txt").read_text(encoding="utf-8").split(", ")
+
+
+def test_tagger_floor_never_hides_a_tag_a_threshold_asks_for() -> None:
+    assert TagConfig().tagger_floor() == 0.05  # the sidecar's floor, below every threshold
+    assert TagConfig(score_floor=0.6, general_threshold=0.3).tagger_floor() == 0.3
+    assert TagConfig(tagger="wd14", score_floor=0.9, character_threshold=0.2).tagger_floor() == 0.2
