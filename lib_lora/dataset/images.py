@@ -15,10 +15,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-SUPPORTED_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
-# Image formats users do drop in a folder that we cannot read: reported, not silently ignored.
-UNSUPPORTED_IMAGE_EXTENSIONS = {".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".raw", ".cr2", ".cr3", ".nef",
-                                ".arw", ".dng", ".orf", ".rw2", ".ico", ".jp2"}
 # Refuse before decoding: 150 MP is above any camera's normal output (a 200 MP phone mode is
 # refused too) and keeps one worker's decode under ~1 GB.
 MAX_PIXELS = 150_000_000

@@ -22,10 +22,11 @@ from lib_lora.config import TagConfig
 from lib_lora.dataset.background import background_tags
 from lib_lora.dataset.images import BadImage, load_rgb
 from lib_lora.errors import DatasetError
+from lib_lora.imagefiles import list_images
 from lib_lora.names import SUBSET_RE
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.tagging.rules import load_data
-from lib_lora.tagging.session import STATE_DIR, EditSession, list_images
+from lib_lora.tagging.session import STATE_DIR, EditSession
 from lib_lora.tagging.taggers import Tagger, map_threads, tag_category
 from lib_lora.tagging.tagtext import dedupe, normalize, put_first, tag_from_model
 

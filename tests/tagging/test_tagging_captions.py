@@ -207,3 +207,22 @@ def test_tagger_floor_never_hides_a_tag_a_threshold_asks_for() -> None:
     assert TagConfig().tagger_floor() == 0.05  # the sidecar's floor, below every threshold
     assert TagConfig(score_floor=0.6, general_threshold=0.3).tagger_floor() == 0.3
     assert TagConfig(tagger="wd14", score_floor=0.9, character_threshold=0.2).tagger_floor() == 0.2
+
+
+def test_tagger_trainer_and_ui_see_the_same_images(make_images, dd_dir: Path) -> None:
+    """One list of image extensions: an image the tagger captions is one the trainer trains on and the UI shows."""
+    from lib_lora.config import TrainConfig
+    from lib_lora.training.data import scan_dataset
+    from lib_lora.ui.captions_view import caption_rows
+
+    d = make_images({"a.png": RED, "b.jpe": RED, "c.gif": RED, "d.tif": RED, "e.webp": RED, "f.JPG": RED})
+    Image.new("RGB", (64, 64), RED).save(d / ".hidden.png")  # e.g. a file manager's thumbnail: not data
+    (d / "folder.png").mkdir()
+    (d / "notes.md").write_text("not an image", encoding="utf-8")
+    expected = ["a.png", "b.jpe", "c.gif", "d.tif", "e.webp", "f.JPG"]
+
+    report = tag_dataset(d, load_tagger("deepdanbooru", dd_dir), validate(TagConfig()))
+    assert report.tagged == len(expected) and not report.problems
+    trained = [item.path.name for item in scan_dataset(d.parent, TrainConfig(resolution=64)).items]
+    assert sorted(trained) == expected
+    assert [name for name, _ in caption_rows(d)] == expected
