@@ -229,6 +229,11 @@ class TagConfig:
             return self.general_threshold
         return 0.35 if self.tagger == "wd14" else 0.5
 
+    def tagger_floor(self) -> float:
+        """The lowest score the tagger must report: the sidecar's floor, lowered to any threshold a
+        caption uses (a tag the tagger dropped below the floor could never reach a caption)."""
+        return min(self.score_floor, self.caption_threshold(), self.character_threshold)
+
 
 # --------------------------------------------------------------------------------------------
 # Training

@@ -7,8 +7,10 @@ message names the file and where to put it.
 
 from __future__ import annotations
 
+import colorsys
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,14 +142,57 @@ def composite(rgb: Image.Image, mask: Image.Image, color: tuple[int, int, int]) 
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
-# Danbooru's tags for plain backgrounds (what DeepDanbooru/WD14 output and users prompt with).
-_DANBOORU_COLOURS = {"white", "grey", "black", "blue", "red", "green", "yellow", "pink", "purple", "orange", "brown"}
+# Danbooru's words for plain backgrounds (what DeepDanbooru/WD14 output and users prompt with);
+# tagging/data/backgrounds.txt lists each "<word> background" so the tagger's own guess is replaced.
+_DANBOORU_COLOURS = "white grey black blue red green yellow pink purple orange brown".split()
+# Manifest values that mean the cut-out was kept transparent (no colour composited).
+_TRANSPARENT = {"transparent", "none"}
 
 
-def background_tags(color: str) -> list[str]:
-    """Tags that describe a removed background of `color`, e.g. ['simple background', 'white background']."""
-    name = color.strip().lower().replace("gray", "grey")
-    tags = ["simple background"]
-    if name in _DANBOORU_COLOURS:
-        tags.append(f"{name} background")
-    return tags
+def colour_word(rgb: tuple[int, int, int]) -> str:
+    """The Danbooru colour word a viewer would use for `rgb`, e.g. (0, 0, 128) -> 'blue'.
+
+    Decided by hue, not by the distance to one sample per word: a single sample cannot place
+    navy (blue, but dark) or light pink (pink, but with a red hue) where people do.
+    """
+    r, g, b = (c / 255 for c in rgb[:3])
+    hi, lo = max(r, g, b), min(r, g, b)
+    if hi < 0.25:
+        return "black"  # too dark for any hue to show
+    if hi - lo < 0.15:  # hardly any hue: only the lightness matters
+        return "white" if lo > 0.85 else "grey"
+    hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+    light, sat = (hi + lo) / 2, (hi - lo) / hi
+    if hue < 15 or hue >= 315:
+        return "pink" if light > 0.75 or 315 <= hue < 345 else "red"
+    if hue < 70:
+        # Dark oranges and yellows, and greyish oranges, are what people call brown (sienna, olive, tan).
+        if hi < 0.65 or (hue < 45 and sat < 0.5 and light < 0.75):
+            return "brown"
+        return "orange" if hue < 45 else "yellow"
+    if hue < 175:
+        return "green"
+    return "blue" if hue < 260 else "purple"
+
+
+def background_tags(color: str | Sequence[int] | None) -> list[str]:
+    """Tags for a background replaced by `color`, e.g. '#000' -> ['simple background', 'black background'].
+
+    `color` is what prepare's bg_color accepts (a name, #rgb, #rrggbb, rgb(...), hsl(...)), an
+    [r, g, b] list, or 'transparent'/'none'/None for a cut-out left transparent.
+    """
+    if color is None or (isinstance(color, str) and color.strip().lower() in _TRANSPARENT):
+        return ["simple background", "transparent background"]
+    if isinstance(color, str):
+        word = color.strip().lower().replace("gray", "grey")
+        if word not in _DANBOORU_COLOURS:  # the words themselves win: CSS 'brown' is a dark red
+            try:
+                word = colour_word(parse_color(color))
+            except UserError:
+                return ["simple background"]  # a colour nobody can parse: say no more than we know
+    else:
+        try:
+            word = colour_word(tuple(int(v) for v in color[:3]))
+        except (TypeError, ValueError):
+            return ["simple background"]
+    return ["simple background", f"{word} background"]

@@ -15,10 +15,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-SUPPORTED_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
-# Image formats users do drop in a folder that we cannot read: reported, not silently ignored.
-UNSUPPORTED_IMAGE_EXTENSIONS = {".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".raw", ".cr2", ".cr3", ".nef",
-                                ".arw", ".dng", ".orf", ".rw2", ".ico", ".jp2"}
 # Refuse before decoding: 150 MP is above any camera's normal output (a 200 MP phone mode is
 # refused too) and keeps one worker's decode under ~1 GB.
 MAX_PIXELS = 150_000_000
@@ -131,6 +127,20 @@ def decode(info: SourceInfo, min_scale: float = 1.0) -> Decoded:
             img.close()
     scale = rgb.width / info.size[0]
     return Decoded(rgb, scale, notes)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """The image as a model should see it: upright (EXIF), RGB, transparency composited on white.
+
+    Training and tagging both read images through this: a transparent cut-out must look the same
+    to both, and a learned or tagged background should be neutral, never the black that hides in
+    the RGB channels of transparent pixels. Raises BadImage.
+    """
+    img = decode(inspect(Path(path))).image
+    if img.mode == "RGBA":
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img).convert("RGB")
+    return img
 
 
 def _short(err: Exception) -> str:

@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from lib_lora.config import PrepareConfig, to_dict, validate
-from lib_lora.dataset import background, faces, images
+from lib_lora.dataset import background, faces
 from lib_lora.dataset.hashing import NEAR_DUPLICATE_BITS, file_sha256
 from lib_lora.dataset.manifest import read_manifest, records_of, write_manifest
 from lib_lora.dataset.process import FatalError, Settings, Task, init_worker, process
 from lib_lora.dataset.records import Box, ImageRecord
 from lib_lora.errors import Cancelled, DatasetError, UserError
+from lib_lora.imagefiles import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 from lib_lora.names import validate_name
 from lib_lora.progress import Progress, check_cancel
 
@@ -145,9 +146,9 @@ def scan(src: Path, recursive: bool, exclude: Path | None = None) -> tuple[list[
         if not p.is_file():
             continue
         ext = p.suffix.lower()
-        if ext in images.SUPPORTED_EXTENSIONS:
+        if ext in IMAGE_EXTENSIONS:
             found.append(p)
-        elif ext in images.UNSUPPORTED_IMAGE_EXTENSIONS:
+        elif ext in UNSUPPORTED_IMAGE_EXTENSIONS:
             unsupported.append(ImageRecord(p, status="skipped",
                                            message=f"{ext} is not supported: convert it to JPEG or PNG."))
         else:
@@ -208,7 +209,7 @@ def prepare_dataset(src: str | Path, cfg: PrepareConfig, progress: Progress | No
     candidates, records, ignored = scan(src, cfg.recursive, exclude=train_dir)
     if not candidates and not records:
         raise DatasetError(
-            f"No images found in {src} (looked for {', '.join(sorted(images.SUPPORTED_EXTENSIONS))}"
+            f"No images found in {src} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}"
             + ("" if cfg.recursive else "; add --recursive to include sub-folders") + ")."
         )
     names = _assign_names(candidates, old, image_dir)
@@ -421,7 +422,8 @@ def _save(report: PrepareReport, cfg: PrepareConfig, src: Path, fingerprint: str
 
 
 def _background_entry(removed: bool, color: str, model: str | None) -> dict:
-    """What the tagging step reads: whether backgrounds are plain now, and the tags that say so."""
+    """What the tagging step reads: whether backgrounds are plain now, and on what colour (the tags are
+    for people: tagging recomputes them from the colour, so old manifests get today's naming)."""
     return {"removed": removed, "color": color, "rgb": list(background.parse_color(color)), "model": model,
             "tags": background.background_tags(color) if removed else []}
 

@@ -28,8 +28,8 @@ class Host(Protocol):
     def job(self, title: str) -> contextlib.AbstractContextManager[Progress]:
         """A job context: takes the host's lock, reports progress, carries its interrupt."""
 
-    def tagger(self) -> Any | None:
-        """A tagger the host already has (the WebUI's Deepbooru), or None."""
+    def tagger(self, threshold: float) -> Any | None:
+        """A tagger the host already has (the WebUI's Deepbooru) reporting scores >= threshold, or None."""
 
     def after_save(self, lora_path: Path) -> None:
         """Make a freshly written LoRA visible (refresh the WebUI's card list)."""

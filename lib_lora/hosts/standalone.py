@@ -140,7 +140,7 @@ class StandaloneHost:
         finally:
             self._lock.release()
 
-    def tagger(self) -> Any | None:
+    def tagger(self, threshold: float) -> Any | None:
         return None
 
     def after_save(self, lora_path: Path) -> None:

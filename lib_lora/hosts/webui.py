@@ -17,7 +17,6 @@ import dataclasses
 import gc
 import importlib
 import logging
-import re
 import sys
 import threading
 import uuid
@@ -355,12 +354,12 @@ class WebUIHost:
                 self.record.text = text
 
     # -- tagging, saving, generating ---------------------------------------------------------
-    def tagger(self) -> DeepbooruTagger | None:
+    def tagger(self, threshold: float) -> DeepbooruTagger | None:
         try:
             a1111("deepbooru")
         except ImportError:
             return None
-        return DeepbooruTagger(threshold=opt("fast_lora_tag_threshold", None))
+        return DeepbooruTagger(threshold)
 
     def after_save(self, lora_path: Path) -> None:
         """Make a new LoRA usable at once: the WebUI's card list, and (at the end of the job) a
@@ -556,19 +555,20 @@ def grid_prompts(trigger: str, dataset: str | Path, n: int = 3, tags_per_prompt:
 
 class DeepbooruTagger:
     """The WebUI's own DeepDanbooru model (`modules.deepbooru.model`): nothing to download.
-    `tag_images` gives {tag: score} per image, scores at or above `threshold`."""
+
+    Like our ONNX taggers, `tag_images` gives {model tag name: score} per image for scores at or
+    above `threshold`: the caption step applies the config's thresholds and underscore choice,
+    not the WebUI's interrogate settings, so the same config captions alike on every tagger."""
 
     name = "deepbooru (WebUI)"
 
-    def __init__(self, threshold: float | None = None):
-        self.threshold = threshold
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
 
     def tag_images(self, images: list) -> list[dict[str, float]]:
         import numpy as np
 
         deepbooru, devices, a_images = a1111("deepbooru"), a1111("devices"), a1111("images")
-        threshold = self.threshold if self.threshold is not None else opt("interrogate_deepbooru_score_threshold", 0.5)
-        spaces = opt("deepbooru_use_spaces", True)
         model = deepbooru.model
         model.start()  # loads once, moves to the GPU
         try:
@@ -580,19 +580,11 @@ class DeepbooruTagger:
                 with torch.no_grad(), devices.autocast():
                     x = torch.from_numpy(a).to(devices.device, devices.dtype)
                     y = model.model(x)[0].detach().float().cpu().numpy()
-                tags = {}
-                for tag, p in zip(model.model.tags, y, strict=False):
-                    if p >= threshold and not tag.startswith("rating:"):
-                        tags[_tag_text(tag, spaces)] = float(p)
-                out.append(tags)
+                scores = zip(model.model.tags, y, strict=False)
+                out.append({tag: float(p) for tag, p in scores if p >= self.threshold})
             return out
         finally:
             model.stop()
-
-
-def _tag_text(tag: str, spaces: bool) -> str:
-    # danbooru writes "long_hair"; captions use "long hair" (kaomoji such as ^_^ keep theirs)
-    return tag.replace("_", " ") if spaces and re.search(r"[a-z0-9]_[a-z0-9]", tag) else tag
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,33 +9,28 @@ undoable step like any other edit.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from lib_lora.atomic import atomic_write_json
 from lib_lora.config import TagConfig
+from lib_lora.dataset.background import background_tags
+from lib_lora.dataset.images import BadImage, load_rgb
 from lib_lora.errors import DatasetError
+from lib_lora.imagefiles import list_images
 from lib_lora.names import SUBSET_RE
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.tagging.rules import load_data
-from lib_lora.tagging.session import STATE_DIR, EditSession, list_images
+from lib_lora.tagging.session import STATE_DIR, EditSession
 from lib_lora.tagging.taggers import Tagger, map_threads, tag_category
 from lib_lora.tagging.tagtext import dedupe, normalize, put_first, tag_from_model
 
 SCORES_FILE = "scores.json"
-
-# Background colours the prepare step may composite on, as Danbooru names them.
-NAMED_COLOURS = {
-    "white": (255, 255, 255), "grey": (128, 128, 128), "black": (0, 0, 0), "red": (220, 30, 30),
-    "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40), "pink": (250, 170, 200),
-    "purple": (140, 60, 180), "orange": (250, 140, 30), "brown": (130, 80, 40),
-}
 
 
 @dataclass
@@ -81,36 +76,14 @@ def read_manifest(image_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def colour_name(value: Any) -> str:
-    """'white', '#808080', [r, g, b] or 'rgb(...)' -> the nearest Danbooru colour word."""
-    if isinstance(value, str):
-        low = value.strip().lower().replace("gray", "grey")
-        if low in NAMED_COLOURS:
-            return low
-        hexm = re.fullmatch(r"#?([0-9a-f]{6})", low)
-        nums = re.findall(r"\d+", low)
-        if hexm:
-            rgb = tuple(int(hexm.group(1)[i:i + 2], 16) for i in (0, 2, 4))
-        elif len(nums) >= 3:
-            rgb = tuple(int(n) for n in nums[:3])
-        else:
-            return "white"
-    elif isinstance(value, list | tuple) and len(value) >= 3:
-        rgb = tuple(int(v) for v in value[:3])
-    else:
-        return "white"
-    return min(NAMED_COLOURS, key=lambda n: sum((a - b) ** 2 for a, b in zip(NAMED_COLOURS[n], rgb, strict=True)))
-
-
-def background_tags(manifest: dict[str, Any]) -> list[str] | None:
-    """Tags that match a removed background, or None when backgrounds were kept."""
+def background_from_manifest(manifest: dict[str, Any]) -> list[str] | None:
+    """Tags that match the background prepare put behind the cut-outs, or None when backgrounds were kept."""
     bg = manifest.get("background")
     if not isinstance(bg, dict) or not bg.get("removed"):
         return None
-    colour = bg.get("color", bg.get("colour", bg.get("bg_color", "white")))
-    if colour in (None, "transparent", "none"):
-        return ["simple background", "transparent background"]
-    return ["simple background", f"{colour_name(colour)} background"]
+    # Recomputed from the colour rather than read from bg["tags"]: manifests written before the
+    # colour naming was fixed carry wrong tags.
+    return background_tags(bg.get("color", "white"))
 
 
 def default_trigger(image_dir: Path, manifest: dict[str, Any]) -> str | None:
@@ -181,13 +154,11 @@ def _read_scores(image_dir: Path) -> dict[str, Any]:
     return {"images": {}}
 
 
-def _open(path: Path) -> Image.Image | str:
-    """The decoded image, or why it cannot be read."""
+def load_for_tagging(path: Path) -> Image.Image | str:
+    """The image as training will see it (upright, transparency on white), or why it cannot be read."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        return load_rgb(path)
+    except BadImage as err:
         return str(err)
 
 
@@ -199,7 +170,7 @@ def tag_dataset(image_dir: Path, tagger: Tagger, cfg: TagConfig, progress: Progr
     manifest = read_manifest(image_dir)
     report = TagReport(image_dir, getattr(tagger, "name", type(tagger).__name__))
     report.trigger = cfg.trigger.strip() or default_trigger(image_dir, manifest)
-    bg = background_tags(manifest) if cfg.match_background else None
+    bg = background_from_manifest(manifest) if cfg.match_background else None
     report.background = ", ".join(bg) if bg else None
     report.problems += session.problems
     names = [p.name for p in list_images(image_dir)]
@@ -222,11 +193,11 @@ def tag_dataset(image_dir: Path, tagger: Tagger, cfg: TagConfig, progress: Progr
         progress.update(0, len(todo), f"tagging {len(todo)} images")
     for i in range(0, len(todo), cfg.batch_size):
         check_cancel(progress)
-        batch_names, images = [], []
-        for name, loaded in zip(todo[i:i + cfg.batch_size], map_threads(_open, [image_dir / n for n in todo[i:i + cfg.batch_size]]),
-                                strict=True):
+        batch, batch_names, images = todo[i : i + cfg.batch_size], [], []
+        loaded_batch = map_threads(load_for_tagging, [image_dir / n for n in batch])
+        for name, loaded in zip(batch, loaded_batch, strict=True):
             if isinstance(loaded, str):
-                report.problems.append(f"{name}: cannot be opened as an image ({loaded}); not tagged.")
+                report.problems.append(f"{name}: {loaded} Not tagged.")
             else:
                 images.append(loaded)
                 batch_names.append(name)
@@ -259,7 +230,7 @@ def recaption(image_dir: Path, cfg: TagConfig) -> TagReport:
     manifest = read_manifest(image_dir)
     report = TagReport(image_dir, str(store.get("tagger", "saved scores")))
     report.trigger = cfg.trigger.strip() or default_trigger(image_dir, manifest)
-    bg = background_tags(manifest) if cfg.match_background else None
+    bg = background_from_manifest(manifest) if cfg.match_background else None
     report.background = ", ".join(bg) if bg else None
     report.problems += session.problems
     report.images = len(session.captions)

@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_tag(args: argparse.Namespace) -> int:
     from lib_lora.tagging.captions import image_dirs, recaption, tag_dataset
-    from lib_lora.tagging.taggers import load_tagger
+    from lib_lora.tagging.taggers import tagger_for
 
     cfg = from_args(TagConfig, args)
     dirs = image_dirs(args.dataset)
@@ -68,8 +68,7 @@ def run_tag(args: argparse.Namespace) -> int:
         return 0
     if cfg.tagger == "webui":
         raise UserError("The webui tagger only exists inside the WebUI; from the command line use deepdanbooru or wd14.")
-    tagger = load_tagger(cfg.tagger, cfg.model or None, cfg.tags_file or None, threshold=min(cfg.score_floor, cfg.caption_threshold()),
-                         device=cfg.device, batch_size=cfg.batch_size, allow_download=cfg.allow_download)
+    tagger = tagger_for(cfg)
     for d in dirs:
         progress = TqdmProgress(f"tag {d.name}", "img")
         try:

@@ -23,18 +23,14 @@ from typing import TYPE_CHECKING
 
 from lib_lora.atomic import atomic_write_bytes, atomic_write_json, cleanup_stale_temps, fsync_dir, tmp_name
 from lib_lora.errors import UserError
+from lib_lora.imagefiles import list_images
 from lib_lora.tagging.tagtext import dedupe, format_caption, normalize, parse_caption, put_first
 
 if TYPE_CHECKING:
     from lib_lora.tagging.rules import DatasetDiff
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 STATE_DIR = ".fastlora"
 BOM = b"\xef\xbb\xbf"
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
 def write_many(files: dict[Path, bytes | None]) -> None:

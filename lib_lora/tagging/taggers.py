@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from lib_lora.config import TagConfig
 from lib_lora.errors import ModelLoadError, UserError
 
 DEEPDANBOORU_HOME = Path.home() / ".deepdanbooru_onnx"
@@ -286,3 +287,19 @@ def load_tagger(kind: str, model_path: str | Path | None = None, tags_path: str 
     if kind == "webui":
         raise UserError("The WebUI's Deepbooru tagger is only available inside the WebUI; use deepdanbooru or wd14.")
     raise UserError(f"Unknown tagger {kind!r}; choose deepdanbooru or wd14.")
+
+
+def tagger_for(cfg: TagConfig) -> Tagger:
+    """The tagger a config asks for, reporting scores down to `cfg.tagger_floor()`.
+
+    The CLI and the Tag tab both load taggers here, so one config gives the same captions in both.
+    """
+    return load_tagger(
+        cfg.tagger,
+        cfg.model or None,
+        cfg.tags_file or None,
+        threshold=cfg.tagger_floor(),
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        allow_download=cfg.allow_download,
+    )

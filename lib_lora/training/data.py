@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from lib_lora.dataset.images import load_rgb
 from lib_lora.errors import DatasetError
+from lib_lora.imagefiles import IMAGE_EXTENSIONS, list_images
 from lib_lora.names import SUBSET_RE
 
 if TYPE_CHECKING:
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption")
 TOKENS_PER_CHUNK = 75  # + BOS/EOS = 77, CLIP's context
 MAX_CHUNKS = 3  # 225 tokens, kohya's longest setting; longer captions are cut
@@ -113,10 +114,6 @@ class Dataset:
     plan: StepPlan
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
     """The `<repeats>_<name>` subfolders, or the folder itself with cfg.repeats."""
     if not dataset_dir.is_dir():
@@ -124,23 +121,23 @@ def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
     subsets = []
     for sub in sorted(p for p in dataset_dir.iterdir() if p.is_dir()):
         m = SUBSET_RE.match(sub.name)
-        if m and _images_in(sub):
+        if m and list_images(sub):
             repeats = int(m[1])
             if repeats < 1:
                 raise DatasetError(f"{sub.name}: the repeat count before '_' must be at least 1.")
             subsets.append(Subset(sub, repeats, cfg.class_tokens or m[2].strip()))
     if subsets:
         return subsets
-    if _images_in(dataset_dir):
+    if list_images(dataset_dir):
         name = dataset_dir.name
         m = SUBSET_RE.match(name)
         return [Subset(dataset_dir, cfg.repeats, cfg.class_tokens or (m[2] if m else name))]
-    others = [p.name for p in dataset_dir.iterdir() if p.is_dir() and _images_in(p)]
+    others = [p.name for p in dataset_dir.iterdir() if p.is_dir() and list_images(p)]
     hint = (
         f" Its subfolders with images ({', '.join(others[:3])}) need names like '10_{others[0]}' "
         "(<repeats>_<name>)."
         if others
-        else f" Put the images ({', '.join(IMAGE_EXTENSIONS)}) in it, or in '<repeats>_<name>' subfolders."
+        else f" Put the images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it, or in '<repeats>_<name>' subfolders."
     )
     raise DatasetError(f"No training images found in {dataset_dir}.{hint}")
 
@@ -162,19 +159,6 @@ def read_caption(image: Path, preferred: str = ".txt") -> str | None:
     return None
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """The image upright (EXIF), RGB; transparency composited on white (a learned background
-    should be neutral, never black)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im.load()
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-    return im.convert("RGB")
-
-
 def scan_dataset(
     dataset_dir: str | Path, cfg: TrainConfig, on_skip: Callable[[Path, str], None] | None = None
 ) -> Dataset:
@@ -192,7 +176,7 @@ def scan_dataset(
 
     items: list[Item] = []
     for sub in subsets:
-        for img in _images_in(sub.folder):
+        for img in list_images(sub.folder):
             try:
                 caption = read_caption(img, cfg.caption_extension)
             except (OSError, ValueError) as err:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+from lib_lora.imagefiles import list_images
 
 
 def images_in(folder: str | Path) -> list[Path]:
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return list_images(folder) if folder.is_dir() else []
 
 
 def caption_of(image: Path, ext: str = ".txt") -> str:

@@ -47,7 +47,7 @@ def tag_config() -> Any:
 
 
 def taggers() -> ModuleType | Missing:
-    return load("lib_lora.tagging.taggers", ("load_tagger",), "Auto-tagging")
+    return load("lib_lora.tagging.taggers", ("tagger_for",), "Auto-tagging")
 
 
 def captions() -> ModuleType | Missing:

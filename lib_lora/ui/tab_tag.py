@@ -17,16 +17,16 @@ RULE_FIELDS = {"preset", "blacklist", "whitelist", "implications_file", "aliases
 
 
 def make_tagger(ctx: UIContext, cfg: Any) -> Any:
+    """The config's tagger, with the same score floor as the CLI's (`TagConfig.tagger_floor`)."""
     if cfg.tagger == "webui":
-        tagger = ctx.host.tagger()
+        tagger = ctx.host.tagger(cfg.tagger_floor())
         if tagger is None:
             raise UserError("This host has no built-in tagger; choose deepdanbooru or wd14.")
         return tagger
     mod = steps.taggers()
     if isinstance(mod, steps.Missing):
         raise UserError(mod.message())
-    return mod.load_tagger(cfg.tagger, cfg.model or None, cfg.tags_file or None, threshold=cfg.score_floor,
-                           device=cfg.device, batch_size=cfg.batch_size, allow_download=cfg.allow_download)
+    return mod.tagger_for(cfg)
 
 
 def run_tag(ctx: UIContext, folder: str, names: list[str], *values: Any) -> Iterator[tuple]:

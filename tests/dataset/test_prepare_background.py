@@ -53,10 +53,29 @@ def test_custom_onnx_through_u2net_custom(src, tmp_path):
     assert data["items"][0]["background_model"] == str(TINY_BG_MODEL)
     assert report.bg_removed and "Background: removed" in report.summary()
     # The tagging step reads this manifest from the image folder and sets matching tags.
-    from lib_lora.tagging.captions import background_tags
+    from lib_lora.tagging.captions import background_from_manifest
     from lib_lora.tagging.captions import read_manifest as tagging_manifest
 
-    assert background_tags(tagging_manifest(report.image_dir)) == ["simple background", "white background"]
+    expected = ["simple background", "white background"]
+    assert background_from_manifest(tagging_manifest(report.image_dir)) == expected
+
+
+def test_black_background_is_captioned_black(src, tmp_path):
+    """Regression: '#000' failed the tagger's 6-digit colour parsing and was captioned 'white background'."""
+    from lib_lora.config import TagConfig, validate
+    from lib_lora.tagging.captions import tag_dataset
+    from lib_lora.tagging.taggers import load_tagger
+
+    out, model = str(tmp_path / "w"), str(TINY_BG_MODEL)
+    cfg = PrepareConfig(name="dark", out=out, crop="center", remove_bg=model, bg_color="#000", workers=1)
+    report = prepare_dataset(src, cfg)
+    with Image.open(report.items[0].output) as img:
+        assert np.asarray(img)[5, 5].max() <= 10  # the green corner is black now
+    dd = Path(__file__).resolve().parents[1] / "fixtures" / "taggers" / "deepdanbooru"
+    tagged = tag_dataset(report.image_dir, load_tagger("deepdanbooru", dd), validate(TagConfig()))
+    assert tagged.background == "simple background, black background"
+    tags = report.items[0].output.with_suffix(".txt").read_text(encoding="utf-8").split(", ")
+    assert tags[-2:] == ["simple background", "black background"] and "white background" not in tags
 
 
 def test_grey_background_and_keep_rgba(src, tmp_path):

@@ -12,9 +12,8 @@ from lib_lora.config import TagConfig, validate
 from lib_lora.errors import Cancelled, DatasetError
 from lib_lora.progress import NullProgress
 from lib_lora.tagging.captions import (
-    background_tags,
+    background_from_manifest,
     caption_from_scores,
-    colour_name,
     image_dirs,
     recaption,
     tag_dataset,
@@ -76,11 +75,46 @@ def test_background_from_manifest(make_images, dd_dir: Path) -> None:
     assert tags[-2:] == ["simple background", "grey background"]
 
 
-def test_background_helpers() -> None:
-    assert background_tags({}) is None
-    assert background_tags({"background": {"removed": False}}) is None
-    assert background_tags({"background": {"removed": True}}) == ["simple background", "white background"]
-    assert colour_name("#FAFAFA") == "white" and colour_name("gray") == "grey" and colour_name("rgb(10,0,0)") == "black"
+def test_background_from_manifest_helper() -> None:
+    assert background_from_manifest({}) is None
+    assert background_from_manifest({"background": {"removed": False}}) is None
+    removed = {"background": {"removed": True}}
+    assert background_from_manifest(removed) == ["simple background", "white background"]
+    for kept_transparent in ("transparent", "none", None):
+        manifest = {"background": {"removed": True, "color": kept_transparent}}
+        assert background_from_manifest(manifest) == ["simple background", "transparent background"]
+    # A colour nobody can parse (a hand-edited manifest) names no colour rather than guessing white.
+    unparseable = {"background": {"removed": True, "color": "mauve-ish"}}
+    assert background_from_manifest(unparseable) == ["simple background"]
+
+
+# Spellings prepare's bg_color accepts, by the word a Danbooru tagger uses for that colour.
+COLOUR_SPELLINGS = {
+    "black": ["#000", "#000000", "black", "rgb(0,0,0)", "hsl(0,0%,0%)", "rgb(10,0,0)"],
+    "blue": ["navy", "#00f", "skyblue"],
+    "white": ["white", "#FAFAFA", "#fff"],
+    "grey": ["gray", "Grey", "#808080", "silver", [128, 128, 128]],
+    "red": ["red", "#c00", "maroon"],
+    "green": ["green", "lime"],
+    "yellow": ["yellow", "gold"],
+    "pink": ["pink", "lightpink", "deeppink"],
+    "purple": ["purple", "indigo"],
+    "orange": ["orange"],
+    "brown": ["brown", "saddlebrown", "tan"],
+}
+
+
+@pytest.mark.parametrize(
+    ("colour", "word"),
+    [(colour, word) for word, spellings in COLOUR_SPELLINGS.items() for colour in spellings],
+)
+def test_background_colour_spellings(colour, word) -> None:
+    from lib_lora.dataset.background import parse_color
+
+    if isinstance(colour, str):
+        parse_color(colour)  # a spelling prepare accepts
+    manifest = {"background": {"removed": True, "color": colour}}
+    assert background_from_manifest(manifest) == ["simple background", f"{word} background"]
 
 
 def test_wd14_thresholds_and_ratings(make_images) -> None:
@@ -141,3 +175,54 @@ def test_dataset_folders_skip_masks(tmp_path: Path) -> None:
         (tmp_path / sub).mkdir()
         Image.new("RGBA", (4, 4)).save(tmp_path / sub / "a.png")
     assert image_dirs(tmp_path) == [tmp_path / "10_x"]
+
+
+def test_tagger_sees_images_upright(tmp_path: Path) -> None:
+    """A phone photo stored sideways with EXIF Orientation=6 reaches the tagger as the user sees it."""
+    from lib_lora.tagging.captions import load_for_tagging
+
+    stored = Image.new("RGB", (60, 40), RED)
+    stored.paste(Image.new("RGB", (60, 20), (0, 0, 255)), (0, 20))  # bottom half blue, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    seen = load_for_tagging(tmp_path / "phone.jpg")
+    assert seen.size == (40, 60)
+    # Turned clockwise, the stored bottom (blue) is on the left, the stored top (red) on the right.
+    left, right = seen.getpixel((5, 30)), seen.getpixel((35, 30))
+    assert left[2] > 200 and left[0] < 60 and right[0] > 200 and right[2] < 60
+    assert isinstance(load_for_tagging(tmp_path / "missing.png"), str)  # a reason, not an exception
+
+
+def test_transparent_png_is_tagged_on_white(make_images, dd_dir: Path) -> None:
+    """A cut-out saved with transparency: the tagger sees white behind it, not the black of its RGB channels."""
+    d = make_images({})
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(d / "cutout.png")
+    tag_dataset(d, load_tagger("deepdanbooru", dd_dir), validate(TagConfig(trigger="T")))
+    # The tiny DeepDanbooru model scores white_background sigmoid(3) on white, ~0 on black.
+    assert "white background" in (d / "cutout.txt").read_text(encoding="utf-8").split(", ")
+
+
+def test_tagger_floor_never_hides_a_tag_a_threshold_asks_for() -> None:
+    assert TagConfig().tagger_floor() == 0.05  # the sidecar's floor, below every threshold
+    assert TagConfig(score_floor=0.6, general_threshold=0.3).tagger_floor() == 0.3
+    assert TagConfig(tagger="wd14", score_floor=0.9, character_threshold=0.2).tagger_floor() == 0.2
+
+
+def test_tagger_trainer_and_ui_see_the_same_images(make_images, dd_dir: Path) -> None:
+    """One list of image extensions: an image the tagger captions is one the trainer trains on and the UI shows."""
+    from lib_lora.config import TrainConfig
+    from lib_lora.training.data import scan_dataset
+    from lib_lora.ui.captions_view import caption_rows
+
+    d = make_images({"a.png": RED, "b.jpe": RED, "c.gif": RED, "d.tif": RED, "e.webp": RED, "f.JPG": RED})
+    Image.new("RGB", (64, 64), RED).save(d / ".hidden.png")  # e.g. a file manager's thumbnail: not data
+    (d / "folder.png").mkdir()
+    (d / "notes.md").write_text("not an image", encoding="utf-8")
+    expected = ["a.png", "b.jpe", "c.gif", "d.tif", "e.webp", "f.JPG"]
+
+    report = tag_dataset(d, load_tagger("deepdanbooru", dd_dir), validate(TagConfig()))
+    assert report.tagged == len(expected) and not report.problems
+    trained = [item.path.name for item in scan_dataset(d.parent, TrainConfig(resolution=64)).items]
+    assert sorted(trained) == expected
+    assert [name for name, _ in caption_rows(d)] == expected

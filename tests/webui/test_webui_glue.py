@@ -104,15 +104,34 @@ def test_job_errors_come_back_as_exceptions_not_html(webui, host):
 
 
 def test_deepbooru_adapter_gives_scores_per_image(webui, host):
-    tagger = host.tagger()
+    tagger = host.tagger(0.5)
     assert tagger.name.startswith("deepbooru")
     red, blue = Image.new("RGB", (300, 200), (250, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 250))
     tags = tagger.tag_images([red, blue])
-    assert set(tags[0]) == {"1girl", "long hair", "red background", "^_^"}  # spaces, kaomoji kept, no rating
-    assert set(tags[1]) == {"1girl", "long hair", "^_^"}
+    # The model's own names, ratings included, like the ONNX taggers: the caption step decides.
+    assert set(tags[0]) == {"1girl", "long_hair", "red_background", "^_^", "rating:safe"}
+    assert set(tags[1]) == {"1girl", "long_hair", "^_^", "rating:safe"}
     assert tags[0]["1girl"] == pytest.approx(0.9)
     assert webui.deepbooru.model.started == webui.deepbooru.model.stopped == 1
-    assert set(type(tagger)(threshold=0.8).tag_images([red])[0]) == {"1girl", "red background"}
+    assert set(type(tagger)(threshold=0.8).tag_images([red])[0]) == {"1girl", "red_background", "rating:safe"}
+
+
+def test_tag_tab_with_webui_deepbooru_follows_the_config(webui, host, tmp_path):
+    """The Tag tab's webui tagger keeps what the config asks for: its threshold (not the WebUI's
+    interrogate threshold of 0.5, nor the Fast LoRA setting) and its underscore choice."""
+    from lib_lora.config import TagConfig, validate
+    from lib_lora.tagging.captions import tag_dataset
+    from lib_lora.ui.context import UIContext
+    from lib_lora.ui.tab_tag import make_tagger
+
+    webui.shared.opts.add_option("fast_lora_tag_threshold", webui.shared.OptionInfo(0.5))
+    folder = tmp_path / "10_sks"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (100, 0, 0)).save(folder / "dark_red.png")  # red_background scores 100/255
+    cfg = validate(TagConfig(tagger="webui", general_threshold=0.3, keep_underscores=True))
+    tag_dataset(folder, make_tagger(UIContext(host=host), cfg), cfg)
+    caption = (folder / "dark_red.txt").read_text(encoding="utf-8")
+    assert caption == "sks, 1girl, ^_^, long_hair, red_background"
 
 
 def test_test_grid_runs_through_txt2img_with_fixed_seed_and_weights(webui, host):
