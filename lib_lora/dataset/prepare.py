@@ -416,9 +416,16 @@ def _save(report: PrepareReport, cfg: PrepareConfig, src: Path, fingerprint: str
     write_manifest(report.train_dir, {
         "name": validate_name(cfg.name), "source_dir": str(src), "image_dir": report.image_dir.name,
         "config": to_dict(cfg), "fingerprint": fingerprint,
-        "background": _background_entry(report.bg_removed, cfg.bg_color, report.bg_model),
+        "background": _background_entry(report.bg_removed, _seen_color(cfg), report.bg_model),
         "items": [r.to_json(report.train_dir) for r in report.items],
     })
+
+
+def _seen_color(cfg: PrepareConfig) -> str:
+    """The background colour training and tagging see. Images kept with transparency are read on
+    white (dataset.images.load_rgb), whatever colour sits under their alpha, so their captions
+    must say white."""
+    return "white" if cfg.keep_rgba else cfg.bg_color
 
 
 def _background_entry(removed: bool, color: str, model: str | None) -> dict:
@@ -471,7 +478,7 @@ def reprocess_image(train_dir: Path, source: str | Path, crop_box: tuple[int, in
     kept = [r for r in records if r.kept]
     data["items"] = [r.to_json(train_dir) for r in records]
     data["background"] = _background_entry(bool(kept) and all(r.background_removed for r in kept),
-                                           cfg.bg_color, data.get("background", {}).get("model"))
+                                           _seen_color(cfg), data.get("background", {}).get("model"))
     write_manifest(train_dir, data)
     return rec
 

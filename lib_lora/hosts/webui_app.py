@@ -35,7 +35,6 @@ def settings_options() -> list[tuple[str, Any, str, dict | None]]:
     """(key, default, label, component kwargs) of the settings section."""
     return [
         ("fast_lora_work_dir", "", "Work folder for datasets and training runs (empty: <webui>/fast_lora)", None),
-        ("fast_lora_tag_threshold", 0.5, "Tag threshold (general tags)", {"minimum": 0.05, "maximum": 1.0, "step": 0.01}),
         ("fast_lora_preset", "person", "Default training preset", {"choices": list(PRESETS)}),
     ]
 

@@ -89,6 +89,13 @@ def test_grey_background_and_keep_rgba(src, tmp_path):
     assert arr[280, 256, 3] > 245
     assert rec.mask is not None and rec.mask.parent.name == "masks" and rec.mask.is_file()
     assert not list(rec.output.parent.glob("*mask*"))  # masks stay out of the training folder
+    # Training and tagging read RGBA on white, so the manifest (and the captions) say white, not grey.
+    from lib_lora.dataset.images import load_rgb
+    from lib_lora.dataset.manifest import read_manifest
+
+    assert min(load_rgb(rec.output).getpixel((5, 5))) >= 240  # near-white, not grey (128)
+    bg = read_manifest(rec.output.parent.parent)["background"]
+    assert bg["color"] == "white" and bg["tags"] == ["simple background", "white background"]
     # The trainer, given train_dir, finds exactly the <repeats>_<name> folder (masks/ is not a subset).
     from lib_lora.config import TrainConfig
     from lib_lora.training.data import find_subsets

@@ -39,9 +39,10 @@ def test_script_registers_tab_settings_and_routes(webui, host):
     assert [len(cb[k]) for k in ("callbacks_ui_tabs", "callbacks_ui_settings", "callbacks_app_started")] == [1, 1, 1]
     webui.script_callbacks.ui_settings_callback()
     labels = webui.shared.opts.data_labels
-    for key in ("fast_lora_work_dir", "fast_lora_tag_threshold", "fast_lora_preset"):
+    for key in ("fast_lora_work_dir", "fast_lora_preset"):
         assert labels[key].section == ("fast_lora", "Fast LoRA"), key
-    assert not {"fast_lora_tagger", "fast_lora_character_threshold", "fast_lora_keep_models"} & set(labels)
+    # Tag thresholds are the Tag tab's (one config for every tagger), not WebUI settings.
+    assert not {"fast_lora_tagger", "fast_lora_tag_threshold", "fast_lora_character_threshold", "fast_lora_keep_models"} & set(labels)
     assert webui.shared.opts.fast_lora_preset == "person"
     tabs = webui.script_callbacks.ui_tabs_callback()
     assert len(tabs) == 1
@@ -118,13 +119,13 @@ def test_deepbooru_adapter_gives_scores_per_image(webui, host):
 
 def test_tag_tab_with_webui_deepbooru_follows_the_config(webui, host, tmp_path):
     """The Tag tab's webui tagger keeps what the config asks for: its threshold (not the WebUI's
-    interrogate threshold of 0.5, nor the Fast LoRA setting) and its underscore choice."""
+    interrogate threshold of 0.5) and its underscore choice."""
     from lib_lora.config import TagConfig, validate
     from lib_lora.tagging.captions import tag_dataset
     from lib_lora.ui.context import UIContext
     from lib_lora.ui.tab_tag import make_tagger
 
-    webui.shared.opts.add_option("fast_lora_tag_threshold", webui.shared.OptionInfo(0.5))
+    webui.shared.opts.add_option("interrogate_deepbooru_score_threshold", webui.shared.OptionInfo(0.5))
     folder = tmp_path / "10_sks"
     folder.mkdir()
     Image.new("RGB", (64, 64), (100, 0, 0)).save(folder / "dark_red.png")  # red_background scores 100/255
