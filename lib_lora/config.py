@@ -326,7 +326,7 @@ class TrainConfig:
     restart: bool = opt(False, "discard the run's saved state and start over (default: resume where it stopped)")
     state_every_n_steps: int = opt(50, "save the resumable state every N steps (0 = only on stop and at the end)", min=0)
     max_nonfinite_steps: int = opt(20, "stop after this many steps in a row with NaN/inf loss or gradients", min=1)
-    oom_retry: bool = opt(False, "on GPU out-of-memory, retry with gradient checkpointing, then half-size batches")
+    oom_retry: bool = opt(True, "on GPU out-of-memory, retry with gradient checkpointing, then with the batch in halves (one optimizer step)")
 
     def check(self) -> None:
         if self.lr != "auto":

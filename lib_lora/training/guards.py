@@ -12,8 +12,9 @@ row the run stops with advice (on the device path at the next loss read), and th
 state and checkpoint are kept: skipped steps never change the weights they hold.
 
 Out-of-memory on the GPU gives a message with the numbers (batch, resolution, free memory);
-with `cfg.oom_retry` the step is retried once with gradient checkpointing, then with the
-batch split in halves (each half its own optimizer step). Memory is released either way.
+with `cfg.oom_retry` (on by default) the step is retried once with gradient checkpointing, then
+with the batch split in halves whose gradients add up to one optimizer step. Memory is released
+either way.
 """
 
 from __future__ import annotations
@@ -124,17 +125,14 @@ class StepGuard:
             return tr.train_step(batch)
         from lib_lora.training.data import Batch as B
 
-        half = (len(batch.items) + 1) // 2
+        # Halves of the batch, their gradients accumulated into one optimizer step: the same
+        # update as the whole batch (each half's loss weighted by its share), at half the memory.
+        n, half = len(batch.items), (len(batch.items) + 1) // 2
         parts = [B(batch.epoch, batch.items[:half], batch.captions[:half]),
                  B(batch.epoch, batch.items[half:], batch.captions[half:])]  # fmt: skip
-        stepped = False
-        losses = []
-        for part in parts:
-            self._stepped = False
-            losses.append(tr.train_step(part))
-            stepped = stepped or self._stepped
-        self._stepped = stepped
-        return torch.stack(losses).mean()
+        loss = sum(tr.backward(tr.step_inputs(p), len(p.items) / n) * (len(p.items) / n) for p in parts)
+        tr.optimizer_step()
+        return loss
 
     def _count(self, loss: torch.Tensor) -> None:
         tr = self.trainer

@@ -289,7 +289,7 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def train_step(self, batch: data_mod.Batch) -> torch.Tensor:
         """One optimisation step; returns the batch's loss as a detached device tensor (no sync)."""
-        # Out-of-memory is handled around this call by guards.StepGuard (issue 5: --oom-retry
+        # Out-of-memory is handled around this call by guards.StepGuard (issue 5: oom_retry
         # turns gradient checkpointing on, then splits the batch).
         return self.compute_step(self.step_inputs(batch))
 
@@ -310,6 +310,14 @@ class Trainer:
 
     def compute_step(self, d: speed.StepData) -> torch.Tensor:
         """The step's compute from prepared inputs (the synthetic-data benchmark calls this too)."""
+        loss = self.backward(d)
+        self.optimizer_step()
+        return loss
+
+    def backward(self, d: speed.StepData, weight: float = 1.0) -> torch.Tensor:
+        """Forward and backward of one batch, its gradients (times `weight`) added to the LoRA's.
+        A batch split by the out-of-memory retry passes each part's share of the batch as weight,
+        so the parts add up to the whole batch's gradient. Returns the batch's loss, detached."""
         cfg, bb = self.cfg, self.backbone
         latents, noise, t = d.latents, d.noise, d.timesteps
         b = latents.shape[0]
@@ -328,12 +336,18 @@ class Trainer:
             snr = self.snr[t]
             loss = loss * (torch.clamp(snr, max=cfg.min_snr_gamma) / snr)
         loss = loss.mean()
-
+        scaled = loss * weight if weight != 1.0 else loss
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.scale(scaled).backward()
         else:
-            loss.backward()
+            scaled.backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        """Clip, step the optimizer and the LR schedule, clear the gradients."""
+        cfg = self.cfg
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         # The clip's total norm doubles as the non-finite guard's check (guards.StepGuard).
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
         if self.scaler is not None:
@@ -343,7 +357,6 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
 
     @torch.no_grad()
     def fixed_loss(self, timesteps: tuple[int, ...] = (50, 200, 400, 600, 800, 950), seed: int = 1234) -> float:
