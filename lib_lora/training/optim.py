@@ -22,14 +22,28 @@ log = logging.getLogger(__name__)
 _BNB_CAN_STEP: dict[str, tuple[bool, str]] = {}
 
 
+def _bitsandbytes() -> Any:
+    """`import bitsandbytes`, without the warning its CPU backend logs on CPUs with AVX512-BF16
+    when the optional `kernels` package is missing: that is for its 4-bit matmul, which a
+    LoRA trainer never uses, and users took it for an error."""
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+
+        return bitsandbytes
+    finally:
+        quiet.setLevel(level)
+
+
 def bnb_adamw8bit_works(device: torch.device | str) -> tuple[bool, str]:
     """Whether bitsandbytes' AdamW8bit can step on this kind of device, and why not."""
     kind = torch.device(device).type
     if kind in _BNB_CAN_STEP:
         return _BNB_CAN_STEP[kind]
     try:
-        import bitsandbytes as bnb
-
+        bnb = _bitsandbytes()
         # 8-bit state is only used for tensors of >= 4096 elements; smaller ones step in 32 bit,
         # so the probe must be at least that large to test the 8-bit kernels.
         p = torch.nn.Parameter(torch.zeros(8192, device=device))
@@ -77,9 +91,7 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch
     if name == "adamw8bit":
         ok, why = bnb_adamw8bit_works(device)
         if ok:
-            import bitsandbytes as bnb
-
-            opt = bnb.optim.AdamW8bit(groups, weight_decay=wd)
+            opt = _bitsandbytes().optim.AdamW8bit(groups, weight_decay=wd)
             return OptimizerChoice(opt, name, _qualname(opt), f"weight_decay={wd}", "")
         note = f"AdamW8bit cannot step on {torch.device(device).type} ({why}); using torch AdamW (32-bit) instead."
         log.debug(note)
