@@ -112,6 +112,9 @@ def test_grid_reads_each_lora_once_and_leaves_the_model_as_it_was(host_with_lora
     for cell, image in zip(cells[:3], grid[:3], strict=True):
         assert np.array_equal(np.asarray(host.generate([cell], seed=7, **kw)[0]), image), cell
     assert len({im.tobytes() for im in grid[:3]}) == 3
+    # The same LoRA named twice adds up its weights (one network cannot wrap a module twice).
+    twice = host.generate([f"{rows[0]} <lora:grid:0.5> <lora:grid:0.5>"], seed=7, **kw)[0]
+    assert np.array_equal(np.asarray(twice), grid[2])
 
     write_random_lora(host, "grid", seed=2)  # retrained under the same name
     del lora_reads[:]
