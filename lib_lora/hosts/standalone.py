@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from lib_lora.training.backbone import Backbone
+    from lib_lora.training.lora import LoRANetwork
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +186,14 @@ class StandaloneHost:
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
+        networks = LoadedLoras(backbone)  # a grid's cells share each file: read once, then only reweighted
         images = []
         for i, prompt in enumerate(prompts):
             check_cancel(progress)
             if progress is not None:
                 progress.update(i, len(prompts), "generating test images")
             text, loras = parse_lora_tags(prompt)
-            with contextlib.ExitStack() as stack:
-                for name, weight in loras:
-                    stack.enter_context(self.applied_lora(backbone, self.find_lora(name), weight))
+            with networks.applied([(self.find_lora(name), weight) for name, weight in loras]):
                 generator = torch.Generator(device="cpu").manual_seed(int(seed))
                 with torch.no_grad():
                     out = pipe(
@@ -206,21 +206,51 @@ class StandaloneHost:
             progress.update(len(prompts), len(prompts), "test images done")
         return images
 
-    @contextlib.contextmanager
-    def applied_lora(self, backbone: Backbone, path: Path, weight: float) -> Iterator[None]:
-        """The LoRA file applied to the backbone at `weight`, removed again afterwards."""
-        from lib_lora.training.export import read_lora
-        from lib_lora.training.lora import LoRANetwork
 
-        tensors, _meta = read_lora(path)
-        dim, alpha, conv_dim, conv_alpha = lora_shape(tensors)
-        targets = backbone.lora_targets(conv=conv_dim > 0)
-        net = LoRANetwork(targets, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha, multiplier=weight)
-        net.load_kohya(tensors)
-        if hasattr(net, "to"):  # the LoRA weights on the model's device and dtype
-            net.to(device=backbone.device, dtype=backbone.dtype)
-        net.apply()
+class LoadedLoras:
+    """The LoRA files of one generate() call, each read and built into a network once.
+
+    A grid names the same file in every cell at another weight; reading the file and building
+    the network per cell cost more than a small test image, so cells only set the multiplier.
+    Nothing outlives the call: the next grid reads the file again, changed or not."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self._networks: dict[Path, LoRANetwork] = {}
+
+    def network(self, path: Path) -> LoRANetwork:
+        """The LoRANetwork of the file, built on first use (not applied)."""
+        if path not in self._networks:
+            from lib_lora.training.export import read_lora
+            from lib_lora.training.lora import LoRANetwork
+
+            tensors, _meta = read_lora(path)
+            dim, alpha, conv_dim, conv_alpha = lora_shape(tensors)
+            targets = self.backbone.lora_targets(conv=conv_dim > 0)
+            net = LoRANetwork(targets, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha)
+            net.load_kohya(tensors)
+            if hasattr(net, "to"):  # the LoRA weights on the model's device and dtype
+                net.to(device=self.backbone.device, dtype=self.backbone.dtype)
+            self._networks[path] = net
+        return self._networks[path]
+
+    @contextlib.contextmanager
+    def applied(self, loras: list[tuple[Path, float]]) -> Iterator[None]:
+        """The files applied at their weights, removed again afterwards (on errors too).
+
+        A file named twice is applied once at the sum of its weights: a LoRA's effect is linear
+        in its multiplier, and one network cannot wrap the same modules twice."""
+        weights: dict[Path, float] = {}
+        for path, weight in loras:
+            weights[path] = weights.get(path, 0.0) + weight
+        applied = []
         try:
+            for path, weight in weights.items():
+                net = self.network(path)
+                net.set_multiplier(weight)
+                net.apply()
+                applied.append(net)
             yield
         finally:
-            net.remove()
+            for net in reversed(applied):
+                net.remove()

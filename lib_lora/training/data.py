@@ -159,11 +159,35 @@ def read_caption(image: Path, preferred: str = ".txt") -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the scan learns from one image file."""
+
+    size: tuple[int, int] = (0, 0)  # (width, height) after EXIF rotation
+    digest: str = ""  # sha256 of the file's bytes
+    error: str = ""  # why it cannot be used; "" when it can
+
+
+def read_image(path: Path) -> ImageFacts:
+    """Decode the image once (so a broken file is found by the scan, not mid-run) and hash it."""
+    try:
+        data = path.read_bytes()
+        size = load_rgb(path).size
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
+        return ImageFacts(error=f"not a readable image ({type(err).__name__}: {err})")
+    return ImageFacts(size, hashlib.sha256(data).hexdigest())
+
+
 def scan_dataset(
-    dataset_dir: str | Path, cfg: TrainConfig, on_skip: Callable[[Path, str], None] | None = None
+    dataset_dir: str | Path,
+    cfg: TrainConfig,
+    on_skip: Callable[[Path, str], None] | None = None,
+    read: Callable[[Path], ImageFacts] = read_image,
 ) -> Dataset:
-    """Read the dataset (every image is decoded once, so broken files are found now, not mid-run),
-    assign buckets and plan the steps."""
+    """Read the dataset (every image through `read`), assign buckets and plan the steps.
+
+    `read` may be a memo of read_image (the UI's live step count keeps one, lib_lora.filememo);
+    training always reads the files afresh."""
     root = Path(dataset_dir).expanduser()
     subsets = find_subsets(root, cfg)
     skipped: list[dict[str, str]] = []
@@ -182,14 +206,12 @@ def scan_dataset(
             except (OSError, ValueError) as err:
                 skip(img, str(err))
                 continue
-            try:
-                data = img.read_bytes()
-                size = load_rgb(img).size
-            except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
-                skip(img, f"not a readable image ({type(err).__name__}: {err})")
+            facts = read(img)
+            if facts.error:
+                skip(img, facts.error)
                 continue
-            item = Item(img, caption or sub.class_tokens, sub.repeats, sub.folder.name, size)
-            item.digest = hashlib.sha256(data).hexdigest()
+            size = facts.size
+            item = Item(img, caption or sub.class_tokens, sub.repeats, sub.folder.name, size, digest=facts.digest)
             bucket = choose_bucket(size, cfg)
             if bucket is None:
                 skip(img, f"too small ({size[0]}x{size[1]}) for buckets of {cfg.bucket_reso_steps} px steps")
@@ -202,9 +224,10 @@ def scan_dataset(
     return Dataset(root, subsets, items, plan)
 
 
-def plan_steps(dataset_dir: str | Path, cfg: TrainConfig) -> StepPlan:
-    """The step plan of a dataset under a config (images, repeats, buckets, steps)."""
-    return scan_dataset(dataset_dir, cfg).plan
+def plan_steps(dataset_dir: str | Path, cfg: TrainConfig, read: Callable[[Path], ImageFacts] = read_image) -> StepPlan:
+    """The step plan of a dataset under a config (images, repeats, buckets, steps): the same
+    scan as training's, so the same numbers."""
+    return scan_dataset(dataset_dir, cfg, read=read).plan
 
 
 def make_plan(

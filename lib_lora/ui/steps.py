@@ -63,7 +63,7 @@ def session() -> ModuleType | Missing:
 
 
 def training_data() -> ModuleType | Missing:
-    return load("lib_lora.training.data", ("plan_steps",), "Step planning")
+    return load("lib_lora.training.data", ("plan_steps", "read_image"), "Step planning")
 
 
 def training_run() -> ModuleType | Missing:

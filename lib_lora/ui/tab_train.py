@@ -14,6 +14,7 @@ import gradio as gr
 
 from lib_lora import config
 from lib_lora.errors import UserError
+from lib_lora.filememo import FileMemo
 from lib_lora.names import validate_name
 from lib_lora.ui import compat, forms, steps, widgets
 from lib_lora.ui.context import UIContext
@@ -36,6 +37,9 @@ class TrainForm:
 
     names: list[str]
     has_base_model: bool
+    # The live step count's memo of each image (size, readable or not), made on first use: a
+    # change of repeats or epochs then re-plans without decoding the dataset again.
+    images: FileMemo | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def config(self, ctx: UIContext, name: str, dataset: str, lr_mode: str, lr_value: str, values: list[Any]) -> Any:
         """A validated TrainConfig, or UserError with the message the page shows."""
@@ -63,7 +67,9 @@ def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any])
     try:
         dataset_dir = ctx.policy.check(dataset, "dataset folder")
         cfg = forms.collect(config.TrainConfig, form.names, values, dataset=str(dataset_dir), name="preview")
-        plan = data.plan_steps(dataset_dir, cfg)
+        if form.images is None:
+            form.images = FileMemo(data.read_image)
+        plan = data.plan_steps(dataset_dir, cfg, read=form.images)
     except UserError as err:
         return f"⚠ {err}"
     return describe_plan(plan, cfg.max_steps)

@@ -90,6 +90,57 @@ def test_step_count_is_the_tutorials_arithmetic(ctx: UIContext, tmp_path: Path) 
     assert "does not exist" in tab_train.step_count(ctx, form, str(tmp_path / "nope"), form_values(form))
 
 
+@pytest.fixture()
+def decoded(monkeypatch) -> list[str]:
+    """The names of the images the training scan decodes, in order (the real decoder runs)."""
+    from lib_lora.training import data
+
+    names: list[str] = []
+    real = data.load_rgb
+
+    def counting(path):
+        names.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(data, "load_rgb", counting)
+    return names
+
+
+def test_step_count_decodes_each_image_once_per_file_version(ctx: UIContext, tmp_path: Path, decoded) -> None:
+    """Changing a number re-plans from what was read; only new or changed files are read again."""
+    from lib_lora.training import data
+
+    form = train_form(ctx)
+    ds = make_dataset(tmp_path / "ds", n=5, repeats=3)
+    sub = ds / "3_zny"
+    (sub / "broken.png").write_bytes(b"not an image")
+
+    def shown(**changes) -> tuple[str, list[str]]:
+        """(the step count's text, the images it decoded)."""
+        before = len(decoded)
+        text = tab_train.step_count(ctx, form, str(ds), form_values(form, **{"resolution": 64, **changes}))
+        return text, decoded[before:]
+
+    text, read = shown()
+    assert text.startswith("**15 steps**") and "1 file(s) skipped" in text, text
+    assert sorted(read) == ["000.png", "001.png", "002.png", "003.png", "004.png", "broken.png"]
+    for changes, steps_text in (({"epochs": 3, "batch_size": 2}, "**24 steps**"),  # ceil(15 / 2) x 3
+                                ({"max_steps": 7}, "**7 steps**"),
+                                ({"resolution": 128, "enable_buckets": False}, "**15 steps**")):
+        text, read = shown(**changes)
+        assert text.startswith(steps_text) and read == [], (changes, text, read)
+        # What it shows is what a scan that remembers nothing finds.
+        cfg = form.config(ctx, "x", str(ds), "auto", "", form_values(form, **{"resolution": 64, **changes}))
+        assert text == tab_train.describe_plan(data.plan_steps(ds, cfg), cfg.max_steps)
+
+    (sub / "001.png").write_bytes(b"broken now")  # changed
+    Image.new("RGB", (64, 64), "blue").save(sub / "new.png")  # added
+    (sub / "002.png").unlink()  # removed
+    text, read = shown()
+    assert sorted(read) == ["001.png", "new.png"]
+    assert text.startswith("**12 steps**") and "2 file(s) skipped" in text, text
+
+
 def test_train_validation_messages(ctx: UIContext, tmp_path: Path) -> None:
     form = train_form(ctx)
     ds = make_dataset(tmp_path / "ds", n=2, repeats=3)
@@ -207,6 +258,29 @@ def test_run_train_records_the_hosts_model_name(tmp_path: Path) -> None:
     assert "fast-lora-msg-ok" in out[-1][0], out[-1][0]
     saved = json.loads((ctx.host.work_dir() / "runs" / "own" / "config.json").read_text(encoding="utf-8"))
     assert saved["base_model"] == "host_model.safetensors"
+
+
+def test_step_count_is_what_training_does(tmp_path: Path) -> None:
+    """The count the tab shows (from its remembered scan) is the number of steps the run makes:
+    buckets, a broken file and a too-small image included."""
+    ctx = UIContext(host=_OwnModelHost(output_dir=tmp_path / "l", work_dir=tmp_path / "w", device="cpu"))
+    form = tab_train.TrainForm([n for n in train_form(ctx).names if n != "base_model"], has_base_model=False)
+    sub = tmp_path / "ds" / "2_zny"
+    sub.mkdir(parents=True)
+    for name, size in (("a", (128, 128)), ("b", (128, 128)), ("wide", (256, 64)), ("small", (32, 32))):
+        Image.new("RGB", size, (len(name) * 40, 90, 160)).save(sub / f"{name}.png")
+    (sub / "broken.png").write_bytes(b"not an image")
+    recipe = dict(resolution=128, dim=4, alpha=2.0, optimizer="adamw", mixed_precision="no", sample_images=0,
+                  cache_latents_to_disk=False, save_precision="fp32")
+    tab_train.step_count(ctx, form, str(sub.parent), form_values(form, **recipe))  # reads the files
+    values = form_values(form, epochs=2, batch_size=2, **recipe)
+    shown = tab_train.step_count(ctx, form, str(sub.parent), values)
+    # Per epoch: the 128x128 bucket has 2 images x 2 repeats (2 batches), the 256x64 one 1 x 2 (1 batch).
+    assert shown.startswith("**6 steps**") and "2 file(s) skipped" in shown, shown
+    out = list(tab_train.run_train(ctx, form, "parity", str(sub.parent), "manual", "1e-3", *values))
+    assert "fast-lora-msg-ok" in out[-1][0], out[-1][0]
+    meta = dict(map(tuple, out[-1][5]))
+    assert meta["ss_steps"] == meta["ss_max_train_steps"] == "6" and meta["ss_num_train_images"] == "6"
 
 
 # ---- prepare, test, folders, jobs ------------------------------------------------------------

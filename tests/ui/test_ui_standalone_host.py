@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from lib_lora.errors import UserError
 from lib_lora.hosts.standalone import StandaloneHost, lora_shape, parse_lora_tags
+from lib_lora.ui import tab_test
 
 
 def test_parse_lora_tags() -> None:
@@ -16,22 +19,52 @@ def test_parse_lora_tags() -> None:
     assert parse_lora_tags("plain prompt") == ("plain prompt", [])
 
 
-@pytest.fixture(scope="module")
-def host_with_lora(tmp_path_factory):
+def write_random_lora(host: StandaloneHost, name: str, seed: int = 0) -> Path:
+    """A kohya LoRA file for the host's model that does something (up weights are zero at init)."""
     from lib_lora.training.export import write_lora
     from lib_lora.training.lora import LoRANetwork
 
+    torch.manual_seed(seed)
+    net = LoRANetwork(host.backbone().lora_targets(), dim=4, alpha=2.0)
+    with torch.no_grad():
+        for param_name, p in net.named_parameters():
+            if "lora_up" in param_name:
+                p.normal_(0, 0.5)
+    return write_lora(host.lora_dir() / f"{name}.safetensors", net.state_dict_kohya(), {"ss_output_name": name},
+                      overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def host_with_lora(tmp_path_factory):
     root = tmp_path_factory.mktemp("host")
     host = StandaloneHost(base_model="tiny", output_dir=root / "loras", work_dir=root / "work", device="cpu")
-    backbone = host.backbone()
-    torch.manual_seed(0)
-    net = LoRANetwork(backbone.lora_targets(), dim=4, alpha=2.0)
-    with torch.no_grad():  # a LoRA that does something: up weights are zero at init
-        for name, p in net.named_parameters():
-            if "lora_up" in name:
-                p.normal_(0, 0.5)
-    write_lora(host.lora_dir() / "probe.safetensors", net.state_dict_kohya(), {"ss_output_name": "probe"})
+    write_random_lora(host, "probe")
     return host
+
+
+@pytest.fixture()
+def lora_reads(monkeypatch) -> list[str]:
+    """The names of the LoRA files read, in order (the real reader runs)."""
+    from lib_lora.training import export
+
+    names: list[str] = []
+    real = export.read_lora
+
+    def counting(path):
+        names.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(export, "read_lora", counting)
+    return names
+
+
+def model_state(backbone) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The weights of the U-Net and text encoder, and which modules have a forward of their own
+    (a LoRA left applied shows there: it wraps forwards and leaves the weights alone)."""
+    modules = {"unet": backbone.unet, "te": backbone.text_encoder}
+    weights = {f"{k}.{n}": t.detach().clone() for k, m in modules.items() for n, t in m.state_dict().items()}
+    patched = [f"{k}.{n}" for k, m in modules.items() for n, mod in m.named_modules() if "forward" in vars(mod)]
+    return weights, patched
 
 
 def test_lora_shape_reads_dim_and_alpha(host_with_lora) -> None:
@@ -55,6 +88,39 @@ def test_generate_applies_and_removes_lora(host_with_lora) -> None:
     assert np.abs(a[0] - a[2]).mean() > 1, "weight 1 changes the image"
     after = backbone.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the LoRA is removed after generating"
+
+
+def test_grid_reads_each_lora_once_and_leaves_the_model_as_it_was(host_with_lora, lora_reads) -> None:
+    """A prompts x weights grid reads the file once and only changes the weight between cells;
+    afterwards the model is bit for bit what it was, and a file changed on disk is read again."""
+    host = host_with_lora
+    backbone = host.backbone()
+    write_random_lora(host, "grid", seed=1)
+    kw = dict(steps=2, width=64, height=64, cfg_scale=5.0)
+    rows, cells = tab_test.grid_prompts("grid", "{name}, a face\n{name}, a hat", [0, 0.5, 1])
+    base = np.asarray(host.generate([rows[0]], seed=7, **kw)[0])
+    before = model_state(backbone)
+    del lora_reads[:]
+
+    grid = [np.asarray(im) for im in host.generate(cells, seed=7, **kw)]
+    assert lora_reads == ["grid.safetensors"], "one read per grid, not one per cell"
+    weights, patched = model_state(backbone)
+    assert patched == before[1] and weights.keys() == before[0].keys()
+    assert all(torch.equal(weights[k], before[0][k]) for k in weights)
+    assert np.array_equal(np.asarray(host.generate([rows[0]], seed=7, **kw)[0]), base), "the LoRA is gone"
+    # Each cell is what that cell alone makes: the weight really changed from cell to cell.
+    for cell, image in zip(cells[:3], grid[:3], strict=True):
+        assert np.array_equal(np.asarray(host.generate([cell], seed=7, **kw)[0]), image), cell
+    assert len({im.tobytes() for im in grid[:3]}) == 3
+    # The same LoRA named twice adds up its weights (one network cannot wrap a module twice).
+    twice = host.generate([f"{rows[0]} <lora:grid:0.5> <lora:grid:0.5>"], seed=7, **kw)[0]
+    assert np.array_equal(np.asarray(twice), grid[2])
+
+    write_random_lora(host, "grid", seed=2)  # retrained under the same name
+    del lora_reads[:]
+    again = [np.asarray(im) for im in host.generate(cells[:3], seed=7, **kw)]
+    assert lora_reads == ["grid.safetensors"]
+    assert np.array_equal(again[0], grid[0]) and not np.array_equal(again[2], grid[2])
 
 
 def test_generate_unknown_lora_is_a_user_error(host_with_lora) -> None:
