@@ -39,6 +39,7 @@ class LoRAModule(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self._org = [org]  # a list, so the wrapped module is not registered as our child
         self._org_forward = None
+        self._wrapped_attr = False
 
     @property
     def org_module(self) -> nn.Module:
@@ -46,15 +47,31 @@ class LoRAModule(nn.Module):
 
     def apply_to(self) -> None:
         if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
+            org = self.org_module
+            # Another LoRA may already wrap this module (two LoRAs in one prompt): then what we
+            # wrap is its instance attribute, and that is what remove() must put back.
+            self._wrapped_attr = "forward" in vars(org)
+            self._org_forward = org.forward
+            org.forward = self.forward
 
     def remove(self) -> None:
-        if self._org_forward is not None:
-            # The original forward was the bound method found through the class; deleting
-            # our instance attribute restores exactly that.
-            del self.org_module.forward
-            self._org_forward = None
+        if self._org_forward is None:
+            return
+        org = self.org_module
+        top = vars(org).get("forward")
+        if top == self.forward:
+            if self._wrapped_attr:
+                org.forward = self._org_forward
+            else:  # we wrapped the class's forward: dropping our attribute restores exactly that
+                del org.forward
+        else:
+            # A LoRA applied after this one wraps our forward: take us out of its chain.
+            above = getattr(top, "__self__", None)
+            while isinstance(above, LoRAModule) and above._org_forward != self.forward:
+                above = getattr(above._org_forward, "__self__", None)
+            if isinstance(above, LoRAModule):
+                above._org_forward, above._wrapped_attr = self._org_forward, self._wrapped_attr
+        self._org_forward = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self._org_forward(x, *args, **kwargs)
