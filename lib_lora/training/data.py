@@ -360,15 +360,25 @@ def tag_frequency(dataset: Dataset) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in freq.items()}
 
 
-class CaptionTokens:
-    """Token ids of captions in 77-token chunks (BOS + 75 + EOS, padded), prepared once."""
+def _tag_set(caption: str) -> str:
+    """A caption's tags in sorted order: the same for every shuffle_tags() of it."""
+    return ", ".join(sorted(t.strip() for t in caption.split(",") if t.strip()))
 
-    def __init__(self, tokenizer: Any) -> None:
+
+class CaptionTokens:
+    """Token ids of captions in 77-token chunks (BOS + 75 + EOS, padded), prepared once.
+
+    `shuffled`: captions arrive tag-shuffled (shuffle_caption), a new string nearly every
+    step; caching them would only grow the cache, so nothing is cached, and a caption cut at
+    225 tokens is remembered by its tags, so `truncated` counts captions, not shuffles."""
+
+    def __init__(self, tokenizer: Any, shuffled: bool = False) -> None:
         self.tokenizer = tokenizer
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = self.eos if pad is None else pad
+        self.shuffled = shuffled
         self._cache: dict[str, list[list[int]]] = {}
         self.truncated: set[str] = set()
 
@@ -378,12 +388,13 @@ class CaptionTokens:
             return hit
         ids = self.tokenizer(caption, add_special_tokens=False, truncation=False, verbose=False).input_ids
         if len(ids) > TOKENS_PER_CHUNK * MAX_CHUNKS:
-            self.truncated.add(caption)
+            self.truncated.add(_tag_set(caption) if self.shuffled else caption)
             ids = ids[: TOKENS_PER_CHUNK * MAX_CHUNKS]
         out = []
         for i in range(0, max(len(ids), 1), TOKENS_PER_CHUNK):
             out.append(self._chunk(ids[i : i + TOKENS_PER_CHUNK]))
-        self._cache[caption] = out
+        if not self.shuffled:
+            self._cache[caption] = out
         return out
 
     def _chunk(self, ids: Sequence[int]) -> list[int]:

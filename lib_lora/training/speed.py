@@ -3,7 +3,9 @@
 - `StepFeeder` turns a `Batch` into device tensors with no host<->device round trip: latents
   live on the device (pinned host memory when they would not fit), caption token ids are
   built once per caption set, text-encoder outputs are cached per 77-token chunk when the
-  text encoder is not trained, and the seeded CPU noise is drawn into pinned memory so the
+  text encoder is not trained (both only when captions are the same every epoch: shuffled
+  ones would fill the caches with entries never used again), and the seeded CPU noise is
+  drawn into pinned memory so the
   copy is truly asynchronous. The noise recipe is exactly the loop's (same generator, same
   draw order), so a run is bit-identical with or without these caches on the CPU.
 - `adamw_kwargs` picks torch AdamW's fused (else foreach) kernels where this torch has them;
@@ -57,6 +59,7 @@ class StepFeeder:
         noise_offset: float = 0.0,
         encode_chunks: Callable[[torch.Tensor], torch.Tensor] | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
+        fixed_captions: bool = True,
     ) -> None:
         self.device = device
         self.tokens = tokens
@@ -64,6 +67,9 @@ class StepFeeder:
         self.num_timesteps = num_timesteps
         self.noise_offset = noise_offset
         self.encode_chunks = encode_chunks  # None while the text encoder is trained
+        # False under shuffle_caption: a caption is new nearly every step, so caching its ids
+        # or its text-encoder outputs would only grow the caches (and hash the keys) for nothing.
+        self.fixed_captions = fixed_captions
         self.memory_format = memory_format
         self.pin = device.type == "cuda"
         total = sum(t.numel() * t.element_size() for t in latent_of.values())
@@ -99,14 +105,16 @@ class StepFeeder:
         return StepData(latents, noise, t, ids, cond)
 
     def ids(self, captions: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-        """(B, n*77) ids on the device, and each 77-id chunk as a host tuple (the cache key)."""
-        key = tuple(captions)
-        hit = self._ids.get(key)
+        """(B, n*77) ids on the device, and each 77-id chunk as a host tuple (the cond cache
+        key; [] when there is no text-encoder cache to look up)."""
+        key = tuple(captions) if self.fixed_captions else None
+        hit = self._ids.get(key) if key is not None else None
         if hit is None:
             host = self.tokens.batch(captions)
             rows, n = host.shape[0], host.shape[1] // CHUNK
-            hit = (host.to(self.device), [tuple(r) for r in host.view(rows * n, CHUNK).tolist()])
-            if len(self._ids) < COND_CACHE_LIMIT:
+            keys = [tuple(r) for r in host.view(rows * n, CHUNK).tolist()] if self.encode_chunks is not None else []
+            hit = (host.to(self.device), keys)
+            if key is not None and len(self._ids) < COND_CACHE_LIMIT:
                 self._ids[key] = hit
         return hit
 
@@ -122,7 +130,7 @@ class StepFeeder:
             with torch.no_grad():
                 out = self.encode_chunks(torch.tensor(missing, dtype=torch.long, device=self.device))
             fresh = dict(zip(missing, out, strict=True))
-            if len(self._cond) + len(missing) <= COND_CACHE_LIMIT:
+            if self.fixed_captions and len(self._cond) + len(missing) <= COND_CACHE_LIMIT:
                 self._cond.update(fresh)
         parts = [self._cond.get(k, fresh.get(k)) for k in keys]
         return torch.stack(parts).view(rows, width, -1)
