@@ -3,9 +3,9 @@
     python bench/live_step_count.py [--images 50] [--size 2048] [--keep DIR]
 
 A dataset of --images PNGs of --size px (bench_common.make_dataset) is counted once (every
-image is decoded, as training's scan does), then again after each of a few changes of epochs,
-batch size and resolution (the tab remembers what it read; nothing is decoded). Prints the
-seconds and the images decoded per call.
+image's header is read, as training's scan does), then again after each of a few changes of
+epochs, batch size and resolution (the tab remembers what it read; nothing is read). Prints the
+seconds and the image headers read per call.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="make (or reuse) the dataset here instead of a temporary folder")
     args = ap.parse_args()
 
-    decoded = [0]
-    real = data.load_rgb
+    read = [0]
+    real = data.inspect
 
-    def counting(path):  # the real decoder, counted
-        decoded[0] += 1
+    def counting(path):  # the real header read, counted
+        read[0] += 1
         return real(path)
 
-    data.load_rgb = counting
+    data.inspect = counting
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         ds = make_dataset(root / "ds", n_images=args.images, repeats=10, size=args.size)
@@ -51,14 +51,14 @@ def main() -> None:
         rows = []
         for change in CHANGES:
             values = dict(zip(names, forms.values_of(config.TrainConfig(), names), strict=True)) | change
-            decoded[0] = 0
+            read[0] = 0
             t = time.perf_counter()
             text = tab_train.step_count(ctx, form, str(ds), [values[n] for n in names])
             rows.append({"change": ", ".join(f"{k}={v}" for k, v in change.items()) or "(first count)",
-                         "seconds": f"{time.perf_counter() - t:.3f}", "decoded": decoded[0],
+                         "seconds": f"{time.perf_counter() - t:.3f}", "headers read": read[0],
                          "shown": text.split(" = ")[0]})
     print(f"{args.images} images of {args.size}x{args.size} px")
-    print(table(rows, ["change", "seconds", "decoded", "shown"]))
+    print(table(rows, ["change", "seconds", "headers read", "shown"]))
 
 
 if __name__ == "__main__":

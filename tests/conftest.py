@@ -1,8 +1,57 @@
 """Shared test set-up. Area-specific fixtures live in tests/<area>/conftest.py."""
 
 import os
+import sys
+
+import pytest
 
 # No test may reach a model hub: everything is built in the test or committed as a fixture.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting work (never timing it): which files a step opens, which images it decodes.
+
+_OPEN_RECORDERS: list[list[str]] = []
+_AUDIT_HOOKED = False
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _OPEN_RECORDERS and isinstance(args[0], (str, bytes, os.PathLike)):
+        for rec in _OPEN_RECORDERS:
+            rec.append(os.fsdecode(args[0]))
+
+
+@pytest.fixture
+def file_opens():
+    """A list that records the path of every file opened during the test, however it is
+    opened (open(), Path.read_bytes(), Pillow): Python's audit hook sees them all."""
+    global _AUDIT_HOOKED
+    if not _AUDIT_HOOKED:  # an audit hook cannot be removed: one per process, idle between tests
+        sys.addaudithook(_audit)
+        _AUDIT_HOOKED = True
+    rec: list[str] = []
+    _OPEN_RECORDERS.append(rec)
+    yield rec
+    _OPEN_RECORDERS.remove(rec)
+
+
+@pytest.fixture
+def pixel_decodes(monkeypatch):
+    """A list that records every image whose pixels Pillow decodes during the test (its file
+    name, '' when opened from bytes). Pillow's load() of an image already decoded is free and
+    not counted. The wrapper calls Pillow's own load: what is decoded does not change."""
+    from PIL import ImageFile
+
+    seen: list[str] = []
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        if self.tile:
+            seen.append(getattr(self, "filename", "") or "")
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return seen

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -41,19 +44,22 @@ class SourceInfo:
     size: tuple[int, int]  # oriented (as the user sees it), full resolution
     orientation: int
     frames: int
+    # The file's bytes when the caller had read them already (to hash them): decode() then
+    # reads no file. None: decode() opens the path.
+    data: bytes | None = field(default=None, repr=False)
 
 
 def _megapixels(w: int, h: int) -> str:
     return f"{w}x{h} pixels ({w * h / 1e6:.0f} megapixels)"
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, data: bytes | None = None) -> Image.Image:
     ext = path.suffix.lower()
     try:
         with warnings.catch_warnings():
             # We apply our own, lower size limit below; Pillow's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+            return Image.open(io.BytesIO(data) if data is not None else path)
     except Image.DecompressionBombError:
         limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) // 1_000_000
         raise BadImage(f"refused: its header claims over {limit} megapixels, too large to load safely "
@@ -64,9 +70,12 @@ def _open(path: Path) -> Image.Image:
         raise BadImage(f"cannot be read ({err.strerror or err}).") from None
 
 
-def inspect(path: Path) -> SourceInfo:
-    """Header-only checks: format, size, orientation. Raises BadImage; never decodes pixels."""
-    img = _open(path)
+def inspect(path: Path, data: bytes | None = None) -> SourceInfo:
+    """Header-only checks: format, size, orientation. Raises BadImage; never decodes pixels.
+
+    `data`: the file's bytes, when the caller has read them (they are parsed instead of the
+    file, and kept in the result for decode())."""
+    img = _open(path, data)
     try:
         w, h = img.size
         if w * h > MAX_PIXELS:
@@ -77,17 +86,52 @@ def inspect(path: Path) -> SourceInfo:
         orientation = _orientation(img)
         if orientation in _SWAPS_AXES:
             w, h = h, w
-        return SourceInfo(path, img.format or "?", (w, h), orientation, getattr(img, "n_frames", 1))
+        return SourceInfo(path, img.format or "?", (w, h), orientation, getattr(img, "n_frames", 1), data)
     finally:
         img.close()
 
 
 def _orientation(img: Image.Image) -> int:
     try:
-        value = int(img.getexif().get(0x0112, 1))
+        value = int(_header_exif(img).get(0x0112, 1))
     except Exception:  # a broken EXIF block must not lose the image
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+_PNG_METADATA = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")  # where Pillow looks for an orientation
+
+
+def _header_exif(img: Image.Image) -> Image.Exif:
+    """The EXIF Pillow would report, without decoding the pixels.
+
+    Pillow's PNG getexif() decodes the whole image first, in case an EXIF or text chunk comes
+    after the pixel data; that made every header check of a PNG a full decode. Such late
+    chunks are rare: look for one by walking the chunk headers, and take Pillow's decoding
+    way only when there is one. Otherwise the chunks read at open are all there is, and the
+    base class reads them (the PNG override would decode)."""
+    if img.format == "PNG" and "exif" not in img.info and not _png_late_metadata(img.fp):
+        return Image.Image.getexif(img)
+    return img.getexif()
+
+
+def _png_late_metadata(fp: BinaryIO) -> bool:
+    """Whether an EXIF or text chunk follows the PNG's pixel data. Reads the 8-byte chunk
+    headers only, seeking over the data; a truncated file just ends the walk."""
+    fp.seek(8)  # past the signature
+    seen_pixels = False
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            return False
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IEND":
+            return False
+        if kind in (b"IDAT", b"fdAT"):
+            seen_pixels = True
+        elif seen_pixels and kind in _PNG_METADATA:
+            return True
+        fp.seek(length + 4, os.SEEK_CUR)  # the chunk's data and CRC
 
 
 def decode(info: SourceInfo, min_scale: float = 1.0) -> Decoded:
@@ -96,7 +140,7 @@ def decode(info: SourceInfo, min_scale: float = 1.0) -> Decoded:
     JPEGs are decoded at 1/2, 1/4 or 1/8 size when that is still large enough (libjpeg's DCT
     scaling): a 3000x2000 photo cropped to 512 never needs its full 6 megapixels.
     """
-    img = _open(info.path)
+    img = _open(info.path, info.data)
     notes: list[str] = []
     try:
         if info.frames > 1:
@@ -129,14 +173,15 @@ def decode(info: SourceInfo, min_scale: float = 1.0) -> Decoded:
     return Decoded(rgb, scale, notes)
 
 
-def load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path, data: bytes | None = None) -> Image.Image:
     """The image as a model should see it: upright (EXIF), RGB, transparency composited on white.
 
     Training and tagging both read images through this: a transparent cut-out must look the same
     to both, and a learned or tagged background should be neutral, never the black that hides in
-    the RGB channels of transparent pixels. Raises BadImage.
+    the RGB channels of transparent pixels. `data`: the file's bytes when the caller has them
+    (then the file is not read again). Raises BadImage.
     """
-    img = decode(inspect(Path(path))).image
+    img = decode(inspect(Path(path), data)).image
     if img.mode == "RGBA":
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img).convert("RGB")

@@ -5,6 +5,10 @@ Layout (kohya's): a folder of `<repeats>_<class tokens>` subfolders, or a plain 
 images trained `cfg.repeats` times. Each image may have a caption `<stem>.txt` / `.caption`
 (first line); images without one get the class tokens. Bad images or captions are reported
 once and skipped; the run goes on with the rest.
+
+Each image file is read twice at most: its header at the scan (size and EXIF orientation,
+enough to bucket and plan), then its bytes once when its latent is cached (hashed for the
+cache key, decoded only when the cache has no latent for it).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib_lora.dataset.images import load_rgb
+from lib_lora.dataset.images import inspect, load_rgb
 from lib_lora.errors import DatasetError
 from lib_lora.imagefiles import IMAGE_EXTENSIONS, list_images
 from lib_lora.names import SUBSET_RE
@@ -55,7 +59,7 @@ class Item:
     subset: str  # the folder it came from (its name, as kohya's metadata keys it)
     size: tuple[int, int]  # (width, height) after EXIF rotation
     bucket: tuple[int, int] = (0, 0)  # (width, height) it is trained at
-    digest: str = ""  # sha256 of the file's bytes: the latent cache key
+    digest: str = ""  # sha256 of the file's bytes: the latent cache key (set by cache_latents)
 
 
 @dataclass
@@ -159,23 +163,34 @@ def read_caption(image: Path, preferred: str = ".txt") -> str | None:
     return None
 
 
+def _unreadable(err: Exception) -> str:
+    """The skip reason of an image that could not be read or decoded."""
+    return f"not a readable image ({type(err).__name__}: {err})"
+
+
+def _report_skip(path: Path, reason: str, on_skip: Callable[[Path, str], None] | None) -> None:
+    log.warning("skipping %s: %s", path, reason)
+    if on_skip:
+        on_skip(path, reason)
+
+
 @dataclass(frozen=True)
 class ImageFacts:
-    """What the scan learns from one image file."""
+    """What the scan learns from one image file's header."""
 
     size: tuple[int, int] = (0, 0)  # (width, height) after EXIF rotation
-    digest: str = ""  # sha256 of the file's bytes
     error: str = ""  # why it cannot be used; "" when it can
 
 
 def read_image(path: Path) -> ImageFacts:
-    """Decode the image once (so a broken file is found by the scan, not mid-run) and hash it."""
+    """The image's size (after EXIF rotation) from its header, or why it cannot be used.
+
+    No decode: a file broken past its header (truncated) is found when its latent is cached,
+    and dropped then (cache_latents), before the first step."""
     try:
-        data = path.read_bytes()
-        size = load_rgb(path).size
+        return ImageFacts(inspect(path).size)
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
-        return ImageFacts(error=f"not a readable image ({type(err).__name__}: {err})")
-    return ImageFacts(size, hashlib.sha256(data).hexdigest())
+        return ImageFacts(error=_unreadable(err))
 
 
 def scan_dataset(
@@ -184,7 +199,8 @@ def scan_dataset(
     on_skip: Callable[[Path, str], None] | None = None,
     read: Callable[[Path], ImageFacts] = read_image,
 ) -> Dataset:
-    """Read the dataset (every image through `read`), assign buckets and plan the steps.
+    """Read the dataset's captions and image headers (every image through `read`), assign
+    buckets and plan the steps.
 
     `read` may be a memo of read_image (the UI's live step count keeps one, lib_lora.filememo);
     training always reads the files afresh."""
@@ -194,9 +210,7 @@ def scan_dataset(
 
     def skip(path: Path, reason: str) -> None:
         skipped.append({"path": str(path), "reason": reason})
-        log.warning("skipping %s: %s", path, reason)
-        if on_skip:
-            on_skip(path, reason)
+        _report_skip(path, reason, on_skip)
 
     items: list[Item] = []
     for sub in subsets:
@@ -211,7 +225,7 @@ def scan_dataset(
                 skip(img, facts.error)
                 continue
             size = facts.size
-            item = Item(img, caption or sub.class_tokens, sub.repeats, sub.folder.name, size, digest=facts.digest)
+            item = Item(img, caption or sub.class_tokens, sub.repeats, sub.folder.name, size)
             bucket = choose_bucket(size, cfg)
             if bucket is None:
                 skip(img, f"too small ({size[0]}x{size[1]}) for buckets of {cfg.bucket_reso_steps} px steps")
@@ -346,15 +360,25 @@ def tag_frequency(dataset: Dataset) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in freq.items()}
 
 
-class CaptionTokens:
-    """Token ids of captions in 77-token chunks (BOS + 75 + EOS, padded), prepared once."""
+def _tag_set(caption: str) -> str:
+    """A caption's tags in sorted order: the same for every shuffle_tags() of it."""
+    return ", ".join(sorted(t.strip() for t in caption.split(",") if t.strip()))
 
-    def __init__(self, tokenizer: Any) -> None:
+
+class CaptionTokens:
+    """Token ids of captions in 77-token chunks (BOS + 75 + EOS, padded), prepared once.
+
+    `shuffled`: captions arrive tag-shuffled (shuffle_caption), a new string nearly every
+    step; caching them would only grow the cache, so nothing is cached, and a caption cut at
+    225 tokens is remembered by its tags, so `truncated` counts captions, not shuffles."""
+
+    def __init__(self, tokenizer: Any, shuffled: bool = False) -> None:
         self.tokenizer = tokenizer
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = self.eos if pad is None else pad
+        self.shuffled = shuffled
         self._cache: dict[str, list[list[int]]] = {}
         self.truncated: set[str] = set()
 
@@ -364,12 +388,13 @@ class CaptionTokens:
             return hit
         ids = self.tokenizer(caption, add_special_tokens=False, truncation=False, verbose=False).input_ids
         if len(ids) > TOKENS_PER_CHUNK * MAX_CHUNKS:
-            self.truncated.add(caption)
+            self.truncated.add(_tag_set(caption) if self.shuffled else caption)
             ids = ids[: TOKENS_PER_CHUNK * MAX_CHUNKS]
         out = []
         for i in range(0, max(len(ids), 1), TOKENS_PER_CHUNK):
             out.append(self._chunk(ids[i : i + TOKENS_PER_CHUNK]))
-        self._cache[caption] = out
+        if not self.shuffled:
+            self._cache[caption] = out
         return out
 
     def _chunk(self, ids: Sequence[int]) -> list[int]:
@@ -466,7 +491,10 @@ def cache_latents(
 ) -> dict[str, torch.Tensor]:
     """Encode every image once; {latent key: (4, h/8, w/8) fp32 CPU tensor}. With `cache_dir`,
     latents found there are reused and new ones written (one safetensors file per key).
-    Images that fail to load now are reported, dropped from `items` (in place) and skipped."""
+
+    Each file is read once: its bytes give the item's digest (set here, in place) and, when no
+    cached latent matches, are decoded. Images that fail to load now are reported, dropped
+    from `items` (in place) and skipped."""
     from safetensors.torch import load_file, save_file
 
     from lib_lora.atomic import atomic_path
@@ -480,6 +508,13 @@ def cache_latents(
     bad: list[Item] = []
     for i, it in enumerate(items):
         check_cancel(progress)
+        try:
+            data = it.path.read_bytes()
+        except OSError as err:
+            bad.append(it)
+            _report_skip(it.path, _unreadable(err), on_skip)
+            continue
+        it.digest = hashlib.sha256(data).hexdigest()
         key = latent_key(it, vae_id)
         if key not in out and disk is not None and (disk / f"{key}.safetensors").is_file():
             try:
@@ -488,11 +523,10 @@ def cache_latents(
                 pass
         if key not in out:
             try:
-                pixels = to_pixels(fit_to_bucket(load_rgb(it.path), it.bucket))
-            except Exception as err:  # noqa: BLE001
+                pixels = to_pixels(fit_to_bucket(load_rgb(it.path, data), it.bucket))
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
                 bad.append(it)
-                if on_skip:
-                    on_skip(it.path, f"not a readable image ({type(err).__name__}: {err})")
+                _report_skip(it.path, _unreadable(err), on_skip)
                 continue
             # The VAE samples its latent: seed it from the image's key, so a latent never
             # depends on which other images were encoded before it (determinism).

@@ -183,7 +183,7 @@ class Trainer:
         bb.text_encoder.eval()
         if cfg.gradient_checkpointing:
             speed.enable_gradient_checkpointing(bb, cfg.train_text_encoder)
-        self.tokens = data_mod.CaptionTokens(bb.tokenizer)
+        self.tokens = data_mod.CaptionTokens(bb.tokenizer, shuffled=cfg.shuffle_caption)
         ac = noise_schedule().to(self.device)
         self.sqrt_ac = ac.sqrt()
         self.sqrt_1mac = (1 - ac).sqrt()
@@ -302,7 +302,7 @@ class Trainer:
             encode = speed.text_chunk_encoder(self.backbone, cfg.clip_skip, self.device, self.amp_dtype)
             self.feeder = speed.StepFeeder(
                 self.latent_of, self.tokens, self.device, self.noise_gen, NUM_TRAIN_TIMESTEPS,
-                cfg.noise_offset, encode if cache_te else None, fmt,
+                cfg.noise_offset, encode if cache_te else None, fmt, fixed_captions=not cfg.shuffle_caption,
             )  # fmt: skip
             self.predict = speed.compile_predict(self.backbone.predict_noise, cfg.compile_unet)
         self.feeder.gen = self.noise_gen  # build_optimizer (re)seeds it, e.g. after the LR probe

@@ -91,22 +91,23 @@ def test_step_count_is_the_tutorials_arithmetic(ctx: UIContext, tmp_path: Path) 
 
 
 @pytest.fixture()
-def decoded(monkeypatch) -> list[str]:
-    """The names of the images the training scan decodes, in order (the real decoder runs)."""
+def headers_read(monkeypatch) -> list[str]:
+    """The names of the images whose header the training scan reads, in order (the real reader
+    runs; the scan decodes no pixels)."""
     from lib_lora.training import data
 
     names: list[str] = []
-    real = data.load_rgb
+    real = data.inspect
 
     def counting(path):
         names.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(data, "load_rgb", counting)
+    monkeypatch.setattr(data, "inspect", counting)
     return names
 
 
-def test_step_count_decodes_each_image_once_per_file_version(ctx: UIContext, tmp_path: Path, decoded) -> None:
+def test_step_count_reads_each_image_once_per_file_version(ctx: UIContext, tmp_path: Path, headers_read) -> None:
     """Changing a number re-plans from what was read; only new or changed files are read again."""
     from lib_lora.training import data
 
@@ -116,10 +117,10 @@ def test_step_count_decodes_each_image_once_per_file_version(ctx: UIContext, tmp
     (sub / "broken.png").write_bytes(b"not an image")
 
     def shown(**changes) -> tuple[str, list[str]]:
-        """(the step count's text, the images it decoded)."""
-        before = len(decoded)
+        """(the step count's text, the images whose header it read)."""
+        before = len(headers_read)
         text = tab_train.step_count(ctx, form, str(ds), form_values(form, **{"resolution": 64, **changes}))
-        return text, decoded[before:]
+        return text, headers_read[before:]
 
     text, read = shown()
     assert text.startswith("**15 steps**") and "1 file(s) skipped" in text, text
