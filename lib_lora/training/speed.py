@@ -5,9 +5,9 @@
   built once per caption, text-encoder outputs are cached per 77-token chunk when the
   text encoder is not trained (both only when captions are the same every epoch: shuffled
   ones would fill the caches with entries never used again), and the seeded CPU noise is
-  drawn into pinned memory so the
-  copy is truly asynchronous. The noise recipe is exactly the loop's (same generator, same
-  draw order), so a run is bit-identical with or without these caches on the CPU.
+  drawn into pinned memory so the copy is truly asynchronous. The noise recipe is exactly the
+  loop's (same generator, same draw order), so a run is bit-identical with or without these
+  caches on the CPU.
 - `adamw_kwargs` picks torch AdamW's fused (else foreach) kernels where this torch has them;
   fused AdamW also lets fp16's GradScaler skip its per-step `found_inf.item()` sync.
 - `apply_memory_format`, `compile_predict`: the opt-in channels_last and torch.compile.
