@@ -55,3 +55,23 @@ def pixel_decodes(monkeypatch):
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
     return seen
+
+
+@pytest.fixture
+def path_calls(monkeypatch):
+    """`path_calls(module, "function")` -> a list that records the file name of the path each
+    call of `module.function(path, ...)` is given, in order; the real function runs."""
+    from pathlib import Path
+
+    def record(module, name: str) -> list[str]:
+        names: list[str] = []
+        real = getattr(module, name)
+
+        def counting(path, *args, **kwargs):
+            names.append(Path(path).name)
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+        return names
+
+    return record

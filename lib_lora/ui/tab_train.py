@@ -38,7 +38,7 @@ class TrainForm:
     names: list[str]
     has_base_model: bool
     # The live step count's memo of each image (size, readable or not), made on first use: a
-    # change of repeats or epochs then re-plans without decoding the dataset again.
+    # change of repeats or epochs then re-plans without reading the images again.
     images: FileMemo | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def config(self, ctx: UIContext, name: str, dataset: str, lr_mode: str, lr_value: str, values: list[Any]) -> Any:

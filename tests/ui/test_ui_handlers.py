@@ -91,20 +91,12 @@ def test_step_count_is_the_tutorials_arithmetic(ctx: UIContext, tmp_path: Path) 
 
 
 @pytest.fixture()
-def headers_read(monkeypatch) -> list[str]:
+def headers_read(path_calls) -> list[str]:
     """The names of the images whose header the training scan reads, in order (the real reader
     runs; the scan decodes no pixels)."""
     from lib_lora.training import data
 
-    names: list[str] = []
-    real = data.inspect
-
-    def counting(path):
-        names.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(data, "inspect", counting)
-    return names
+    return path_calls(data, "inspect")
 
 
 def test_step_count_reads_each_image_once_per_file_version(ctx: UIContext, tmp_path: Path, headers_read) -> None:

@@ -43,19 +43,11 @@ def host_with_lora(tmp_path_factory):
 
 
 @pytest.fixture()
-def lora_reads(monkeypatch) -> list[str]:
+def lora_reads(path_calls) -> list[str]:
     """The names of the LoRA files read, in order (the real reader runs)."""
     from lib_lora.training import export
 
-    names: list[str] = []
-    real = export.read_lora
-
-    def counting(path):
-        names.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(export, "read_lora", counting)
-    return names
+    return path_calls(export, "read_lora")
 
 
 def model_state(backbone) -> tuple[dict[str, torch.Tensor], list[str]]:
