@@ -28,9 +28,15 @@ def opt(
     max: float | None = None,
     group: str = "advanced",
     cli: bool = True,
+    path: str | None = None,
+    names: typing.Sequence[str] = (),
 ) -> Any:
-    """Declare a config field. `group` is 'basic' or 'advanced' (the UI collapses the latter)."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "group": group, "cli": cli}
+    """Declare a config field. `group` is 'basic' or 'advanced' (the UI collapses the latter).
+    `path` marks a field that names a server path ('folder', 'file', or 'model' for either):
+    a page or API request's value goes through the path policy (lib_lora.ui.paths); `names`
+    are values of such a field that are not paths (a built-in model's name)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "group": group, "cli": cli,
+            "path": path, "names": tuple(names)}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -142,24 +148,26 @@ BG_MODELS = ["none", "u2net", "u2netp", "isnet-anime", "birefnet-portrait"]
 @dataclass
 class PrepareConfig:
     name: str = opt("", "dataset name: the <repeats>_<name> folder and the class token (Unicode allowed)", group="basic")
-    out: str = opt("work", "work folder; the training folder <out>/<name> is created inside it", group="basic")
+    out: str = opt("work", "work folder; the training folder <out>/<name> is created inside it", group="basic",
+                   path="folder")
     size: int = opt(512, "output side in pixels (square crops; the area for 'bucket' and 'none')", min=64, max=4096,
                     group="basic")
     crop: str = opt("face", "face: head-and-shoulders square around the main face; center: centre square; "
                     "bucket: keep the aspect, fit the nearest training bucket; none: whole image", choices=CROP_MODES,
                     group="basic")
     remove_bg: str = opt("none", "background removal: none, a rembg model name, or a path to a .onnx file",
-                         group="basic")
+                         group="basic", path="file", names=BG_MODELS)
     bg_color: str = opt("white", "colour the cut-out is put on: a name (white, grey) or #rrggbb", group="basic")
     keep_rgba: bool = opt(False, "also keep transparency: RGBA images plus a mask file in masks/ (training and tagging see them on white)")
     repeats: int = opt(10, "repeats: the number in the <repeats>_<name> folder name", min=1, max=10000, group="basic")
     recursive: bool = opt(False, "also import images from sub-folders")
     upscale: bool = opt(False, "enlarge images smaller than the output size (off: small images stay small)")
     workers: int = opt(0, "worker processes (0 = all CPU cores)", min=0, max=256)
-    model_dir: str = opt("", "folder of background-removal models (default: rembg's, $U2NET_HOME or ~/.u2net)")
+    model_dir: str = opt("", "folder of background-removal models (default: rembg's, $U2NET_HOME or ~/.u2net)",
+                         path="folder")
     download: bool = opt(True, "download a missing background-removal model (rembg's release files)")
     face_model: str = opt("", "YuNet face model .onnx (default: face_detection_yunet*.onnx in model_dir if "
-                          "present, else OpenCV's Haar cascades)")
+                          "present, else OpenCV's Haar cascades)", path="file")
 
     def check(self) -> None:
         if self.remove_bg not in BG_MODELS and not self.remove_bg.lower().endswith(".onnx"):
@@ -190,8 +198,9 @@ class TagConfig:
     tagger: str = opt("deepdanbooru", "tagger: deepdanbooru (the tutorial's), wd14, or webui (the WebUI's built-in Deepbooru)",
                       choices=TAGGERS, group="basic")
     model: str = opt("", "tagger model: an .onnx file or its folder (empty: the tagger's own cache folder); "
-                         "for wd14 also a hub repo id such as SmilingWolf/wd-swinv2-tagger-v3")
-    tags_file: str = opt("", "the model's tag list (DeepDanbooru tags.txt, WD14 selected_tags.csv); empty: beside the model")
+                         "for wd14 also a hub repo id such as SmilingWolf/wd-swinv2-tagger-v3", path="model")
+    tags_file: str = opt("", "the model's tag list (DeepDanbooru tags.txt, WD14 selected_tags.csv); empty: beside the model",
+                         path="file")
     general_threshold: float | None = opt(None, "score a tag needs to be written (empty: 0.5 for DeepDanbooru, 0.35 for WD14)",
                                           min=0, max=1, group="basic")
     character_threshold: float = opt(0.85, "score a WD14 character tag needs to be written", min=0, max=1)
@@ -211,8 +220,8 @@ class TagConfig:
     preset: str = opt("person", "tag rules: person, character, style, object, or none", choices=TAG_PRESETS, group="basic")
     blacklist: list[str] = opt([], "tags always removed by the rules")
     whitelist: list[str] = opt([], "tags the rules never remove")
-    implications_file: str = opt("", "extra implication table, one 'specific > general' per line")
-    aliases_file: str = opt("", "extra aliases, one 'alias > tag' per line")
+    implications_file: str = opt("", "extra implication table, one 'specific > general' per line", path="file")
+    aliases_file: str = opt("", "extra aliases, one 'alias > tag' per line", path="file")
 
     def check(self) -> None:
         if self.trigger:
@@ -243,10 +252,13 @@ class TagConfig:
 class TrainConfig:
     # What and where
     name: str = opt("", "LoRA name: the output file's name and the trigger word (Unicode allowed)", group="basic")
-    dataset: str = opt("", "dataset folder: <repeats>_<name> subfolders, or a plain folder of images", group="basic")
-    base_model: str = opt("tiny", "SD1.5 single-file checkpoint, diffusers folder, or 'tiny' (built-in)", group="basic")
-    output_dir: str = opt("output", "where the final LoRA (.safetensors) is written", group="basic")
-    run_dir: str = opt("", "folder for the run's config, logs, checkpoints and state (default: runs/<name>)")
+    dataset: str = opt("", "dataset folder: <repeats>_<name> subfolders, or a plain folder of images", group="basic",
+                       path="folder")
+    base_model: str = opt("tiny", "SD1.5 single-file checkpoint, diffusers folder, or 'tiny' (built-in)", group="basic",
+                          path="model", names=("tiny",))
+    output_dir: str = opt("output", "where the final LoRA (.safetensors) is written", group="basic", path="folder")
+    run_dir: str = opt("", "folder for the run's config, logs, checkpoints and state (default: runs/<name>)",
+                       path="folder")
     overwrite: bool = opt(False, "replace an existing LoRA file of the same name")
     # Data
     repeats: int = opt(10, "repeats for a plain image folder (a <repeats>_<name> folder sets its own)", min=1, max=10000, group="basic")

@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--root", action="append", default=[],
                    help="a folder the page may read and write when listening beyond loopback (repeatable; "
                         "the work and output folders are always allowed)")
+    p.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
+                   help="require this sign-in (repeatable). Beyond loopback a sign-in is always required: "
+                        "without --auth or --auth-file a random password is made and printed at start")
+    p.add_argument("--auth-file", metavar="FILE", help="a text file of USER:PASSWORD lines to sign in with")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run)
 
@@ -45,8 +49,38 @@ def make_app(args: argparse.Namespace):  # -> gr.Blocks
                           device=args.device)
     policy = FolderPolicy()
     if not is_loopback(args.host):
-        policy = FolderPolicy.limited([host.work_dir(), host.lora_dir(), *args.root])
+        # The model chosen with --base-model is the machine owner's choice: the page may use it.
+        policy = FolderPolicy.limited([host.work_dir(), host.lora_dir(), *args.root], names=[args.base_model])
     return build_app(host, policy), host, policy
+
+
+def served_folders(host, roots: list[str]) -> list[str]:
+    """The folders the file route serves from: our outputs only (never the current folder)."""
+    return [str(host.work_dir()), str(host.lora_dir()), *(str(Path(r).expanduser().resolve()) for r in roots)]
+
+
+def start(args: argparse.Namespace):  # -> gr.Blocks, started
+    """Build the page and start serving it (returns at once); the caller closes it."""
+    from lib_lora.ui import compat
+    from lib_lora.ui.serving import DEFAULT_USER, sign_in
+
+    loopback = is_loopback(args.host)
+    creds, password = sign_in(loopback, args.auth, args.auth_file)
+    app, host, policy = make_app(args)
+    if policy.restricted:
+        print(f"Listening on {args.host}, beyond this machine: folder inputs are limited to {policy.describe()} "
+              "(add more with --root).")
+    if password:
+        print(f"Sign in as {DEFAULT_USER} with the password {password} (made for this start; "
+              "choose your own with --auth USER:PASSWORD or --auth-file).")
+    elif creds:
+        print(f"Sign-in required ({len(creds)} account{'s' if len(creds) != 1 else ''}).")
+    compat.enable_queue(app)
+    try:
+        compat.launch(app, args.host, args.port, allowed_paths=served_folders(host, args.root), auth=creds)
+    except OSError as err:
+        raise UserError(f"Cannot listen on {args.host}:{args.port} ({err}); choose another --port.") from None
+    return app
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,18 +88,7 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UserError("The web UI needs gradio: pip install 'gradio>=3.41.2'.") from None
-    from lib_lora.ui import compat
-
-    app, host, policy = make_app(args)
-    if policy.restricted:
-        print(f"Listening on {args.host}, beyond this machine: folder inputs are limited to {policy.describe()} "
-              "(add more with --root).")
-    compat.enable_queue(app)
-    allowed = [str(host.work_dir()), str(host.lora_dir()), *(str(Path(r).resolve()) for r in args.root)]
-    try:
-        compat.launch(app, args.host, args.port, allowed_paths=allowed)
-    except OSError as err:
-        raise UserError(f"Cannot listen on {args.host}:{args.port} ({err}); choose another --port.") from None
+    app = start(args)
     print(f"Fast LoRA is running at http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
           " (Ctrl+C to stop).")
     try:

@@ -50,9 +50,15 @@ def image_input(label: str, **kw: Any) -> gr.Image:
     return gr.Image(label=label, type="pil", interactive=False, show_download_button=False, **kw)
 
 
-def launch(blocks: gr.Blocks, host: str, port: int, allowed_paths: list[str] | None = None, **kw: Any) -> Any:
+def launch(blocks: gr.Blocks, host: str, port: int, allowed_paths: list[str] | None = None,
+           auth: list[tuple[str, str]] | None = None, **kw: Any) -> Any:
+    """Start the server; files are served only from `allowed_paths` (and gradio's upload folder),
+    whatever the current folder is and whatever gradio's own rules would allow (`serving.FileGuard`)."""
+    from lib_lora.ui.serving import guard_kwargs
+
     kw.setdefault("prevent_thread_lock", True)
     kw.setdefault("show_api", False)
     return blocks.launch(
-        server_name=host, server_port=port, allowed_paths=allowed_paths or [], quiet=True, **kw
+        server_name=host, server_port=port, allowed_paths=allowed_paths or [], quiet=True, auth=auth or None,
+        app_kwargs=guard_kwargs(allowed_paths or []), **kw
     )

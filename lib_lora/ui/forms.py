@@ -16,6 +16,7 @@ import gradio as gr
 
 from lib_lora.config import field_type, validate
 from lib_lora.errors import UserError
+from lib_lora.ui.paths import FolderPolicy
 
 # Field names that read badly when simply capitalised.
 LABELS = {
@@ -127,12 +128,16 @@ def convert(cls: type, name: str, raw: Any) -> Any:
     return str(raw)
 
 
-def collect(cls: type, names: list[str], raw_values: list[Any], base: Any | None = None, **fixed: Any) -> Any:
-    """A validated config from the controls' values (in `names` order) plus fixed values."""
+def collect(cls: type, names: list[str], raw_values: list[Any], base: Any | None = None, *,
+            policy: FolderPolicy, **fixed: Any) -> Any:
+    """A validated config from the controls' values (in `names` order) plus fixed values.
+
+    Every path field goes through the page's path `policy` first, before the config's own
+    checks look at any file, so a refused path says only that it is outside the allowed folders."""
     values = {n: convert(cls, n, v) for n, v in zip(names, raw_values, strict=True)}
     values.update(fixed)
     cfg = dataclasses.replace(base, **values) if base is not None else cls(**values)
-    return validate(cfg)
+    return validate(policy.check_config(cfg, label_for))
 
 
 def values_of(cfg: Any, names: list[str]) -> list[Any]:

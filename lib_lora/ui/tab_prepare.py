@@ -70,7 +70,7 @@ def run_prepare(ctx: UIContext, src: str, names: list[str], *values: Any) -> Ite
             return
     try:
         src_dir = ctx.policy.check(src, "source folder")
-        cfg = forms.collect(cfg_cls, names, list(values))
+        cfg = forms.collect(cfg_cls, names, list(values), policy=ctx.policy)
         if "out" in names or hasattr(cfg, "out"):
             out = ctx.policy.check(cfg.out or ctx.default_folder(), "work folder", must_exist=False)
             cfg = dataclasses.replace(cfg, out=str(out))

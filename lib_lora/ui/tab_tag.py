@@ -38,7 +38,7 @@ def run_tag(ctx: UIContext, folder: str, names: list[str], *values: Any) -> Iter
             return
     try:
         image_dir = captions_view.find_image_dir(ctx.policy.check(folder, "image folder"))
-        cfg = forms.collect(cfg_cls, names, list(values))
+        cfg = forms.collect(cfg_cls, names, list(values), policy=ctx.policy)
 
         def work(p: Any) -> Any:
             p.update(0, 1, "loading the tagger")

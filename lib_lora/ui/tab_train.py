@@ -49,7 +49,7 @@ class TrainForm:
         if lr_mode != "auto" and not lr:
             raise UserError("Learning rate is empty: give a number such as 1e-4, or choose auto.")
         fixed = {"name": name, "dataset": str(dataset_dir), "lr": lr, "output_dir": str(ctx.host.lora_dir())}
-        cfg = forms.collect(config.TrainConfig, self.names, values, **fixed)
+        cfg = forms.collect(config.TrainConfig, self.names, values, policy=ctx.policy, **fixed)
         if not cfg.run_dir:
             cfg = dataclasses.replace(cfg, run_dir=str(ctx.host.work_dir() / "runs" / name))
         else:
@@ -66,7 +66,8 @@ def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any])
         return "Choose a dataset folder to see the step count."
     try:
         dataset_dir = ctx.policy.check(dataset, "dataset folder")
-        cfg = forms.collect(config.TrainConfig, form.names, values, dataset=str(dataset_dir), name="preview")
+        cfg = forms.collect(config.TrainConfig, form.names, values, policy=ctx.policy, dataset=str(dataset_dir),
+                            name="preview")
         if form.images is None:
             form.images = FileMemo(data.read_image)
         plan = data.plan_steps(dataset_dir, cfg, read=form.images)

@@ -1,0 +1,196 @@
+"""Security: the standalone page's sign-in and file route, the one path policy of the tabs and
+the REST route, the WebUI's API authentication, and base models that hold a pickle payload.
+
+The server tests start the real app on a free loopback port and talk HTTP to it; they run
+under gradio 3.41 (main env) and gradio 4 (.venv-gradio4, see the Makefile)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.cookies import SimpleCookie
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lib_lora.errors import UserError
+from lib_lora.ui import serving
+from lib_lora.ui.cli import is_loopback
+
+SECRET = "top secret: the key is 42\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the standalone page: sign-in and the file route ---------------------------------------------
+
+class Page:
+    """HTTP to a running app, with the sign-in cookies once signed in."""
+
+    def __init__(self, port: int):
+        self.base = f"http://127.0.0.1:{port}"
+        self.cookies: dict[str, str] = {}
+
+    def request(self, path: str, data: bytes | None = None) -> tuple[int, bytes, list[str]]:
+        req = urllib.request.Request(self.base + path, data=data)
+        if self.cookies:
+            req.add_header("Cookie", "; ".join(f"{k}={v}" for k, v in self.cookies.items()))
+        opener = urllib.request.build_opener(NoRedirect)
+        try:
+            with opener.open(req, timeout=60) as r:
+                return r.status, r.read(), r.headers.get_all("Set-Cookie") or []
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), err.headers.get_all("Set-Cookie") or []
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        status, body, _ = self.request(path)
+        return status, body
+
+    def sign_in(self, user: str, password: str) -> int:
+        form = urllib.parse.urlencode({"username": user, "password": password}).encode()
+        status, _, set_cookies = self.request("/login", form)
+        for header in set_cookies:
+            for name, morsel in SimpleCookie(header).items():
+                self.cookies[name] = morsel.value
+        return status
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # a redirect is an answer of its own here
+        return None
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The real app (`python -m lib_lora ui`'s start) on loopback with --auth, started from a
+    current folder that holds a secret; a run's sample image in the work folder."""
+    from lib_lora.ui import cli
+
+    root = tmp_path_factory.mktemp("served")
+    cwd = root / "cwd"
+    cwd.mkdir()
+    (cwd / "secret.txt").write_text(SECRET, encoding="utf-8")
+    work = cwd / "work"  # the default layout: ./work and ./output under the current folder
+    sample = work / "runs" / "zny" / "samples" / "step1.png"
+    sample.parent.mkdir(parents=True)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(sample)
+    outside = root / "elsewhere.txt"
+    outside.write_text(SECRET, encoding="utf-8")
+    port = free_port()
+    args = argparse.Namespace(host="127.0.0.1", port=port, base_model="tiny", output_dir=str(cwd / "output"),
+                              work_dir=str(work), root=[], auth=["alice:s3cret:with:colons"], auth_file=None,
+                              device="cpu")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        app = cli.start(args)
+        yield dict(port=port, cwd=cwd, work=work, sample=sample, outside=outside)
+        closer = threading.Thread(target=app.close, daemon=True)
+        closer.start()
+        closer.join(20)
+    finally:
+        os.chdir(old)
+
+
+def secret_spellings(cwd: Path, work: Path, outside: Path) -> list[str]:
+    """The current folder's secret (and a file elsewhere) as a request may spell it."""
+    rel_up = os.path.relpath(cwd, work)  # ".."
+    return [
+        f"/file={cwd}/secret.txt",
+        "/file=secret.txt",
+        "/file=./secret.txt",
+        f"/file={work}/../secret.txt",
+        f"/file={work}/{rel_up}/{rel_up}/{cwd.name}/secret.txt",
+        "/file=work/../secret.txt",
+        f"/file={urllib.parse.quote(str(cwd / 'secret.txt'), safe='')}",
+        f"/file={work}/%2e%2e/secret.txt",
+        f"/file={work}/..%2fsecret.txt",
+        f"/file={work}/%252e%252e/secret.txt",  # escaped twice
+        f"/file/{cwd}/secret.txt",
+        f"/file={work}/../../{outside.name}",
+        f"/file={outside}",
+        "/file=/etc/passwd",
+    ]
+
+
+def test_file_route_serves_only_our_folders_and_needs_the_sign_in(served) -> None:
+    page = Page(served["port"])
+    sample = served["sample"]
+    # Not signed in: our own image needs the sign-in (401), the secret is refused before that.
+    assert page.get(f"/file={sample}")[0] == 401
+    assert page.sign_in("alice", "wrong") != 200 or not page.cookies
+    page.cookies.clear()
+    assert page.sign_in("alice", "s3cret:with:colons") == 200 and page.cookies
+    status, body = page.get(f"/file={sample}")
+    assert status == 200 and body == sample.read_bytes(), "a run's sample image is still served"
+    for spelling in secret_spellings(served["cwd"], served["work"], served["outside"]):
+        status, body = page.get(spelling)
+        assert status in (403, 404), (spelling, status)
+        assert b"secret" not in body and b"42" not in body, spelling
+
+
+def test_a_symlink_in_the_work_folder_does_not_lead_out(served) -> None:
+    link = served["work"] / "runs" / "link.txt"
+    link.symlink_to(served["outside"])
+    page = Page(served["port"])
+    assert page.sign_in("alice", "s3cret:with:colons") == 200
+    status, body = page.get(f"/file={link}")
+    assert status == 403 and b"secret" not in body
+
+
+def test_the_page_api_needs_the_sign_in(served) -> None:
+    page = Page(served["port"])
+    for path in ("/run/predict", "/api/predict"):
+        status, _, _ = page.request(path, b'{"fn_index": 0, "data": []}')
+        assert status in (401, 403), (path, status)
+
+
+def test_may_serve_decides_on_the_resolved_path(tmp_path: Path, monkeypatch) -> None:
+    work = tmp_path / "work"
+    (work / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert serving.may_serve(str(work / "a" / "x.png"), [work])
+    assert serving.may_serve("work/a/x.png", [work])
+    assert not serving.may_serve("secret.txt", [work])
+    assert not serving.may_serve(f"{work}/../secret.txt", [work])
+    assert not serving.may_serve(f"{work}/%2e%2e/secret.txt", [work])
+    assert not serving.may_serve(f"{work}/a\0.png", [work])
+    assert not serving.may_serve(f"{tmp_path}/workshop/x.png", [work]), "a sibling that shares the prefix"
+    assert serving.file_route_target("/file=/a/b") == "/a/b"
+    assert serving.file_route_target("/file/a/b") == "a/b"
+    assert serving.file_route_target("/config") is None
+
+
+def test_beyond_loopback_a_sign_in_is_always_required() -> None:
+    for host in ("0.0.0.0", "192.168.1.20", "::", "example.org"):
+        assert not is_loopback(host), host
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert is_loopback(host), host
+    assert serving.sign_in(loopback=True) == (None, None), "loopback without --auth stays open"
+    creds, password = serving.sign_in(loopback=False)
+    assert creds == [(serving.DEFAULT_USER, password)] and len(password) >= 16
+    assert serving.sign_in(loopback=False)[1] != password, "a new password at each start"
+    assert serving.sign_in(loopback=False, auth=["bob:pw"]) == ([("bob", "pw")], None)
+    assert serving.sign_in(loopback=True, auth=["bob:pw"]) == ([("bob", "pw")], None)
+    with pytest.raises(UserError, match="USER:PASSWORD"):
+        serving.sign_in(loopback=False, auth=["bob"])
+    with pytest.raises(UserError, match="USER:PASSWORD"):
+        serving.sign_in(loopback=False, auth=["bob:"])
+
+
+def test_auth_file(tmp_path: Path) -> None:
+    f = tmp_path / "users.txt"
+    f.write_text("# who may sign in\nalice:one\n\nbob:two:three\n", encoding="utf-8")
+    assert serving.sign_in(loopback=False, auth_file=str(f)) == ([("alice", "one"), ("bob", "two:three")], None)
+    with pytest.raises(UserError, match="cannot be read"):
+        serving.sign_in(loopback=False, auth_file=str(tmp_path / "missing.txt"))
