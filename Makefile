@@ -50,4 +50,4 @@ lint: setup
 test: setup gradio4 chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest
-	$(G4PY) -m pytest tests/ui tests/training tests/webui tests/speed -m "not browser" -q -p no:cacheprovider
+	$(G4PY) -m pytest tests/ui tests/training tests/webui tests/speed tests/reliability/test_rel_security.py -m "not browser" -q -p no:cacheprovider

@@ -194,3 +194,140 @@ def test_auth_file(tmp_path: Path) -> None:
     assert serving.sign_in(loopback=False, auth_file=str(f)) == ([("alice", "one"), ("bob", "two:three")], None)
     with pytest.raises(UserError, match="cannot be read"):
         serving.sign_in(loopback=False, auth_file=str(tmp_path / "missing.txt"))
+
+
+# ---- one path policy for every path a request names ------------------------------------------------
+
+@pytest.fixture()
+def remote(tmp_path: Path):
+    """The tabs as a page served beyond loopback sees them: paths limited to work and output,
+    an image folder inside, and outside a secret text file and a folder."""
+    from lib_lora.hosts.standalone import StandaloneHost
+    from lib_lora.ui.context import UIContext
+    from lib_lora.ui.paths import FolderPolicy
+
+    host = StandaloneHost(output_dir=tmp_path / "loras", work_dir=tmp_path / "work", device="cpu")
+    ctx = UIContext(host=host, policy=FolderPolicy.limited([host.work_dir(), host.lora_dir()]))
+    images = host.work_dir() / "ds" / "10_zny"
+    images.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(images / "a.png")
+    (images / "a.txt").write_text("zny, smile", encoding="utf-8")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.txt"
+    secret.write_text("".join(f"line{i}\n" for i in range(25)), encoding="utf-8")
+    return dict(ctx=ctx, images=images, outside=outside, secret=secret, missing=outside / "nothing-here.txt")
+
+
+def refusal(html: str, path: Path) -> str:
+    """A refusal with the path taken out, to compare the refusals of two paths."""
+    return html.replace(str(path), "<path>")
+
+
+def assert_refused(html: str, path: Path) -> None:
+    assert "outside the folders this server may use" in html, html
+    for leak in ("does not exist", "not found", "lists", "tags", "line", "25", "Not found"):
+        assert leak not in refusal(html, path).split("(")[0], (leak, html)
+
+
+def form_values(cls, names: list[str], **changes) -> list:
+    from lib_lora.ui import forms
+
+    values = dict(zip(names, forms.values_of(cls(), names), strict=True))
+    values.update(changes)
+    return [values[n] for n in names]
+
+
+def test_tag_tab_file_fields_go_through_the_policy(remote) -> None:
+    from lib_lora import config
+    from lib_lora.ui import forms, tab_tag
+
+    ctx, images = remote["ctx"], remote["images"]
+    names = [f.name for f in forms.fields(config.TagConfig, skip=tab_tag.RULE_FIELDS)]
+    seen = {}
+    for field in ("tags_file", "model"):
+        for target in (remote["secret"], remote["missing"], remote["outside"]):
+            values = form_values(config.TagConfig, names, **{field: str(target)})
+            out = list(tab_tag.run_tag(ctx, str(images.parent), names, *values))
+            html = out[0][0]
+            assert len(out) == 1 and not ctx.runner.busy(), "refused before any job starts"
+            assert_refused(html, target)
+            seen.setdefault(field, set()).add(refusal(html, target))
+    assert all(len(v) == 1 for v in seen.values()), "the same sentence whether the path exists or not"
+    assert (images / "a.txt").read_text(encoding="utf-8") == "zny, smile", "no caption came from the outside file"
+
+
+def test_prepare_tab_model_fields_go_through_the_policy(remote) -> None:
+    from lib_lora import config
+    from lib_lora.ui import forms, tab_prepare
+
+    ctx = remote["ctx"]
+    names = [f.name for f in forms.fields(config.PrepareConfig)]
+    new_folder = remote["outside"] / "models" / "u2net"
+    cases = [("model_dir", new_folder), ("remove_bg", remote["outside"] / "bg.onnx"),
+             ("face_model", remote["outside"] / "yunet.onnx"), ("out", remote["outside"] / "work")]
+    for field, target in cases:
+        values = form_values(config.PrepareConfig, names, name="zny", **{field: str(target)},
+                             **({"remove_bg": "u2net"} if field == "model_dir" else {}))
+        out = list(tab_prepare.run_prepare(ctx, str(remote["images"]), names, *values))
+        assert len(out) == 1 and not ctx.runner.busy(), field
+        assert_refused(out[0][0], target)
+    assert not (remote["outside"] / "models").exists(), "no folder was made outside"
+    assert not (remote["outside"] / "work").exists()
+
+
+def test_train_tab_base_model_goes_through_the_policy(remote) -> None:
+    from lib_lora import config
+    from lib_lora.ui import forms, tab_train
+
+    ctx = remote["ctx"]
+    names = [f.name for f in forms.fields(config.TrainConfig, skip=tab_train.SPECIAL)]
+    form = tab_train.TrainForm(names, has_base_model=True)
+    ckpt = remote["outside"] / "model.safetensors"
+    ckpt.write_bytes(b"not a model")
+    seen = set()
+    for target in (ckpt, remote["missing"], remote["outside"], Path("/etc/shadow")):
+        values = form_values(config.TrainConfig, names, base_model=str(target))
+        out = list(tab_train.run_train(ctx, form, "zny", str(remote["images"].parent), "manual", "1e-4", *values))
+        assert len(out) == 1 and not ctx.runner.busy()
+        assert_refused(out[0][0], target)
+        seen.add(refusal(out[0][0], target))
+        assert "outside" in tab_train.step_count(ctx, form, str(remote["images"].parent), values)
+    assert len(seen) == 1, seen
+    for field in ("run_dir",):
+        values = form_values(config.TrainConfig, names, **{field: str(remote["outside"] / "runs")})
+        out = list(tab_train.run_train(ctx, form, "zny", str(remote["images"].parent), "manual", "1e-4", *values))
+        assert_refused(out[0][0], remote["outside"] / "runs")
+    assert not (remote["outside"] / "runs").exists()
+    # Inside the allowed folders, and the built-in model by name, are still fine.
+    values = form_values(config.TrainConfig, names, base_model="tiny")
+    cfg = form.config(ctx, "zny", str(remote["images"].parent), "manual", "1e-4", values)
+    assert cfg.base_model == "tiny" and Path(cfg.dataset) == remote["images"].parent.resolve()
+
+
+def test_the_policy_refuses_the_same_way_whatever_is_there(tmp_path: Path) -> None:
+    from lib_lora.config import TagConfig
+    from lib_lora.ui.paths import FolderPolicy
+
+    root = tmp_path / "work"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path)
+    policy = FolderPolicy.limited([root], names=["/models/mine.safetensors"])
+    for bad in ("/etc/shadow", "/nonexistent/x", "../x", "link/secret", "~/x"):
+        with pytest.raises(UserError) as err:
+            policy.check(bad, "tags file", kind="file")
+        assert str(err.value) == (f"The tags file {bad} is outside the folders this server may use ({root.resolve()}); "
+                                  "put it under one of them.")
+    with pytest.raises(UserError, match="not a usable path"):
+        policy.check("a\0b", "tags file", kind="file")
+    cfg = policy.check_config(TagConfig(tags_file="lists/tags.txt"))
+    assert cfg.tags_file == str(root.resolve() / "lists" / "tags.txt"), "relative: under the first root"
+    # The config's own check (implications file must exist) never sees an outside path.
+    with pytest.raises(UserError, match="outside"):
+        policy.check_config(TagConfig(implications_file="/etc/passwd"))
+    assert FolderPolicy().check_config(TagConfig(tags_file="/etc/x")).tags_file == "/etc/x", "loopback: as given"
+    from lib_lora.config import TrainConfig
+
+    assert policy.check_config(TrainConfig(base_model="/models/mine.safetensors")).base_model == "/models/mine.safetensors"
+    with pytest.raises(UserError, match="outside"):
+        policy.check_config(TrainConfig(base_model="/models/other.safetensors"))
