@@ -2,8 +2,8 @@
 
 Fully offline: the SD1.5 configs ship in `configs/`; widths are read from the checkpoint's
 tensor shapes (so the tiny model loads through the same path as a real one), and the
-compvis -> diffusers weight conversion is diffusers' own. `.ckpt` files are only read with
-`torch.load(weights_only=True)`. SD2, SDXL and inpainting checkpoints are recognised and refused.
+compvis -> diffusers weight conversion is diffusers' own. `.ckpt` files, and a diffusers
+folder's `.bin` files, are only read with `torch.load(weights_only=True)`. SD2, SDXL and inpainting checkpoints are recognised and refused.
 """
 
 from __future__ import annotations
@@ -289,14 +289,39 @@ def _load_diffusers_folder(folder: Path):
     if unet_cfg.get("cross_attention_dim") in (1024, 2048) or unet_cfg.get("in_channels", 4) != 4:
         raise ModelLoadError(f"{folder} is not an SD1.5 text-to-image model (SD2, inpainting or other).")
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+        unet = _load_part(folder / "unet", UNet2DConditionModel, "U-Net")
+        vae = _load_part(folder / "vae", AutoencoderKL, "VAE")
+        text_encoder = _load_part(folder / "text_encoder", CLIPTextModel, "text encoder")
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"{folder} could not be loaded as a diffusers model: {err}") from None
     tok_dir = folder / "tokenizer"
     tokenizer = load_clip_tokenizer(tok_dir if tok_dir.is_dir() else None)
     return unet, vae, text_encoder, tokenizer
+
+
+# A part's weights: diffusers' names, then transformers'. Pickled ones (.bin) are never given to
+# diffusers or transformers, whose torch.load does not ask for weights_only in every version the
+# WebUI pins (transformers 4.30 on torch 2.1 runs a pickle's code): we read them ourselves.
+SAFE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+PICKLED_WEIGHTS = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+def _load_part(part: Path, cls: type, what: str) -> torch.nn.Module:
+    """One part of a diffusers folder: from safetensors through the library (which is told to
+    use nothing else), or from a .bin through `read_state_dict`'s weights_only path."""
+    names = {p.name for p in part.iterdir()} if part.is_dir() else set()
+    if any(n in names or f"{n}.index.json" in names for n in SAFE_WEIGHTS):
+        return cls.from_pretrained(part, local_files_only=True, use_safetensors=True)
+    pickled = [part / n for n in PICKLED_WEIGHTS if n in names]
+    if not pickled:
+        raise ModelLoadError(f"The {what} in {part} has no weights file ({' or '.join(SAFE_WEIGHTS[:1] + PICKLED_WEIGHTS[:1])}).")
+    weights = read_state_dict(pickled[0])  # refuses anything but plain tensors
+    if hasattr(cls, "load_config"):  # diffusers
+        module = cls.from_config(cls.load_config(part))
+    else:  # transformers
+        module = cls(cls.config_class.from_pretrained(part))
+    _load_into(module, weights, what, ignore=("position_ids",))
+    return module
 
 
 def clone_backbone(backbone: DiffusersBackbone) -> DiffusersBackbone:

@@ -331,3 +331,61 @@ def test_the_policy_refuses_the_same_way_whatever_is_there(tmp_path: Path) -> No
     assert policy.check_config(TrainConfig(base_model="/models/mine.safetensors")).base_model == "/models/mine.safetensors"
     with pytest.raises(UserError, match="outside"):
         policy.check_config(TrainConfig(base_model="/models/other.safetensors"))
+
+
+# ---- a base model that holds a pickle payload ---------------------------------------------------
+
+class Payload:
+    """Unpickling this runs code: it writes the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('the payload ran')",)
+
+
+@pytest.fixture()
+def diffusers_folder(tmp_path: Path, bb) -> Path:
+    """The tiny model as a diffusers folder whose text encoder is stored the old way (.bin)."""
+    folder = tmp_path / "tiny-diffusers"
+    bb.unet.save_pretrained(folder / "unet")
+    bb.vae.save_pretrained(folder / "vae")
+    bb.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=False)
+    bb.tokenizer.save_pretrained(folder / "tokenizer")
+    assert (folder / "text_encoder" / "pytorch_model.bin").is_file()
+    assert not (folder / "text_encoder" / "model.safetensors").exists()
+    return folder
+
+
+def test_a_plain_bin_text_encoder_still_loads(diffusers_folder: Path, bb) -> None:
+    import torch
+
+    from lib_lora.training.models import load_backbone
+
+    loaded = load_backbone(str(diffusers_folder))
+    want, got = bb.text_encoder.state_dict(), loaded.text_encoder.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_pickle_payload_in_a_diffusers_folder_never_runs(diffusers_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """torch >= 2.6 defaults to weights_only; TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD gives back the old
+    default (torch < 2.6, the WebUI's 2.1.2) to every torch.load that does not ask for it, as
+    transformers 4.30 does not."""
+    import torch
+
+    from lib_lora.errors import ModelLoadError
+    from lib_lora.training.models import load_backbone
+
+    marker = tmp_path / "pwned.txt"
+    torch.save({"text_model.embeddings.token_embedding.weight": Payload(marker)},
+               diffusers_folder / "text_encoder" / "pytorch_model.bin")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    for part in ("unet", "vae"):  # a payload beside a safetensors file is never opened either
+        torch.save({"x": Payload(marker)}, diffusers_folder / part / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError) as err:
+        load_backbone(str(diffusers_folder))
+    assert not marker.exists(), "the payload ran"
+    text = str(err.value)
+    assert "pytorch_model.bin was refused" in text and "\n" not in text
+    assert len(text) < 400
