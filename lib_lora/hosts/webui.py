@@ -17,12 +17,13 @@ import dataclasses
 import gc
 import importlib
 import logging
+import os
 import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +31,9 @@ from lib_lora.errors import Cancelled, UserError
 from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state
 from lib_lora.names import validate_name
 from lib_lora.training.card import write_card, write_preview  # noqa: F401 - also this module's API
+
+if TYPE_CHECKING:
+    from lib_lora.ui.paths import FolderPolicy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,35 @@ def lora_extension() -> Any | None:
 
 def opt(key: str, default: Any) -> Any:
     return getattr(a1111("shared").opts, key, default)
+
+
+# --------------------------------------------------------------------------------------------
+# Who can reach the page, and what its requests may name
+
+ROOTS_ENV = "FAST_LORA_ROOTS"  # extra folders, os.pathsep-separated; read from the environment,
+# which a remote visitor cannot change (the WebUI's settings page they can)
+
+
+def listens_beyond_loopback() -> bool:
+    """Whether other machines can reach the WebUI: --share, --listen, --ngrok, or a --server-name
+    that is not a loopback address (A1111's `webui_is_non_local`, less a loopback name)."""
+    from lib_lora.ui.serving import is_loopback
+
+    cmd = a1111("shared").cmd_opts
+    server_name = getattr(cmd, "server_name", None)
+    return bool(getattr(cmd, "share", False) or getattr(cmd, "listen", False) or getattr(cmd, "ngrok", None)
+                or (server_name and not is_loopback(server_name)))
+
+
+def api_credentials() -> dict[str, str]:
+    """--api-auth "user:password[,user2:password2]", as the WebUI's own API reads it."""
+    text = getattr(a1111("shared").cmd_opts, "api_auth", None) or ""
+    creds = {}
+    for item in text.split(","):
+        user, sep, password = item.partition(":")
+        if sep:
+            creds[user] = password
+    return creds
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +286,7 @@ class WebUIHost:
         self._local = threading.local()
         self._record_lock = threading.Lock()
         self.record = JobRecord()
+        self._policy: FolderPolicy | None = None
 
     @property
     def language(self) -> str:
@@ -273,6 +307,23 @@ class WebUIHost:
         if configured:
             return Path(configured).expanduser()
         return Path(a1111("paths").data_path) / "fast_lora"
+
+    def path_policy(self) -> FolderPolicy:
+        """The folders the tabs and the REST route may use: any on loopback; beyond it the
+        WebUI's model folders, the LoRA and work folders and FAST_LORA_ROOTS. Fixed at the first
+        call (the WebUI's start), so a changed work-folder setting cannot widen it until a restart."""
+        if self._policy is None:
+            from lib_lora.ui.paths import FolderPolicy
+
+            if not listens_beyond_loopback():
+                self._policy = FolderPolicy()
+            else:
+                cmd = a1111("shared").cmd_opts
+                # The work folder first: a relative path is taken under it.
+                roots = [self.work_dir(), a1111("paths").models_path, self.lora_dir(), getattr(cmd, "ckpt_dir", None),
+                         *os.environ.get(ROOTS_ENV, "").split(os.pathsep)]
+                self._policy = FolderPolicy.limited([r for r in roots if r])
+        return self._policy
 
     # -- the model ---------------------------------------------------------------------------
     def backbone(self, base_model: str | None = None) -> LdmBackbone:

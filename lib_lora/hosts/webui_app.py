@@ -20,6 +20,7 @@ from lib_lora.config import PRESETS, TrainConfig, apply_preset, validate
 from lib_lora.errors import UserError
 from lib_lora.hosts import webui
 from lib_lora.hosts import webui_requirements as reqs
+from lib_lora.ui.paths import FolderPolicy
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,9 @@ def add_settings() -> None:
 # Jobs started from the API (or the fallback tab): one at a time, in a thread
 
 
-def config_from_request(body: dict[str, Any]) -> TrainConfig:
-    """A validated TrainConfig from a JSON body: the preset (or the default preset), then the fields."""
+def config_from_request(body: dict[str, Any], policy: FolderPolicy | None = None) -> TrainConfig:
+    """A validated TrainConfig from a JSON body: the preset (or the default preset), then the
+    fields; every path in it through the host's path `policy` before anything looks at it."""
     body = dict(body or {})
     preset = body.pop("preset", None) or webui.opt("fast_lora_preset", "")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -74,7 +76,7 @@ def config_from_request(body: dict[str, Any]) -> TrainConfig:
         raise UserError("Give the LoRA a name (the 'name' field).")
     if not cfg.dataset:
         raise UserError("Give the dataset folder (the 'dataset' field).")
-    return validate(cfg)
+    return validate((policy or FolderPolicy()).check_config(cfg))
 
 
 def start_training(host: webui.WebUIHost, cfg: TrainConfig) -> str:
@@ -125,16 +127,40 @@ def stop_training(host: webui.WebUIHost) -> bool:
     return False
 
 
+def api_auth_dependencies() -> list[Any]:
+    """With --api-auth, the same HTTP Basic check the WebUI puts on its /sdapi routes
+    (modules/api/api.py, `Api.auth`); without it, none, as there."""
+    credentials = webui.api_credentials()
+    if not credentials:
+        return []
+    from secrets import compare_digest
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic
+
+    # `given` is an HTTPBasicCredentials; unannotated, because this module's annotations are
+    # strings that FastAPI would look up among the module's globals.
+    def auth(given=Depends(HTTPBasic())) -> bool:  # noqa: B008 - FastAPI's idiom
+        password = credentials.get(given.username)
+        if password is not None and compare_digest(given.password.encode(), password.encode()):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return [Depends(auth)]
+
+
 def mount_api(app: Any, host: webui.WebUIHost) -> None:
     """on_app_started callback body: add the routes to the WebUI's FastAPI app."""
     from fastapi import Body, HTTPException
 
     prefix = webui.API_PREFIX
+    guarded = {"dependencies": api_auth_dependencies()}
 
-    @app.post(f"{prefix}/train")
+    @app.post(f"{prefix}/train", **guarded)
     def api_train(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's idiom
         try:
-            cfg = config_from_request(body)
+            cfg = config_from_request(body, host.path_policy())
             job_id = start_training(host, cfg)
         except JobBusy as err:
             raise HTTPException(status_code=409, detail=str(err)) from None
@@ -142,11 +168,11 @@ def mount_api(app: Any, host: webui.WebUIHost) -> None:
             raise HTTPException(status_code=400, detail=str(err)) from None
         return {"job_id": job_id, "status": "queued"}
 
-    @app.get(f"{prefix}/progress")
+    @app.get(f"{prefix}/progress", **guarded)
     def api_progress() -> dict:
         return host.record.as_dict()
 
-    @app.post(f"{prefix}/stop")
+    @app.post(f"{prefix}/stop", **guarded)
     def api_stop() -> dict:
         return {"stopping": stop_training(host), "status": host.record.status}
 
@@ -183,12 +209,12 @@ def ui_tabs() -> list[tuple[Any, str, str]]:
         log.info("Fast LoRA: the full UI is not available (%s); showing the minimal Train tab", err)
         build_tabs = None
     if build_tabs is not None and not banner:
-        return [(build_tabs(host), TAB_TITLE, TAB_ID)]
+        return [(build_tabs(host, host.path_policy()), TAB_TITLE, TAB_ID)]
     with gr.Blocks(analytics_enabled=False) as blocks:
         if banner:
             gr.Markdown(banner)
         if build_tabs is not None:
-            build_tabs(host)
+            build_tabs(host, host.path_policy())
         else:
             build_minimal_tab(host)
     return [(blocks, TAB_TITLE, TAB_ID)]
@@ -209,7 +235,8 @@ def _component(gr: Any, f: dataclasses.Field, default: Any) -> Any:
     return gr.Textbox(value="" if default is None else str(default), label=label)
 
 
-def form_values_to_config(fields: list[dataclasses.Field], values: list[Any]) -> TrainConfig:
+def form_values_to_config(fields: list[dataclasses.Field], values: list[Any],
+                          policy: FolderPolicy | None = None) -> TrainConfig:
     from lib_lora.config import field_type
 
     kwargs = {}
@@ -222,7 +249,7 @@ def form_values_to_config(fields: list[dataclasses.Field], values: list[Any]) ->
         elif typ is float and v is not None:
             v = float(v)
         kwargs[f.name] = v
-    return validate(dataclasses.replace(TrainConfig(), **kwargs))
+    return validate((policy or FolderPolicy()).check_config(dataclasses.replace(TrainConfig(), **kwargs)))
 
 
 def build_minimal_tab(host: webui.WebUIHost) -> None:
@@ -262,7 +289,7 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
 
     def on_train(*values: Any) -> str:
         try:
-            cfg = form_values_to_config(ordered, list(values))
+            cfg = form_values_to_config(ordered, list(values), host.path_policy())
             summary = host.run_job(f"Training {cfg.name}", host.train, cfg)
         except UserError as err:
             return f"**{err}**"
@@ -275,7 +302,7 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
 
     def on_grid(*values: Any) -> tuple:
         try:
-            cfg = form_values_to_config(ordered, list(values[:-2]))
+            cfg = form_values_to_config(ordered, list(values[:-2]), host.path_policy())
             text, seed = values[-2], int(values[-1] or 1234)
             prompts = [p.strip() for p in (text or "").splitlines() if p.strip()]
             if not prompts:

@@ -10,6 +10,7 @@ upload/cache folder, where the images the page shows are written.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import tempfile
@@ -22,6 +23,16 @@ from lib_lora.errors import UserError
 
 DEFAULT_USER = "fastlora"
 FILE_ROUTES = ("/file=", "/file/")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address ('' and localhost count as loopback)."""
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # ---- sign-in -----------------------------------------------------------------------------------

@@ -389,3 +389,94 @@ def test_a_pickle_payload_in_a_diffusers_folder_never_runs(diffusers_folder: Pat
     text = str(err.value)
     assert "pytorch_model.bin was refused" in text and "\n" not in text
     assert len(text) < 400
+
+
+# ---- inside the WebUI: the same policy beyond loopback, and --api-auth on our REST routes ------------
+# A1111 v1.10.1 (commit 82a973c04367123ae98bd9abdf80d9eda9b910e2), modules/api/api.py: `Api.__init__`
+# reads cmd_opts.api_auth ("u1:p1,u2:p2"), `add_api_route` adds `Depends(self.auth)` to every
+# /sdapi route when it is set, and `auth` checks HTTPBasic credentials with compare_digest, else
+# 401 "Incorrect username or password" with WWW-Authenticate: Basic. Without --api-auth the
+# routes are open. modules/shared_cmd_options.py: webui_is_non_local = share, listen, ngrok or server_name.
+
+@pytest.fixture()
+def webui(tmp_path: Path):
+    """The fake `modules` package of tests/webui (each fake names the A1111 file it mirrors)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("webui_conftest_for_security",
+                                                  Path(__file__).parents[1] / "webui" / "conftest.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    helpers._drop_fake_modules()
+    sys.path.insert(0, str(helpers.FAKE_ROOT))
+    try:
+        yield helpers.FakeWebUI(tmp_path)
+    finally:
+        sys.path.remove(str(helpers.FAKE_ROOT))
+        helpers._drop_fake_modules()
+
+
+def test_webui_tabs_and_rest_limit_paths_when_listening(webui, tmp_path: Path, monkeypatch) -> None:
+    from lib_lora.hosts import webui as host_module
+    from lib_lora.hosts import webui_app
+
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    extra = tmp_path / "extra"
+    monkeypatch.setenv(host_module.ROOTS_ENV, str(extra))
+    for flags in ({"listen": True}, {"share": True}, {"server_name": "0.0.0.0"}, {"ngrok": "token"}):
+        for k, v in flags.items():
+            setattr(webui.shared.cmd_opts, k, v)
+        host = host_module.WebUIHost()
+        policy = host.path_policy()
+        assert policy.restricted, flags
+        assert {Path(webui.paths.models_path).resolve(), host.lora_dir().resolve(), host.work_dir().resolve(),
+                extra.resolve()} <= set(policy.roots)
+        for k in flags:
+            setattr(webui.shared.cmd_opts, k, None if k in ("server_name", "ngrok") else False)
+    webui.shared.cmd_opts.server_name = "127.0.0.1"
+    assert not host_module.WebUIHost().path_policy().restricted, "a loopback server name is local"
+    webui.shared.cmd_opts.listen = True
+    host = host_module.WebUIHost()
+    for body in ({"name": "a", "dataset": str(outside)}, {"name": "a", "dataset": "/etc"},
+                 {"name": "a", "dataset": str(host.work_dir() / "ds"), "run_dir": str(outside / "runs")},
+                 {"name": "a", "dataset": str(host.work_dir() / "ds"), "output_dir": "/etc"}):
+        with pytest.raises(UserError, match="outside the folders this server may use"):
+            webui_app.config_from_request(body, host.path_policy())
+    cfg = webui_app.config_from_request({"name": "a", "dataset": "ds"}, host.path_policy())
+    assert Path(cfg.dataset) == (host.work_dir() / "ds").resolve()
+    assert not outside.exists()
+    # The tabs get the same policy: a folder outside is refused by the Tag tab's handler.
+    from lib_lora.ui import tab_tag
+    from lib_lora.ui.context import UIContext
+
+    ctx = UIContext(host=host, policy=host.path_policy())
+    assert "outside the folders" in tab_tag.show_folder(ctx, "/etc")[0]
+
+
+def test_webui_rest_routes_use_the_webui_api_auth(webui) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_lora.hosts import webui as host_module
+    from lib_lora.hosts import webui_app
+
+    def client() -> TestClient:
+        app = FastAPI()
+        webui_app.mount_api(app, host_module.WebUIHost())
+        return TestClient(app)
+
+    open_client = client()
+    assert open_client.get("/fastlora/v1/progress").status_code == 200, "no --api-auth: open, like /sdapi"
+    webui.shared.cmd_opts.api_auth = "alice:pw1,bob:pw:2"
+    guarded = client()
+    for method, path in (("get", "progress"), ("post", "stop"), ("post", "train")):
+        call = getattr(guarded, method)
+        kw = {"json": {"name": "a", "dataset": "/etc"}} if path == "train" else {}
+        r = call(f"/fastlora/v1/{path}", **kw)
+        assert r.status_code == 401 and r.headers.get("www-authenticate") == "Basic", path
+        assert call(f"/fastlora/v1/{path}", auth=("alice", "wrong"), **kw).status_code == 401, path
+        assert call(f"/fastlora/v1/{path}", auth=("mallory", "pw1"), **kw).status_code == 401, path
+    assert guarded.get("/fastlora/v1/progress", auth=("alice", "pw1")).status_code == 200
+    assert guarded.get("/fastlora/v1/progress", auth=("bob", "pw:2")).status_code == 200
+    assert guarded.post("/fastlora/v1/stop", auth=("alice", "pw1")).json()["stopping"] is False
