@@ -74,9 +74,12 @@ def listens_beyond_loopback() -> bool:
                 or (server_name and not is_loopback(server_name)))
 
 
-def api_credentials() -> dict[str, str]:
-    """--api-auth "user:password[,user2:password2]", as the WebUI's own API reads it."""
+def api_credentials() -> dict[str, str] | None:
+    """--api-auth "user:password[,user2:password2]", as the WebUI's own API reads it; None when
+    it is not given (an entry without ':' grants nothing, so a malformed one locks the routes)."""
     text = getattr(a1111("shared").cmd_opts, "api_auth", None) or ""
+    if not text:
+        return None
     creds = {}
     for item in text.split(","):
         user, sep, password = item.partition(":")

@@ -131,7 +131,7 @@ def api_auth_dependencies() -> list[Any]:
     """With --api-auth, the same HTTP Basic check the WebUI puts on its /sdapi routes
     (modules/api/api.py, `Api.auth`); without it, none, as there."""
     credentials = webui.api_credentials()
-    if not credentials:
+    if credentials is None:
         return []
     from secrets import compare_digest
 

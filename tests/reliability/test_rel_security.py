@@ -480,3 +480,5 @@ def test_webui_rest_routes_use_the_webui_api_auth(webui) -> None:
     assert guarded.get("/fastlora/v1/progress", auth=("alice", "pw1")).status_code == 200
     assert guarded.get("/fastlora/v1/progress", auth=("bob", "pw:2")).status_code == 200
     assert guarded.post("/fastlora/v1/stop", auth=("alice", "pw1")).json()["stopping"] is False
+    webui.shared.cmd_opts.api_auth = "no-colon"
+    assert client().get("/fastlora/v1/progress", auth=("no-colon", "")).status_code == 401, "malformed: locked"
