@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default="output", help="where finished LoRAs go (default: ./output)")
     p.add_argument("--work-dir", default="work", help="where datasets and runs go (default: ./work)")
     p.add_argument("--root", action="append", default=[],
-                   help="a folder the page may read and write when listening beyond loopback (repeatable; "
-                        "the work and output folders are always allowed)")
+                   help="a folder the page may read and write when listening beyond loopback, and whose files "
+                        "it may serve (repeatable; the work and output folders are always allowed)")
     p.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
                    help="require this sign-in (repeatable). Beyond loopback a sign-in is always required: "
                         "without --auth or --auth-file a random password is made and printed at start")
