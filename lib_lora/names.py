@@ -69,10 +69,11 @@ def output_file(folder: str | Path, name: str, suffix: str, overwrite: bool = Fa
     if not overwrite:
         taken = [folder / f"{name}{s}" for s in dict.fromkeys((suffix, *unit)) if (folder / f"{name}{s}").exists()]
         if taken:
-            what = f"{taken[0]} already exists" if len(taken) == 1 else \
-                f"{', '.join(str(p) for p in taken)} already exist"
+            others = f" (and {', '.join(p.name for p in taken[1:])})" if len(taken) > 1 else ""
+            where = "" if path in taken else f", where {path.name} and its card files would go"
             raise UnsafeNameError(
-                f"{what}. Choose another name, or allow overwriting (--overwrite) to replace it."
+                f"{taken[0]} already exists{others}{where}. "
+                "Choose another name, or allow overwriting (--overwrite) to replace it."
             )
     return path
 

@@ -79,7 +79,7 @@ def test_card_files_beside_another_lora_are_not_replaced(tmp_path, capsys, exist
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "already exist" in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "already exists" in lines[0], err
     assert existing in lines[0] and "--overwrite" in lines[0]
     assert mine.read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == [existing]
@@ -131,7 +131,7 @@ def test_kill_9_after_the_final_rename_is_completed_by_the_same_command(tmp_path
 
     # Done now: the same command again is the usual refusal of an existing LoRA.
     again = _cli(args, tmp_path)
-    assert again.returncode == 2 and "already exist" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_a_lora_not_written_by_this_run_is_still_refused(tmp_path):
@@ -150,7 +150,7 @@ def test_a_lora_not_written_by_this_run_is_still_refused(tmp_path):
     write_lora(lora, {"x.lora_down.weight": torch.zeros(2, 2)}, {"ss_session_id": "someone-else"})
     before = sha(lora)
     res = _cli(args, tmp_path)
-    assert res.returncode == 2 and "already exist" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2 and "already exists" in res.stderr, res.stderr[-2000:]
     assert sha(lora) == before and state_path(run_dir).is_file()
 
 
