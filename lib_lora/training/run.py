@@ -10,6 +10,7 @@ and `run()` which strings them together. Events go to `on_event` as dicts:
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import time
@@ -584,7 +585,7 @@ class Trainer:
         removed = [p for folder in (self.run_dir, path.parent) for p in cleanup_stale_temps(folder, recursive=True)]
         missing = [p.name for p in (path.with_suffix(".json"), preview_path(path)) if not p.exists()]
         metadata = read_metadata(path)
-        samples = sorted((self.run_dir / "samples").glob(f"{self.name}-step*-00.png"))
+        samples = sorted((self.run_dir / "samples").glob(f"{glob.escape(self.name)}-step*-00.png"))
         sample = samples[-1] if samples and not preview_path(path).exists() else None
         self.write_card_files(path, metadata, overwrite=False, last_sample=sample,
                               card=not path.with_suffix(".json").exists())
