@@ -49,15 +49,35 @@ def validate_name(name: str, what: str = "name") -> str:
     return cleaned
 
 
-def output_file(folder: str | Path, name: str, suffix: str, overwrite: bool = False) -> Path:
-    """The path `<folder>/<name><suffix>` after checking the name; refuses to clobber unless asked."""
+# What the WebUI shows as one LoRA: its weights in any format it loads, and the card files
+# beside them (`<name>.json` holds the user's card notes). Writing `<name>.safetensors` next to
+# any of these replaces or shadows them, so they are checked as one unit.
+LORA_UNIT_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".json", ".preview.png")
+
+
+def output_file(folder: str | Path, name: str, suffix: str, overwrite: bool = False,
+                unit: tuple[str, ...] = ()) -> Path:
+    """The path `<folder>/<name><suffix>` after checking the name; refuses to clobber unless asked.
+
+    `unit` names more suffixes that belong with the file (its card files): any of them existing
+    is refused the same way."""
     name = validate_name(name, "LoRA name")
     folder = Path(folder)
     path = folder / f"{name}{suffix}"
     if path.resolve().parent != folder.resolve():
         raise UnsafeNameError(f"The LoRA name {name!r} would write outside {folder}.")
-    if path.exists() and not overwrite:
-        raise UnsafeNameError(
-            f"{path} already exists. Choose another name, or allow overwriting (--overwrite) to replace it."
-        )
+    if not overwrite:
+        taken = [folder / f"{name}{s}" for s in dict.fromkeys((suffix, *unit)) if (folder / f"{name}{s}").exists()]
+        if taken:
+            others = f" (and {', '.join(p.name for p in taken[1:])})" if len(taken) > 1 else ""
+            where = "" if path in taken else f", where {path.name} and its card files would go"
+            raise UnsafeNameError(
+                f"{taken[0]} already exists{others}{where}. "
+                "Choose another name, or allow overwriting (--overwrite) to replace it."
+            )
     return path
+
+
+def lora_output_file(folder: str | Path, name: str, overwrite: bool = False) -> Path:
+    """`<folder>/<name>.safetensors`, refused when it or any file of its unit exists (unless overwrite)."""
+    return output_file(folder, name, ".safetensors", overwrite, unit=LORA_UNIT_SUFFIXES)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lib_lora.atomic import cleanup_stale_temps
 from lib_lora.config import PrepareConfig, to_dict, validate
 from lib_lora.dataset import background, faces
 from lib_lora.dataset.hashing import NEAR_DUPLICATE_BITS, file_sha256
@@ -57,6 +58,7 @@ class PrepareReport:
     removed_outputs: list[Path] = field(default_factory=list)
     ignored_files: int = 0
     seconds: float = 0.0
+    removed_temps: int = 0
 
     @property
     def kept(self) -> list[ImageRecord]:
@@ -95,6 +97,8 @@ class PrepareReport:
             lines.append(f"Unchanged since the last run (not redone): {unchanged}.")
         if self.removed_outputs:
             lines.append(f"Removed {len(self.removed_outputs)} outputs whose source is no longer in the folder.")
+        if self.removed_temps:
+            lines.append(f"Removed {self.removed_temps} temporary file(s) left by an interrupted run.")
         if self.ignored_files:
             lines.append(f"Ignored {self.ignored_files} files that are not images.")
         lines.append(f"Train on: {self.train_dir}")
@@ -197,6 +201,8 @@ def prepare_dataset(src: str | Path, cfg: PrepareConfig, progress: Progress | No
     name, train_dir, image_dir = _paths(cfg)
     if train_dir.resolve() == src or train_dir.resolve() in src.parents:
         raise UserError(f"The output {train_dir} is the source folder or contains it; choose another --out.")
+    # A killed run's half-written images and manifest (hidden temporary names); a live run's are kept.
+    removed_temps = len(cleanup_stale_temps(train_dir, recursive=True))
 
     old_manifest = read_manifest(train_dir)
     old = records_of(old_manifest, train_dir)
@@ -249,13 +255,14 @@ def prepare_dataset(src: str | Path, cfg: PrepareConfig, progress: Progress | No
     except Cancelled:
         # Keep what is finished, so running again carries on instead of starting over.
         finished = [r for r in records if r.output is not None or r.status == "skipped"]
-        _save(_report(train_dir, image_dir, finished, cfg, settings, [], ignored, time.perf_counter() - t0),
-              cfg, src, fingerprint)
+        _save(_report(train_dir, image_dir, finished, cfg, settings, [], ignored, time.perf_counter() - t0,
+                      removed_temps), cfg, src, fingerprint)
         raise
     _mark_near_duplicates(records)
 
     removed = _remove_stale(old, {str(r.source) for r in records if r.kept}, train_dir)
-    report = _report(train_dir, image_dir, records, cfg, settings, removed, ignored, time.perf_counter() - t0)
+    report = _report(train_dir, image_dir, records, cfg, settings, removed, ignored, time.perf_counter() - t0,
+                     removed_temps)
     _save(report, cfg, src, fingerprint)
     if not report.kept:
         raise DatasetError(f"None of the {len(records)} files in {src} could be used:\n{report.summary()}")
@@ -403,13 +410,14 @@ def _remove_stale(old: dict[str, ImageRecord], current: set[str], train_dir: Pat
 
 
 def _report(train_dir: Path, image_dir: Path, records: list[ImageRecord], cfg: PrepareConfig, s: Settings,
-            removed: list[Path], ignored: int, seconds: float) -> PrepareReport:
+            removed: list[Path], ignored: int, seconds: float, removed_temps: int = 0) -> PrepareReport:
     records = sorted(records, key=lambda r: r.source.as_posix().casefold())
     kept = [r for r in records if r.kept]
     bg_removed = bool(kept) and all(r.background_removed for r in kept)
     return PrepareReport(train_dir=train_dir, image_dir=image_dir, items=records, bg_removed=bg_removed,
                          bg_color=cfg.bg_color, bg_model=s.bg_model.spec if s.bg_model else None, crop=cfg.crop,
-                         removed_outputs=removed, ignored_files=ignored, seconds=seconds)
+                         removed_outputs=removed, ignored_files=ignored, seconds=seconds,
+                         removed_temps=removed_temps)
 
 
 def _save(report: PrepareReport, cfg: PrepareConfig, src: Path, fingerprint: str) -> None:

@@ -90,6 +90,8 @@ def run_tags(args: argparse.Namespace) -> int:
             print(f"== {Path(d).name}")
         if args.undo or args.redo or args.history or args.accept or args.revert or args.frequencies:
             session = EditSession(d)
+            for note in session.notes:
+                print(note)
             for p in session.problems:
                 print(f"skipped: {p}")
             if args.undo:
@@ -138,6 +140,8 @@ def _bulk_edit(session, args: argparse.Namespace) -> None:  # noqa: ANN001 - Edi
     def terms(text: str | None) -> list[str]:
         return [t.strip() for t in (text or "").split(",") if t.strip()]
 
+    for note in session.notes:
+        print(note)
     for p in session.problems:
         print(f"skipped: {p}")
     names = None

@@ -2,7 +2,10 @@
 
 Every edit is one step: the caption files it changes are written atomically and the step
 (each file's bytes before and after) is saved first in `<image dir>/.fastlora/journal/`, so
-undo and redo work across the whole dataset, after a crash, and in a later session. The
+undo and redo work across the whole dataset, after a crash, and in a later session. Undo and
+redo mark the move in the journal's state before they write and clear the mark with the new
+position, so a session opened after a crash finishes an interrupted move (and rolls back an
+interrupted edit) and says so in `notes`. The
 journal also keeps the original captions (the `before` of the first step that touched each
 file) until the user accepts the edits. Caption files that are not UTF-8 text are reported
 and never touched.
@@ -97,7 +100,7 @@ class Journal:
 
     def state(self) -> dict:
         if not self.state_path.is_file():
-            return {"position": 0, "pending": None, "trigger": None}
+            return {"position": 0, "pending": None, "moving": None, "trigger": None}
         return json.loads(self.state_path.read_text(encoding="utf-8"))
 
     def save_state(self, **changes: object) -> dict:
@@ -138,6 +141,7 @@ class EditSession:
         self.journal = Journal(self.dir / STATE_DIR / "journal")
         self.captions: dict[str, list[str]] = {}
         self.problems: list[str] = []
+        self.notes: list[str] = []  # what opening the session did: a crashed edit, undo or redo finished
         self._raw: dict[str, bytes | None] = {}
         self._rest: dict[str, str] = {}
         self._bom: dict[str, bool] = {}
@@ -190,27 +194,56 @@ class EditSession:
         data = (format_caption(tags) + self._rest.get(name, "")).encode("utf-8")
         return BOM + data if self._bom.get(name) else data
 
-    def _write(self, name: str, data: bytes | None) -> None:
-        path = self.caption_path(name)
-        if data is None:
-            path.unlink(missing_ok=True)
-        else:
-            atomic_write_bytes(path, data)
-
     # ---------------------------------------------------------------------------- journal
 
     def _recover(self) -> None:
-        """Roll back a step that was being written when the process died."""
+        """Finish what the process was doing when it died: an edit being written is rolled back
+        (its step was never recorded as done), an undo or redo is carried through (the user asked
+        for it and its step is in the journal). Either way every caption ends as it was wholly
+        before or wholly after the operation; a file changed outside the editor since is left."""
         state = self.journal.state()
+        moving = state.get("moving")
+        if moving:
+            self._finish_move(int(moving["step"]), bool(moving["forward"]), bool(moving.get("force")))
         pending = state.get("pending")
         if pending is None:
             return
+        rolled = 0
         if self.journal.step_path(pending).is_file():
-            for name, (before, after) in self.journal.read(pending)["changes"].items():
-                if self._read_bytes(name) == _dec(after):
-                    self._write(name, _dec(before))
+            record = self.journal.read(pending)
+            back = {self.caption_path(name): _dec(before) for name, (before, after) in record["changes"].items()
+                    if self._read_bytes(name) == _dec(after)}
+            write_many(back)
+            rolled = len(back)
             self.journal.step_path(pending).unlink()
+            self.notes.append(f"The edit {record['label']!r} was interrupted before it finished; "
+                              f"rolled it back ({rolled} caption file(s) restored).")
         self.journal.save_state(pending=None)
+
+    def _finish_move(self, step: int, forward: bool, force: bool) -> None:
+        what = "redo" if forward else "undo"
+        position = step if forward else step - 1
+        if not self.journal.step_path(step).is_file():  # nothing to carry through
+            self.journal.save_state(moving=None)
+            return
+        record = self.journal.read(step)
+        src_i, dst_i = (0, 1) if forward else (1, 0)
+        todo, changed = {}, []
+        for name, pair in record["changes"].items():
+            src, dst, cur = _dec(pair[src_i]), _dec(pair[dst_i]), self._read_bytes(name)
+            if cur == dst:
+                continue
+            if cur == src or force:
+                todo[self.caption_path(name)] = dst
+            else:
+                changed.append(self.caption_path(name).name)
+        write_many(todo)
+        self.journal.save_state(position=position, moving=None)
+        note = (f"The {what} of {record['label']!r} was interrupted before it finished; finished it "
+                f"({len(todo)} more caption file(s) {'redone' if forward else 'undone'}).")
+        if changed:
+            note += f" {len(changed)} file(s) changed outside the editor were left as they are ({', '.join(changed[:5])})."
+        self.notes.append(note)
 
     def commit(self, new: dict[str, list[str]], label: str) -> int:
         """Make `new` (image name -> tags) the captions, as one undoable step. Returns files changed."""
@@ -240,6 +273,7 @@ class EditSession:
         return len(changes)
 
     def _move(self, step: int, forward: bool, force: bool) -> str:
+        """Undo (forward=False) or redo `step`; the position moves with the last write."""
         record = self.journal.read(step)
         changes = {name: (_dec(b), _dec(a)) for name, (b, a) in record["changes"].items()}
         src_i, dst_i = (0, 1) if forward else (1, 0)
@@ -251,7 +285,10 @@ class EditSession:
                 f"({', '.join(conflicts[:5])}); {'redo' if forward else 'undo'} would overwrite them. "
                 "Use force to do it anyway."
             )
+        # Marked first: a crash from here on is carried through by the next open (_recover).
+        self.journal.save_state(moving={"step": step, "forward": forward, "force": force})
         write_many({self.caption_path(name): pair[dst_i] for name, pair in changes.items() if current[name] != pair[dst_i]})
+        self.journal.save_state(position=step if forward else step - 1, moving=None)
         for name, pair in changes.items():
             self._reload(name, (pair[dst_i],))
         return record["label"]
@@ -279,17 +316,13 @@ class EditSession:
         pos = self.position
         if pos == 0:
             return None
-        label = self._move(pos, forward=False, force=force)
-        self.journal.save_state(position=pos - 1)
-        return label
+        return self._move(pos, forward=False, force=force)
 
     def redo(self, force: bool = False) -> str | None:
         pos = self.position
         if not self.journal.step_path(pos + 1).is_file():
             return None
-        label = self._move(pos + 1, forward=True, force=force)
-        self.journal.save_state(position=pos + 1)
-        return label
+        return self._move(pos + 1, forward=True, force=force)
 
     def history(self) -> list[tuple[int, str, bool]]:
         """(step, label, applied) for every step in the journal."""

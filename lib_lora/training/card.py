@@ -33,20 +33,25 @@ def card(meta: dict[str, str], lora_path: Path) -> dict[str, Any]:
     }
 
 
-def write_card(lora_path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """The card of a LoRA file, from its metadata (read from the file when not given)."""
+def preview_path(lora_path: Path) -> Path:
+    return Path(lora_path).with_name(Path(lora_path).stem + ".preview.png")
+
+
+def write_card(lora_path: Path, metadata: dict[str, str] | None = None, overwrite: bool = True) -> Path:
+    """The card of a LoRA file, from its metadata (read from the file when not given).
+    overwrite=False raises FileExistsError when a card is there already."""
     from lib_lora.atomic import atomic_write_json
     from lib_lora.training.export import read_metadata
 
     lora_path = Path(lora_path)
     meta = metadata if metadata is not None else read_metadata(lora_path)
-    return atomic_write_json(lora_path.with_suffix(".json"), card(meta, lora_path))
+    return atomic_write_json(lora_path.with_suffix(".json"), card(meta, lora_path), overwrite=overwrite)
 
 
-def write_preview(lora_path: Path, image: Any) -> Path:
+def write_preview(lora_path: Path, image: Any, overwrite: bool = True) -> Path:
     from lib_lora.atomic import atomic_path
 
-    target = lora_path.with_name(lora_path.stem + ".preview.png")
-    with atomic_path(target) as tmp:
+    target = preview_path(lora_path)
+    with atomic_path(target, overwrite=overwrite) as tmp:
         image.save(tmp, format="PNG")
     return target

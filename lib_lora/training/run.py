@@ -10,6 +10,7 @@ and `run()` which strings them together. Events go to `on_event` as dicts:
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from lib_lora.atomic import atomic_write_json
 from lib_lora.config import TrainConfig, to_dict, validate
 from lib_lora.errors import Cancelled, UserError
-from lib_lora.names import output_file, validate_name
+from lib_lora.names import lora_output_file, validate_name
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.training import data as data_mod
 from lib_lora.training import sample as sample_mod
@@ -119,8 +120,8 @@ class Trainer:
         cfg = self.cfg
         self.started_at = time.time()
         self.name = validate_name(cfg.name, "LoRA name")
-        # Fail before any work when the final file could not be written.
-        self.lora_path = output_file(cfg.output_dir, self.name, ".safetensors", overwrite=cfg.overwrite)
+        # Fail before any work when the final file (or a card file beside it) would be replaced.
+        self.lora_path = lora_output_file(cfg.output_dir, self.name, overwrite=cfg.overwrite)
         self.load_all()
         self.open_logs()
         self.begin_reliability()
@@ -142,12 +143,14 @@ class Trainer:
         self.resolve_lr()
         self.build_optimizer()
 
+    def run_dir_path(self) -> Path:
+        return Path(self.cfg.run_dir) if self.cfg.run_dir else Path("runs") / validate_name(self.cfg.name, "LoRA name")
+
     def prepare_run_dir(self) -> None:
-        cfg = self.cfg
-        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / self.name
+        self.run_dir = self.run_dir_path()
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / "config.json", to_dict(cfg))
+        atomic_write_json(self.run_dir / "config.json", to_dict(self.cfg))
         self._events_file = self.run_dir / "logs" / "events.jsonl"
 
     def load_data(self) -> None:
@@ -445,16 +448,20 @@ class Trainer:
         from lib_lora.training import state
         self.session_id = uuid.uuid4().hex
         t0 = time.time()
+        written = self.written_export()
+        if written is not None:
+            return self.complete_export(written, t0)
         try:
             self.setup()
             self.train_loop()
             self.phase(f"Writing {self.lora_path}")
             path = self.save_lora(self.lora_path, overwrite=self.cfg.overwrite, finished=True)
-            state.finish(self)
             from lib_lora.training.export import read_metadata
 
             metadata = read_metadata(path)  # as written: the result's and the card's
-            self.write_card_files(path, metadata)
+            self.write_card_files(path, metadata, overwrite=self.cfg.overwrite)
+            # Last: until here the state says "export not finished" to a re-run (written_export).
+            state.finish(self)
         except (Cancelled, KeyboardInterrupt):
             if getattr(self, "network", None) is not None and self.step > 0:
                 self.save_checkpoint(f"interrupted-step{self.step:06d}")
@@ -527,22 +534,71 @@ class Trainer:
         for path, prompt in made:
             self.emit("sample", path=str(path), step=self.step, prompt=prompt, seconds=round(time.time() - t0, 2))
 
-    def write_card_files(self, lora_path: Path, metadata: dict[str, str]) -> None:
+    def write_card_files(self, lora_path: Path, metadata: dict[str, str], overwrite: bool = True,
+                         last_sample: Path | None = None, card: bool = True) -> None:
         """The card's `.json` and, when samples were made, the last one as `.preview.png`, beside
         the LoRA (the WebUI shows both on its card). The LoRA is saved already: a failure here
-        is reported, never fatal."""
-        from lib_lora.training.card import write_card, write_preview
+        is reported, never fatal. overwrite=False leaves a card file that is there already (one
+        the user made while the run trained is theirs)."""
+        from lib_lora.training.card import preview_path, write_card, write_preview
 
-        try:
-            write_card(lora_path, metadata)
-            last = getattr(self, "last_samples", None)
-            if last:
-                from PIL import Image
+        last = getattr(self, "last_samples", None)
+        last_sample = last_sample or (last[0] if last else None)
 
-                with Image.open(last[0]) as im:
-                    write_preview(lora_path, im.convert("RGB"))
-        except OSError as err:
-            self.phase(f"The LoRA is saved, but its card files could not be written ({err}).")
+        def preview() -> None:
+            from PIL import Image
+
+            with Image.open(last_sample) as im:
+                write_preview(lora_path, im.convert("RGB"), overwrite=overwrite)
+
+        jobs = [(lora_path.with_suffix(".json"), lambda: write_card(lora_path, metadata, overwrite=overwrite))] if card else []
+        if last_sample is not None:
+            jobs.append((preview_path(lora_path), preview))
+        for target, write in jobs:
+            try:
+                write()
+            except OSError as err:
+                why = "a file of that name is there already, kept" if isinstance(err, FileExistsError) else str(err)
+                self.phase(f"The LoRA is saved, but {target.name} could not be written ({why}).")
+
+    def written_export(self) -> dict | None:
+        """The saved state when this run already wrote its final LoRA but was stopped before the
+        export finished (training/state.written_export); None otherwise."""
+        from lib_lora.training import state
+
+        self.name = validate_name(self.cfg.name, "LoRA name")
+        self.run_dir = self.run_dir_path()
+        path = Path(self.cfg.output_dir) / f"{self.name}.safetensors"
+        if path.resolve().parent != Path(self.cfg.output_dir).resolve():
+            return None  # lora_output_file refuses it in setup()
+        return state.written_export(self, path)
+
+    def complete_export(self, st: dict, t0: float) -> TrainResult:
+        """Finish an export a killed run left half done: the card files it lacks, then the state's
+        clean-up. No model is loaded: the LoRA and its metadata are in the file."""
+        from lib_lora.atomic import cleanup_stale_temps
+        from lib_lora.training import state
+        from lib_lora.training.card import preview_path
+        from lib_lora.training.export import read_metadata
+
+        self.lora_path = path = Path(self.cfg.output_dir) / f"{self.name}.safetensors"
+        removed = [p for folder in (self.run_dir, path.parent) for p in cleanup_stale_temps(folder, recursive=True)]
+        missing = [p.name for p in (path.with_suffix(".json"), preview_path(path)) if not p.exists()]
+        metadata = read_metadata(path)
+        samples = sorted((self.run_dir / "samples").glob(f"{glob.escape(self.name)}-step*-00.png"))
+        sample = samples[-1] if samples and not preview_path(path).exists() else None
+        self.write_card_files(path, metadata, overwrite=False, last_sample=sample,
+                              card=not path.with_suffix(".json").exists())
+        state.finish(self)
+        self.step, self.final_loss = int(st["step"]), float(st["final_loss"])
+        done = [n for n in missing if (path.parent / n).exists()]
+        self.phase(
+            f"{path} was already written by this run, which stopped before it finished; "
+            + (f"wrote {' and '.join(done)} and " if done else "")
+            + "finished the export" + (f" (removed {len(removed)} temporary file(s))." if removed else ".")
+        )
+        self.emit("done", lora_path=str(path), steps=self.step, final_loss=self.final_loss, seconds=time.time() - t0)
+        return TrainResult(path, self.run_dir, self.step, self.final_loss, metadata)
 
     def trigger_word(self) -> str:
         """The captions' most common first tag (what keep_tokens holds in place), else the name."""

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import random
+import struct
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -256,7 +257,33 @@ def on_stop(trainer: Trainer) -> None:
         save_state(trainer)
 
 
+def written_export(trainer: Trainer, lora_path: Path) -> dict[str, Any] | None:
+    """The saved state of a run that already wrote `lora_path` and was stopped before it
+    finished the export (card files, state clean-up); None for any other file there.
+
+    The final state is saved after the last step and removed only once the card files are
+    written, so a kill between the LoRA's rename and that point leaves both. The LoRA is this
+    run's when its header carries the state's session id, the state is at its last step and
+    the settings are the same; then the same command completes the export instead of refusing
+    a file it wrote itself."""
+    path = state_path(trainer.run_dir)
+    if getattr(trainer.cfg, "restart", False) or not (lora_path.is_file() and path.is_file()):
+        return None
+    from lib_lora.training.export import read_metadata
+
+    try:
+        session = read_metadata(lora_path).get("ss_session_id")
+        st = load_state(path)
+    except (OSError, ValueError, struct.error, UserError):
+        return None  # unreadable either way: not provably ours, so the usual refusal applies
+    if not session or st.get("session_id") != session or st.get("step") != st.get("total_steps"):
+        return None
+    if _config_diff(st["config"], fingerprint(trainer.cfg)):
+        return None
+    return st
+
+
 def finish(trainer: Trainer) -> None:
-    """After the final LoRA is written: the state has served its purpose."""
+    """After the final LoRA and its card files are written: the state has served its purpose."""
     with contextlib.suppress(FileNotFoundError):
         state_path(trainer.run_dir).unlink()

@@ -79,7 +79,7 @@ def _guard(fn: Any) -> Any:
     def wrapped(ctx: UIContext, folder: str, tag_filter: str, show_zh: bool, *args: Any) -> tuple:
         try:
             session = open_session(ctx, folder)
-            message = fn(session, tag_filter, *args)
+            message = " ".join([*session.notes, fn(session, tag_filter, *args) or ""]).strip()
         except UserError as err:
             return (widgets.message_html(str(err), "error"), *(gr.update() for _ in range(4)))
         return view(session, tag_filter, show_zh, message or "", "ok" if message else "info")
