@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lib_lora.atomic import atomic_write_json
+from lib_lora.atomic import atomic_write_json, writable_folder
 from lib_lora.config import TrainConfig, to_dict, validate
-from lib_lora.errors import Cancelled, UserError
+from lib_lora.errors import Cancelled, UserError, file_error, is_file_error
 from lib_lora.names import output_file, validate_name
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.training import data as data_mod
@@ -78,6 +78,11 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return mp
 
 
+def run_folder(cfg: TrainConfig, name: str) -> Path:
+    """Where a run keeps its config, logs, checkpoints and resumable state."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / name
+
+
 def _target_name(t: Any) -> str:
     return t.name if hasattr(t, "name") else t[0]
 
@@ -121,6 +126,9 @@ class Trainer:
         self.name = validate_name(cfg.name, "LoRA name")
         # Fail before any work when the final file could not be written.
         self.lora_path = output_file(cfg.output_dir, self.name, ".safetensors", overwrite=cfg.overwrite)
+        # A folder that cannot take the LoRA is found now, not after the whole run.
+        writable_folder(self.lora_path.parent, "the LoRA")
+        writable_folder(run_folder(cfg, self.name), "the run")
         self.load_all()
         self.open_logs()
         self.begin_reliability()
@@ -144,10 +152,14 @@ class Trainer:
 
     def prepare_run_dir(self) -> None:
         cfg = self.cfg
-        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / self.name
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / "config.json", to_dict(cfg))
+        self.run_dir = run_folder(cfg, self.name)
+        try:
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / "config.json", to_dict(cfg))
+        except OSError as err:
+            where = err.filename or self.run_dir / "config.json"  # a failed flush names no file
+            raise file_error(err, where, then="then start the training again") from None
         self._events_file = self.run_dir / "logs" / "events.jsonl"
 
     def load_data(self) -> None:
@@ -411,10 +423,12 @@ class Trainer:
         dtype = SAVE_DTYPES[self.cfg.save_precision]
         try:
             out = write_lora(Path(path), tensors, self.metadata(finished), overwrite=overwrite, dtype=dtype)
-        except OSError as err:  # issue 5: a full disk or a read-only folder, said plainly
+        except Exception as err:  # a full disk or a read-only folder, said plainly
+            if not is_file_error(err):
+                raise
             from lib_lora.training.guards import write_error
 
-            raise write_error(err, Path(path)) from err
+            raise write_error(err, Path(path)) from None
         self.emit("saved", path=str(out), step=self.step)
         return out
 

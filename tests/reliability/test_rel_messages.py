@@ -1,0 +1,147 @@
+"""One sentence, not a traceback: a full disk, an over-long path, a symlink loop, absurd repeats,
+a broken base model, a read-only output folder, through the real CLI (and the UI's handlers).
+
+Each case checks: exit code 2, no traceback, exactly one `error:` line, the user's files as
+they were."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from helpers_rel import DEV_FULL, full_disk, make_dataset, tree_digest
+
+from lib_lora.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+NAME_MAX = os.pathconf("/", "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+TOO_LONG = "a" * (NAME_MAX + 1)  # one path component over the system's limit: Errno 36 wherever used
+
+
+def train_args(tmp: Path, dataset: Path, *extra: str, name: str = "msg") -> list[str]:
+    return ["train", str(dataset), "--name", name, "--base-model", "tiny", "--output-dir", str(tmp / "out"),
+            "--run-dir", str(tmp / "runs" / name), "--resolution", "64", "--min-bucket-reso", "64",
+            "--max-bucket-reso", "128", "--dim", "4", "--optimizer", "adamw", "--lr", "1e-3", "--max-steps", "2",
+            "--device", "cpu", *extra]  # fmt: skip
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """The CLI's main() in this process: (exit code, everything it printed)."""
+    rc = main(args)
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def run_process(args: list[str], cwd: Path) -> tuple[int, str]:
+    """`python -m lib_lora ...` as a real process: (exit code, everything it printed)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "lib_lora", *args], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    return res.returncode, res.stdout + res.stderr
+
+
+def one_sentence(rc: int, output: str, *words: str) -> str:
+    """The run ended as a user error with one `error:` line (which names `words`); that line."""
+    assert "Traceback" not in output, output[-3000:]
+    errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1, (rc, output[-3000:])
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
+
+
+# ---- a full disk ----------------------------------------------------------------------------
+
+needs_dev_full = pytest.mark.skipif(not DEV_FULL.exists(), reason="needs /dev/full (Linux)")
+
+
+@needs_dev_full
+def test_full_disk_while_writing_the_run_config(tmp_path, capsys, monkeypatch):
+    ds = make_dataset(tmp_path / "data")
+    before = tree_digest(ds)
+    import lib_lora.atomic as atomic
+
+    def fill_config(path, mode="r", *a, **k):  # config.json's bytes go to a disk with no space
+        target = DEV_FULL if Path(path).name.startswith(".config.json") else path
+        return builtins.open(target, mode, *a, **k)
+
+    monkeypatch.setattr(atomic, "open", fill_config, raising=False)
+    line = one_sentence(*run_main(train_args(tmp_path, ds), capsys), "config.json", "disk is full")
+    assert "free some disk space" in line
+    assert tree_digest(ds) == before and not (tmp_path / "out" / "msg.safetensors").exists()
+
+
+@needs_dev_full
+def test_full_disk_while_saving_the_state(tmp_path, capsys, monkeypatch):
+    ds = make_dataset(tmp_path / "data")
+    monkeypatch.setattr(torch, "save", full_disk(torch.save))  # torch's own error: RuntimeError, inline_container.cc
+    line = one_sentence(*run_main(train_args(tmp_path, ds, "--state-every-n-steps", "1"), capsys), "state")
+    assert "full" in line and "resumes" in line
+
+
+@needs_dev_full
+def test_full_disk_while_exporting(tmp_path, capsys, monkeypatch):
+    ds = make_dataset(tmp_path / "data")
+    real = safetensors.torch.save_file
+
+    def fill_lora(tensors, f, metadata=None):  # only the final LoRA meets the full disk
+        if Path(f).name.startswith(".msg.safetensors"):
+            return full_disk(real)(tensors, f, metadata=metadata)
+        return real(tensors, f, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_lora)
+    one_sentence(*run_main(train_args(tmp_path, ds), capsys), "msg.safetensors", "disk is full")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # no partial LoRA where the WebUI looks
+
+
+# ---- folders that cannot take the result, found before training -------------------------------
+
+
+def test_unwritable_output_folder_is_found_before_the_model_loads(tmp_path, capsys, readonly_dir):
+    ds = make_dataset(tmp_path / "data")
+    out = readonly_dir(tmp_path / "loras")
+    args = train_args(tmp_path, ds)
+    args[args.index("--output-dir") + 1] = str(out)
+    rc, output = run_main(args, capsys)
+    one_sentence(rc, output, str(out), "nothing was trained yet")
+    assert "Loading the base model" not in output and not (tmp_path / "runs" / "msg" / "config.json").exists()
+
+
+def test_unwritable_run_folder_is_found_before_the_model_loads(tmp_path, capsys, readonly_dir):
+    ds = make_dataset(tmp_path / "data")
+    runs = readonly_dir(tmp_path / "runs")
+    args = train_args(tmp_path, ds)
+    args[args.index("--run-dir") + 1] = str(runs / "msg")
+    rc, output = run_main(args, capsys)
+    one_sentence(rc, output, "runs", "nothing was trained yet")
+    assert "Loading the base model" not in output
+
+
+@pytest.fixture()
+def readonly_dir():
+    """A folder nobody may write to, also for root (who ignores permission bits): a read-only
+    bind mount where this process may mount, else permission bits for a normal user."""
+    mounted: list[Path] = []
+
+    def make(path: Path) -> Path:
+        path.mkdir(parents=True)
+        if os.geteuid() != 0:
+            path.chmod(0o555)
+            return path
+        ok = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode == 0
+        if ok:
+            mounted.append(path)
+            ok = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True).returncode == 0
+        if not ok:
+            pytest.skip("running as root without permission to mount a read-only folder")
+        return path
+
+    yield make
+    for p in mounted:
+        subprocess.run(["umount", str(p)], capture_output=True)
