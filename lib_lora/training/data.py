@@ -118,6 +118,13 @@ class Dataset:
     plan: StepPlan
 
 
+def max_repeats() -> int:
+    """The schema's bound on repeats, which a `<repeats>_<name>` folder name must keep too."""
+    from lib_lora.config import TrainConfig
+
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == "repeats").metadata["max"]
+
+
 def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
     """The `<repeats>_<name>` subfolders, or the folder itself with cfg.repeats."""
     if not dataset_dir.is_dir():
@@ -129,6 +136,9 @@ def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
             repeats = int(m[1])
             if repeats < 1:
                 raise DatasetError(f"{sub.name}: the repeat count before '_' must be at least 1.")
+            if repeats > (most := max_repeats()):  # the epoch list holds each image `repeats` times
+                raise DatasetError(f"{sub.name}: {repeats} repeats is more than {most}; rename the folder with a "
+                                   "smaller number before '_' (10 to 100 is usual).")
             subsets.append(Subset(sub, repeats, cfg.class_tokens or m[2].strip()))
     if subsets:
         return subsets

@@ -145,3 +145,16 @@ def readonly_dir():
     yield make
     for p in mounted:
         subprocess.run(["umount", str(p)], capture_output=True)
+
+
+# ---- absurd repeats, bounded before the model loads ----------------------------------------------
+
+
+def test_huge_repeat_count_is_refused_before_the_model_loads(tmp_path, capsys):
+    ds = make_dataset(tmp_path / "data")
+    (ds / "5_tok").rename(ds / "99999999999999_x")
+    before = tree_digest(ds)
+    rc, output = run_main(train_args(tmp_path, ds), capsys)
+    one_sentence(rc, output, "99999999999999_x", "smaller number")
+    assert "Loading the base model" not in output
+    assert tree_digest(ds) == before
