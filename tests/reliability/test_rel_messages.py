@@ -158,3 +158,34 @@ def test_huge_repeat_count_is_refused_before_the_model_loads(tmp_path, capsys):
     one_sentence(rc, output, "99999999999999_x", "smaller number")
     assert "Loading the base model" not in output
     assert tree_digest(ds) == before
+
+
+# ---- prepare: a symlink loop is one skipped file, not the end of the run --------------------------
+
+
+def photos(folder: Path, n: int = 2) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        arr = np.random.default_rng(i).integers(0, 255, (80, 80, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"p{i}.png")
+    return folder
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="needs symbolic links")
+def test_symlink_loop_in_the_photo_folder_is_skipped_with_a_reason(tmp_path, capsys):
+    src = photos(tmp_path / "photos")
+    (src / "loop.png").symlink_to("loop.png")  # points at itself
+    (src / "a.jpg").symlink_to("b.jpg")
+    (src / "b.jpg").symlink_to("a.jpg")  # two links pointing at each other
+    rc, output = run_main(["prepare", str(src), "--name", "loops", "--out", str(tmp_path / "work"), "--size", "64",
+                           "--crop", "center"], capsys)  # fmt: skip
+    assert rc == 0 and "Traceback" not in output, output[-3000:]
+    for name in ("loop.png", "a.jpg", "b.jpg"):
+        hits = [ln for ln in output.splitlines() if ln.startswith(f"  {name}: ")]
+        assert len(hits) == 1 and "symbolic link" in hits[0], (name, output)
+    made = sorted(p.name for p in (tmp_path / "work" / "loops").rglob("*.png") if "masks" not in p.parts)
+    assert made == ["p0.png", "p1.png"]
+    assert all((src / f"p{i}.png").is_file() for i in range(2)) and (src / "loop.png").is_symlink()
