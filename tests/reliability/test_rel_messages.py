@@ -189,3 +189,37 @@ def test_symlink_loop_in_the_photo_folder_is_skipped_with_a_reason(tmp_path, cap
     made = sorted(p.name for p in (tmp_path / "work" / "loops").rglob("*.png") if "masks" not in p.parts)
     assert made == ["p0.png", "p1.png"]
     assert all((src / f"p{i}.png").is_file() for i in range(2)) and (src / "loop.png").is_symlink()
+
+
+# ---- base models that are not what they claim -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_weights() -> dict:
+    from lib_lora.training.tiny_model import ensure_tiny_checkpoint
+
+    return safetensors.torch.load_file(str(ensure_tiny_checkpoint()))
+
+
+@pytest.mark.parametrize("missing", ["input_blocks.1.0.out_layers.3.weight", "attn2.to_k.weight"])
+def test_base_model_missing_unet_weights(tmp_path, capsys, tiny_weights, missing):
+    ds = make_dataset(tmp_path / "data")
+    model = tmp_path / "partial.safetensors"
+    safetensors.torch.save_file({k: v for k, v in tiny_weights.items()
+                                 if not (k.startswith("model.diffusion_model.") and k.endswith(missing))}, str(model))
+    before = tree_digest(tmp_path)
+    rc, output = run_main(train_args(tmp_path, ds, "--base-model", str(model)), capsys)
+    one_sentence(rc, output, "partial.safetensors", "download it again")
+    assert {k: v for k, v in tree_digest(tmp_path).items() if not k.startswith("runs")} == before
+
+
+@pytest.mark.parametrize("config_text", [None, "{not json", "[1, 2]"])
+def test_diffusers_folder_without_a_usable_unet_config(tmp_path, capsys, config_text):
+    ds = make_dataset(tmp_path / "data")
+    model = tmp_path / "sd15-diffusers"
+    for sub in ("unet", "vae", "text_encoder", "tokenizer"):
+        (model / sub).mkdir(parents=True)
+    if config_text is not None:
+        (model / "unet" / "config.json").write_text(config_text, encoding="utf-8")
+    rc, output = run_main(train_args(tmp_path, ds, "--base-model", str(model)), capsys)
+    one_sentence(rc, output, "unet/config.json", "download it again")
