@@ -223,3 +223,28 @@ def test_diffusers_folder_without_a_usable_unet_config(tmp_path, capsys, config_
         (model / "unet" / "config.json").write_text(config_text, encoding="utf-8")
     rc, output = run_main(train_args(tmp_path, ds, "--base-model", str(model)), capsys)
     one_sentence(rc, output, "unet/config.json", "download it again")
+
+
+# ---- paths over the system's length limit (Errno 36), as real processes -------------------------
+
+
+def test_overlong_paths_in_train_prepare_and_tags(tmp_path, capsys):
+    ds = make_dataset(tmp_path / "data")
+    src = photos(tmp_path / "photos")
+    before = {**tree_digest(ds), **{f"photos/{k}": v for k, v in tree_digest(src).items()}}
+    long_ds = str(tmp_path / "data" / TOO_LONG)
+    cases = {  # the first as a real process, the rest through the same main() in this one (faster)
+        "train dataset": train_args(tmp_path, Path(long_ds)),
+        "train output": [*train_args(tmp_path, ds), "--output-dir", str(tmp_path / TOO_LONG)],
+        "prepare source": ["prepare", str(tmp_path / TOO_LONG), "--name", "x", "--out", str(tmp_path / "work")],
+        "prepare out": ["prepare", str(src), "--name", "x", "--out", str(tmp_path / TOO_LONG), "--size", "64"],
+        "tags folder": ["tags", long_ds, "--frequencies"],
+        "tags aliases": ["tags", str(ds), "--aliases-file", str(tmp_path / f"{TOO_LONG}.csv"), "--dry-run"],
+    }
+    for i, (what, args) in enumerate(cases.items()):
+        rc, output = run_process(args, tmp_path) if i == 0 else run_main(args, capsys)
+        line = one_sentence(rc, output)
+        assert "longer than this system allows" in line or "does not exist" in line, (what, line)
+        assert len(line) < 400, (what, line)  # the over-long part is shortened, the sentence stays readable
+    assert {**tree_digest(ds), **{f"photos/{k}": v for k, v in tree_digest(src).items()}} == before
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
