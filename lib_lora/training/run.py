@@ -212,6 +212,7 @@ class Trainer:
         latents = data_mod.cache_latents(self.dataset.items, self.backbone, cache_dir, self.progress,
                                          on_skip=lambda p, r: skipped.append((p, r)), vae_id=self.vae_id)  # fmt: skip
         if skipped:
+            listed = len(self.plan.skipped)  # the first plan event listed these already
             for p, r in skipped:
                 self.plan.skipped.append({"path": str(p), "reason": r})
             if not self.dataset.items:
@@ -220,7 +221,7 @@ class Trainer:
                 self.dataset.root, self.dataset.subsets, self.dataset.items, cfg, self.plan.skipped
             )
             self.dataset.plan = self.plan
-            self.emit("plan", text=self.plan.describe(), **self.plan.to_dict())
+            self.emit("plan", text=self.plan.describe(skipped_since=listed), **self.plan.to_dict())
         self.latent_of = {id(it): latents[data_mod.latent_key(it, self.vae_id)] for it in self.dataset.items}
 
     def build_network(self) -> None:

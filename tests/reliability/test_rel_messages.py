@@ -248,3 +248,20 @@ def test_overlong_paths_in_train_prepare_and_tags(tmp_path, capsys):
         assert len(line) < 400, (what, line)  # the over-long part is shortened, the sentence stays readable
     assert {**tree_digest(ds), **{f"photos/{k}": v for k, v in tree_digest(src).items()}} == before
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ---- each bad file is reported once in train's output --------------------------------------------
+
+
+def test_each_bad_file_is_printed_once_by_train(tmp_path):
+    ds = make_dataset(tmp_path / "data", n=3)
+    sub = ds / "5_tok"
+    (sub / "empty.png").write_bytes(b"")  # refused at the scan (its header)
+    (sub / "cut.png").write_bytes((sub / "img0.png").read_bytes()[:300])  # refused when its latent is cached
+    (sub / "img1.txt").write_bytes(b"\xff\xfe\x00x")  # a caption that is not UTF-8
+    before = tree_digest(ds)
+    rc, output = run_process([*train_args(tmp_path, ds), "--log-every-n-steps", "1"], tmp_path)
+    assert rc == 0 and "Traceback" not in output, output[-3000:]
+    for name in ("empty.png", "cut.png", "img1.png"):
+        assert output.count(str(sub / name)) == 1, (name, output)
+    assert tree_digest(ds) == before
