@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib_lora.errors import UserError
+from lib_lora.errors import UserError, file_error
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,17 @@ class FolderPolicy:
 
     def check(self, text: str | os.PathLike | None, what: str = "folder", must_exist: bool = True) -> Path:
         """The folder as a resolved Path, or a UserError saying what is wrong."""
+        if not isinstance(text, str | os.PathLike | None):  # the page's API accepts any JSON value
+            raise UserError(f"The {what} must be text: type the path of a folder.")
         raw = str(text or "").strip().strip('"')
         if not raw:
             raise UserError(f"The {what} is empty: type the path of a folder.")
+        try:
+            return self._check(raw, what, must_exist)
+        except OSError as err:  # a path over the system's length limit, a link loop...
+            raise file_error(err, raw, f"use the {what}") from None
+
+    def _check(self, raw: str, what: str, must_exist: bool) -> Path:
         path = Path(raw).expanduser()
         if self.roots is not None:
             if not path.is_absolute():

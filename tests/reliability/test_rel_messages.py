@@ -265,3 +265,60 @@ def test_each_bad_file_is_printed_once_by_train(tmp_path):
     for name in ("empty.png", "cut.png", "img1.png"):
         assert output.count(str(sub / name)) == 1, (name, output)
     assert tree_digest(ds) == before
+
+
+# ---- the page's API: values of the wrong kind, 100k characters, over-long paths ------------------
+
+
+@pytest.fixture()
+def page(tmp_path):
+    from lib_lora.hosts.standalone import StandaloneHost
+    from lib_lora.ui.app import build_app
+
+    host = StandaloneHost(output_dir=tmp_path / "loras", work_dir=tmp_path / "work", device="cpu")
+    return build_app(host)
+
+
+WRONG = ["x", 7, 1.5, [1, "a"], {"a": 1}, True, None, "a" * 100_000]  # what a client may send as JSON
+
+
+def test_every_handler_answers_values_of_the_wrong_kind(page, tmp_path):
+    """Gradio's API lets a client send any JSON value to any input; each handler, given one such
+    value in one input and the defaults elsewhere, answers (a message) instead of raising."""
+    import inspect
+    import itertools
+
+    import gradio as gr
+
+    before = tree_digest(tmp_path)
+    raised = []
+    for bf in page.fns:
+        if bf.fn is None or any(p.annotation is gr.SelectData or "SelectData" in str(p.annotation)
+                                for p in inspect.signature(bf.fn).parameters.values()):
+            continue  # select events carry gradio's own event object, not client values
+        comps = [page.blocks[c] if isinstance(c, int) else c for c in bf.inputs]
+        defaults = [getattr(c, "value", None) for c in comps]
+        for j, comp in enumerate(comps):
+            if isinstance(comp, gr.State):  # server-side: a client cannot send it
+                continue
+            for value in WRONG:
+                args = [*defaults[:j], value, *defaults[j + 1:]]
+                try:
+                    out = bf.fn(*args)
+                    if inspect.isgenerator(out):
+                        list(itertools.islice(out, 5))
+                except Exception as err:  # noqa: BLE001 - the finding is what was raised
+                    raised.append((bf.fn.__qualname__, getattr(comp, "label", ""), repr(value)[:20], repr(err)[:120]))
+    assert raised == []
+    assert tree_digest(tmp_path) == before  # nothing was written by a refused request
+
+
+def test_overlong_folder_in_the_page_gets_one_sentence(tmp_path):
+    from lib_lora.hosts.standalone import StandaloneHost
+    from lib_lora.ui import tab_tag
+    from lib_lora.ui.context import UIContext
+
+    ctx = UIContext(host=StandaloneHost(output_dir=tmp_path / "loras", work_dir=tmp_path / "work", device="cpu"))
+    status = tab_tag.show_folder(ctx, str(tmp_path / TOO_LONG))[0]
+    assert "longer than this system allows" in status and "Traceback" not in status
+    assert status.count(". ") == 0 and len(status) < 600  # one sentence, the path shortened
