@@ -99,7 +99,7 @@ def file_error(err: BaseException, path: str | os.PathLike | None = None, doing:
     path = path if path is not None else getattr(err, "filename", None)
     folder = Path(path).parent if path is not None else None
     why, todo = file_reason(err, folder)
-    where = f" {_short(str(path))}" if path is not None else ""
+    where = f" {_short(str(path))}" if path is not None else " a file"  # a failed flush names none
     return UserError(f"Could not {doing}{where}: {why}; {todo}, {then}.")
 
 
