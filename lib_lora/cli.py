@@ -85,15 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("error: out of memory; close other programs or use smaller settings, then try again.", file=sys.stderr)
         return 2
-    except Exception as err:
-        # A file operation no step turned into its own sentence (a full disk, an over-long path).
-        if not is_file_error(err):
-            raise
-        print(f"error: {file_error(err, doing='use')}", file=sys.stderr)
-        return 2
     except Terminated as sig:
         print(f"stopped ({sig}).", file=sys.stderr)
         return 128 + int(getattr(signal, str(sig), signal.SIGTERM))
     except (KeyboardInterrupt, Cancelled):
         print("stopped.", file=sys.stderr)
         return 130
+    except Exception as err:
+        # A file operation no step turned into its own sentence (a full disk, an over-long path).
+        if not is_file_error(err):
+            raise
+        print(f"error: {file_error(err, doing='use')}", file=sys.stderr)
+        return 2

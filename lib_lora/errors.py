@@ -45,7 +45,7 @@ _ERRNO_WORDS = {
     "ENOTDIR": ("a part of the path is a file, not a folder", "check the path"),
     "EISDIR": ("it is a folder, not a file", "give the path of a file"),
     "EIO": ("the disk reported a read/write error", "check the disk, or use another one"),
-    "EMFILE": ("too many files are open", "close other programs and try again"),
+    "EMFILE": ("too many files are open", "close other programs"),
 }
 # torch.save reports a failed write from C++ without an errno; safetensors carries it in its text.
 _TORCH_WRITE = ("inline_container.cc", "PytorchStreamWriter failed", "file write failed", "iostream error")
@@ -105,3 +105,9 @@ def file_error(err: BaseException, path: str | os.PathLike | None = None, doing:
 
 def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else f"{text[:60]}…{text[-60:]} ({len(text)} characters)"
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A value as a message quotes it: its repr, cut short (a field may hold 100k characters)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:30]}… ({len(text)} characters)"

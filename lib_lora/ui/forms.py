@@ -9,13 +9,14 @@ same message as the CLI for a bad value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
 import gradio as gr
 
 from lib_lora.config import field_type, validate
-from lib_lora.errors import UserError
+from lib_lora.errors import UserError, shown
 
 # Field names that read badly when simply capitalised.
 LABELS = {
@@ -105,10 +106,10 @@ def convert(cls: type, name: str, raw: Any) -> Any:
         if raw is None:
             return False
         if not isinstance(raw, bool | int) or raw not in (0, 1):  # a checkbox sends true or false
-            raise UserError(f"{label_for(f)} = {_shown(raw)} is not on or off.")
+            raise UserError(f"{label_for(f)} = {shown(raw)} is not on or off.")
         return bool(raw)
     if not isinstance(raw, str | int | float | list):  # the page's API accepts any JSON value
-        raise UserError(f"{label_for(f)} = {_shown(raw)} is not a value this field takes.")
+        raise UserError(f"{label_for(f)} = {shown(raw)} is not a value this field takes.")
     if typing.get_origin(typ) is list:
         items = raw if isinstance(raw, list) else [s.strip() for s in str(raw).split(",")]
         return [s for s in items if s != ""]
@@ -116,26 +117,21 @@ def convert(cls: type, name: str, raw: Any) -> Any:
         try:
             number = float(raw)
         except (TypeError, ValueError):
-            raise UserError(f"{label_for(f)} = {_shown(raw)} is not a whole number.") from None
-        if number != int(number):
-            raise UserError(f"{label_for(f)} = {raw} is not a whole number.")
+            raise UserError(f"{label_for(f)} = {shown(raw)} is not a whole number.") from None
+        if not math.isfinite(number) or number != int(number):  # int(inf) would raise
+            raise UserError(f"{label_for(f)} = {shown(raw)} is not a whole number.")
         return int(number)
     if typ is float:
         try:
             return float(raw)
         except (TypeError, ValueError):
-            raise UserError(f"{label_for(f)} = {_shown(raw)} is not a number.") from None
+            raise UserError(f"{label_for(f)} = {shown(raw)} is not a number.") from None
     if meta_choices := f.metadata.get("choices"):
         # Dropdowns give strings; map back to the declared choice (which may be an int).
         for c in meta_choices:
             if str(c) == str(raw):
                 return c
     return str(raw)
-
-
-def _shown(raw: Any) -> str:
-    text = repr(raw)
-    return text if len(text) <= 40 else f"{text[:30]}… ({len(text)} characters)"
 
 
 def collect(cls: type, names: list[str], raw_values: list[Any], base: Any | None = None, **fixed: Any) -> Any:

@@ -279,7 +279,7 @@ def page(tmp_path):
     return build_app(host)
 
 
-WRONG = ["x", 7, 1.5, [1, "a"], {"a": 1}, True, None, "a" * 100_000]  # what a client may send as JSON
+WRONG = ["x", 7, 1.5, [1, "a"], {"a": 1}, True, None, "1e999", "a" * 100_000]  # what a client may send as JSON
 
 
 def test_every_handler_answers_values_of_the_wrong_kind(page, tmp_path):
@@ -337,3 +337,24 @@ def test_a_full_disk_during_a_page_job_is_one_sentence():
     job = runner.start("Train", work)
     job.finished.wait(30)
     assert job.error is not None and "disk is full" in job.error and "OSError" not in job.error, job.error
+
+
+def test_every_form_field_answers_values_of_the_wrong_kind():
+    """The tabs turn their controls' values into configs through forms.collect: a wrong value in
+    any one field of any form is a UserError naming the field (or a valid config), nothing else."""
+    from lib_lora import config
+    from lib_lora.errors import UserError
+    from lib_lora.ui import forms
+
+    tried = 0
+    for cls in (config.TrainConfig, config.PrepareConfig, config.TagConfig):
+        names = [f.name for f in forms.fields(cls)]
+        defaults = forms.values_of(cls(), names)
+        for j, name in enumerate(names):
+            for value in WRONG:
+                tried += 1
+                try:
+                    forms.collect(cls, names, [*defaults[:j], value, *defaults[j + 1:]])
+                except UserError as err:
+                    assert "\n" not in str(err) and len(str(err)) < 400, (cls.__name__, name, str(err)[:200])
+    assert tried > 500
