@@ -59,6 +59,27 @@ def atomic_path(target: str | os.PathLike, overwrite: bool = True) -> Iterator[P
             tmp.unlink()
 
 
+def writable_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Create `folder` if needed and prove a file can be written in it; UserError saying why not.
+
+    Asked before long work, so a read-only, full or over-long output path is found in seconds."""
+    from lib_lora.errors import file_error
+
+    folder = Path(folder)
+    probe = tmp_name(folder / "write-check")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"\0")
+    except OSError as err:
+        raise file_error(err, folder, f"write {what} to the folder",
+                         then="then start again (nothing was trained yet)") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return folder
+
+
 def atomic_write_bytes(target: str | os.PathLike, data: bytes, overwrite: bool = True) -> Path:
     with atomic_path(target, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as fh:

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from lib_lora.errors import Cancelled, UserError
+from lib_lora.errors import Cancelled, UserError, file_error, is_file_error
 
 # Modules that provide commands, in the order of the workflow.
 COMMAND_MODULES = [
@@ -82,9 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("error: out of memory; close other programs or use smaller settings, then try again.", file=sys.stderr)
+        return 2
     except Terminated as sig:
         print(f"stopped ({sig}).", file=sys.stderr)
         return 128 + int(getattr(signal, str(sig), signal.SIGTERM))
     except (KeyboardInterrupt, Cancelled):
         print("stopped.", file=sys.stderr)
         return 130
+    except Exception as err:
+        # A file operation no step turned into its own sentence (a full disk, an over-long path).
+        if not is_file_error(err):
+            raise
+        print(f"error: {file_error(err, doing='use')}", file=sys.stderr)
+        return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib_lora.errors import UserError
+from lib_lora.errors import UserError, file_error, shown
 
 
 def opt(
@@ -42,9 +43,15 @@ def opt(
     return dataclasses.field(default=default, metadata=meta)
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # get_type_hints evaluates every annotation of the class: once, not per field and request.
+    return typing.get_type_hints(cls)
+
+
 def field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
     """The base Python type of a field and whether it accepts None."""
-    hint = typing.get_type_hints(cls)[f.name]
+    hint = _type_hints(cls)[f.name]
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
@@ -105,7 +112,7 @@ def validate(cfg: Any) -> Any:
             continue
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
-            raise UserError(f"{f.name} = {value!r} is not one of: {', '.join(map(str, choices))}.")
+            raise UserError(f"{f.name} = {shown(value)} is not one of: {', '.join(map(str, choices))}.")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if isinstance(value, int | float) and not isinstance(value, bool):
             if lo is not None and value < lo:
@@ -172,14 +179,14 @@ class PrepareConfig:
     def check(self) -> None:
         if self.remove_bg not in BG_MODELS and not self.remove_bg.lower().endswith(".onnx"):
             raise UserError(
-                f"remove_bg = {self.remove_bg!r}: use one of {', '.join(BG_MODELS)} or a path to a .onnx model file."
+                f"remove_bg = {shown(self.remove_bg)}: use one of {', '.join(BG_MODELS)} or a path to a .onnx model file."
             )
         from PIL import ImageColor
 
         try:
             ImageColor.getrgb(self.bg_color)
         except ValueError:
-            raise UserError(f"bg_color = {self.bg_color!r} is not a colour: use a name such as white or grey, "
+            raise UserError(f"bg_color = {shown(self.bg_color)} is not a colour: use a name such as white or grey, "
                             "or #rrggbb.") from None
 
 
@@ -226,11 +233,15 @@ class TagConfig:
     def check(self) -> None:
         if self.trigger:
             if "," in self.trigger:
-                raise UserError(f"trigger = {self.trigger!r}: a trigger word cannot contain a comma.")
+                raise UserError(f"trigger = {shown(self.trigger)}: a trigger word cannot contain a comma.")
         for path_field in ("implications_file", "aliases_file"):
             value = getattr(self, path_field)
-            if value and not Path(value).is_file():
-                raise UserError(f"{path_field} = {value!r} does not exist; give an existing text file.")
+            try:
+                missing = bool(value) and not Path(value).is_file()
+            except OSError as err:  # a path over the system's length limit
+                raise file_error(err, value, f"use the {path_field}") from None
+            if missing:
+                raise UserError(f"{path_field} = {shown(value)} does not exist; give an existing text file.")
 
     def caption_threshold(self) -> float:
         """The general threshold in effect: the field, or the tagger's customary default."""
@@ -345,7 +356,7 @@ class TrainConfig:
             try:
                 value = float(self.lr)
             except ValueError:
-                raise UserError(f"lr = {self.lr!r}: give a number such as 1e-4, or 'auto'.") from None
+                raise UserError(f"lr = {shown(self.lr)}: give a number such as 1e-4, or 'auto'.") from None
             if value <= 0:
                 raise UserError(f"lr = {self.lr}: the learning rate must be positive.")
         if self.min_bucket_reso > self.max_bucket_reso:
@@ -372,5 +383,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def apply_preset(cfg: TrainConfig, preset: str) -> TrainConfig:
     if preset not in PRESETS:
-        raise UserError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        raise UserError(f"Unknown preset {shown(preset)}; choose one of {', '.join(PRESETS)}.")
     return validate(dataclasses.replace(cfg, **PRESETS[preset]))

@@ -33,7 +33,7 @@ from lib_lora.dataset.hashing import NEAR_DUPLICATE_BITS, file_sha256
 from lib_lora.dataset.manifest import read_manifest, records_of, write_manifest
 from lib_lora.dataset.process import FatalError, Settings, Task, init_worker, process
 from lib_lora.dataset.records import Box, ImageRecord
-from lib_lora.errors import Cancelled, DatasetError, UserError
+from lib_lora.errors import Cancelled, DatasetError, UserError, file_reason
 from lib_lora.imagefiles import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 from lib_lora.names import validate_name
 from lib_lora.progress import Progress, check_cancel
@@ -137,7 +137,7 @@ def _paths(cfg: PrepareConfig) -> tuple[str, Path, Path]:
 
 
 def scan(src: Path, recursive: bool, exclude: Path | None = None) -> tuple[list[Path], list[ImageRecord], int]:
-    """(image candidates, records for unsupported image formats, count of other files ignored)."""
+    """(image candidates, records of image files skipped with a reason, count of other files ignored)."""
     found, unsupported, ignored = [], [], 0
     walker = src.rglob("*") if recursive else src.glob("*")
     excl = exclude.resolve() if exclude else None
@@ -145,11 +145,20 @@ def scan(src: Path, recursive: bool, exclude: Path | None = None) -> tuple[list[
         rel_parts = p.relative_to(src).parts
         if any(part.startswith(".") for part in rel_parts):  # hidden files and folders (.DS_Store, .git)
             continue
+        ext = p.suffix.lower()
+        try:
+            p.stat()  # a symbolic link that loops (or points nowhere) cannot be resolved below
+        except OSError as err:
+            if ext in IMAGE_EXTENSIONS or ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+                why, todo = file_reason(err)
+                unsupported.append(ImageRecord(p, status="skipped", message=f"cannot be opened: {why}; {todo}."))
+            else:
+                ignored += 1
+            continue
         if excl is not None and (p.resolve() == excl or excl in p.resolve().parents):
             continue
         if not p.is_file():
             continue
-        ext = p.suffix.lower()
         if ext in IMAGE_EXTENSIONS:
             found.append(p)
         elif ext in UNSUPPORTED_IMAGE_EXTENSIONS:

@@ -84,7 +84,9 @@ class StepPlan:
     total_steps: int  # epochs x steps_per_epoch, or max_steps when set
     skipped: list[dict[str, str]]  # [{path, reason}] bad images or captions
 
-    def describe(self) -> str:
+    def describe(self, skipped_since: int = 0) -> str:
+        """The plan for people; of the skipped files, those after the first `skipped_since` (the
+        ones an earlier description did not list yet)."""
         lines = [f"Dataset {self.dataset_dir}: {self.images} images, {self.images_with_repeats} with repeats."]
         for s in self.subsets:
             lines.append(f"  {s['folder']}: {s['images']} images x {s['repeats']} repeats")
@@ -99,11 +101,12 @@ class StepPlan:
                 f"Steps: {self.steps_per_epoch} per epoch (batch {self.batch_size}); "
                 f"max_steps = {self.total_steps} steps ({ep}, the last one partial)."
             )
-        if self.skipped:
-            lines.append(f"Skipped {len(self.skipped)} file(s):")
-            lines.extend(f"  {s['path']}: {s['reason']}" for s in self.skipped[:20])
-            if len(self.skipped) > 20:
-                lines.append(f"  ... and {len(self.skipped) - 20} more")
+        new = self.skipped[skipped_since:]
+        if new:
+            lines.append(f"Skipped {len(new)}{' more' if skipped_since else ''} file(s):")
+            lines.extend(f"  {s['path']}: {s['reason']}" for s in new[:20])
+            if len(new) > 20:
+                lines.append(f"  ... and {len(new) - 20} more")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +121,13 @@ class Dataset:
     plan: StepPlan
 
 
+def max_repeats() -> int:
+    """The schema's bound on repeats, which a `<repeats>_<name>` folder name must keep too."""
+    from lib_lora.config import TrainConfig
+
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == "repeats").metadata["max"]
+
+
 def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
     """The `<repeats>_<name>` subfolders, or the folder itself with cfg.repeats."""
     if not dataset_dir.is_dir():
@@ -129,6 +139,9 @@ def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
             repeats = int(m[1])
             if repeats < 1:
                 raise DatasetError(f"{sub.name}: the repeat count before '_' must be at least 1.")
+            if repeats > (most := max_repeats()):  # the epoch list holds each image `repeats` times
+                raise DatasetError(f"{sub.name}: {repeats} repeats is more than {most}; rename the folder with a "
+                                   "smaller number before '_' (10 to 100 is usual).")
             subsets.append(Subset(sub, repeats, cfg.class_tokens or m[2].strip()))
     if subsets:
         return subsets
@@ -169,7 +182,8 @@ def _unreadable(err: Exception) -> str:
 
 
 def _report_skip(path: Path, reason: str, on_skip: Callable[[Path, str], None] | None) -> None:
-    log.warning("skipping %s: %s", path, reason)
+    # At debug level: the step plan lists every skipped file once, and is what the CLI and UI show.
+    log.debug("skipping %s: %s", path, reason)
     if on_skip:
         on_skip(path, reason)
 

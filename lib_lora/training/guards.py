@@ -252,14 +252,9 @@ def enable_gradient_checkpointing(trainer: Trainer) -> None:
     trainer.cfg = dataclasses.replace(trainer.cfg, gradient_checkpointing=True)
 
 
-def write_error(err: OSError, path: Path) -> UserError:
-    """A user's sentence for a failed write (the atomic write left any previous file intact)."""
-    import errno
+def write_error(err: BaseException, path: Path) -> UserError:
+    """A user's sentence for a failed write of a LoRA (the atomic write left any previous file intact)."""
+    from lib_lora.errors import file_error
 
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-           errno.EROFS: "the folder is read-only", errno.EACCES: "permission was denied"}.get(err.errno)  # fmt: skip
-    why = why or (err.strerror or str(err))
-    return UserError(
-        f"Could not write {path} ({why}); any previous file there is intact. Free disk space or choose another "
-        "folder, then start the same command again: the run resumes from its saved state."
-    )
+    return file_error(err, path, then="then start the same training again: any previous file there is intact "
+                      "and the run resumes from its saved state")

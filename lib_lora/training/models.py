@@ -209,12 +209,19 @@ def modules_from_state_dict(sd: dict[str, torch.Tensor], name: str):
     from transformers import CLIPTextModel
 
     check_sd15(sd, name)
-    unet_cfg, vae_cfg = infer_unet_config(sd), infer_vae_config(sd)
-    te_weights = _clip_weights(sd)
-    te_cfg = infer_clip_config(te_weights)
-    with _quiet():
-        unet_w = convert_ldm_unet_checkpoint(sd, unet_cfg)
-        vae_w = convert_ldm_vae_checkpoint(sd, vae_cfg)
+    try:
+        unet_cfg, vae_cfg = infer_unet_config(sd), infer_vae_config(sd)
+        te_weights = _clip_weights(sd)
+        te_cfg = infer_clip_config(te_weights)
+        with _quiet():
+            unet_w = convert_ldm_unet_checkpoint(sd, unet_cfg)
+            vae_w = convert_ldm_vae_checkpoint(sd, vae_cfg)
+    except (KeyError, StopIteration, IndexError) as err:  # a weight the layout needs is not there
+        example = f" (e.g. {err.args[0]})" if isinstance(err, KeyError) and err.args else ""
+        raise ModelLoadError(
+            f"{name} lacks weights every SD1.5 checkpoint has{example}: it is incomplete or not SD1.5; "
+            "download it again or choose another model."
+        ) from None
     with torch.device("meta"):
         unet = UNet2DConditionModel(**{k: v for k, v in unet_cfg.items() if not k.startswith("_")})
         vae = AutoencoderKL(**{k: v for k, v in vae_cfg.items() if not k.startswith("_")})
@@ -284,7 +291,15 @@ def _load_diffusers_folder(folder: Path):
         )
     if (folder / "text_encoder_2").exists():
         raise ModelLoadError(f"{folder} is an SDXL model; Fast LoRA trains SD1.5 LoRAs.")
-    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    try:
+        unet_cfg = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        unet_cfg = err
+    if not isinstance(unet_cfg, dict):
+        why = "it is missing" if isinstance(unet_cfg, FileNotFoundError) else "it is not a JSON object"
+        raise ModelLoadError(
+            f"{folder} has no usable unet/config.json ({why}): the diffusers folder is incomplete; download it again."
+        )
     # SD2 has 1024-wide text features, SDXL 2048; inpainting/instruct U-Nets take extra channels.
     if unet_cfg.get("cross_attention_dim") in (1024, 2048) or unet_cfg.get("in_channels", 4) != 4:
         raise ModelLoadError(f"{folder} is not an SD1.5 text-to-image model (SD2, inpainting or other).")
@@ -292,7 +307,7 @@ def _load_diffusers_folder(folder: Path):
         unet = _load_part(folder / "unet", UNet2DConditionModel, "U-Net")
         vae = _load_part(folder / "vae", AutoencoderKL, "VAE")
         text_encoder = _load_part(folder / "text_encoder", CLIPTextModel, "text encoder")
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:  # TypeError: a config value of the wrong kind
         raise ModelLoadError(f"{folder} could not be loaded as a diffusers model: {err}") from None
     tok_dir = folder / "tokenizer"
     tokenizer = load_clip_tokenizer(tok_dir if tok_dir.is_dir() else None)

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lib_lora.atomic import atomic_write_json
+from lib_lora.atomic import atomic_write_json, writable_folder
 from lib_lora.config import TrainConfig, to_dict, validate
-from lib_lora.errors import Cancelled, UserError
+from lib_lora.errors import Cancelled, UserError, file_error, is_file_error
 from lib_lora.names import lora_output_file, validate_name
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.training import data as data_mod
@@ -79,6 +79,11 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return mp
 
 
+def run_folder(cfg: TrainConfig, name: str) -> Path:
+    """Where a run keeps its config, logs, checkpoints and resumable state."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / name
+
+
 def _target_name(t: Any) -> str:
     return t.name if hasattr(t, "name") else t[0]
 
@@ -122,6 +127,9 @@ class Trainer:
         self.name = validate_name(cfg.name, "LoRA name")
         # Fail before any work when the final file (or a card file beside it) would be replaced.
         self.lora_path = lora_output_file(cfg.output_dir, self.name, overwrite=cfg.overwrite)
+        # A folder that cannot take the LoRA is found now, not after the whole run.
+        writable_folder(self.lora_path.parent, "the LoRA")
+        writable_folder(run_folder(cfg, self.name), "the run")
         self.load_all()
         self.open_logs()
         self.begin_reliability()
@@ -143,14 +151,16 @@ class Trainer:
         self.resolve_lr()
         self.build_optimizer()
 
-    def run_dir_path(self) -> Path:
-        return Path(self.cfg.run_dir) if self.cfg.run_dir else Path("runs") / validate_name(self.cfg.name, "LoRA name")
-
     def prepare_run_dir(self) -> None:
-        self.run_dir = self.run_dir_path()
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / "config.json", to_dict(self.cfg))
+        cfg = self.cfg
+        self.run_dir = run_folder(cfg, self.name)
+        try:
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / "config.json", to_dict(cfg))
+        except OSError as err:
+            where = err.filename or self.run_dir / "config.json"  # a failed flush names no file
+            raise file_error(err, where, then="then start the training again") from None
         self._events_file = self.run_dir / "logs" / "events.jsonl"
 
     def load_data(self) -> None:
@@ -203,6 +213,7 @@ class Trainer:
         latents = data_mod.cache_latents(self.dataset.items, self.backbone, cache_dir, self.progress,
                                          on_skip=lambda p, r: skipped.append((p, r)), vae_id=self.vae_id)  # fmt: skip
         if skipped:
+            listed = len(self.plan.skipped)  # the first plan event listed these already
             for p, r in skipped:
                 self.plan.skipped.append({"path": str(p), "reason": r})
             if not self.dataset.items:
@@ -211,7 +222,7 @@ class Trainer:
                 self.dataset.root, self.dataset.subsets, self.dataset.items, cfg, self.plan.skipped
             )
             self.dataset.plan = self.plan
-            self.emit("plan", text=self.plan.describe(), **self.plan.to_dict())
+            self.emit("plan", text=self.plan.describe(skipped_since=listed), **self.plan.to_dict())
         self.latent_of = {id(it): latents[data_mod.latent_key(it, self.vae_id)] for it in self.dataset.items}
 
     def build_network(self) -> None:
@@ -414,10 +425,12 @@ class Trainer:
         dtype = SAVE_DTYPES[self.cfg.save_precision]
         try:
             out = write_lora(Path(path), tensors, self.metadata(finished), overwrite=overwrite, dtype=dtype)
-        except OSError as err:  # issue 5: a full disk or a read-only folder, said plainly
+        except Exception as err:  # a full disk or a read-only folder, said plainly
+            if not is_file_error(err):
+                raise
             from lib_lora.training.guards import write_error
 
-            raise write_error(err, Path(path)) from err
+            raise write_error(err, Path(path)) from None
         self.emit("saved", path=str(out), step=self.step)
         return out
 
@@ -567,7 +580,7 @@ class Trainer:
         from lib_lora.training import state
 
         self.name = validate_name(self.cfg.name, "LoRA name")
-        self.run_dir = self.run_dir_path()
+        self.run_dir = run_folder(self.cfg, self.name)
         path = Path(self.cfg.output_dir) / f"{self.name}.safetensors"
         if path.resolve().parent != Path(self.cfg.output_dir).resolve():
             return None  # lora_output_file refuses it in setup()

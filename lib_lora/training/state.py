@@ -29,7 +29,7 @@ import torch
 
 from lib_lora.atomic import atomic_path, cleanup_stale_temps
 from lib_lora.config import to_dict
-from lib_lora.errors import UserError
+from lib_lora.errors import UserError, file_error, is_file_error
 
 if TYPE_CHECKING:
     from lib_lora.training.run import Trainer
@@ -133,11 +133,11 @@ def save_state(trainer: Trainer) -> Path:
     try:
         with atomic_path(path) as tmp:
             torch.save(obj, tmp)
-    except OSError as err:
-        raise UserError(
-            f"Could not save the run's state to {path.parent} ({err.strerror or err}); the previous state is "
-            "intact. Free disk space (or fix the folder's permissions) and start the same command again to resume."
-        ) from err
+    except Exception as err:
+        if not is_file_error(err):  # torch reports a failed write as a RuntimeError
+            raise
+        raise file_error(err, path, "save the run's state to", then="then start the same training again: it "
+                         "resumes from the previous state, which is intact") from None
     trainer.emit("state", path=str(path), step=trainer.step)
     return path
 

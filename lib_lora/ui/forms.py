@@ -9,13 +9,14 @@ same message as the CLI for a bad value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
 import gradio as gr
 
 from lib_lora.config import field_type, validate
-from lib_lora.errors import UserError
+from lib_lora.errors import UserError, shown
 from lib_lora.ui.paths import FolderPolicy
 
 # Field names that read badly when simply capitalised.
@@ -103,7 +104,13 @@ def convert(cls: type, name: str, raw: Any) -> Any:
         if typ in (int, float):
             raise UserError(f"{label_for(f)} is empty: give a number.")
     if typ is bool:
+        if raw is None:
+            return False
+        if not isinstance(raw, bool | int) or raw not in (0, 1):  # a checkbox sends true or false
+            raise UserError(f"{label_for(f)} = {shown(raw)} is not on or off.")
         return bool(raw)
+    if not isinstance(raw, str | int | float | list):  # the page's API accepts any JSON value
+        raise UserError(f"{label_for(f)} = {shown(raw)} is not a value this field takes.")
     if typing.get_origin(typ) is list:
         items = raw if isinstance(raw, list) else [s.strip() for s in str(raw).split(",")]
         return [s for s in items if s != ""]
@@ -111,15 +118,15 @@ def convert(cls: type, name: str, raw: Any) -> Any:
         try:
             number = float(raw)
         except (TypeError, ValueError):
-            raise UserError(f"{label_for(f)} = {raw!r} is not a whole number.") from None
-        if number != int(number):
-            raise UserError(f"{label_for(f)} = {raw} is not a whole number.")
+            raise UserError(f"{label_for(f)} = {shown(raw)} is not a whole number.") from None
+        if not math.isfinite(number) or number != int(number):  # int(inf) would raise
+            raise UserError(f"{label_for(f)} = {shown(raw)} is not a whole number.")
         return int(number)
     if typ is float:
         try:
             return float(raw)
         except (TypeError, ValueError):
-            raise UserError(f"{label_for(f)} = {raw!r} is not a number.") from None
+            raise UserError(f"{label_for(f)} = {shown(raw)} is not a number.") from None
     if meta_choices := f.metadata.get("choices"):
         # Dropdowns give strings; map back to the declared choice (which may be an int).
         for c in meta_choices:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lib_lora.errors import Cancelled, UserError
+from lib_lora.errors import Cancelled, UserError, file_error, is_file_error
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ class JobRunner:
             job.error = "Out of memory: close other programs, or lower the batch size or resolution."
         except Exception as err:  # the page must say what happened instead of hanging
             log.error("%s failed:\n%s", job.title, traceback.format_exc())
-            if "out of memory" in str(err).lower():
+            if is_file_error(err):
+                job.error = str(file_error(err, doing="use"))
+            elif "out of memory" in str(err).lower():
                 job.error = "Out of GPU memory: lower the batch size or resolution, or enable gradient checkpointing."
             else:
                 job.error = f"{job.title} failed: {type(err).__name__}: {err}"

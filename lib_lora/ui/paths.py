@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib_lora.errors import UserError
+from lib_lora.errors import UserError, file_error, shown
 
 NOUNS = {"folder": "folder", "file": "file", "model": "file or folder"}
 
@@ -63,8 +63,10 @@ class FolderPolicy:
             if self.roots is not None and not path.is_absolute():
                 path = self.roots[0] / path
             resolved = path.resolve()
-        except (OSError, ValueError, RuntimeError):  # NUL byte, name too long, symlink loop
-            raise UserError(f"The {what} {raw!r} is not a usable path; type another one.") from None
+        except OSError as err:  # a path over the system's length limit, a link loop...
+            raise file_error(err, raw, f"use the {what}") from None
+        except (ValueError, RuntimeError):  # a NUL byte, a symlink loop (older Pythons)
+            raise UserError(f"The {what} {shown(raw)} is not a usable path; type another one.") from None
         if not self.allows(resolved):
             raise UserError(
                 f"The {what} {raw} is outside the folders this server may use ({self.describe()}); "
@@ -76,12 +78,17 @@ class FolderPolicy:
               kind: str = "folder") -> Path:
         """A path a request names, as a resolved Path, or a UserError saying what is wrong.
         `kind` is folder, file or model (a file or a folder)."""
+        if not isinstance(text, str | os.PathLike | None):  # the page's API accepts any JSON value
+            raise UserError(f"The {what} must be text: type the path of a {NOUNS[kind]}.")
         raw = str(text or "").strip().strip('"')
         if not raw:
             raise UserError(f"The {what} is empty: type the path of a {NOUNS[kind]}.")
         path = self.place(raw, what)
         if must_exist:
-            ok = {"folder": path.is_dir, "file": path.is_file, "model": path.exists}[kind]()
+            try:
+                ok = {"folder": path.is_dir, "file": path.is_file, "model": path.exists}[kind]()
+            except OSError as err:  # a name over the system's length limit
+                raise file_error(err, raw, f"use the {what}") from None
             if not ok:
                 raise UserError(f"The {what} {raw} does not exist or is not a {NOUNS[kind]}.")
         return path

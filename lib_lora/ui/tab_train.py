@@ -200,7 +200,7 @@ def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode:
 
 def preset_values(form: TrainForm, preset: str, *values: Any) -> list[Any]:
     """Fill the recipe from a preset: controls take the preset's values, the rest stay as they are."""
-    if preset not in config.PRESETS:
+    if not isinstance(preset, str) or preset not in config.PRESETS:
         return [gr.update() for _ in range(len(form.names) + 2)]
     recipe = config.PRESETS[preset]
     out = []

@@ -36,6 +36,22 @@ def tiny_config(tmp: Path, dataset: Path, name: str = "rel", **kw) -> TrainConfi
     return TrainConfig(**base)
 
 
+DEV_FULL = Path("/dev/full")  # Linux: every write to it fails with ENOSPC, as on a full disk
+
+
+def full_disk(writer, nbytes: int = 4096):
+    """`writer(obj, path, ...)` on a disk that fills up: `nbytes` reach the file, then the real
+    writer meets the kernel's ENOSPC (it writes to /dev/full) and raises what it raises on a
+    full disk (torch: a RuntimeError from inline_container.cc; safetensors: SafetensorError)."""
+
+    def write(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"\0" * nbytes)
+        return writer(obj, str(DEV_FULL), *a, **k)
+
+    return write
+
+
 def tensor_bytes(path: Path) -> bytes:
     """The bytes after a safetensors file's header: the tensors, exactly as stored."""
     data = Path(path).read_bytes()
