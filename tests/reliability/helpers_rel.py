@@ -52,6 +52,17 @@ def full_disk(writer, nbytes: int = 4096):
     return write
 
 
+def patch_torch_save(monkeypatch, fn) -> None:
+    """`torch.save` replaced by `fn` for one test. transformers' and diffusers' `save_pretrained`
+    take `torch.save` as a default argument, bound when their module is first imported: import
+    them first, or a later test's model save would still meet the full disk."""
+    import diffusers.models.modeling_utils  # noqa: F401
+    import torch
+    import transformers.modeling_utils  # noqa: F401
+
+    monkeypatch.setattr(torch, "save", fn)
+
+
 def tensor_bytes(path: Path) -> bytes:
     """The bytes after a safetensors file's header: the tensors, exactly as stored."""
     data = Path(path).read_bytes()

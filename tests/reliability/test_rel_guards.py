@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import safetensors.torch
 import torch
-from helpers_rel import DEV_FULL, full_disk, make_dataset, tiny_config
+from helpers_rel import DEV_FULL, full_disk, make_dataset, patch_torch_save, tiny_config
 
 from lib_lora.errors import UserError
 from lib_lora.training import guards, state
@@ -108,7 +108,7 @@ def test_full_disk_keeps_the_previous_state_and_lora(tmp_path, monkeypatch, bb):
             return real_save(obj, f, *a, **k)
         return full_disk(real_save)(obj, f, *a, **k)
 
-    monkeypatch.setattr(torch, "save", save_then_fill)
+    patch_torch_save(monkeypatch, save_then_fill)
     with pytest.raises(UserError, match="disk (is|may be) full.*resumes"):
         train(cfg_b, backbone=bb)
     monkeypatch.setattr(torch, "save", real_save)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from helpers_rel import DEV_FULL, full_disk, make_dataset, tree_digest
+from helpers_rel import DEV_FULL, full_disk, make_dataset, patch_torch_save, tree_digest
 
 from lib_lora.cli import main
 
@@ -80,7 +80,7 @@ def test_full_disk_while_writing_the_run_config(tmp_path, capsys, monkeypatch):
 @needs_dev_full
 def test_full_disk_while_saving_the_state(tmp_path, capsys, monkeypatch):
     ds = make_dataset(tmp_path / "data")
-    monkeypatch.setattr(torch, "save", full_disk(torch.save))  # torch's own error: RuntimeError, inline_container.cc
+    patch_torch_save(monkeypatch, full_disk(torch.save))  # torch's own error: RuntimeError, inline_container.cc
     line = one_sentence(*run_main(train_args(tmp_path, ds, "--state-every-n-steps", "1"), capsys), "state")
     assert "full" in line and "resumes" in line
 
@@ -339,13 +339,16 @@ def test_a_full_disk_during_a_page_job_is_one_sentence():
     assert job.error is not None and "disk is full" in job.error and "OSError" not in job.error, job.error
 
 
-def test_every_form_field_answers_values_of_the_wrong_kind():
+def test_every_form_field_answers_values_of_the_wrong_kind(tmp_path):
     """The tabs turn their controls' values into configs through forms.collect: a wrong value in
     any one field of any form is a UserError naming the field (or a valid config), nothing else."""
     from lib_lora import config
     from lib_lora.errors import UserError
     from lib_lora.ui import forms
+    from lib_lora.ui.paths import FolderPolicy
 
+    # A restricted policy, as beyond loopback, so the path fields' own checks see each value too.
+    policy = FolderPolicy.limited([tmp_path])
     tried = 0
     for cls in (config.TrainConfig, config.PrepareConfig, config.TagConfig):
         names = [f.name for f in forms.fields(cls)]
@@ -354,7 +357,7 @@ def test_every_form_field_answers_values_of_the_wrong_kind():
             for value in WRONG:
                 tried += 1
                 try:
-                    forms.collect(cls, names, [*defaults[:j], value, *defaults[j + 1:]])
+                    forms.collect(cls, names, [*defaults[:j], value, *defaults[j + 1:]], policy=policy)
                 except UserError as err:
                     assert "\n" not in str(err) and len(str(err)) < 400, (cls.__name__, name, str(err)[:200])
     assert tried > 500
