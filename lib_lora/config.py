@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -101,6 +102,8 @@ def validate(cfg: Any) -> Any:
         if choices is not None and value not in choices:
             raise UserError(f"{f.name} = {value!r} is not one of: {', '.join(map(str, choices))}.")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(not_finite(f.name, value, _default(f)))
         if isinstance(value, int | float) and not isinstance(value, bool):
             if lo is not None and value < lo:
                 raise UserError(f"{f.name} = {value} is below its minimum {lo}.")
@@ -110,6 +113,17 @@ def validate(cfg: Any) -> Any:
     if callable(check):
         check()
     return cfg
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def not_finite(name: str, value: Any, default: Any = None) -> str:
+    """The sentence for a NaN or infinite number given to a field, whatever its type (it would
+    reach the weights as NaN, or pass a bound check it should fail)."""
+    example = f" such as {default}" if isinstance(default, int | float | str) and default not in ("", None) else ""
+    return f"{name} = {value} is not a finite number (NaN and infinity are refused); give a number{example}."
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -334,6 +348,8 @@ class TrainConfig:
                 value = float(self.lr)
             except ValueError:
                 raise UserError(f"lr = {self.lr!r}: give a number such as 1e-4, or 'auto'.") from None
+            if not math.isfinite(value):
+                raise UserError(not_finite("lr", self.lr, "1e-4"))
             if value <= 0:
                 raise UserError(f"lr = {self.lr}: the learning rate must be positive.")
         if self.min_bucket_reso > self.max_bucket_reso:

@@ -9,12 +9,13 @@ same message as the CLI for a bad value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
 import gradio as gr
 
-from lib_lora.config import field_type, validate
+from lib_lora.config import field_type, not_finite, validate
 from lib_lora.errors import UserError
 
 # Field names that read badly when simply capitalised.
@@ -111,14 +112,19 @@ def convert(cls: type, name: str, raw: Any) -> Any:
             number = float(raw)
         except (TypeError, ValueError):
             raise UserError(f"{label_for(f)} = {raw!r} is not a whole number.") from None
+        if not math.isfinite(number):
+            raise UserError(not_finite(label_for(f), raw, default_of(f)))
         if number != int(number):
             raise UserError(f"{label_for(f)} = {raw} is not a whole number.")
         return int(number)
     if typ is float:
         try:
-            return float(raw)
+            number = float(raw)
         except (TypeError, ValueError):
             raise UserError(f"{label_for(f)} = {raw!r} is not a number.") from None
+        if not math.isfinite(number):
+            raise UserError(not_finite(label_for(f), raw, default_of(f)))
+        return number
     if meta_choices := f.metadata.get("choices"):
         # Dropdowns give strings; map back to the declared choice (which may be an int).
         for c in meta_choices:
