@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Itera
             continue
         typ, optional = field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         help_text = f.metadata.get("help", "") + f" (default: {default})"
         if typ is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, help=help_text)

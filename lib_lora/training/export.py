@@ -51,8 +51,8 @@ def prepare_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch
     if overflow:
         raise UserError(
             f"The LoRA's weights overflow {dtype} in {len(overflow)} tensors (e.g. {overflow[0]}), so it was not "
-            "saved; weights this large usually mean the learning rate is too high, or save in fp32 or bf16 (a "
-            "stopped run resumes with another save precision)."
+            "saved; lower the learning rate (weights this large usually mean training diverged), or save in fp32 "
+            "or bf16: the same run resumes with the new save precision."
         )
     return out
 
