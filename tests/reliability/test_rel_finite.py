@@ -82,6 +82,13 @@ def test_the_ui_and_rest_conversions_refuse_them():
     for values in ([float("nan"), 1], [1.0, float("inf")]):
         with pytest.raises(UserError, match="not a finite number"):
             form_values_to_config(fields, values)
+    # The Test tab's LoRA weights.
+    from lib_lora.ui.tab_test import parse_weights
+
+    assert parse_weights("0, 0.5, 1") == [0.0, 0.5, 1.0]
+    for text in ("0, nan", "inf", "1, -inf"):
+        with pytest.raises(UserError, match="NaN and infinity are not weights"):
+            parse_weights(text)
     # The REST route: FastAPI parses the body with json, which reads NaN and Infinity.
     for body in ['{"max_grad_norm": NaN}', '{"lr": "nan"}', '{"max_steps": Infinity}', '{"lr_warmup_steps": NaN}']:
         request = {"preset": "style", "name": "x", "dataset": "d", **json.loads(body)}
