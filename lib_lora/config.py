@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Itera
             continue
         typ, optional = field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         help_text = f.metadata.get("help", "") + f" (default: {default})"
         if typ is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, help=help_text)
@@ -114,6 +115,8 @@ def validate(cfg: Any) -> Any:
         if choices is not None and value not in choices:
             raise UserError(f"{f.name} = {shown(value)} is not one of: {', '.join(map(str, choices))}.")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(not_finite(f.name, value, _default(f)))
         if isinstance(value, int | float) and not isinstance(value, bool):
             if lo is not None and value < lo:
                 raise UserError(f"{f.name} = {value} is below its minimum {lo}.")
@@ -123,6 +126,17 @@ def validate(cfg: Any) -> Any:
     if callable(check):
         check()
     return cfg
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def not_finite(name: str, value: Any, default: Any = None) -> str:
+    """The sentence for a NaN or infinite number given to a field, whatever its type (it would
+    reach the weights as NaN, or pass a bound check it should fail)."""
+    example = f" such as {default}" if isinstance(default, int | float | str) and default not in ("", None) else ""
+    return f"{name} = {value} is not a finite number (NaN and infinity are refused); give a number{example}."
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -357,6 +371,8 @@ class TrainConfig:
                 value = float(self.lr)
             except ValueError:
                 raise UserError(f"lr = {shown(self.lr)}: give a number such as 1e-4, or 'auto'.") from None
+            if not math.isfinite(value):
+                raise UserError(not_finite("lr", self.lr, "1e-4"))
             if value <= 0:
                 raise UserError(f"lr = {self.lr}: the learning rate must be positive.")
         if self.min_bucket_reso > self.max_bucket_reso:

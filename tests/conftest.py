@@ -75,3 +75,25 @@ def path_calls(monkeypatch):
         return names
 
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Tolerances from the computation
+
+
+def _float32_rounding(*models) -> float:
+    """Relative error a float32 forward and backward pass through `models` can carry when its
+    sums are computed in another order (other kernels, batch sizes or module implementations):
+    a dot product of length K rounds with a relative error of about sqrt(K) * u (u = 2^-24,
+    errors of random sign), and the errors of the layers add up, forward and backward."""
+    import torch
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    fan_in = max(m.weight[0].numel() for m in layers)
+    return 2 * len(layers) * fan_in**0.5 * 2.0**-24
+
+
+@pytest.fixture
+def float32_rounding():
+    """`_float32_rounding` (the tiny model's U-Net and text encoder: 353 layers, K <= 1152: 1.4e-3)."""
+    return _float32_rounding

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import uuid
 from typing import Any
@@ -237,13 +238,15 @@ def _component(gr: Any, f: dataclasses.Field, default: Any) -> Any:
 
 def form_values_to_config(fields: list[dataclasses.Field], values: list[Any],
                           policy: FolderPolicy | None = None) -> TrainConfig:
-    from lib_lora.config import field_type
+    from lib_lora.config import field_type, not_finite
 
     kwargs = {}
     for f, v in zip(fields, values, strict=True):
         typ, optional = field_type(TrainConfig, f)
         if v in (None, "") and optional:
             v = None
+        elif typ in (int, float) and isinstance(v, float) and not math.isfinite(v):
+            raise UserError(not_finite(f.name, v))  # int(nan) would raise before validate sees it
         elif typ is int and v is not None:
             v = int(v)
         elif typ is float and v is not None:

@@ -50,7 +50,9 @@ def prepare_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch
     overflow = [k for k, v in out.items() if not torch.isfinite(v.float()).all()]
     if overflow:
         raise UserError(
-            f"The LoRA's weights overflow {dtype} in {len(overflow)} tensors (e.g. {overflow[0]}); save in fp32 or bf16."
+            f"The LoRA's weights overflow {dtype} in {len(overflow)} tensors (e.g. {overflow[0]}), so it was not "
+            "saved; lower the learning rate (weights this large usually mean training diverged), or save in fp32 "
+            "or bf16: the same run resumes with the new save precision."
         )
     return out
 

@@ -188,6 +188,18 @@ class StepGuard:
             f"{self.trainer.run_dir} were kept."
         )
 
+    def check_final_loss(self, loss: float) -> None:
+        """A run whose last logged loss is NaN/inf has diverged, even if too few steps in a row
+        were skipped to stop it: its weights are not a LoRA anyone should load."""
+        if math.isfinite(loss):
+            return
+        tr = self.trainer
+        raise NonFiniteError(
+            f"Training ended at step {tr.step} with a non-finite loss ({loss}), so no LoRA was saved and the state "
+            f"of that step was not kept; lower the learning rate or alpha (or turn max_grad_norm on) and start the "
+            "run over."
+        )
+
     # ------------------------------------------------------------ out of memory
     def _describe(self, batch: Batch) -> str:
         tr = self.trainer

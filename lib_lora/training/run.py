@@ -506,6 +506,8 @@ class Trainer:
                 self.guard.settle()  # the skip counters are read with the loss, not every step
                 self.log_losses(window, epoch_sum, epoch_n)
                 window = []
+                if self.step == total:
+                    self.guard.check_final_loss(self.final_loss)  # before the last state is saved
             elif self.progress is not None:
                 self.progress.update(self.step, total)
             if self.step % spe == 0:

@@ -38,9 +38,11 @@ STATE_DIR = "state"
 STATE_FILE = "state.pt"
 FORMAT = 1
 
-# Fields that do not change what is trained: a resumed run may differ in these.
+# Fields that do not change what is trained: a resumed run may differ in these. They name or
+# place the outputs (save_precision only rounds the exported copy; the state keeps fp32), set
+# how often things are saved, logged or sampled, or trade speed for memory.
 NEUTRAL_FIELDS = frozenset({
-    "output_dir", "run_dir", "overwrite", "device", "save_every_n_steps", "save_every_n_epochs",
+    "name", "output_dir", "run_dir", "overwrite", "save_precision", "device", "save_every_n_steps", "save_every_n_epochs",
     "log_every_n_steps", "comment", "cache_latents_to_disk", "restart", "state_every_n_steps",
     "max_nonfinite_steps", "oom_retry", "gradient_checkpointing", "cache_text_encoder_outputs",
     "channels_last", "compile_unet", "sample_images", "sample_every_n_steps",
@@ -126,10 +128,33 @@ def capture(trainer: Trainer) -> dict[str, Any]:
     }
 
 
+def nonfinite_tensors(obj: Any, where: str = "") -> list[str]:
+    """Where `obj` (a state, or any nest of dicts, lists and tensors) holds NaN or infinity."""
+    if isinstance(obj, torch.Tensor):
+        return [where] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [w for k, v in obj.items() for w in nonfinite_tensors(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, list | tuple):
+        return [w for i, v in enumerate(obj) for w in nonfinite_tensors(v, f"{where}[{i}]")]
+    return []
+
+
 def save_state(trainer: Trainer) -> Path:
-    """Write the resumable state atomically; the previous state stays intact if this fails."""
+    """Write the resumable state atomically; the previous state stays intact if this fails.
+    A state whose weights or optimizer moments hold NaN/inf is never written: resuming it could
+    only give a broken LoRA, and it would replace the last good one."""
     path = state_path(trainer.run_dir)
     obj = capture(trainer)
+    bad = nonfinite_tensors({"network": obj["network"], "optimizer": obj["optimizer"]})
+    if bad:
+        from lib_lora.training.guards import NonFiniteError
+
+        kept = f"the last good state in {path.parent} was kept" if path.is_file() else "no state was saved"
+        raise NonFiniteError(
+            f"The LoRA's weights or optimizer state became NaN/inf by step {trainer.step} ({len(bad)} tensors, "
+            f"e.g. {bad[0]}), so {kept} and no LoRA was written; lower the learning rate or alpha, or turn "
+            "max_grad_norm on, and start the run over."
+        )
     try:
         with atomic_path(path) as tmp:
             torch.save(obj, tmp)

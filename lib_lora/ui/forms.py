@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from lib_lora.config import field_type, validate
+from lib_lora.config import field_type, not_finite, validate
 from lib_lora.errors import UserError, shown
 from lib_lora.ui.paths import FolderPolicy
 
@@ -119,14 +119,19 @@ def convert(cls: type, name: str, raw: Any) -> Any:
             number = float(raw)
         except (TypeError, ValueError):
             raise UserError(f"{label_for(f)} = {shown(raw)} is not a whole number.") from None
-        if not math.isfinite(number) or number != int(number):  # int(inf) would raise
+        if not math.isfinite(number):
+            raise UserError(not_finite(label_for(f), raw, default_of(f)))
+        if number != int(number):
             raise UserError(f"{label_for(f)} = {shown(raw)} is not a whole number.")
         return int(number)
     if typ is float:
         try:
-            return float(raw)
+            number = float(raw)
         except (TypeError, ValueError):
             raise UserError(f"{label_for(f)} = {shown(raw)} is not a number.") from None
+        if not math.isfinite(number):
+            raise UserError(not_finite(label_for(f), raw, default_of(f)))
+        return number
     if meta_choices := f.metadata.get("choices"):
         # Dropdowns give strings; map back to the declared choice (which may be an int).
         for c in meta_choices:

@@ -3,6 +3,7 @@ generator (the WebUI's own pipeline inside the WebUI; diffusers on the loaded ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,8 @@ def parse_weights(text: str) -> list[float]:
         weights = [float(w) for w in str(text).replace(";", ",").split(",") if w.strip()]
     except ValueError:
         raise UserError(f"Weights {text!r}: give numbers separated by commas, such as 0, 0.5, 1.") from None
+    if not all(math.isfinite(w) for w in weights):  # float() reads nan and inf; the grid would be black
+        raise UserError(f"Weights {text!r}: NaN and infinity are not weights; give numbers such as 0, 0.5, 1.")
     if not weights:
         raise UserError("Give at least one LoRA weight, such as 0, 0.5, 1.")
     if len(weights) > 8:

@@ -55,37 +55,48 @@ def test_out_of_memory_message_and_retries(tmp_path):
     assert tr.scheduler.last_epoch == 3
 
 
-def test_split_batch_gradient_is_the_whole_batch_gradient(tmp_path, bb):
+def test_split_batch_gradient_is_the_whole_batch_gradient(tmp_path, bb, float32_rounding):
     """The out-of-memory split: each half's backward weighted by its share adds up to the
     gradient of the whole batch (same inputs), so the retried step is the same update."""
-    ds = make_dataset(tmp_path / "data", n=4)
-    tr = Trainer(tiny_config(tmp_path, ds, batch_size=3, max_steps=2, network_dropout=0.0), bb)
+    # 128 px: the U-Net's middle block sees 2x2 latents. At 64 px it sees one position, where
+    # self-attention's softmax is constant, so its q/k LoRAs have an exactly-zero gradient and
+    # compare only rounding noise (~1e-12) with rounding noise.
+    ds = make_dataset(tmp_path / "data", n=4, size=128)
+    cfg = tiny_config(tmp_path, ds, batch_size=3, max_steps=2, network_dropout=0.0, resolution=128)
+    tr = Trainer(cfg, bb)
     tr.load_all()
     try:
-        nn = torch.nn
-        for p in tr.params:  # a trained-looking LoRA: with up = 0 the down weights get no gradient
-            nn.init.normal_(p, std=0.02)
         from lib_lora.training import data as data_mod
 
+        for name, p in tr.network.named_parameters():  # a trained-looking LoRA: with up = 0 the
+            if "lora_up" in name:  # down weights get no gradient
+                torch.nn.init.normal_(p, std=0.02)
         batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, tr.cfg.seed)))
         assert len(batch.items) == 3
         d = tr.step_inputs(batch)
-        whole_loss = tr.backward(d)
-        whole = [p.grad.clone() for p in tr.params]
-        for p in tr.params:
-            p.grad = None
-        parts = [slice(0, 2), slice(2, 3)]
-        loss = 0.0
-        for sl in parts:
-            part = type(d)(d.latents[sl], d.noise[sl], d.timesteps[sl], d.ids[sl], None if d.cond is None else d.cond[sl])
-            share = (sl.stop - sl.start) / 3
-            loss = loss + tr.backward(part, share) * share
-        # Batched kernels round differently (the U-Net's output differs by ~1e-6 between a batch of
-        # 3 and of 1), which reaches ~1e-3 of the largest gradient; a wrong weight is off by 50 %.
-        for p, g in zip(tr.params, whole, strict=True):
-            torch.testing.assert_close(p.grad, g, rtol=0, atol=2e-3 * float(g.abs().max()))
-        torch.testing.assert_close(loss, whole_loss)
-        assert any(g.abs().sum() > 0 for g in whole)
+
+        def gradients(parts_and_weights):
+            for p in tr.params:
+                p.grad = None
+            loss = 0.0
+            for sl, w in parts_and_weights:
+                part = type(d)(d.latents[sl], d.noise[sl], d.timesteps[sl], d.ids[sl],
+                               None if d.cond is None else d.cond[sl])  # fmt: skip
+                loss = loss + tr.backward(part, w) * w
+            return [p.grad.clone() for p in tr.params], loss
+
+        whole, whole_loss = gradients([(slice(0, 3), 1.0)])
+        split, loss = gradients([(slice(0, 2), 2 / 3), (slice(2, 3), 1 / 3)])
+        wrong, _ = gradients([(slice(0, 2), 1 / 2), (slice(2, 3), 1 / 2)])  # a wrong share
+        # Both are the same sums in float32, computed with other batch sizes (other kernel
+        # blocking) and in another order: they agree to the pass's rounding bound (1.4e-3;
+        # measured <= 1e-5), while a wrong share is off by 8 % or more in every tensor.
+        tol = float32_rounding(bb.unet, bb.text_encoder)
+        for g, s, bad in zip(whole, split, wrong, strict=True):
+            assert float(g.norm()) > 0  # no tensor with a structurally zero gradient
+            assert float((s - g).norm()) <= tol * float(g.norm())
+            assert float((bad - g).norm()) > 10 * tol * float(g.norm())  # the test sees a wrong weight
+        assert abs(float(loss) - float(whole_loss)) <= tol * float(whole_loss)
     finally:
         tr.close()  # the shared model is left as it was
 

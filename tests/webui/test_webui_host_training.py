@@ -170,13 +170,17 @@ def test_refusals_say_why(host, webui, webui_model, dataset, setup, message, sta
     assert not webui.call_queue.queue_lock.locked()
 
 
-def test_exported_lora_equals_the_standalone_backbones(host, webui, webui_model, dataset, tmp_path, state_hash, grad_flags):
+def test_exported_lora_equals_the_standalone_backbones(host, webui, webui_model, dataset, tmp_path, state_hash, grad_flags,
+                                                       float32_rounding):
     from lib_lora.hosts.ldm_backbone import LdmBackbone
     from lib_lora.training.export import read_lora
     from lib_lora.training.models import load_backbone
     from lib_lora.training.run import train
 
-    cfg = tiny_cfg(dataset, max_steps=3)
+    # 128 px: the U-Net's middle block sees 2x2 latents. At 64 px it sees one position, where
+    # self-attention's softmax is constant: its q/k LoRAs get an exactly-zero gradient, and
+    # Adam turns the two backbones' different rounding noise there into unrelated weights.
+    cfg = tiny_cfg(dataset, max_steps=3, resolution=128)
     ours = run(host, cfg)
     standalone = load_backbone("tiny")
     # Each latent's sample is seeded from its cache key, which names the VAE: the same VAE
@@ -187,15 +191,17 @@ def test_exported_lora_equals_the_standalone_backbones(host, webui, webui_model,
     a, meta_a = read_lora(ours["lora_path"])
     b, meta_b = read_lora(ref.lora_path)
     assert sorted(a) == sorted(b) and len(a) == 3 * (192 + 72)
-    # The ldm and diffusers modules differ only in float rounding (losses agree to ~1e-6); Adam's
-    # first steps (update ~ lr * sign(grad)) magnify that for a few near-zero gradients.
-    worst, num, den = 0.0, 0.0, 0.0
+    # The ldm and diffusers modules compute the same sums in another order, so the gradients
+    # agree to the pass's float32 rounding bound rho (1.4e-3). Adam's update g / sqrt(v) is
+    # blind to a gradient's size, so an element whose gradient is within rho of zero can move
+    # either way: with gradients spread around zero that is a fraction ~rho of the elements, and
+    # a tensor's update then differs by ~sqrt(rho) of its norm (the up weights start at zero,
+    # so they are the update). Bound: 2 * sqrt(rho) = 7.6 %; measured <= 0.2 %. A LoRA from
+    # another init or other data, or a module under another's name, differs by ~100 %.
+    rho = float32_rounding(standalone.unet, standalone.text_encoder)
     for k in b:
-        d = float((a[k].float() - b[k].float()).norm())
-        n = float(b[k].float().norm())
-        worst, num, den = max(worst, d / (n + 1e-12)), num + d * d, den + n * n
-    # (a LoRA from another init or other data differs by ~100%: measured 4.8e-5 overall, 6% worst tensor)
-    assert (num / den) ** 0.5 < 1e-3 and worst < 0.25, (worst, (num / den) ** 0.5)
+        d, n = float((a[k].float() - b[k].float()).norm()), float(b[k].float().norm())
+        assert n > 0 and d <= 2 * rho**0.5 * n, (k, d / n)
     assert any(float(b[k].abs().max()) > 0 for k in b if k.endswith("lora_up.weight"))  # it did train
     for key in ("ss_network_dim", "ss_network_alpha", "ss_steps", "ss_seed", "ss_resolution"):
         assert meta_a[key] == meta_b[key], key
