@@ -303,7 +303,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
     bind(redo_btn.click, redo, [])
     bind(set_btn.click, set_image_tags, [image, image_tags])
     preview_btn.click(lambda f, p, t: preview(ctx, f, p, t), [folder, preset, trigger], [diff])
-    bind(apply_btn.click, apply, [preset, trigger]).then(lambda: "", None, [diff])
+    # The diff goes (it is applied); the outcome shows there, beside Apply, as well as at the top.
+    bind(apply_btn.click, apply, [preset, trigger]).then(lambda message: message, [status], [diff])
     return dict(folder=folder, load=load_btn, show_zh=show_zh, status=status, filter=tag_filter, freqs=freqs,
                 gallery=gallery, preset=preset, trigger=trigger, preview=preview_btn, apply=apply_btn, diff=diff,
                 undo=undo_btn, redo=redo_btn, shown=shown)
