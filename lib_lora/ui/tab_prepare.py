@@ -8,6 +8,7 @@ that one image. Skipped files are listed with their reasons.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,5 +248,5 @@ def build(ctx: UIContext) -> dict[str, Any]:
     recrop_btn.click(lambda s, i, *b: recrop(ctx, s, i, *b), [state, index, *box], [recrop_msg, gallery, state])
     parts.update(src=src, controls=controls, names=names, run=run, stop=stop, status=status, gallery=gallery,
                  skipped=skipped, state=state, event=event, summary=summary, outputs=outputs,
-                 reattach=lambda: reattach(ctx))
+                 reattach=functools.partial(reattach, ctx))
     return parts

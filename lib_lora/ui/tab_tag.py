@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,5 +147,5 @@ def build(ctx: UIContext) -> dict[str, Any]:
     stop.click(stop_handler(ctx.runner, TAB), None, [status], **compat.event_kwargs())
     show.click(lambda f: show_folder(ctx, f), [folder], [status, gallery, table])
     return dict(folder=folder, controls=controls, names=names, run=run, stop=stop, status=status, gallery=gallery,
-                table=table, event=event, outputs=outputs, reattach=lambda: reattach(ctx))
+                table=table, event=event, outputs=outputs, reattach=functools.partial(reattach, ctx))
 

@@ -3,6 +3,7 @@ generator (the WebUI's own pipeline inside the WebUI; diffusers on the loaded ba
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -205,5 +206,5 @@ def build(ctx: UIContext) -> dict[str, Any]:
     refresh.click(_refresh, [lora], [lora])
     return dict(lora=lora, refresh=refresh, prompts=prompts, weights=weights, width=width, height=height, sampler=sampler,
                 seed=seed, steps=sample_steps, run=run, stop=stop, status=status, grid=grid, event=event,
-                refresh_fn=_refresh, outputs=outputs, reattach=lambda: reattach(ctx),
+                refresh_fn=_refresh, outputs=outputs, reattach=functools.partial(reattach, ctx),
                 remembered_lora=lambda: _refresh(ctx.memory.get(ID + "lora") or ""))

@@ -6,6 +6,7 @@ progress bar with ETA, the live loss chart, the LR-probe plot and samples as the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -327,4 +328,4 @@ def build(ctx: UIContext) -> dict[str, Any]:
     return dict(form=form, preset=preset, name=name, dataset=dataset, lr_mode=lr_mode, lr_value=lr_value,
                 controls=controls, steps=steps_md, start=start, stop=stop, status=status, loss=loss, probe=probe,
                 samples=samples, result=result, meta=meta, lora_name=lora_name, event=event, outputs=outputs,
-                reattach=lambda: reattach(ctx))
+                reattach=functools.partial(reattach, ctx))
