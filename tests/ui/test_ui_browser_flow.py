@@ -235,9 +235,9 @@ def test_whole_flow_in_browser(app, page, photos, tagger_files, bg_model, artifa
         assert ui.disabled("fast_lora_train_start")
     deadline = time.monotonic() + 600
     while "Saved" not in ui.value("fast_lora_train_result"):
-        assert time.monotonic() < deadline, page.locator("#fast_lora_train_status").inner_text()
+        assert time.monotonic() < deadline, page.locator("#fast_lora_train_status").first.inner_text()
         page.wait_for_timeout(500)
-    status = page.locator("#fast_lora_train_status").inner_text()
+    status = page.locator("#fast_lora_train_status").first.inner_text()
     # What ran on this CPU, and the warning the CLI prints about it.
     assert "optimizer: AdamW (AdamW8bit cannot step on cpu" in status, status
     assert "Warnings" in status and "AdamW8bit cannot step on cpu" in status
