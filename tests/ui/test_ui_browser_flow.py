@@ -108,7 +108,12 @@ class Page:
         deadline = time.monotonic() + timeout_s
         content = ""
         while time.monotonic() < deadline:
-            content = loc.inner_text(timeout=5_000)
+            try:
+                content = loc.inner_text(timeout=5_000)
+            except Exception as err:  # noqa: BLE001 - re-rendered under a busy CPU: look again
+                if type(err).__name__ != "TimeoutError":
+                    raise
+                continue
             if text in content:
                 return content
             self.page.wait_for_timeout(250)
