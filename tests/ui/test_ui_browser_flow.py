@@ -69,7 +69,7 @@ def app(tmp_path):
 def page(browser, app):
     """A fresh page, closed before the app so the server's shutdown need not wait for its socket."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(30_000)
+    page.set_default_timeout(90_000)  # a shared, loaded CPU can starve the page for tens of seconds
     yield page
     page.close()
 
