@@ -100,7 +100,7 @@ def sampler_names(ctx: UIContext) -> list[str]:
 def run_test(ctx: UIContext, name: str, prompts_text: str, weights_text: str, negative: str, seed: float,
              sample_steps: float, cfg_scale: float, width: float, height: float, sampler: str | None = None,
              ) -> Iterator[tuple]:
-    """Generator handler: (status html, grid image)."""
+    """Generator handler: (status html, grid image, Generate button)."""
     try:
         name = validate_name(name or "", "LoRA name")
         if name not in lora_names(ctx):
