@@ -45,6 +45,20 @@ function fastLoraStandaloneInit(maps, languages) {
         }).observe(root, {childList: true, subtree: true, characterData: true});
         document.documentElement.lang = code.replace("_", "-");
     }
+    // The language switch reloads the page; it noted the open tab, which is opened again here.
+    const tab = parseInt(sessionStorage.getItem("fast_lora_tab") || "-1", 10);
+    sessionStorage.removeItem("fast_lora_tab");
+    if (tab > 0) {
+        const app = document.querySelector("gradio-app");
+        const root = (app && app.shadowRoot) || document;
+        let tries = 0;
+        const reopen = () => {
+            const buttons = root.querySelectorAll("#fast_lora_tabs .tab-nav button");
+            if (buttons.length > tab) buttons[tab].click();
+            else if (tries++ < 40) setTimeout(reopen, 100);
+        };
+        reopen();
+    }
     // Outputs: the language radio, and (when present) the "show Chinese translations" box.
     return [label, code === "zh_CN"];
 }

@@ -188,6 +188,12 @@ class StandaloneHost:
         pipe.set_progress_bar_config(disable=True)
         networks = LoadedLoras(backbone)  # a grid's cells share each file: read once, then only reweighted
         images = []
+
+        def stop_between_steps(_pipe: Any, _step: int, _t: Any, tensors: dict) -> dict:
+            # Stop within an image, not after it: one 512² image on a CPU takes minutes.
+            check_cancel(progress)
+            return tensors
+
         for i, prompt in enumerate(prompts):
             check_cancel(progress)
             if progress is not None:
@@ -199,7 +205,7 @@ class StandaloneHost:
                     out = pipe(
                         prompt=text, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
                         guidance_scale=float(cfg_scale), width=int(width), height=int(height), generator=generator,
-                        output_type="pil",
+                        output_type="pil", callback_on_step_end=stop_between_steps,
                     )
                 images.append(out.images[0])
         if progress is not None:

@@ -254,6 +254,14 @@ class StateProgress:
     def cancelled(self) -> bool:
         return bool(self.state.interrupted or getattr(self.state, "stopping_generation", False))
 
+    def cancel(self) -> None:
+        """The tab's Stop: the WebUI's Interrupt, so its own generation (Test grid, preview) ends too."""
+        interrupt = getattr(self.state, "interrupt", None)
+        if callable(interrupt):
+            interrupt()
+        else:
+            self.state.interrupted = True
+
 
 @dataclasses.dataclass
 class JobRecord:

@@ -284,7 +284,8 @@ def auto_lr(trainer: Trainer) -> tuple[float, float | None]:
     if isinstance(extra, dict):
         extra.update(result.to_metadata())
     where = f" Plot: {result.plot_path}" if result.plot_path else ""
-    trainer.phase(result.describe() + where)
+    # An unsettled probe is a warning: its value is less certain (the CLI prints it either way).
+    (trainer.phase if result.settled else getattr(trainer, "warn", trainer.phase))(result.describe() + where)
     trainer.emit(
         "probe_done", lr=result.lr, te_lr=result.te_lr, steps=result.steps, budget=result.budget,
         settled=result.settled, plot=str(result.plot_path) if result.plot_path else None,

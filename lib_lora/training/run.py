@@ -120,6 +120,11 @@ class Trainer:
     def phase(self, text: str) -> None:
         self.emit("phase", text=text)
 
+    def warn(self, text: str) -> None:
+        """A phase line that is a warning: printed like any phase by the CLI, shown in the UI's
+        warnings box (level="warning")."""
+        self.emit("phase", text=text, level="warning")
+
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
@@ -276,7 +281,8 @@ class Trainer:
         groups = param_groups(self.unet_params, self.te_params, self.unet_lr, self.te_lr)
         self.optim = make_optimizer(cfg, groups, self.device)
         if self.optim.note:
-            self.phase(self.optim.note)
+            self.warn(self.optim.note)
+        self.emit("optimizer", requested=cfg.optimizer, used=self.optim.used, note=self.optim.note)
         self.optimizer = self.optim.optimizer
         self.total_steps = self.plan.total_steps
         self.scheduler = make_scheduler(cfg, self.optimizer, self.total_steps)
@@ -298,7 +304,7 @@ class Trainer:
             self.tb = SummaryWriter(log_dir=str(self.run_dir / "logs"))
         except Exception as err:  # noqa: BLE001 - TensorBoard is a convenience, never a blocker
             self.tb = None
-            self.phase(f"TensorBoard logging is off ({type(err).__name__}: {err}).")
+            self.warn(f"TensorBoard logging is off ({type(err).__name__}: {err}).")
 
     # ---------------------------------------------------------------- one step
     def train_step(self, batch: data_mod.Batch) -> torch.Tensor:
@@ -524,16 +530,16 @@ class Trainer:
                     from lib_lora.training.guards import release_memory
 
                     release_memory(self)
-                    self.phase(f"No sample images at step {self.step}: the GPU ran out of memory; training goes on.")
+                    self.warn(f"No sample images at step {self.step}: the GPU ran out of memory; training goes on.")
             state_mod.after_step(self)
         if self.tokens.truncated:
-            self.phase(f"{len(self.tokens.truncated)} caption(s) were longer than 225 tokens and were cut.")
+            self.warn(f"{len(self.tokens.truncated)} caption(s) were longer than 225 tokens and were cut.")
 
     def make_samples(self) -> None:
         """Sample images of the LoRA as it is now, into <run dir>/samples; a `sample` event each."""
         cfg, bb = self.cfg, self.backbone
         if getattr(bb, "decode_latents", None) is None:
-            self.phase("No sample images: this model has no VAE decoder.")
+            self.warn("No sample images: this model has no VAE decoder.")
             return
         trigger = self.trigger_word()
         prompts = sample_mod.prompts_from(cfg.sample_prompts, trigger)
@@ -574,7 +580,7 @@ class Trainer:
                 write()
             except OSError as err:
                 why = "a file of that name is there already, kept" if isinstance(err, FileExistsError) else str(err)
-                self.phase(f"The LoRA is saved, but {target.name} could not be written ({why}).")
+                self.warn(f"The LoRA is saved, but {target.name} could not be written ({why}).")
 
     def written_export(self) -> dict | None:
         """The saved state when this run already wrote its final LoRA but was stopped before the

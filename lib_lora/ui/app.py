@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from lib_lora.hosts.base import Host
-from lib_lora.ui import compat, tab_edit, tab_prepare, tab_tag, tab_test, tab_train
+from lib_lora.ui import compat, memory, tab_edit, tab_prepare, tab_tag, tab_test, tab_train
 from lib_lora.ui.context import UIContext
 from lib_lora.ui.paths import FolderPolicy
 
@@ -56,6 +56,7 @@ def build_tabs(host: Host, policy: FolderPolicy | None = None, language: str | N
             with gr.Tab("7 Test", elem_id="fast_lora_tab_test"):
                 ctx.parts["test"] = tab_test.build(ctx)
         _link_tabs(ctx)
+        _on_load(blocks, ctx)
     blocks.fast_lora = ctx  # type: ignore[attr-defined]  # for tests and the hosts
     return blocks
 
@@ -73,15 +74,47 @@ def _link_tabs(ctx: UIContext) -> None:
     prep["event"].then(after_prepare, [prep["state"], tag["folder"], edit["folder"], train["dataset"]],
                        [tag["folder"], edit["folder"], train["dataset"]])
 
-    def after_train(lora_name: str, current: str) -> Any:
-        update = test["refresh_fn"](lora_name or current)
-        return update
-
-    train["event"].then(after_train, [train["lora_name"], test["lora"]], [test["lora"]])
+    train["event"].then(_after_train(ctx), [train["lora_name"], test["lora"]], [test["lora"]])
     if "name" in prep.get("controls", {}):
         # The dataset's name is the natural LoRA name.
         prep["controls"]["name"].change(lambda n, cur: n if n and not cur else gr.update(),
                                         [prep["controls"]["name"], train["name"]], [train["name"]])
+
+
+def restore_values(ctx: UIContext) -> list[Any]:
+    """The remembered controls' last used values (a no-op update where there is none)."""
+    saved = ctx.memory.load()
+    return [memory.restore_update(comp, saved.get(key)) for key, comp in ctx.remembered.items()]
+
+
+def _on_load(blocks: gr.Blocks, ctx: UIContext) -> None:
+    """A page (re)load gets the last used values back and reattaches to each tab's running or
+    last job: jobs live on the server, the page only watches them. The Test tab's LoRA list is
+    read again (the page is otherwise served as it was built at start)."""
+    fields = list(ctx.remembered.values())
+    if fields:
+        blocks.load(lambda: restore_values(ctx), None, fields)
+    test = ctx.parts["test"]
+    blocks.load(test["remembered_lora"], None, [test["lora"]])
+    for key in ("prepare", "tag", "train", "test"):
+        part = ctx.parts[key]
+        attached = blocks.load(part["reattach"], None, part["outputs"], **compat.event_kwargs())
+        if key == "train":  # a run watched from a reloaded page also lands in the Test tab's list
+            attached.then(_after_train(ctx), [part["lora_name"], test["lora"]], [test["lora"]])
+
+
+def save_values(ctx: UIContext, *values: Any) -> None:
+    """Every remembered control's current value (before the language switch reloads the page)."""
+    ctx.keep(list(ctx.remembered.values()), values)
+
+
+def _after_train(ctx: UIContext) -> Any:
+    """The Test tab's LoRA list read again, the new LoRA selected."""
+
+    def after_train(lora_name: str, current: str) -> Any:
+        return ctx.parts["test"]["refresh_fn"](lora_name or current)
+
+    return after_train
 
 
 def i18n_script() -> str:
@@ -108,9 +141,16 @@ def build_app(host: Host, policy: FolderPolicy | None = None) -> gr.Blocks:
         tabs = build_tabs(host, policy)  # created inside this Blocks, so it renders here
         ctx: UIContext = tabs.fast_lora  # type: ignore[attr-defined]
         show_zh = ctx.parts["edit"].get("show_zh")
-        lang.change(None, [lang], None, **compat.js(
+        # The switch reloads the page in the other language: the fields are saved first (they come
+        # back on load) and the open tab is noted for the reloaded page (fastLoraStandaloneInit).
+        fields = list(ctx.remembered.values())
+        lang.input(lambda *v: save_values(ctx, *v), fields, None).then(None, [lang], None, **compat.js(
             "(v) => { if ((localStorage.getItem('fast_lora_lang') || 'English') !== v) { "
-            "localStorage.setItem('fast_lora_lang', v); window.location.reload(); } return []; }"))
+            "localStorage.setItem('fast_lora_lang', v); "
+            "const app = document.querySelector('gradio-app'); const root = (app && app.shadowRoot) || document; "
+            "const tabs = [...root.querySelectorAll('#fast_lora_tabs .tab-nav button')]; "
+            "sessionStorage.setItem('fast_lora_tab', String(tabs.findIndex((b) => b.classList.contains('selected')))); "
+            "window.location.reload(); } return []; }"))
         app.load(None, None, [lang, show_zh] if show_zh is not None else [lang], **compat.js(i18n_script()))
     app.fast_lora = ctx  # type: ignore[attr-defined]
     return app

@@ -75,11 +75,15 @@ def _scope(session: Any, scope: str, tag_filter: str) -> list[str] | None:
 
 # ---- handlers: (ctx, folder, filter, show_zh, *args) -> view ---------------------------------
 
-def _guard(fn: Any) -> Any:
+def _guard(fn: Any, reopen: bool = False) -> Any:
+    """`reopen`: the edit wrote the files through a session of its own (the rule presets), so
+    the view reads them again instead of showing this session's captions from before."""
     def wrapped(ctx: UIContext, folder: str, tag_filter: str, show_zh: bool, *args: Any) -> tuple:
         try:
             session = open_session(ctx, folder)
             message = " ".join([*session.notes, fn(session, tag_filter, *args) or ""]).strip()
+            if reopen:
+                session = open_session(ctx, folder)
         except UserError as err:
             return (widgets.message_html(str(err), "error"), *(gr.update() for _ in range(4)))
         return view(session, tag_filter, show_zh, message or "", "ok" if message else "info")
@@ -149,13 +153,16 @@ def set_image_tags(session: Any, tag_filter: str, image: str, text: str) -> str:
     return f"Updated the tags of {image}."
 
 
-@_guard
-def apply(session: Any, tag_filter: str, preset: str, trigger: str) -> str:
+def _apply(session: Any, tag_filter: str, preset: str, trigger: str) -> str:
     rules = steps.rules()
     if isinstance(rules, steps.Missing):
         raise UserError(rules.message())
     diff = rules.apply_preset(session.dir, preset, trigger=(trigger or "").strip() or None)
     return f"Applied the {preset} rules: {len(diff.changed)} captions changed (Undo reverts them)."
+
+
+apply = _guard(_apply, reopen=True)
+apply.__name__ = "apply"
 
 
 def select_image(ctx: UIContext, folder: str, shown: list[str], show_zh: bool, evt: gr.SelectData) -> tuple:
@@ -269,8 +276,14 @@ def build(ctx: UIContext) -> dict[str, Any]:
     outs = [status, freqs, gallery, shown, image_tags]
     base = [folder, tag_filter, show_zh]
 
+    ctx.remember(folder, preset, trigger)
+
     def bind(trigger_event: Any, fn: Any, extra: list[Any]) -> Any:
-        return trigger_event(lambda *a: fn(ctx, *a), base + extra, outs)
+        def handler(*a: Any) -> tuple:
+            ctx.keep(base + extra, a)  # the folder (and preset, trigger) come back after a reload
+            return fn(ctx, *a)
+
+        return trigger_event(handler, base + extra, outs)
 
     bind(load_btn.click, load, [])
     bind(folder.submit, load, [])
@@ -290,7 +303,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
     bind(redo_btn.click, redo, [])
     bind(set_btn.click, set_image_tags, [image, image_tags])
     preview_btn.click(lambda f, p, t: preview(ctx, f, p, t), [folder, preset, trigger], [diff])
-    bind(apply_btn.click, apply, [preset, trigger]).then(lambda: "", None, [diff])
+    # The diff goes (it is applied); the outcome shows there, beside Apply, as well as at the top.
+    bind(apply_btn.click, apply, [preset, trigger]).then(lambda message: message, [status], [diff])
     return dict(folder=folder, load=load_btn, show_zh=show_zh, status=status, filter=tag_filter, freqs=freqs,
                 gallery=gallery, preset=preset, trigger=trigger, preview=preview_btn, apply=apply_btn, diff=diff,
                 undo=undo_btn, redo=redo_btn, shown=shown)

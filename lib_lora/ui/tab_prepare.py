@@ -8,6 +8,7 @@ that one image. Skipped files are listed with their reasons.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from PIL import Image, ImageOps
 from lib_lora.errors import UserError
 from lib_lora.ui import compat, forms, steps, widgets
 from lib_lora.ui.context import UIContext
+from lib_lora.ui.jobs import job_updates, stop_handler
 
 ID = "fast_lora_prepare_"
+TAB = "prepare"  # the runner's key for this tab's jobs
 
 
 def _record(item: Any) -> dict[str, Any]:
@@ -62,11 +65,12 @@ def skipped_rows(state: dict[str, Any]) -> list[list[str]]:
 
 
 def run_prepare(ctx: UIContext, src: str, names: list[str], *values: Any) -> Iterator[tuple]:
-    """Generator handler: (progress html, gallery, skipped rows, state, summary)."""
+    """Generator handler: (progress html, gallery, skipped rows, state, summary, Prepare button)."""
     mod, cfg_cls = steps.prepare(), steps.prepare_config()
+    idle = gr.update(interactive=True)
     for m in (mod, cfg_cls):
         if isinstance(m, steps.Missing):
-            yield widgets.message_html(m.message(), "missing"), [], [["", "", ""]], {}, ""
+            yield widgets.message_html(m.message(), "missing"), [], [["", "", ""]], {}, "", idle
             return
     try:
         src_dir = ctx.policy.check(src, "source folder")
@@ -74,24 +78,42 @@ def run_prepare(ctx: UIContext, src: str, names: list[str], *values: Any) -> Ite
         if "out" in names or hasattr(cfg, "out"):
             out = ctx.policy.check(cfg.out or ctx.default_folder(), "work folder", must_exist=False)
             cfg = dataclasses.replace(cfg, out=str(out))
-        job = ctx.runner.start("Prepare images", lambda p: mod.prepare_dataset(src_dir, cfg, progress=p))
+        job = ctx.runner.start("Prepare images", lambda p: mod.prepare_dataset(src_dir, cfg, progress=p), tab=TAB)
     except UserError as err:
-        yield widgets.message_html(str(err), "error"), gr.update(), gr.update(), gr.update(), ""
+        yield widgets.message_html(str(err), "error"), gr.update(), gr.update(), gr.update(), "", idle
         return
-    for j in ctx.runner.follow(job):
+    yield from follow_prepare(job)
+
+
+def follow_prepare(job: Any) -> Iterator[tuple]:
+    """The page's view of a Prepare job. The last dataset's gallery goes as soon as a new one
+    starts, so a failed run never shows the previous images as its own."""
+    busy, idle = gr.update(interactive=False), gr.update(interactive=True)
+    yield widgets.progress_html(0, 0, "starting"), [], [["", "", ""]], {}, "", busy
+    for j in job_updates(job):
         p = j.progress
         if j.running:
-            yield widgets.progress_html(p.done, p.total, p.text, p.eta_seconds(), p.elapsed()), gr.update(), \
-                gr.update(), gr.update(), ""
+            yield (widgets.progress_html(p.done, p.total, p.text, p.eta_seconds(), p.elapsed())
+                   + widgets.warnings_html(p.warnings), gr.update(), gr.update(), gr.update(), "", busy)
+    tail = widgets.warnings_html(job.progress.warnings)
     if job.error or job.cancelled:
-        msg = job.error or "Stopped."
-        yield widgets.message_html(msg, "error"), gr.update(), gr.update(), gr.update(), ""
+        kind = "error" if job.error else "stopped"
+        yield widgets.message_html(job.error or "Stopped.", kind) + tail, gr.update(), gr.update(), gr.update(), "", idle
         return
     state = report_state(job.result)
     n_ok = sum(_ok(r) for r in state["items"])
     done = widgets.progress_html(n_ok, len(state["items"]), f"done: {state['train_dir']}", None, job.progress.elapsed(),
                                  state="done")
-    yield done, gallery_items(state), skipped_rows(state), state, state["summary"]
+    yield done + tail, gallery_items(state), skipped_rows(state), state, state["summary"], idle
+
+
+def reattach(ctx: UIContext) -> Iterator[tuple]:
+    """On page load: the running or last Prepare of this tab, with its gallery."""
+    job = ctx.runner.job_for(TAB)
+    if job is None:
+        yield (gr.update(),) * 6
+        return
+    yield from follow_prepare(job)
 
 
 def select_image(state: dict[str, Any], evt: gr.SelectData) -> tuple:
@@ -209,14 +231,22 @@ def build(ctx: UIContext) -> dict[str, Any]:
     def _run(src_text: str, *vals: Any) -> Iterator[tuple]:
         yield from run_prepare(ctx, src_text, names, *vals)
 
-    event = run.click(_run, [src, *controls.values()], [status, gallery, skipped, state, summary],
-                      **compat.event_kwargs())
-    stop.click(lambda: ctx.runner.stop() and None, None, None, queue=False)
+    run_inputs = [src, *controls.values()]
+    ctx.remember(*run_inputs)
+
+    def _run_kept(*args: Any) -> Iterator[tuple]:
+        ctx.keep(run_inputs, args)
+        yield from _run(*args)
+
+    outputs = [status, gallery, skipped, state, summary, run]
+    event = run.click(_run_kept, run_inputs, outputs, **compat.event_kwargs())
+    stop.click(stop_handler(ctx.runner, TAB), None, [status], **compat.event_kwargs())
     gallery.select(select_image, [state], [source, index, *box])
     source.select(move_box, [state, index, *box], [source, *box])
     for n in box:
         n.submit(preview_box, [state, index, *box], [source])
     recrop_btn.click(lambda s, i, *b: recrop(ctx, s, i, *b), [state, index, *box], [recrop_msg, gallery, state])
     parts.update(src=src, controls=controls, names=names, run=run, stop=stop, status=status, gallery=gallery,
-                 skipped=skipped, state=state, event=event, summary=summary)
+                 skipped=skipped, state=state, event=event, summary=summary, outputs=outputs,
+                 reattach=functools.partial(reattach, ctx))
     return parts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,8 +11,10 @@ import gradio as gr
 from lib_lora.errors import UserError
 from lib_lora.ui import captions_view, compat, forms, steps, widgets
 from lib_lora.ui.context import UIContext
+from lib_lora.ui.jobs import job_updates, stop_handler
 
 ID = "fast_lora_tag_"
+TAB = "tag"  # the runner's key for this tab's jobs
 # Fields of TagConfig that belong to step 4 (rules); the Edit tab handles those.
 RULE_FIELDS = {"preset", "blacklist", "whitelist", "implications_file", "aliases_file"}
 
@@ -30,11 +33,11 @@ def make_tagger(ctx: UIContext, cfg: Any) -> Any:
 
 
 def run_tag(ctx: UIContext, folder: str, names: list[str], *values: Any) -> Iterator[tuple]:
-    """Generator handler: (progress html, gallery, caption rows)."""
+    """Generator handler: (progress html, gallery, caption rows, Tag button)."""
     cap, cfg_cls = steps.captions(), steps.tag_config()
     for m in (cap, cfg_cls):
         if isinstance(m, steps.Missing):
-            yield widgets.message_html(m.message(), "missing"), gr.update(), gr.update()
+            yield widgets.message_html(m.message(), "missing"), gr.update(), gr.update(), gr.update(interactive=True)
             return
     try:
         image_dir = captions_view.find_image_dir(ctx.policy.check(folder, "image folder"))
@@ -45,24 +48,45 @@ def run_tag(ctx: UIContext, folder: str, names: list[str], *values: Any) -> Iter
             tagger = make_tagger(ctx, cfg)
             return cap.tag_dataset(image_dir, tagger, cfg, progress=p)
 
-        job = ctx.runner.start("Tag images", work)
+        job = ctx.runner.start("Tag images", work, tab=TAB, view={"image_dir": image_dir})
     except UserError as err:
-        yield widgets.message_html(str(err), "error"), gr.update(), gr.update()
+        yield widgets.message_html(str(err), "error"), gr.update(), gr.update(), gr.update(interactive=True)
         return
-    for j in ctx.runner.follow(job):
+    yield from follow_tag(job)
+
+
+def follow_tag(job: Any) -> Iterator[tuple]:
+    """(status, gallery, caption rows, Tag button): the shown captions are cleared while tagging
+    rewrites them, and come back from the files when it ends."""
+    busy, idle = gr.update(interactive=False), gr.update(interactive=True)
+    yield widgets.progress_html(0, 0, "starting"), [], [["", ""]], busy
+    for j in job_updates(job):
         p = j.progress
         if j.running:
-            yield widgets.progress_html(p.done, p.total, p.text, p.eta_seconds(), p.elapsed()), gr.update(), gr.update()
+            yield (widgets.progress_html(p.done, p.total, p.text, p.eta_seconds(), p.elapsed())
+                   + widgets.warnings_html(p.warnings), gr.update(), gr.update(), busy)
+    tail = widgets.warnings_html(job.progress.warnings)
     if job.error or job.cancelled:
-        yield widgets.message_html(job.error or "Stopped.", "error"), gr.update(), gr.update()
+        kind = "error" if job.error else "stopped"
+        yield widgets.message_html(job.error or "Stopped.", kind) + tail, gr.update(), gr.update(), idle
         return
+    image_dir = job.view.get("image_dir")
     rows = captions_view.caption_rows(image_dir)
     text = f"Tagged {len(rows)} images in {image_dir}."
     summary = getattr(job.result, "summary", None)
     if callable(summary):
         text = str(summary())
-    yield (widgets.progress_html(len(rows), len(rows), text, None, job.progress.elapsed(), state="done"),
-           gallery_of(image_dir), rows or [["", ""]])
+    yield (widgets.progress_html(len(rows), len(rows), text, None, job.progress.elapsed(), state="done") + tail,
+           gallery_of(image_dir), rows or [["", ""]], idle)
+
+
+def reattach(ctx: UIContext) -> Iterator[tuple]:
+    """On page load: the running or last tagging of this tab."""
+    job = ctx.runner.job_for(TAB)
+    if job is None or not job.view.get("image_dir"):
+        yield (gr.update(),) * 4
+        return
+    yield from follow_tag(job)
 
 
 def gallery_of(image_dir: Any) -> list[tuple[Any, str]]:
@@ -111,9 +135,17 @@ def build(ctx: UIContext) -> dict[str, Any]:
     def _run(folder_text: str, *vals: Any) -> Iterator[tuple]:
         yield from run_tag(ctx, folder_text, names, *vals)
 
-    event = run.click(_run, [folder, *controls.values()], [status, gallery, table], **compat.event_kwargs())
-    stop.click(lambda: ctx.runner.stop() and None, None, None, queue=False)
+    run_inputs = [folder, *controls.values()]
+    ctx.remember(*run_inputs)
+
+    def _run_kept(*args: Any) -> Iterator[tuple]:
+        ctx.keep(run_inputs, args)
+        yield from _run(*args)
+
+    outputs = [status, gallery, table, run]
+    event = run.click(_run_kept, run_inputs, outputs, **compat.event_kwargs())
+    stop.click(stop_handler(ctx.runner, TAB), None, [status], **compat.event_kwargs())
     show.click(lambda f: show_folder(ctx, f), [folder], [status, gallery, table])
-    return dict(folder=folder, controls=controls, names=names, run=run, status=status, gallery=gallery, table=table,
-                event=event)
+    return dict(folder=folder, controls=controls, names=names, run=run, stop=stop, status=status, gallery=gallery,
+                table=table, event=event, outputs=outputs, reattach=functools.partial(reattach, ctx))
 

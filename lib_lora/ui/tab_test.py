@@ -3,6 +3,7 @@ generator (the WebUI's own pipeline inside the WebUI; diffusers on the loaded ba
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -14,8 +15,10 @@ from lib_lora.errors import UserError
 from lib_lora.names import validate_name
 from lib_lora.ui import compat, widgets
 from lib_lora.ui.context import UIContext
+from lib_lora.ui.jobs import job_updates, stop_handler
 
 ID = "fast_lora_test_"
+TAB = "test"  # the runner's key for this tab's jobs
 DEFAULT_PROMPTS = "{name}, portrait, looking at viewer\n{name}, full body, outdoors"
 
 
@@ -100,7 +103,7 @@ def sampler_names(ctx: UIContext) -> list[str]:
 def run_test(ctx: UIContext, name: str, prompts_text: str, weights_text: str, negative: str, seed: float,
              sample_steps: float, cfg_scale: float, width: float, height: float, sampler: str | None = None,
              ) -> Iterator[tuple]:
-    """Generator handler: (status html, grid image)."""
+    """Generator handler: (status html, grid image, Generate button)."""
     try:
         name = validate_name(name or "", "LoRA name")
         if name not in lora_names(ctx):
@@ -119,19 +122,40 @@ def run_test(ctx: UIContext, name: str, prompts_text: str, weights_text: str, ne
             images = ctx.host.generate(cells, int(seed), progress=p, **kw)
             return make_grid(images, rows, weights)
 
-        job = ctx.runner.start("Test", work)
+        done_text = f"{len(rows)} prompts × {len(weights)} weights, seed {int(seed)}."
+        job = ctx.runner.start("Test", work, tab=TAB, view={"cells": len(cells), "done_text": done_text})
     except UserError as err:
-        yield widgets.message_html(str(err), "error"), gr.update()
+        yield widgets.message_html(str(err), "error"), gr.update(), gr.update(interactive=True)
         return
-    for j in ctx.runner.follow(job):
+    yield from follow_test(job)
+
+
+def follow_test(job: Any) -> Iterator[tuple]:
+    """(status, grid, Generate button): the last grid is cleared when a new one starts."""
+    cells, done_text = job.view.get("cells", 0), job.view.get("done_text", "Done.")
+    busy = gr.update(interactive=False)
+    yield widgets.progress_html(0, cells, "starting"), None, busy
+    for j in job_updates(job):
         p = j.progress
         if j.running:
-            yield widgets.progress_html(p.done, p.total or len(cells), p.text or "generating", p.eta_seconds(),
-                                        p.elapsed()), gr.update()
+            yield (widgets.progress_html(p.done, p.total or cells, p.text or "generating", p.eta_seconds(),
+                                         p.elapsed()) + widgets.warnings_html(p.warnings), gr.update(), busy)
+    tail = widgets.warnings_html(job.progress.warnings)
+    idle = gr.update(interactive=True)
     if job.error or job.cancelled:
-        yield widgets.message_html(job.error or "Stopped.", "error"), gr.update()
+        kind = "error" if job.error else "stopped"
+        yield widgets.message_html(job.error or "Stopped.", kind) + tail, gr.update(), idle
         return
-    yield widgets.message_html(f"{len(rows)} prompts × {len(weights)} weights, seed {int(seed)}.", "ok"), job.result
+    yield widgets.message_html(done_text, "ok") + tail, job.result, idle
+
+
+def reattach(ctx: UIContext) -> Iterator[tuple]:
+    """On page load: the running or last grid of this tab."""
+    job = ctx.runner.job_for(TAB)
+    if job is None:
+        yield gr.update(), gr.update(), gr.update()
+        return
+    yield from follow_test(job)
 
 
 def build(ctx: UIContext) -> dict[str, Any]:
@@ -171,9 +195,19 @@ def build(ctx: UIContext) -> dict[str, Any]:
         names = lora_names(ctx)
         return compat.update(choices=names, value=current if current in names else (names[-1] if names else None))
 
-    event = run.click(_run, [lora, prompts, weights, negative, seed, sample_steps, cfg_scale, width, height, sampler],
-                      [status, grid], **compat.event_kwargs())
-    stop.click(lambda: ctx.runner.stop() and None, None, None, queue=False)
+    run_inputs = [lora, prompts, weights, negative, seed, sample_steps, cfg_scale, width, height, sampler]
+    ctx.remember(*run_inputs[1:])  # the LoRA list is re-read on load instead (a new one may be there)
+
+    def _run_kept(*args: Any) -> Iterator[tuple]:
+        ctx.keep(run_inputs, args)
+        ctx.memory.save({ID + "lora": args[0]})
+        yield from _run(*args)
+
+    outputs = [status, grid, run]
+    event = run.click(_run_kept, run_inputs, outputs, **compat.event_kwargs())
+    stop.click(stop_handler(ctx.runner, TAB), None, [status], **compat.event_kwargs())
     refresh.click(_refresh, [lora], [lora])
     return dict(lora=lora, refresh=refresh, prompts=prompts, weights=weights, width=width, height=height, sampler=sampler,
-                seed=seed, steps=sample_steps, run=run, status=status, grid=grid, event=event, refresh_fn=_refresh)
+                seed=seed, steps=sample_steps, run=run, stop=stop, status=status, grid=grid, event=event,
+                refresh_fn=_refresh, outputs=outputs, reattach=functools.partial(reattach, ctx),
+                remembered_lora=lambda: _refresh(ctx.memory.get(ID + "lora") or ""))

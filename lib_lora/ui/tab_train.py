@@ -6,6 +6,7 @@ progress bar with ETA, the live loss chart, the LR-probe plot and samples as the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from lib_lora.filememo import FileMemo
 from lib_lora.names import validate_name
 from lib_lora.ui import compat, forms, steps, widgets
 from lib_lora.ui.context import UIContext
+from lib_lora.ui.jobs import job_updates, stop_handler
 
 ID = "fast_lora_train_"
+TAB = "train"  # the runner's key for this tab's jobs
 # Handled by dedicated controls (or by the host) instead of generated ones.
 SPECIAL = {"lr", "output_dir", "dataset", "name"}
 # Basic controls shown side by side; any other basic field follows, one per line.
@@ -109,6 +112,7 @@ class Live:
     changed_loss: bool = False
     changed_probe: bool = False
     changed_samples: bool = False
+    ran: list[str] = dataclasses.field(default_factory=list)
 
     def feed(self, events: list[dict[str, Any]]) -> None:
         self.changed_loss = self.changed_probe = self.changed_samples = False
@@ -149,13 +153,18 @@ def result_text(result: Any) -> tuple[str, list[list[str]]]:
     return text, rows or [["", ""]]
 
 
+STOPPED = "Stopped: the run's state is kept in its run folder; start again to resume."
+
+
 def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode: str, lr_value: str,
               *values: Any) -> Iterator[tuple]:
-    """Generator handler: (progress, loss chart, probe plot, samples, result text, metadata rows, lora name)."""
+    """Generator handler: (progress, loss chart, probe plot, samples, result text, metadata rows,
+    lora name, Start button)."""
     keep = (gr.update(),) * 6
+    idle = gr.update(interactive=True)
     run = steps.training_run()
     if isinstance(run, steps.Missing):
-        yield (widgets.message_html(run.message(), "missing"), *keep)
+        yield (widgets.message_html(run.message(), "missing"), *keep, idle)
         return
     try:
         cfg = form.config(ctx, name, dataset, lr_mode, lr_value, list(values))
@@ -170,32 +179,65 @@ def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode:
             ctx.host.after_save(Path(result.lora_path))
             return result
 
-        job = ctx.runner.start("Train", work)
+        job = ctx.runner.start("Train", work, tab=TAB)
     except UserError as err:
-        yield (widgets.message_html(str(err), "error"), *keep)
+        yield (widgets.message_html(str(err), "error"), *keep, idle)
         return
+    yield from follow_train(job)
+
+
+def reattach(ctx: UIContext) -> Iterator[tuple]:
+    """On page load: show the tab's running or last run (progress, charts, samples, result)."""
+    job = ctx.runner.job_for(TAB)
+    if job is None:
+        yield (gr.update(),) * 8
+        return
+    yield from follow_train(job)
+
+
+def ran_lines(events: list[dict[str, Any]]) -> list[str]:
+    """What actually ran where the form cannot say it: the optimizer used (and why it differs)."""
+    out = []
+    for ev in events:
+        if ev.get("kind") == "optimizer" and ev.get("used"):
+            used = str(ev["used"]).rsplit(".", 1)[-1]
+            why = f" ({ev['note']})" if ev.get("note") else ""
+            out.append(f"optimizer: {used}{why}")
+    return out[-1:]
+
+
+def follow_train(job: Any) -> Iterator[tuple]:
+    """The page's view of a training job, from its first event: a new run clears the last
+    one's chart, samples and result at once; Start stays disabled while it runs."""
     live = Live()
-    for j in ctx.runner.follow(job):
+    busy = gr.update(interactive=False)
+    yield (widgets.progress_html(0, 0, "starting"), None, None, [], "", [["", ""]], gr.update(), busy)
+    for j in job_updates(job):
         p = j.progress
-        live.feed(p.events_since(live.seen))
+        events = p.events_since(live.seen)
+        live.feed(events)
+        live.ran = ran_lines(events) or live.ran
         text = live.phase if not p.text else p.text
         if live.losses:
             text = f"{text} · loss {live.losses[-1][1]:.4f}"
         status = widgets.progress_html(p.done, p.total, text, p.eta_seconds(), p.elapsed(),
                                        state="running" if j.running else "done")
+        status += widgets.ran_html(live.ran) + widgets.warnings_html(p.warnings)
         yield (status,
                widgets.loss_chart(live.losses) if live.changed_loss else gr.update(),
                live.probe_image() if live.changed_probe else gr.update(),
                live.sample_items() if live.changed_samples else gr.update(),
-               gr.update(), gr.update(), gr.update())
+               gr.update(), gr.update(), gr.update(), busy)
+    tail = widgets.ran_html(live.ran) + widgets.warnings_html(job.progress.warnings)
+    idle = gr.update(interactive=True)
     if job.error or job.cancelled:
-        msg = job.error or "Stopped: the run's state is kept in its run folder; start again to resume."
-        yield (widgets.message_html(msg, "error"), *keep)
+        kind = "error" if job.error else "stopped"
+        yield (widgets.message_html(job.error or STOPPED, kind) + tail, *(gr.update(),) * 6, idle)
         return
     text, rows = result_text(job.result)
     lora_name = Path(job.result.lora_path).stem
-    yield (widgets.message_html(text, "ok"), widgets.loss_chart(live.losses) or gr.update(), gr.update(),
-           live.sample_items() or gr.update(), text, rows, lora_name)
+    yield (widgets.message_html(text, "ok") + tail, widgets.loss_chart(live.losses) or gr.update(), gr.update(),
+           live.sample_items() or gr.update(), text, rows, lora_name, idle)
 
 
 def preset_values(form: TrainForm, preset: str, *values: Any) -> list[Any]:
@@ -251,8 +293,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id=ID + "start")
                 stop = gr.Button("Stop", variant="stop", elem_id=ID + "stop")
+            status = gr.HTML(elem_id=ID + "status")  # beside the buttons: progress, errors, warnings
         with gr.Column(scale=3):
-            status = gr.HTML(elem_id=ID + "status")
             loss = gr.Image(label="Loss", type="pil", interactive=False, elem_id=ID + "loss")
             with gr.Row():
                 probe = gr.Image(label="Learning-rate probe", type="pil", interactive=False, elem_id=ID + "probe")
@@ -274,9 +316,17 @@ def build(ctx: UIContext) -> dict[str, Any]:
     def _run(n: str, ds: str, mode: str, lrv: str, *vals: Any) -> Iterator[tuple]:
         yield from run_train(ctx, form, n, ds, mode, lrv, *vals)
 
-    event = start.click(_run, [name, dataset, lr_mode, lr_value, *inputs],
-                        [status, loss, probe, samples, result, meta, lora_name], **compat.event_kwargs())
-    stop.click(lambda: ctx.runner.stop() and None, None, None, queue=False)
+    run_inputs = [name, dataset, lr_mode, lr_value, *inputs]
+    ctx.remember(*run_inputs)
+
+    def _run_kept(*args: Any) -> Iterator[tuple]:
+        ctx.keep(run_inputs, args)
+        yield from _run(*args)
+
+    outputs = [status, loss, probe, samples, result, meta, lora_name, start]
+    event = start.click(_run_kept, run_inputs, outputs, **compat.event_kwargs())
+    stop.click(stop_handler(ctx.runner, TAB, STOPPED), None, [status], **compat.event_kwargs())
     return dict(form=form, preset=preset, name=name, dataset=dataset, lr_mode=lr_mode, lr_value=lr_value,
                 controls=controls, steps=steps_md, start=start, stop=stop, status=status, loss=loss, probe=probe,
-                samples=samples, result=result, meta=meta, lora_name=lora_name, event=event)
+                samples=samples, result=result, meta=meta, lora_name=lora_name, event=event, outputs=outputs,
+                reattach=functools.partial(reattach, ctx))

@@ -39,8 +39,23 @@ def progress_html(done: int, total: int, text: str = "", eta: float | None = Non
 
 
 def message_html(text: str, kind: str = "info") -> str:
-    """kind: info | ok | error | missing."""
+    """kind: info | ok | error | missing | stopped."""
     return f'<div class="fast-lora-msg fast-lora-msg-{kind}">{html.escape(text, quote=False)}</div>'
+
+
+def warnings_html(lines: list[str]) -> str:
+    """The job's warnings (what the CLI prints as warnings), under its progress; '' when none."""
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(t, quote=False)}</li>" for t in lines)
+    return f'<div class="fast-lora-warnings"><div class="fast-lora-warnings-title">Warnings</div><ul>{items}</ul></div>'
+
+
+def ran_html(lines: list[str]) -> str:
+    """What actually ran, where it differs from what the form says (e.g. the optimizer used)."""
+    if not lines:
+        return ""
+    return '<div class="fast-lora-ran">' + "<br>".join(html.escape(t, quote=False) for t in lines) + "</div>"
 
 
 def loss_chart(points: list[tuple[int, float]], title: str = "loss", width: int = 640, height: int = 280) -> Image.Image | None:

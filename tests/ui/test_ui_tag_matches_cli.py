@@ -42,7 +42,7 @@ def test_tag_tab_and_cli_write_the_same_captions(tmp_path: Path, tagger_files) -
     names = [f.name for fields in groups for f in fields]
     values = forms.values_of(TagConfig(**settings), names)
     host = StandaloneHost(output_dir=tmp_path / "loras", work_dir=tmp_path / "work", device="cpu")
-    *_, (status, _gallery, _rows) = tab_tag.run_tag(UIContext(host=host), str(tab_dir), names, *values)
+    *_, (status, _gallery, _rows, _button) = tab_tag.run_tag(UIContext(host=host), str(tab_dir), names, *values)
     assert "3 of 3 images tagged with deepdanbooru" in status, status
 
     cli, tab = captions(cli_dir), captions(tab_dir)
