@@ -160,15 +160,20 @@ def on_app_started(demo: Any, app: Any) -> None:
 
 
 def missing_banner() -> str:
-    steps = reqs.plan(reqs.installed_distributions(reqs.relevant_names()))
-    if not steps:
+    installed = reqs.installed_distributions(reqs.relevant_names())
+    steps = reqs.plan(installed)
+    held = [reqs.blocked_message(*b) for b in reqs.blocked(installed)]
+    if not steps and not held:
         return ""
     import sys
 
-    names = ", ".join(n for step in steps for n in step.names)
-    lines = "\n".join(f"    {reqs.command_line([sys.executable, '-m', 'pip', *step.pip_args()])}" for step in steps)
-    return (f"**Fast LoRA is missing {names}** (its installer could not add them). "
-            f"Steps that need them will not work. Install them by hand, then restart the WebUI:\n\n{lines}\n")
+    text = "".join(f"**Fast LoRA:** {line}\n\n" for line in held)
+    if steps:
+        names = ", ".join(n for step in steps for n in step.names)
+        lines = "\n".join(f"    {reqs.command_line([sys.executable, '-m', 'pip', *step.pip_args()])}" for step in steps)
+        text += (f"**Fast LoRA is missing {names}** (its installer could not add them). "
+                 f"Steps that need them will not work. Install them by hand, then restart the WebUI:\n\n{lines}\n")
+    return text
 
 
 def ui_tabs() -> list[tuple[Any, str, str]]:
