@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from lib_lora.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# On a stop (Ctrl+C, SIGTERM): how long the running job may take to end its current step and
+# write its checkpoint and resumable state, and the server to close its connections. A second
+# signal ends the process at once (lib_lora.cli.stop_on_terminate).
+JOB_STOP_SECONDS = 120.0
+SERVER_CLOSE_SECONDS = 5.0
 
 
 def is_loopback(host: str) -> bool:
@@ -72,4 +80,23 @@ def run(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     finally:
-        app.close()
+        shut_down(app)
+
+
+def shut_down(app: Any, job_seconds: float = JOB_STOP_SECONDS, close_seconds: float = SERVER_CLOSE_SECONDS) -> None:
+    """Stop the running job the way its Stop button does (it saves its checkpoint and state),
+    then the server. Neither may hold the process: the job gets `job_seconds` to end its step,
+    and the server, whose open page connections can keep it from closing, `close_seconds`."""
+    ctx = getattr(app, "fast_lora", None)
+    job = ctx.runner.current if ctx is not None else None
+    if job is not None and job.running:
+        print(f"Stopping '{job.title}': its state is saved so that starting it again resumes it "
+              "(press Ctrl+C again to quit at once)...", flush=True)
+        ctx.runner.stop()
+        if job.finished.wait(job_seconds):
+            print(f"'{job.title}' stopped; its state is saved.", flush=True)
+        else:
+            print(f"'{job.title}' did not stop within {job_seconds:.0f} s; quitting without its latest steps.", flush=True)
+    closer = threading.Thread(target=app.close, name="fast-lora-close", daemon=True)
+    closer.start()
+    closer.join(close_seconds)
