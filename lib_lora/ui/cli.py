@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a folder the page may read and write when listening beyond loopback (repeatable; "
                         "the work and output folders are always allowed)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, exit_at_once=True)  # see lib_lora.cli.main
 
 
 def make_app(args: argparse.Namespace):  # -> gr.Blocks
@@ -93,8 +93,9 @@ def shut_down(app: Any, job_seconds: float = JOB_STOP_SECONDS, close_seconds: fl
         print(f"Stopping '{job.title}': its state is saved so that starting it again resumes it "
               "(press Ctrl+C again to quit at once)...", flush=True)
         ctx.runner.stop()
+        t0 = time.monotonic()
         if job.finished.wait(job_seconds):
-            print(f"'{job.title}' stopped; its state is saved.", flush=True)
+            print(f"'{job.title}' stopped after {time.monotonic() - t0:.1f} s; its state is saved.", flush=True)
         else:
             print(f"'{job.title}' did not stop within {job_seconds:.0f} s; quitting without its latest steps.", flush=True)
     closer = threading.Thread(target=app.close, name="fast-lora-close", daemon=True)

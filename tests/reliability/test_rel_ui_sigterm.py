@@ -121,7 +121,9 @@ def test_sigterm_during_a_training_saves_its_state_then_exits(tmp_path):
             proc.kill()
     text = log.read_text(encoding="utf-8")
     assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
-    assert "'Train' stopped; its state is saved." in text, text[-3000:]
+    stopped = [line for line in text.splitlines() if line.startswith("'Train' stopped after")]
+    assert stopped and stopped[0].endswith("; its state is saved."), text[-3000:]
+    print(stopped[0])
     run_dir = tmp_path / "work" / "runs" / "term"
     saved = load_state(state_path(run_dir))
     assert 3 <= saved["step"] < steps
