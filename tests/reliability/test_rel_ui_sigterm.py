@@ -19,8 +19,8 @@ from helpers_rel import make_dataset
 from lib_lora.training.state import load_state, state_path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Exit within this of the signal (measured 2-5 s idle on a 2-core machine under load ~8: the
-# server closes in ~0.2 s, the rest is the interpreter unloading torch and gradio).
+# Exit within this of the signal: the figure of the report this test answers (measured on a
+# 2-core machine under load ~8: 0.3 s idle; 3.3 s with a training, 3.0 s of it the job's stop).
 EXIT_SECONDS = 20
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")]
