@@ -31,6 +31,8 @@ def _pip(args: list[str], desc: str) -> None:
 def main() -> int:
     installed = reqs.installed_distributions(reqs.relevant_names())
     steps = reqs.plan(installed)
+    for req, dist, version in reqs.blocked(installed):
+        print(f"Fast LoRA: {reqs.blocked_message(req, dist, version)}", file=sys.stderr)
     if not steps:
         return 0
     failed = []

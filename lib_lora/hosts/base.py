@@ -31,8 +31,9 @@ class Host(Protocol):
     def tagger(self, threshold: float) -> Any | None:
         """A tagger the host already has (the WebUI's Deepbooru) reporting scores >= threshold, or None."""
 
-    def after_save(self, lora_path: Path) -> None:
-        """Make a freshly written LoRA visible (refresh the WebUI's card list)."""
+    def after_save(self, lora_path: Path, progress: Progress | None = None) -> None:
+        """Make a freshly written LoRA visible (refresh the WebUI's card list); inside a job, with
+        the job's progress (a preview image is a phase of it, stopped by its Stop)."""
 
     def samplers(self) -> list[str]:
         """Sampler names the Test step offers (`generate(sampler_name=...)`); the first is the default."""

@@ -144,7 +144,7 @@ class StandaloneHost:
     def tagger(self, threshold: float) -> Any | None:
         return None
 
-    def after_save(self, lora_path: Path) -> None:
+    def after_save(self, lora_path: Path, progress: Progress | None = None) -> None:
         log.info("LoRA saved: %s", lora_path)
 
     # Test images

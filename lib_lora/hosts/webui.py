@@ -285,6 +285,60 @@ class JobRecord:
 
 
 # --------------------------------------------------------------------------------------------
+# The preview image made after a training
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviewSettings:
+    enabled: bool = True
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    sampler: str = "Euler a"
+
+
+def preview_settings() -> PreviewSettings:
+    """The Settings' preview options (webui_app.settings_options), bounded as their sliders are."""
+    d = PreviewSettings()
+
+    def number(key: str, default: int, lo: int, hi: int) -> int:
+        try:
+            return max(lo, min(hi, int(opt(key, default))))
+        except (TypeError, ValueError):
+            return default
+
+    return PreviewSettings(
+        enabled=bool(opt("fast_lora_preview", d.enabled)),
+        width=number("fast_lora_preview_width", d.width, 64, 2048) // 8 * 8,
+        height=number("fast_lora_preview_height", d.height, 64, 2048) // 8 * 8,
+        steps=number("fast_lora_preview_steps", d.steps, 1, 150),
+        sampler=str(opt("fast_lora_preview_sampler", d.sampler) or d.sampler),
+    )
+
+
+@contextlib.contextmanager
+def interrupt_on_cancel(progress: Any, state: Any, total: int, text: str, poll: float = 0.05) -> Iterator[None]:
+    """While the WebUI generates: its sampling step on our progress, and our Stop as its Interrupt
+    (its samplers poll `state.interrupted`; the tab's Stop only sets our progress's flag)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll):
+            if progress.cancelled():
+                state.interrupt()
+                return
+            progress.update(min(int(getattr(state, "sampling_step", 0) or 0), total), total, text)
+
+    watcher = threading.Thread(target=watch, name="fast-lora-preview-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
+# --------------------------------------------------------------------------------------------
 # The host
 
 
@@ -380,14 +434,19 @@ class WebUIHost:
         shared.state.textinfo = title
         progress = StateProgress(shared.state, self._note_progress)
         stack = contextlib.ExitStack()  # holds training_state once backbone() is called
-        self._local.__dict__.update(progress=progress, stack=stack, guarded=False, previews=[])
+        self._local.__dict__.update(progress=progress, stack=stack, guarded=False)
         try:
             with stack:
                 yield progress
-            # The model is the WebUI's own again: previews use its normal generation path.
-            self._make_previews(self._local.previews)
         finally:
-            self._local.__dict__.update(progress=None, stack=None, guarded=False, previews=[])
+            self._local.__dict__.update(progress=None, stack=None, guarded=False)
+
+    def _give_model_back(self) -> None:
+        """End training_state now, inside the job (the next backbone() call takes it again)."""
+        stack = getattr(self._local, "stack", None)
+        if stack is not None:
+            stack.close()
+            self._local.guarded = False
 
     def run_job(self, title: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run `fn(progress, *args, **kwargs)` through the WebUI's `wrap_gradio_gpu_call`:
@@ -423,31 +482,48 @@ class WebUIHost:
             return None
         return DeepbooruTagger(threshold)
 
-    def after_save(self, lora_path: Path) -> None:
-        """Make a new LoRA usable at once: the WebUI's card list, and (at the end of the job) a
-        `.preview.png` generated with it. Its card `.json` is written by the trainer's run."""
+    def after_save(self, lora_path: Path, progress: Any = None) -> None:
+        """Make a new LoRA usable at once: the WebUI's card list, and (inside a job, unless the
+        settings turn it off) a `.preview.png` generated with it, as the job's last phase. Its
+        card `.json` is written by the trainer's run."""
         lora_path = Path(lora_path)
         nets = lora_extension()
         if nets is not None:
             nets.list_available_networks()
-        if getattr(self._local, "stack", None) is not None:
-            self._local.previews.append(lora_path)
+        if getattr(self._local, "stack", None) is None:
+            return  # generating needs the queue lock, which only a job holds
+        settings = preview_settings()
+        if settings.enabled:
+            self._give_model_back()  # the preview uses the WebUI's own generation path
+            self._make_preview(lora_path, progress or self._local.progress, settings)
 
-    def _make_previews(self, paths: list[Path]) -> None:
+    def _make_preview(self, path: Path, progress: Any, settings: PreviewSettings) -> None:
+        """The card's preview image. Stop (the tab's or the WebUI's Interrupt) ends it at once
+        and writes none; the LoRA is saved already, so a failure only costs the picture."""
         from lib_lora.training.export import read_metadata
 
         shared = a1111("shared")
-        for path in paths:
-            try:
-                shared.state.textinfo = f"Making the preview image of {path.stem}..."
-                meta = read_metadata(path)
-                trigger = meta.get("ss_output_name") or path.stem
-                seed = int(meta.get("ss_seed", 1234))
-                image = self.generate([f"{trigger}, <lora:{path.stem}:1>"], seed=seed)[0]
-                write_preview(path, image)
-                shared.state.assign_current_image(image)
-            except Exception:  # a preview is a nicety: the LoRA is already saved
-                log.warning("Fast LoRA: could not make the preview image for %s", path, exc_info=True)
+        text = f"Making the preview image of {path.stem}"
+        if hasattr(progress, "event"):
+            progress.event({"kind": "phase", "name": "preview", "text": text})
+        progress.update(0, settings.steps, text)
+        if progress.cancelled():
+            return
+        try:
+            meta = read_metadata(path)
+            trigger = meta.get("ss_output_name") or path.stem
+            seed = int(meta.get("ss_seed", 1234))
+            with interrupt_on_cancel(progress, shared.state, settings.steps, text):
+                images = self.generate([f"{trigger}, <lora:{path.stem}:1>"], seed=seed, width=settings.width,
+                                       height=settings.height, steps=settings.steps, sampler_name=settings.sampler)
+            if progress.cancelled() or shared.state.interrupted or not images:
+                # an interrupted sampler still returns its half-denoised image: not a preview
+                log.info("Fast LoRA: preview of %s stopped; the LoRA is saved", path)
+                return
+            write_preview(path, images[0])
+            shared.state.assign_current_image(images[0])
+        except Exception:  # a preview is a nicety: the LoRA is already saved
+            log.warning("Fast LoRA: could not make the preview image for %s", path, exc_info=True)
 
     def samplers(self) -> list[str]:
         """The WebUI's visible samplers (its settings can hide some); DPM++ 2M (Karras) first when there."""
@@ -522,7 +598,7 @@ class WebUIHost:
         if lora_path is None or not lora_path.is_file():
             summary["lora_path"] = ""
             return summary
-        self.after_save(lora_path)
+        self.after_save(lora_path, progress)
         return summary
 
     def test_grid(self, progress: StateProgress, name: str, prompts: list[str], seed: int = 1234,

@@ -34,10 +34,19 @@ ACTIVE = ("queued", "running", "stopping")
 
 
 def settings_options() -> list[tuple[str, Any, str, dict | None]]:
-    """(key, default, label, component kwargs) of the settings section."""
+    """(key, default, label, component kwargs) of the settings section. Choices given as a
+    function are read when the Settings page is built (the WebUI's samplers are known then)."""
+    preview = webui.PreviewSettings()
     return [
         ("fast_lora_work_dir", "", "Work folder for datasets and training runs (empty: <webui>/fast_lora)", None),
         ("fast_lora_preset", "person", "Default training preset", {"choices": list(PRESETS)}),
+        ("fast_lora_preview", preview.enabled,
+         "Make a preview image for the LoRA's card after each training (Stop on the Train tab ends it)", None),
+        ("fast_lora_preview_width", preview.width, "Preview image width", {"minimum": 64, "maximum": 2048, "step": 8}),
+        ("fast_lora_preview_height", preview.height, "Preview image height", {"minimum": 64, "maximum": 2048, "step": 8}),
+        ("fast_lora_preview_steps", preview.steps, "Preview image sampling steps", {"minimum": 1, "maximum": 150, "step": 1}),
+        ("fast_lora_preview_sampler", preview.sampler, "Preview image sampler",
+         {"choices": lambda: webui.get_host().samplers()}),
     ]
 
 
@@ -47,12 +56,16 @@ def add_settings() -> None:
 
     shared = webui.a1111("shared")
     for key, default, label, kwargs in settings_options():
-        component = None
+        component, args = None, kwargs
         if kwargs and "choices" in kwargs:
-            component = gr.Radio if len(kwargs["choices"]) <= 3 else gr.Dropdown
+            choices = kwargs["choices"]
+            if callable(choices):
+                component, args = gr.Dropdown, (lambda choices=choices: {"choices": choices()})
+            else:
+                component = gr.Radio if len(choices) <= 3 else gr.Dropdown
         elif kwargs:
             component = gr.Slider
-        shared.opts.add_option(key, shared.OptionInfo(default, label, component, kwargs, section=webui.SETTINGS_SECTION))
+        shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=webui.SETTINGS_SECTION))
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,15 +200,20 @@ def on_app_started(demo: Any, app: Any) -> None:
 
 
 def missing_banner() -> str:
-    steps = reqs.plan(reqs.installed_distributions(reqs.relevant_names()))
-    if not steps:
+    installed = reqs.installed_distributions(reqs.relevant_names())
+    steps = reqs.plan(installed)
+    held = [reqs.blocked_message(*b) for b in reqs.blocked(installed)]
+    if not steps and not held:
         return ""
     import sys
 
-    names = ", ".join(n for step in steps for n in step.names)
-    lines = "\n".join(f"    {reqs.command_line([sys.executable, '-m', 'pip', *step.pip_args()])}" for step in steps)
-    return (f"**Fast LoRA is missing {names}** (its installer could not add them). "
-            f"Steps that need them will not work. Install them by hand, then restart the WebUI:\n\n{lines}\n")
+    text = "".join(f"**Fast LoRA:** {line}\n\n" for line in held)
+    if steps:
+        names = ", ".join(n for step in steps for n in step.names)
+        lines = "\n".join(f"    {reqs.command_line([sys.executable, '-m', 'pip', *step.pip_args()])}" for step in steps)
+        text += (f"**Fast LoRA is missing {names}** (its installer could not add them). "
+                 f"Steps that need them will not work. Install them by hand, then restart the WebUI:\n\n{lines}\n")
+    return text
 
 
 def ui_tabs() -> list[tuple[Any, str, str]]:

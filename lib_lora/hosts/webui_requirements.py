@@ -30,18 +30,30 @@ class Requirement:
     hi: str | None = None
     no_deps: bool = False  # install with --no-deps
     alternatives: tuple[str, ...] = ()  # other distributions that provide the same module
+    # The alternatives write the same files (opencv-*: cv2/): never install one beside another,
+    # whatever its version; uninstalling either later would break the module for both.
+    exclusive: bool = False
     why: str = ""
 
+
+# Every wheel that installs the `cv2` package.
+OPENCV_DISTRIBUTIONS = ("opencv-python-headless", "opencv-python", "opencv-contrib-python",
+                        "opencv-contrib-python-headless")
+# rembg 2.0.69's requirements (its metadata) less numpy and pillow (the host's) and OpenCV.
+REMBG_DEPENDENCIES = ("jsonschema", "pooch", "pymatting", "scikit-image", "scipy", "tqdm")
 
 # Versions measured to work beside A1111 v1.10's pins (REFERENCE §3).
 REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("diffusers", "diffusers==0.31.0", lo="0.31", hi="0.32", why="model loading outside the WebUI"),
     Requirement("onnxruntime", "onnxruntime>=1.23,<1.27", lo="1.17",
                 alternatives=("onnxruntime-gpu", "onnxruntime-directml"), why="taggers and background removal"),
+    # The WebUI has opencv-python already (facexlib's requirement); only a venv without any gets ours.
     Requirement("opencv-python-headless", "opencv-python-headless==4.11.0.86", lo="4", hi="5",
-                alternatives=("opencv-python", "opencv-contrib-python", "opencv-contrib-python-headless"),
-                why="face detection for cropping"),
-    Requirement("rembg", "rembg==2.0.69", lo="2.0.60", hi="2.1", why="background removal"),
+                alternatives=OPENCV_DISTRIBUTIONS[1:], exclusive=True, why="face detection for cropping"),
+    # rembg requires opencv-python-headless, a second OpenCV beside the WebUI's: it is installed
+    # without its requirements, and those (but OpenCV, above) are listed here.
+    Requirement("rembg", "rembg==2.0.69", lo="2.0.60", hi="2.1", no_deps=True, why="background removal"),
+    *(Requirement(name, name, why="what rembg needs") for name in REMBG_DEPENDENCIES),
     Requirement("prodigyopt", "prodigyopt==1.1.2", why="the Prodigy optimizer"),
     Requirement("dadaptation", "dadaptation==3.2", why="the D-Adaptation optimizer (learning-rate probe)"),
     Requirement("bitsandbytes", "bitsandbytes", why="the AdamW8bit optimizer"),
@@ -111,6 +123,20 @@ def satisfied(req: Requirement, version: str | None) -> bool:
     return True
 
 
+def blocked(installed: Mapping[str, str]) -> list[tuple[Requirement, str, str]]:
+    """(requirement, distribution, version) for each missing exclusive requirement that is not
+    installed because a distribution writing the same module is present, at a version that
+    does not do (OpenCV 5 has no CascadeClassifier): the user replaces it, we never add a second."""
+    have = {canonical(k): v for k, v in installed.items()}
+    out = []
+    for req in missing(installed):
+        if req.exclusive:
+            present = [n for n in (req.name, *req.alternatives) if canonical(n) in have]
+            if present:
+                out.append((req, present[0], have[canonical(present[0])]))
+    return out
+
+
 def missing(installed: Mapping[str, str]) -> list[Requirement]:
     """The requirements not satisfied by `installed` ({distribution name: version})."""
     have = {canonical(k): v for k, v in installed.items()}
@@ -128,13 +154,21 @@ def missing(installed: Mapping[str, str]) -> list[Requirement]:
 def plan(installed: Mapping[str, str]) -> list[Step]:
     """The pip steps that install exactly what is missing: one call with dependencies, one
     without (`--no-deps` packages). Empty when everything is present."""
-    todo = missing(installed)
+    held_back = {req.name for req, _, _ in blocked(installed)}
+    todo = [r for r in missing(installed) if r.name not in held_back]
     steps = []
     for no_deps in (False, True):
         group = [r for r in todo if r.no_deps == no_deps]
         if group:
             steps.append(Step(tuple(r.spec for r in group), no_deps, tuple(r.name for r in group)))
     return steps
+
+
+def blocked_message(req: Requirement, dist: str, version: str) -> str:
+    """What to do about a requirement held back by `blocked`, in one sentence."""
+    return (f"{dist} {version} is installed, but {req.why} needs OpenCV 4 ({req.lo} <= version < {req.hi}); "
+            f"Fast LoRA does not install a second OpenCV beside it: replace it by hand with "
+            f"{command_line(['pip', 'install', f'{dist}>={req.lo},<{req.hi}'])}.")
 
 
 def pin_constraints(installed: Mapping[str, str]) -> str:

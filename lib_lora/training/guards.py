@@ -19,8 +19,10 @@ either way.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -253,6 +255,20 @@ def release_memory(trainer: Trainer) -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def return_freed_memory() -> None:
+    """After a job: collect its objects, give cached GPU blocks back, and ask glibc to return
+    freed heap pages to the system (a job's worker thread leaves its malloc arena full of free
+    pages: ~90 MB per job measured with bench/job_rss.py). Elsewhere the trim is skipped."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+            pass
 
 
 def enable_gradient_checkpointing(trainer: Trainer) -> None:

@@ -488,6 +488,7 @@ class Trainer:
             raise
         finally:
             self.close()
+            self.release()
         seconds = time.time() - t0
         self.emit("done", lora_path=str(path), steps=self.step, final_loss=self.final_loss, seconds=seconds)
         return TrainResult(path, self.run_dir, self.step, self.final_loss, metadata)
@@ -634,6 +635,24 @@ class Trainer:
             self.tb = None
         if getattr(self, "network", None) is not None:
             self.network.remove()  # the host's model is left exactly as it was
+
+
+    # What only a running job needs; `release` drops it when the run ends.
+    RUN_ONLY = ("latent_of", "feeder", "predict", "optimizer", "optim", "scheduler", "scaler", "params",
+                "unet_params", "te_params", "network", "guard", "noise_gen", "tokens", "dataset", "backbone",
+                "resume_state", "sqrt_ac", "sqrt_1mac", "snr")
+
+    def release(self) -> None:
+        """Let go of the run's memory (latent cache, optimizer state, LoRA network, step feeder,
+        caption cache, the model a CLI run loaded), then hand freed memory back to the system: a
+        host process runs job after job, and anything still referencing a finished Trainer (an
+        error's traceback, a UI's job record) must not pin it. The result fields stay."""
+        for name in self.RUN_ONLY:
+            if name in vars(self):
+                setattr(self, name, None)
+        from lib_lora.training.guards import return_freed_memory
+
+        return_freed_memory()
 
 
 def train(

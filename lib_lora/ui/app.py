@@ -19,6 +19,9 @@ from lib_lora.ui.paths import FolderPolicy
 
 ROOT = Path(__file__).resolve().parents[2]  # the extension's folder (style.css, javascript/, localizations/)
 LANGUAGES = {"English": "en", "中文": "zh_CN"}
+# (key, title, module) of the sub-tabs, in the order of the seven steps.
+TABS = (("prepare", "1-2 Prepare", tab_prepare), ("tag", "3 Tag", tab_tag), ("edit", "4 Edit tags", tab_edit),
+        ("train", "5-6 Train", tab_train), ("test", "7 Test", tab_test))
 
 
 def asset(*parts: str) -> Path:
@@ -45,20 +48,38 @@ def build_tabs(host: Host, policy: FolderPolicy | None = None, language: str | N
         if ctx.policy.restricted:
             gr.Markdown(f"Folders are limited to: {ctx.policy.describe()}", elem_id="fast_lora_roots")
         with gr.Tabs(elem_id="fast_lora_tabs"):
-            with gr.Tab("1-2 Prepare", elem_id="fast_lora_tab_prepare"):
-                ctx.parts["prepare"] = tab_prepare.build(ctx)
-            with gr.Tab("3 Tag", elem_id="fast_lora_tab_tag"):
-                ctx.parts["tag"] = tab_tag.build(ctx)
-            with gr.Tab("4 Edit tags", elem_id="fast_lora_tab_edit"):
-                ctx.parts["edit"] = tab_edit.build(ctx)
-            with gr.Tab("5-6 Train", elem_id="fast_lora_tab_train"):
-                ctx.parts["train"] = tab_train.build(ctx)
-            with gr.Tab("7 Test", elem_id="fast_lora_tab_test"):
-                ctx.parts["test"] = tab_test.build(ctx)
+            for key, title, module in TABS:
+                with gr.Tab(title, elem_id=f"fast_lora_tab_{key}") as tab:
+                    ctx.parts[key] = module.build(ctx)
+                scope_saved_defaults(tab, f"fast_lora_{key}")
+        _do_not_save(ctx)
         _link_tabs(ctx)
         _on_load(blocks, ctx)
     blocks.fast_lora = ctx  # type: ignore[attr-defined]  # for tests and the hosts
     return blocks
+
+
+def scope_saved_defaults(block: Any, scope: str) -> None:
+    """Give every component under `block` its own key in the WebUI's ui-config.json.
+
+    The WebUI saves a component's default under "<tab id>/<label>/<field>" (modules/ui_loadsave.py),
+    so the sub-tabs' repeated labels ("Batch size", "Seed", "Preset", ...) would share one key and the
+    first one registered would set the others' defaults. A component carrying `custom_script_source`
+    is saved under "customscript/<source>/..." instead (the WebUI marks its scripts' components so);
+    one source per sub-tab makes every key unique and keeps it stable across starts."""
+    block.custom_script_source = scope
+    for child in getattr(block, "children", None) or []:
+        scope_saved_defaults(child, scope)
+
+
+def _do_not_save(ctx: UIContext) -> None:
+    """Defaults that follow the host rather than the user (the work folder setting, the newest LoRA,
+    the UI language) are left out of ui-config.json, where the first start would pin them."""
+    host_derived = [ctx.parts["prepare"].get("controls", {}).get("out"), ctx.parts["test"].get("lora"),
+                    ctx.parts["edit"].get("show_zh")]
+    for comp in host_derived:
+        if comp is not None:
+            comp.do_not_save_to_config = True
 
 
 def _link_tabs(ctx: UIContext) -> None:

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from lib_lora.errors import UserError
 from lib_lora.ui.serving import is_loopback
 
 log = logging.getLogger(__name__)
+
+# On a stop (Ctrl+C, SIGTERM): how long the running job may take to end its current step and
+# write its checkpoint and resumable state, and the server to close its connections. A second
+# signal ends the process at once (lib_lora.cli.stop_on_terminate).
+JOB_STOP_SECONDS = 120.0
+SERVER_CLOSE_SECONDS = 5.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "without --auth or --auth-file a random password is made and printed at start")
     p.add_argument("--auth-file", metavar="FILE", help="a text file of USER:PASSWORD lines to sign in with")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, exit_at_once=True)  # see lib_lora.cli.main
 
 
 def make_app(args: argparse.Namespace):  # -> gr.Blocks
@@ -86,4 +94,24 @@ def run(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     finally:
-        app.close()
+        shut_down(app)
+
+
+def shut_down(app: Any, job_seconds: float = JOB_STOP_SECONDS, close_seconds: float = SERVER_CLOSE_SECONDS) -> None:
+    """Stop the running job the way its Stop button does (it saves its checkpoint and state),
+    then the server. Neither may hold the process: the job gets `job_seconds` to end its step,
+    and the server, whose open page connections can keep it from closing, `close_seconds`."""
+    ctx = getattr(app, "fast_lora", None)
+    job = ctx.runner.current if ctx is not None else None
+    if job is not None and job.running:
+        print(f"Stopping '{job.title}': its state is saved so that starting it again resumes it "
+              "(press Ctrl+C again to quit at once)...", flush=True)
+        ctx.runner.stop()
+        t0 = time.monotonic()
+        if job.finished.wait(job_seconds):
+            print(f"'{job.title}' stopped after {time.monotonic() - t0:.1f} s; its state is saved.", flush=True)
+        else:
+            print(f"'{job.title}' did not stop within {job_seconds:.0f} s; quitting without its latest steps.", flush=True)
+    closer = threading.Thread(target=app.close, name="fast-lora-close", daemon=True)
+    closer.start()
+    closer.join(close_seconds)

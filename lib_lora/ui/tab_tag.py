@@ -102,6 +102,11 @@ def show_folder(ctx: UIContext, folder: str) -> tuple:
     return widgets.message_html(f"{len(rows)} images in {image_dir}.", "info"), gallery_of(image_dir), rows or [["", ""]]
 
 
+def default_values(ctx: UIContext) -> dict[str, Any]:
+    """The host's own tagger when it has one (the WebUI's Deepbooru: nothing to download)."""
+    return {"tagger": "webui"} if ctx.host.tagger(0.5) is not None else {}
+
+
 def build(ctx: UIContext) -> dict[str, Any]:
     cfg_cls = steps.tag_config()
     missing = [m for m in (cfg_cls, steps.captions(), steps.taggers()) if isinstance(m, steps.Missing)]
@@ -117,9 +122,10 @@ def build(ctx: UIContext) -> dict[str, Any]:
             if not isinstance(cfg_cls, steps.Missing):
                 basic = [f.name for f in forms.fields(cfg_cls, "basic", skip=RULE_FIELDS)]
                 advanced = [f.name for f in forms.fields(cfg_cls, "advanced", skip=RULE_FIELDS)]
-                controls.update(forms.build(cfg_cls, basic, {}, ID))
+                defaults = default_values(ctx)
+                controls.update(forms.build(cfg_cls, basic, defaults, ID))
                 with gr.Accordion("Advanced", open=False, elem_id=ID + "advanced"):
-                    controls.update(forms.build(cfg_cls, advanced, {}, ID))
+                    controls.update(forms.build(cfg_cls, advanced, defaults, ID))
                 names = basic + advanced
             with gr.Row():
                 run = gr.Button("Tag images", variant="primary", elem_id=ID + "run")

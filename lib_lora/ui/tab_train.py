@@ -176,7 +176,7 @@ def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode:
             if not form.has_base_model:  # the host's own model: record its name, not TrainConfig's default
                 train_cfg = dataclasses.replace(cfg, base_model=getattr(backbone, "model_name", "") or cfg.base_model)
             result = run.train(train_cfg, backbone=backbone, progress=p, on_event=p.event)
-            ctx.host.after_save(Path(result.lora_path))
+            ctx.host.after_save(Path(result.lora_path), p)
             return result
 
         job = ctx.runner.start("Train", work, tab=TAB)

@@ -44,6 +44,13 @@ def test_script_registers_tab_settings_and_routes(webui, host):
     # Tag thresholds are the Tag tab's (one config for every tagger), not WebUI settings.
     assert not {"fast_lora_tagger", "fast_lora_tag_threshold", "fast_lora_character_threshold", "fast_lora_keep_models"} & set(labels)
     assert webui.shared.opts.fast_lora_preset == "person"
+    # The preview after a training: on, 512x512, 20 steps, Euler a, the sampler from the WebUI's list.
+    preview = {k: webui.shared.opts.data[k] for k in labels if k.startswith("fast_lora_preview")}
+    assert preview == {"fast_lora_preview": True, "fast_lora_preview_width": 512, "fast_lora_preview_height": 512,
+                       "fast_lora_preview_steps": 20, "fast_lora_preview_sampler": "Euler a"}
+    sampler_args = labels["fast_lora_preview_sampler"].component_args
+    assert labels["fast_lora_preview_sampler"].component is gr.Dropdown
+    assert "Euler a" in sampler_args()["choices"] and "LMS" not in sampler_args()["choices"]  # LMS is hidden
     tabs = webui.script_callbacks.ui_tabs_callback()
     assert len(tabs) == 1
     blocks, title, elem_id = tabs[0]

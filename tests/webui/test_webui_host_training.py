@@ -224,3 +224,89 @@ def test_the_uis_own_calls_are_guarded_by_the_job(host, webui, webui_model, data
     lora = host.lora_dir() / "sks.safetensors"
     assert lora.with_suffix(".json").is_file() and (lora.parent / "sks.preview.png").is_file()
     assert webui.processing.calls[-1]["prompts"] == ["sks, <lora:sks:1>"]
+
+
+# --------------------------------------------------------------------------------------------
+# The preview image made after a training: the WebUI's settings, its own phase, stoppable
+
+
+def set_options(webui, **values):
+    for key, value in values.items():
+        webui.shared.opts.add_option(key, webui.shared.OptionInfo(value))
+        setattr(webui.shared.opts, key, value)
+
+
+def preview_calls(webui, name="sks"):
+    return [c for c in webui.processing.calls if c["prompts"] == [f"{name}, <lora:{name}:1>"]]
+
+
+def test_the_preview_follows_the_settings_after_the_model_is_given_back(host, webui, webui_model, dataset):
+    set_options(webui, fast_lora_preview_width=96, fast_lora_preview_height=64, fast_lora_preview_steps=7,
+                fast_lora_preview_sampler="DDIM")
+    seen = []
+
+    def hook(p, step):
+        if step == 0:  # the WebUI's own model and generation path, still under the job's lock
+            seen.append((webui.sd_hijack.optimizations_applied(), webui.call_queue.queue_lock.locked(),
+                         any(w.requires_grad is False for w in webui_model.parameters())))
+
+    webui.processing.step_hooks.append(hook)
+    try:
+        run(host, tiny_cfg(dataset, max_steps=1))
+    finally:
+        webui.processing.step_hooks.remove(hook)
+    [call] = preview_calls(webui)
+    assert (call["size"], call["steps"], call["sampler"], call["steps_run"]) == ((96, 64), 7, "DDIM", 7)
+    assert seen == [(True, True, False)]
+    preview = host.lora_dir() / "sks.preview.png"
+    assert Image.open(preview).size == (96, 64)
+    assert ("textinfo", "Making the preview image of sks") in webui.shared.state.history
+
+
+def test_no_preview_when_the_setting_is_off(host, webui, dataset):
+    set_options(webui, fast_lora_preview=False)
+    summary = run(host, tiny_cfg(dataset, max_steps=1))
+    assert summary["lora_path"] and not preview_calls(webui)
+    assert not (host.lora_dir() / "sks.preview.png").exists()
+
+
+def test_stop_on_the_train_tab_ends_the_preview_and_keeps_the_lora(host, webui, webui_model, dataset, state_hash):
+    """The Train tab's Stop sets only the tab's job flag; during the preview it must reach the
+    WebUI's sampler (state.interrupted), and the saved LoRA stays the result."""
+    import time
+
+    from lib_lora.ui import forms
+    from lib_lora.ui.app import build_tabs
+    from lib_lora.ui.tab_train import run_train
+
+    total = 200
+    set_options(webui, fast_lora_preview_steps=total)
+    ctx = build_tabs(host).fast_lora
+    form = ctx.parts["train"]["form"]
+    values = forms.values_of(tiny_cfg(dataset, max_steps=1), form.names)
+    before = state_hash(webui_model)
+    pressed = []
+
+    def hook(p, step):
+        if "<lora:sks:1>" in p.prompt[0]:
+            if step == 2:
+                pressed.append(ctx.runner.stop())  # what the tab's Stop button does
+            time.sleep(0.02)  # a sampling step takes time; the interrupt must come within a few
+
+    webui.processing.step_hooks.append(hook)
+    try:
+        outputs = list(run_train(ctx, form, "sks", str(dataset), "manual", "1e-3", *values))
+    finally:
+        webui.processing.step_hooks.remove(hook)
+    assert pressed == [True]
+    [call] = preview_calls(webui)
+    # The watcher polls every 0.05 s, i.e. every ~2.5 steps here; without it all 200 steps run.
+    assert call["steps_run"] < total // 2, call
+    job = ctx.runner.current
+    assert {"kind": "phase", "name": "preview", "text": "Making the preview image of sks"} in job.progress.events
+    assert not job.error and not job.cancelled  # the training finished: Stop only cut the preview
+    lora = host.lora_dir() / "sks.safetensors"
+    assert lora.is_file() and not (host.lora_dir() / "sks.preview.png").exists()  # no half-denoised preview
+    assert "Saved" in outputs[-1][0] and outputs[-1][-1] == "sks"
+    assert state_hash(webui_model) == before
+    assert not webui.shared.state.interrupted and not webui.call_queue.queue_lock.locked()

@@ -16,6 +16,8 @@ A1111_VENV = {
     "gradio": "3.41.2", "transformers": "4.30.2", "accelerate": "0.21.0", "safetensors": "0.4.2",
     "numpy": "1.26.2", "Pillow": "9.5.0", "protobuf": "3.20.0", "open-clip-torch": "2.20.0",
     "einops": "0.4.1", "omegaconf": "2.2.3", "tokenizers": "0.13.3", "huggingface_hub": "0.25.2",
+    "scikit-image": "0.21.0",  # requirements_versions.txt
+    "opencv-python": "4.10.0.84",  # facexlib==0.3.0 (requirements_versions.txt) requires opencv-python
 }
 EVERYTHING = {**A1111_VENV, **{r.name: r.spec.split("==")[-1] if "==" in r.spec else "9.9" for r in reqs.REQUIREMENTS}}
 
@@ -27,14 +29,36 @@ def planned_names(steps: list[reqs.Step]) -> set[str]:
 def test_fresh_a1111_venv_plans_exactly_the_missing_packages():
     steps = reqs.plan(A1111_VENV)
     assert planned_names(steps) == {
-        "diffusers", "onnxruntime", "opencv-python-headless", "rembg", "prodigyopt", "dadaptation",
-        "bitsandbytes", "tensorboard", "matplotlib", "deepdanbooru-onnx",
+        "diffusers", "onnxruntime", "rembg", "prodigyopt", "dadaptation", "bitsandbytes", "tensorboard",
+        "matplotlib", "deepdanbooru-onnx", "jsonschema", "pooch", "pymatting", "scipy", "tqdm",
     }
     with_deps, no_deps = steps
     assert not with_deps.no_deps and no_deps.no_deps
-    assert no_deps.names == ("deepdanbooru-onnx",)
-    assert no_deps.pip_args("c.txt") == ["install", "--no-deps", "-c", "c.txt", "deepdanbooru-onnx==0.0.8"]
+    assert no_deps.names == ("rembg", "deepdanbooru-onnx")
+    assert no_deps.pip_args("c.txt") == ["install", "--no-deps", "-c", "c.txt", "rembg==2.0.69", "deepdanbooru-onnx==0.0.8"]
     assert "diffusers==0.31.0" in with_deps.specs
+
+
+def test_no_second_opencv_beside_the_webuis():
+    """opencv-python and opencv-python-headless both write cv2/: uninstalling one breaks the other.
+    rembg requires the headless wheel, so it is installed without its requirements."""
+    specs = [spec for step in reqs.plan(A1111_VENV) for spec in step.specs]
+    assert not any("opencv" in spec for spec in specs)
+    rembg = next(step for step in reqs.plan(A1111_VENV) if "rembg==2.0.69" in step.specs)
+    assert rembg.no_deps
+    # Every requirement of rembg 2.0.69 but OpenCV is installed (or the host's) another way.
+    rembg_requires = {"jsonschema", "numpy", "opencv-python-headless", "pillow", "pooch", "pymatting",
+                      "scikit-image", "scipy", "tqdm"}  # its metadata's Requires-Dist, without extras
+    covered = {reqs.canonical(r.name) for r in reqs.REQUIREMENTS} | set(reqs.HOST_PINNED)
+    assert rembg_requires <= covered
+    # A venv with no OpenCV at all gets the headless wheel, once.
+    bare = {k: v for k, v in A1111_VENV.items() if k != "opencv-python"}
+    assert [s for step in reqs.plan(bare) for s in step.specs if "opencv" in s] == ["opencv-python-headless==4.11.0.86"]
+    # Any OpenCV distribution, at any version, holds the headless wheel back.
+    for dist in reqs.OPENCV_DISTRIBUTIONS[1:]:
+        for version in ("4.8.1.78", "5.0.0"):
+            env = {**bare, dist: version}
+            assert not any("opencv" in s for step in reqs.plan(env) for s in step.specs), (dist, version)
 
 
 def test_nothing_planned_when_everything_is_present():
@@ -58,8 +82,11 @@ def test_alternative_distributions_satisfy_a_requirement():
     env = {k: v for k, v in EVERYTHING.items() if k not in ("onnxruntime", "opencv-python-headless")}
     env.update({"onnxruntime-gpu": "1.24.1", "opencv-python": "4.10.0.84"})
     assert reqs.plan(env) == []
-    env["opencv-python"] = "5.0.0"  # OpenCV 5 lost CascadeClassifier
-    assert planned_names(reqs.plan(env)) == {"opencv-python-headless"}
+    env["opencv-python"] = "5.0.0"  # OpenCV 5 lost CascadeClassifier: said, but no second OpenCV installed
+    assert reqs.plan(env) == []
+    [(req, dist, version)] = reqs.blocked(env)
+    assert (req.name, dist, version) == ("opencv-python-headless", "opencv-python", "5.0.0")
+    assert '"opencv-python>=4,<5"' in reqs.blocked_message(req, dist, version)
 
 
 def test_constraints_hold_the_installed_pins_exactly():
@@ -94,7 +121,7 @@ def test_install_failure_names_the_package_and_the_command(tmp_path, monkeypatch
     assert module.main() == 1
     err = capsys.readouterr().err
     assert "could not install diffusers" in err and "rembg" in err
-    assert "-m pip install --no-deps deepdanbooru-onnx==0.0.8" in err
+    assert "-m pip install --no-deps rembg==2.0.69 deepdanbooru-onnx==0.0.8" in err
     assert "No matching distribution" in err
     assert all("-c" in args for args in calls)  # every pip call carries the host-pin constraints
 
@@ -116,6 +143,9 @@ def test_tab_banner_commands_are_quoted_for_the_shell(monkeypatch):
     banner = webui_app.missing_banner()
     assert "Fast LoRA is missing diffusers" in banner and "deepdanbooru-onnx" in banner
     assert '"onnxruntime>=1.23,<1.27"' in banner and " onnxruntime>=1.23" not in banner
-    assert "-m pip install --no-deps deepdanbooru-onnx==0.0.8" in banner
+    assert "-m pip install --no-deps rembg==2.0.69 deepdanbooru-onnx==0.0.8" in banner
+    without_opencv = {k: v for k, v in EVERYTHING.items() if "opencv" not in k}
+    monkeypatch.setattr(reqs, "installed_distributions", lambda names: {**without_opencv, "opencv-python": "5.0.0"})
+    assert "opencv-python 5.0.0 is installed" in webui_app.missing_banner()
     monkeypatch.setattr(reqs, "installed_distributions", lambda names: dict(EVERYTHING))
     assert webui_app.missing_banner() == ""
