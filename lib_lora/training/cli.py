@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lib_lora.config import PRESETS, TrainConfig, add_arguments, apply_preset, from_args
 from lib_lora.training.data import SUBSET_RE
@@ -37,6 +38,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def bar_events(bar: Any) -> Callable[[dict], None]:
+    """The training's events on the CLI: lines above the one bar (which stays, so its rate
+    leaves pauses out), the loss or the probe's d*lr after it."""
+
+    def on_event(e: dict) -> None:
+        kind = e["kind"]
+        if kind in ("phase", "plan"):
+            bar.write(e["text"])
+        elif kind == "saved" and "checkpoints" in e["path"]:
+            bar.write(f"saved {e['path']}")
+        elif kind == "loss":
+            bar.set_postfix(f"loss {e['loss']:.4f}")
+        elif kind == "probe":
+            bar.set_postfix(f"d*lr {e['dlr']:.3g}")
+
+    return on_event
+
+
 def run_train(args: argparse.Namespace) -> int:
     from lib_lora.progress import TqdmProgress
     from lib_lora.training.data import plan_steps
@@ -48,18 +67,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(plan_steps(cfg.dataset, cfg).describe())
         return 0
     bar = TqdmProgress(desc="train", unit="step")
-
-    def on_event(e: dict) -> None:
-        kind = e["kind"]
-        if kind in ("phase", "plan"):
-            bar.close()
-            print(e["text"], file=sys.stderr)
-        elif kind == "saved" and "checkpoints" in e["path"]:
-            bar.close()
-            print(f"saved {e['path']}", file=sys.stderr)
-
     try:
-        result = train(cfg, progress=bar, on_event=on_event)
+        result = train(cfg, progress=bar, on_event=bar_events(bar))
     finally:
         bar.close()
     print(f"LoRA written: {result.lora_path}")

@@ -130,6 +130,18 @@ class Live:
                 self.changed_samples = True
         self.seen += len(events)
 
+    def status_text(self, label: str) -> str:
+        """The current phase's label (the core's progress text) and one figure: the chart's
+        smoothed loss while training, the probe's d*lr while probing."""
+        from lib_lora.training.probe import PROBE_LABEL
+
+        label = label or self.phase
+        if label == PROBE_LABEL and self.probe:
+            return f"{label} · d*lr {self.probe[-1][1]:.3g}"
+        if self.losses and label != PROBE_LABEL:
+            return f"{label} · smoothed loss {widgets.smoothed([v for _, v in self.losses])[-1]:.4f}"
+        return label
+
     def probe_image(self) -> Any:
         if self.probe_plot and Path(self.probe_plot).is_file():
             return widgets.thumbnail(self.probe_plot, 800)
@@ -177,9 +189,7 @@ def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode:
     for j in ctx.runner.follow(job):
         p = j.progress
         live.feed(p.events_since(live.seen))
-        text = live.phase if not p.text else p.text
-        if live.losses:
-            text = f"{text} · loss {live.losses[-1][1]:.4f}"
+        text = live.status_text(p.text)
         status = widgets.progress_html(p.done, p.total, text, p.eta_seconds(), p.elapsed(),
                                        state="running" if j.running else "done")
         yield (status,

@@ -43,6 +43,13 @@ def message_html(text: str, kind: str = "info") -> str:
     return f'<div class="fast-lora-msg fast-lora-msg-{kind}">{html.escape(text, quote=False)}</div>'
 
 
+def smoothed(values: list[float]) -> list[float]:
+    """The chart's smoothed line: each point the mean of the last k values, k a tenth of the
+    points (at least 2). The status line quotes its last value, so both say the same."""
+    k = max(2, len(values) // 10)
+    return [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1]) for i in range(len(values))]
+
+
 def loss_chart(points: list[tuple[int, float]], title: str = "loss", width: int = 640, height: int = 280) -> Image.Image | None:
     """A line chart of (step, loss) with a moving average, as an image (same in every gradio)."""
     if not points:
@@ -55,11 +62,9 @@ def loss_chart(points: list[tuple[int, float]], title: str = "loss", width: int 
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
     canvas = FigureCanvasAgg(fig)  # no pyplot: thread-safe, no GUI backend
     ax = fig.add_subplot(111)
-    ax.plot(steps, losses, color="#9ab", linewidth=1, label=title)
-    if len(losses) >= 5:
-        k = max(2, len(losses) // 10)
-        avg = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
-        ax.plot(steps, avg, color="#e05a00", linewidth=2, label="average")
+    ax.plot(steps, losses, color="#9ab", linewidth=1, marker="." if len(losses) < 30 else None, label=title)
+    if len(losses) >= 2:
+        ax.plot(steps, smoothed(losses), color="#e05a00", linewidth=2, label="smoothed")
     ax.set_xlabel("step")
     ax.set_ylabel(title)
     ax.grid(alpha=0.3)
