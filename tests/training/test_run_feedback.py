@@ -44,9 +44,11 @@ def test_each_update_names_the_current_phase(tmp_path, drawn_dataset, tiny_backb
     after = set(texts[first_training:])
     assert after <= {"training", "making samples", "saving a checkpoint", "writing the LoRA"}, after
     # A pause for samples or a checkpoint ends with the training label again, at the same step.
-    for i, (done, _, text) in enumerate(rec.calls[:-1]):
-        if text in ("making samples", "saving a checkpoint"):
-            assert rec.calls[i + 1][2] in ("training", "making samples", "saving a checkpoint", "writing the LoRA")
+    pauses = [i for i, (_, _, text) in enumerate(rec.calls) if text in ("making samples", "saving a checkpoint")]
+    assert pauses
+    for i in pauses:
+        nxt = rec.calls[i + 1]
+        assert nxt[2] in ("training", "writing the LoRA") and nxt[0] == rec.calls[i][0], rec.calls[i:i + 2]
     assert not any(any(ch.isdigit() for ch in t) for t in texts), "numbers belong in the events, not the label"
 
 

@@ -1,0 +1,130 @@
+"""What the tabs say: one phase and one loss while training, the probe's steps and a measured
+time estimate before Start, which repeat count is used and why, the selected preset's values
+from the start, the Test tab's README weights and one prompt placeholder.
+
+These run under both gradio 3.41 (main env) and gradio 4 (.venv-gradio4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from lib_lora import config
+from lib_lora.hosts.standalone import StandaloneHost
+from lib_lora.ui import forms, tab_test, tab_train, widgets
+from lib_lora.ui.context import UIContext
+
+
+@pytest.fixture()
+def ctx(tmp_path: Path) -> UIContext:
+    host = StandaloneHost(output_dir=tmp_path / "loras", work_dir=tmp_path / "work", device="cpu")
+    return UIContext(host=host)
+
+
+def train_form() -> tab_train.TrainForm:
+    basic = [f.name for f in forms.fields(config.TrainConfig, "basic", skip=tab_train.SPECIAL)]
+    advanced = [f.name for f in forms.fields(config.TrainConfig, "advanced", skip=tab_train.SPECIAL)]
+    return tab_train.TrainForm(basic + advanced, has_base_model=True)
+
+
+def values(form: tab_train.TrainForm, **changes) -> list:
+    cfg = config.TrainConfig()
+    out = dict(zip(form.names, forms.values_of(cfg, form.names), strict=True))
+    out.update(changes)
+    return [out[n] for n in form.names]
+
+
+def images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (64, 64), (i * 30, 90, 120)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("astro, 1girl", encoding="utf-8")
+    return folder
+
+
+# ---- 1. one phase label, one loss ----------------------------------------------------------------
+
+def test_status_names_the_phase_and_the_charts_smoothed_loss() -> None:
+    live = tab_train.Live()
+    live.feed([{"kind": "phase", "text": "Caching latents of 4 images"},
+               *({"kind": "probe", "step": i, "dlr": 1e-5 * i} for i in range(1, 4))])
+    assert live.status_text("LR probe") == "LR probe · d*lr 3e-05"
+    losses = [1.2, 1.0, 0.9, 1.1, 0.8, 0.7]
+    live.feed([{"kind": "loss", "step": i + 1, "loss": v, "average": 5.0} for i, v in enumerate(losses)])
+    text = live.status_text("training")
+    # The figure is the last point of the chart's smoothed line: the mean of the last 2 of 6 values.
+    assert text == f"training · smoothed loss {widgets.smoothed(losses)[-1]:.4f}" == "training · smoothed loss 0.7500"
+    assert text.count("loss") == 1 and "probe" not in text and "d*lr" not in text
+    assert live.status_text("making samples").startswith("making samples · ")
+
+
+def test_chart_of_a_short_run_has_its_points() -> None:
+    assert widgets.loss_chart([(1, 1.0), (2, 0.9)]) is not None
+    assert widgets.smoothed([1.0, 3.0]) == [1.0, 2.0]
+
+
+# ---- 2. probe + training steps, a measured estimate ----------------------------------------------
+
+def test_plan_counts_the_probe_and_estimates_from_a_measured_run(ctx: UIContext, tmp_path: Path) -> None:
+    from lib_lora.training import timing
+
+    form = train_form()
+    ds = tmp_path / "ds"
+    images(ds / "10_astro", 4)
+    vals = values(form)
+    manual, _ = tab_train.plan_texts(ctx, form, str(ds), vals, "manual")
+    assert manual.startswith("**40 steps**") and "probe" not in manual
+    assert "No time estimate yet" in manual
+    auto, _ = tab_train.plan_texts(ctx, form, str(ds), vals, "auto")
+    budget = config.TrainConfig().probe_min_steps  # 5% of 40 is below the floor
+    assert f"up to {budget} steps" in auto and f"up to **{40 + budget} steps** in all" in auto
+    # A finished run on this model, device, resolution and batch size measured 6 s per step.
+    cfg = form.config(ctx, "astro", str(ds), "auto", "", vals)
+    old = ctx.host.work_dir() / "runs" / "earlier"
+    old.mkdir(parents=True)
+    timing.save(old, timing.record(cfg, timing._device_of(cfg), 6.0))
+    auto, _ = tab_train.plan_texts(ctx, form, str(ds), vals, "auto")
+    minutes = (40 + budget) * 6.0 / 60
+    assert f"about {round(minutes)} min" in auto and "6.00 s per step" in auto and "'earlier'" in auto, auto
+    # Another resolution has not been measured: no figure borrowed from it.
+    other, _ = tab_train.plan_texts(ctx, form, str(ds), values(form, resolution=768), "auto")
+    assert "No time estimate yet" in other
+
+
+# ---- 5. the selected preset's values, and which repeat count is used -------------------------------
+
+def test_the_page_opens_with_the_selected_presets_values(ctx: UIContext) -> None:
+    with gr.Blocks():
+        parts = tab_train.build(ctx)
+    recipe = config.PRESETS[parts["preset"].value]
+    assert parts["preset"].value == "person"
+    for name in ("repeats", "dim", "alpha", "epochs", "optimizer", "lr_scheduler", "keep_tokens"):
+        got = parts["controls"][name].value
+        assert str(got) == str(recipe[name]), (name, got, recipe[name])
+    assert parts["lr_mode"].value == "auto"
+
+
+def test_repeats_note_says_which_value_is_used_and_why(ctx: UIContext, tmp_path: Path) -> None:
+    form = train_form()
+    ds = tmp_path / "ds"
+    images(ds / "10_astro", 3)
+    _, note = tab_train.plan_texts(ctx, form, str(ds), values(form, repeats=30), "manual")
+    assert "Using 10 repeats from the folder name 10_astro" in note and "Repeats field (30)" in note, note
+    plain = images(tmp_path / "plain", 3)
+    _, note = tab_train.plan_texts(ctx, form, str(plain), values(form, repeats=30), "manual")
+    assert note.startswith("Using 30 repeats (the Repeats field)"), note
+
+
+# ---- 8. Test tab: the README's weights, one placeholder -------------------------------------------
+
+def test_test_tab_defaults_and_the_trigger_placeholder(ctx: UIContext) -> None:
+    with gr.Blocks():
+        parts = tab_test.build(ctx)
+    assert tab_test.parse_weights(parts["weights"].value) == [0, 0.5, 0.75, 1]
+    assert "{trigger}" in parts["prompts"].value and "{name}" not in parts["prompts"].value
+    rows, cells = tab_test.grid_prompts("astro", "{trigger}, smile\n{name}, portrait", [1])
+    assert rows == ["astro, smile", "astro, portrait"]  # an older prompt's {name} still works
+    assert cells == ["astro, smile <lora:astro:1>", "astro, portrait <lora:astro:1>"]
