@@ -58,6 +58,6 @@ def output_file(folder: str | Path, name: str, suffix: str, overwrite: bool = Fa
         raise UnsafeNameError(f"The LoRA name {name!r} would write outside {folder}.")
     if path.exists() and not overwrite:
         raise UnsafeNameError(
-            f"{path} already exists. Choose another name, or allow overwriting (--overwrite) to replace it."
+            f"{path} already exists. Choose another name, or turn on --overwrite to replace it."
         )
     return path

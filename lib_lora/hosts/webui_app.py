@@ -16,7 +16,7 @@ import threading
 import uuid
 from typing import Any
 
-from lib_lora.config import PRESETS, TrainConfig, apply_preset, validate
+from lib_lora.config import PRESETS, TrainConfig, api_phrase, apply_preset, phrase_options, validate
 from lib_lora.errors import UserError
 from lib_lora.hosts import webui
 from lib_lora.hosts import webui_requirements as reqs
@@ -106,7 +106,7 @@ def _run_training(host: webui.WebUIHost, cfg: TrainConfig, job_id: str) -> None:
         record.status = "interrupted" if summary.get("interrupted") else "done"
         record.lora_path = summary.get("lora_path", "") or record.lora_path
     except UserError as err:
-        record.status, record.error = "error", str(err)
+        record.status, record.error = "error", phrase_options(str(err), api_phrase)
     except Exception as err:  # noqa: BLE001 - reported through the API, logged in full
         log.exception("Fast LoRA training failed")
         record.status, record.error = "error", f"{type(err).__name__}: {err}"
@@ -137,9 +137,9 @@ def mount_api(app: Any, host: webui.WebUIHost) -> None:
             cfg = config_from_request(body)
             job_id = start_training(host, cfg)
         except JobBusy as err:
-            raise HTTPException(status_code=409, detail=str(err)) from None
+            raise HTTPException(status_code=409, detail=phrase_options(str(err), api_phrase)) from None
         except UserError as err:
-            raise HTTPException(status_code=400, detail=str(err)) from None
+            raise HTTPException(status_code=400, detail=phrase_options(str(err), api_phrase)) from None
         return {"job_id": job_id, "status": "queued"}
 
     @app.get(f"{prefix}/progress")

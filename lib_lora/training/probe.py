@@ -178,7 +178,7 @@ def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
 
                 raise UserError(
                     f"The loss became {loss} during the learning-rate probe (step {step}): train in bf16 "
-                    "or fp32 instead of fp16, or give a learning rate with --lr."
+                    "or fp32 instead of fp16, or give a number as --lr."
                 )
             dlr = curves[key][-1]
             _log_step(writer, step, lrs, loss, sum(losses) / len(losses))
@@ -199,7 +199,7 @@ def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
 
         raise UserError(
             f"The learning-rate probe's d x lr did not move from its start value in {step} steps, so it "
-            "found nothing: raise --probe-max-steps (or --probe-min-steps), or give a learning rate with --lr."
+            "found nothing: raise --probe-max-steps (or --probe-min-steps), or give a number as --lr."
         )
     if key == "unet":
         lr, te_lr = found, None

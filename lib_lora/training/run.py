@@ -75,7 +75,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     except RuntimeError:
         raise UserError(f"device = {cfg.device!r}: use auto, cpu, cuda or cuda:N.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device = cuda, but no CUDA GPU is available here; use --device cpu.")
+        raise UserError("device = cuda, but no CUDA GPU is available here; set --device to cpu or auto.")
     return dev
 
 
@@ -85,7 +85,7 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     if mp == "auto":
         return "fp16" if device.type == "cuda" else "no"
     if mp == "fp16" and device.type != "cuda":
-        raise UserError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision no (or bf16) on the CPU.")
+        raise UserError("fp16 mixed precision needs a CUDA GPU; set --mixed-precision to no (or bf16) on the CPU.")
     return mp
 
 

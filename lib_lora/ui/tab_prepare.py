@@ -46,7 +46,7 @@ def report_state(report: Any) -> dict[str, Any]:
         "train_dir": str(report.train_dir),
         "image_dir": str(report.image_dir),
         "items": [_record(i) for i in report.items],
-        "summary": report.summary() if hasattr(report, "summary") else "",
+        "summary": forms.ui_text(report.summary()) if hasattr(report, "summary") else "",
     }
 
 
@@ -56,7 +56,7 @@ def gallery_items(state: dict[str, Any]) -> list[tuple[Image.Image, str]]:
 
 def skipped_rows(state: dict[str, Any]) -> list[list[str]]:
     """Skipped files and kept ones with a warning, each with its reason."""
-    rows = [[Path(r["source"]).name, "skipped" if not _ok(r) else str(r.get("status")), r.get("message") or ""]
+    rows = [[Path(r["source"]).name, "skipped" if not _ok(r) else str(r.get("status")), forms.ui_text(r.get("message") or "")]
             for r in state.get("items", []) if not _ok(r) or r.get("status") not in (None, "", "ok")]
     return rows or [["", "", ""]]
 

@@ -300,7 +300,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
                               info="fills the recipe for a kind of LoRA", elem_id=ID + "preset")
             name = gr.Textbox(label="LoRA name", info="file name and trigger word; any language",
                               elem_id=ID + "name")
-            dataset = gr.Textbox(label="Dataset folder", info="filled in by Prepare; <repeats>_<name> inside",
+            dataset = gr.Textbox(label="Dataset folder", info="the folder of training images; Prepare fills it in",
                                  elem_id=ID + "dataset")
             with gr.Row():
                 lr_mode = gr.Radio(["auto", "manual"], value="manual" if start_lr not in (None, "auto") else "auto",

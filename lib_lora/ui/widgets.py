@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lib_lora.ui.forms import ui_text
+
 
 def fmt_seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
@@ -26,7 +28,7 @@ def progress_html(done: int, total: int, text: str = "", eta: float | None = Non
     """A progress bar the page re-renders every poll (no gradio-version specific widget)."""
     pct = 0.0 if total <= 0 else max(0.0, min(100.0, 100.0 * done / total))
     count = f"{done}/{total}" if total > 0 else ""
-    bits = [b for b in (count, html.escape(text)) if b]
+    bits = [b for b in (count, html.escape(ui_text(text))) if b]
     if state == "running" and eta is not None:
         bits.append(f"ETA {fmt_seconds(eta)}")
     if elapsed is not None:
@@ -39,8 +41,9 @@ def progress_html(done: int, total: int, text: str = "", eta: float | None = Non
 
 
 def message_html(text: str, kind: str = "info") -> str:
-    """kind: info | ok | error | missing."""
-    return f'<div class="fast-lora-msg fast-lora-msg-{kind}">{html.escape(text, quote=False)}</div>'
+    """kind: info | ok | error | missing. Options the core names by their CLI flag are said as
+    the page's labels (forms.ui_text)."""
+    return f'<div class="fast-lora-msg fast-lora-msg-{kind}">{html.escape(ui_text(text), quote=False)}</div>'
 
 
 def smoothed(values: list[float]) -> list[float]:

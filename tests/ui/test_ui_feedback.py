@@ -128,3 +128,63 @@ def test_test_tab_defaults_and_the_trigger_placeholder(ctx: UIContext) -> None:
     rows, cells = tab_test.grid_prompts("astro", "{trigger}, smile\n{name}, portrait", [1])
     assert rows == ["astro, smile", "astro, portrait"]  # an older prompt's {name} still works
     assert cells == ["astro, smile <lora:astro:1>", "astro, portrait <lora:astro:1>"]
+
+
+# ---- 4. the UI speaks UI ------------------------------------------------------------------------
+
+CORE = ("dataset", "tagging", "training", "hosts", "names.py", "config.py", "progress.py", "atomic.py", "imagefiles.py")
+HOST_FLAGS = {"medvram", "lowvram", "no-deps"}  # the WebUI's and pip's own command lines, not ours
+
+
+def _message_strings(path: Path) -> list[tuple[int, str]]:
+    """The string constants of a module (f-string parts too), docstrings and comments left out."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_every_flag_in_a_core_message_is_an_option_the_front_ends_can_name() -> None:
+    root = Path(tab_train.__file__).resolve().parents[1]
+    files = [p for c in CORE for p in ([root / c] if c.endswith(".py") else (root / c).rglob("*.py"))
+             if p.name != "cli.py"]  # a CLI speaks CLI
+    unknown = []
+    for path in files:
+        for line, text in _message_strings(path):
+            for m in config.FLAG_RE.finditer(text):
+                if config.option_field(m[1]) is None and m[1] not in HOST_FLAGS:
+                    unknown.append(f"{path.relative_to(root)}:{line}: --{m[1]}")
+    assert not unknown, unknown
+
+
+def test_ui_and_rest_render_options_in_their_own_words(tmp_path: Path) -> None:
+    from lib_lora.dataset.prepare import prepare_dataset
+    from lib_lora.errors import UserError
+    from lib_lora.names import output_file
+    from lib_lora.ui import tab_prepare
+
+    # A real warning from Prepare: a 200 px photo kept small, as the Prepare tab lists it.
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.new("RGB", (200, 200), (120, 90, 60)).save(src / "small.png")
+    report = prepare_dataset(src, config.PrepareConfig(name="astro", out=str(tmp_path / "work"), crop="center",
+                                                       workers=1))
+    core_text = " ".join(r.message or "" for r in report.items)
+    assert "--upscale" in core_text  # the core names the option once, by its flag
+    rows = tab_prepare.skipped_rows(tab_prepare.report_state(report))
+    shown = " ".join(r[2] for r in rows)
+    assert "“Upscale small images”" in shown and "--" not in shown, shown
+    # An error, as a page message and as the REST API's detail.
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "astro.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError) as err:
+        output_file(tmp_path / "loras", "astro", ".safetensors", overwrite=False)
+    html = widgets.message_html(str(err.value), "error")
+    assert "“Overwrite”" in html and "--overwrite" not in html
+    assert '"overwrite"' in config.phrase_options(str(err.value), config.api_phrase)
+    # Flags of other programs stay as they are.
+    assert forms.ui_text("restart the WebUI without --lowvram") == "restart the WebUI without --lowvram"
