@@ -346,7 +346,7 @@ class TrainConfig:
     save_precision: str = opt("fp16", "precision of the saved LoRA weights", choices=["fp16", "bf16", "fp32"])
     save_every_n_steps: int = opt(0, "also save an intermediate LoRA every N steps (0 = off)", min=0)
     save_every_n_epochs: int = opt(0, "also save an intermediate LoRA every N epochs (0 = off)", min=0)
-    log_every_n_steps: int = opt(10, "read the loss back from the device every N steps", min=1)
+    log_every_n_steps: int = opt(10, "write TensorBoard scalars every N steps (the live chart reads the loss at least 50 times a run)", min=1)
     comment: str = opt("", "free text stored in the LoRA's metadata")
     # Sample images during the run (shown in the Train tab as they are made; see training/sample.py)
     sample_images: int = opt(0, "make sample images this many times, evenly spaced, the last at the end (0 = off)",

@@ -188,3 +188,22 @@ def test_ui_and_rest_render_options_in_their_own_words(tmp_path: Path) -> None:
     assert '"overwrite"' in config.phrase_options(str(err.value), config.api_phrase)
     # Flags of other programs stay as they are.
     assert forms.ui_text("restart the WebUI without --lowvram") == "restart the WebUI without --lowvram"
+
+
+# ---- 7. the Chinese page ---------------------------------------------------------------------------
+
+def test_every_visible_text_of_every_tab_has_a_chinese_entry(ctx: UIContext) -> None:
+    import json
+
+    from lib_lora.ui.app import ROOT, build_app, build_tabs
+    from lib_lora.ui.i18n import markdown_texts, ui_strings
+
+    zh = json.loads((ROOT / "localizations" / "zh_CN.json").read_text(encoding="utf-8"))
+    for blocks in (build_app(ctx.host), build_tabs(ctx.host)):
+        # Labels, help lines (info), placeholders, button texts, tab titles, table headers, Markdown.
+        texts = ui_strings(blocks, with_info=True, with_choices=False, with_markdown=True)
+        assert len(texts) > 200
+        untranslated = sorted(t for t in texts if not zh.get(t))  # "LoRA" may stay "LoRA"
+        assert not untranslated, untranslated
+    assert markdown_texts("# Fast LoRA\nPhotos in, a LoRA out.") == ["Fast LoRA", "Photos in, a LoRA out."]
+    assert all(v.strip() for v in zh.values())
