@@ -1,13 +1,14 @@
 """Steps 1-2: a folder of photos in, cropped and cut-out training images out.
 
 A gallery shows each result; selecting one shows its source with the crop box (orange) and
-the face found (cyan); click the source or edit the numbers to move the box, then re-run
-that one image. Skipped files are listed with their reasons.
+the face found (cyan); drag the box or its corners and edges (javascript/fast_lora.js), click
+the source to centre it there, or type the numbers, then re-run that one image. Skipped files are listed with their reasons.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,16 +95,30 @@ def run_prepare(ctx: UIContext, src: str, names: list[str], *values: Any) -> Ite
     yield done, gallery_items(state), skipped_rows(state), state, state["summary"]
 
 
+CROP_HELP = ("Drag the box to move it, or its corners and edges to resize it; click elsewhere on the image to "
+             "centre it there; or type the coordinates.")
+
+
+def crop_info(size: tuple[int, int] | None) -> str:
+    """The line above the crop fields; its data-w/data-h give the page's crop editor the source size."""
+    if size is None:
+        return '<div class="fast-lora-crop-info">Select an image in the gallery to adjust its crop.</div>'
+    w, h = size
+    return (f'<div class="fast-lora-crop-info" data-w="{w}" data-h="{h}"><span>Source {w} × {h} px.</span> '
+            f"<span>{html.escape(CROP_HELP)}</span></div>")
+
+
 def select_image(state: dict[str, Any], evt: gr.SelectData) -> tuple:
-    """Gallery click -> (source with boxes, index, x0, y0, x1, y1)."""
+    """Gallery click -> (source with boxes, index, x0, y0, x1, y1, crop info)."""
     ok = [r for r in (state or {}).get("items", []) if _ok(r)]
     idx = compat.select_index(evt)
     if idx is None or not (0 <= int(idx) < len(ok)):
-        return None, -1, 0, 0, 0, 0
+        return None, -1, 0, 0, 0, 0, crop_info(None)
     rec = ok[int(idx)]
     box = rec.get("crop_box") or [0, 0, 0, 0]
-    shown = widgets.draw_boxes(_open_source(rec["source"]), rec.get("crop_box"), rec.get("face_box"))
-    return (shown, int(idx), *[round(v) for v in box])
+    source = _open_source(rec["source"])
+    shown = widgets.draw_boxes(source, rec.get("crop_box"), rec.get("face_box"))
+    return (shown, int(idx), *[round(v) for v in box], crop_info(source.size))
 
 
 def _open_source(path: str) -> Image.Image:
@@ -192,12 +207,13 @@ def build(ctx: UIContext) -> dict[str, Any]:
             gallery = gr.Gallery(label="Prepared images", columns=5, height=420, object_fit="contain",
                                  allow_preview=False, elem_id=ID + "gallery")
             with gr.Accordion("Adjust a crop", open=False, elem_id=ID + "crop_panel"):
-                source = compat.image_input("Source (click to move the crop box)", elem_id=ID + "source")
+                source = compat.image_input("Source (drag the crop box or its handles)", elem_id=ID + "source")
+                info = gr.HTML(crop_info(None), elem_id=ID + "crop_info")
                 with gr.Row():
-                    x0 = gr.Number(label="Left", precision=0)
-                    y0 = gr.Number(label="Top", precision=0)
-                    x1 = gr.Number(label="Right", precision=0)
-                    y1 = gr.Number(label="Bottom", precision=0)
+                    x0 = gr.Number(label="Left", precision=0, elem_id=ID + "x0")
+                    y0 = gr.Number(label="Top", precision=0, elem_id=ID + "y0")
+                    x1 = gr.Number(label="Right", precision=0, elem_id=ID + "x1")
+                    y1 = gr.Number(label="Bottom", precision=0, elem_id=ID + "y1")
                 recrop_btn = gr.Button("Re-crop this image", elem_id=ID + "recrop")
                 recrop_msg = gr.HTML()
             skipped = gr.Dataframe(headers=["file", "status", "reason"], value=[["", "", ""]], label="Skipped files and warnings",
@@ -212,11 +228,12 @@ def build(ctx: UIContext) -> dict[str, Any]:
     event = run.click(_run, [src, *controls.values()], [status, gallery, skipped, state, summary],
                       **compat.event_kwargs())
     stop.click(lambda: ctx.runner.stop() and None, None, None, queue=False)
-    gallery.select(select_image, [state], [source, index, *box])
+    gallery.select(select_image, [state], [source, index, *box, info])
     source.select(move_box, [state, index, *box], [source, *box])
-    for n in box:
-        n.submit(preview_box, [state, index, *box], [source])
+    for n in box:  # typed (or dragged, javascript/fast_lora.js) coordinates redraw the box
+        n.change(preview_box, [state, index, *box], [source], **compat.event_kwargs())
     recrop_btn.click(lambda s, i, *b: recrop(ctx, s, i, *b), [state, index, *box], [recrop_msg, gallery, state])
     parts.update(src=src, controls=controls, names=names, run=run, stop=stop, status=status, gallery=gallery,
-                 skipped=skipped, state=state, event=event, summary=summary)
+                 skipped=skipped, state=state, event=event, summary=summary, source=source, box=box, crop_info=info,
+                 index=index)
     return parts

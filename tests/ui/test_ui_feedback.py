@@ -207,3 +207,62 @@ def test_every_visible_text_of_every_tab_has_a_chinese_entry(ctx: UIContext) -> 
         assert not untranslated, untranslated
     assert markdown_texts("# Fast LoRA\nPhotos in, a LoRA out.") == ["Fast LoRA", "Photos in, a LoRA out."]
     assert all(v.strip() for v in zh.values())
+
+
+# ---- 6. the crop editor ---------------------------------------------------------------------------
+
+def _triggers(blocks: gr.Blocks) -> list[tuple[int, str, list[int]]]:
+    """(target id, event, output ids) of every event listener, under gradio 3 and 4."""
+    out = []
+    for dep in blocks.get_config_file()["dependencies"]:
+        for t in dep["targets"]:
+            target, event = (t[0], t[1]) if isinstance(t, list | tuple) else (t, dep.get("trigger"))
+            out.append((target, event, list(dep["outputs"])))
+    return out
+
+
+def test_typed_crop_coordinates_redraw_the_box(ctx: UIContext, tmp_path: Path) -> None:
+    from lib_lora.ui import tab_prepare
+
+    with gr.Blocks() as blocks:
+        parts = tab_prepare.build(ctx)
+    source = parts["source"]._id
+    for field in parts["box"]:
+        # A typed value (or one the drag writes) changes the field: that alone redraws the source.
+        assert (field._id, "change", [source]) in _triggers(blocks), field.label
+    # The redraw puts the orange frame where the numbers say.
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (400, 300), (20, 20, 20)).save(photo)
+    state = {"items": [{"source": str(photo), "output": str(photo), "crop_box": [0, 0, 100, 100]}]}
+    shown = tab_prepare.preview_box(state, 0, 200, 50, 380, 230)
+    assert shown.getpixel((200, 140))[0] > 200 and shown.getpixel((100, 100)) == (20, 20, 20)
+    # The crop editor's script learns the source size from the info line.
+    assert 'data-w="400" data-h="300"' in tab_prepare.crop_info((400, 300))
+
+
+def test_crop_drag_geometry_in_the_pages_script() -> None:
+    import json
+    import shutil
+    import subprocess
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = (Path(tab_train.__file__).resolve().parents[2] / "javascript" / "fast_lora.js").read_text(encoding="utf-8")
+    probe = script + """
+    console.log(JSON.stringify([
+      fastLoraCropDrag([100, 100, 300, 300], "se", 50, 20, 400, 350, 8),
+      fastLoraCropDrag([100, 100, 300, 300], "nw", -500, 30, 400, 350, 8),
+      fastLoraCropDrag([100, 100, 300, 300], "e", -400, 0, 400, 350, 8),
+      fastLoraCropDrag([100, 100, 300, 300], "n", 0, 0, 400, 350, 8),
+      fastLoraCropDrag([100, 100, 300, 300], "move", 250, -500, 400, 350, 8),
+      fastLoraContainRect(600, 300, 512, 384),
+    ]));"""
+    out = subprocess.run([node, "-e", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    se, nw, e, n, move, rect = json.loads(out)
+    assert se == [100, 100, 350, 320]  # the corner follows the pointer
+    assert nw == [0, 130, 300, 300]  # stops at the image's edge
+    assert e == [100, 100, 108, 300]  # never narrower than 8 px, never inverted
+    assert n == [100, 100, 300, 300]
+    assert move == [200, 0, 400, 200]  # moved whole, kept inside
+    assert rect == {"left": 100, "top": 0, "scale": 300 / 384}
