@@ -94,6 +94,7 @@ function fastLoraCropEditor(root) {
     }
     function writeBox(box) {
         fields().forEach((input, i) => {
+            if (Number(input.value) === box[i]) return;  // each changed field redraws the image once
             input.value = String(box[i]);
             input.dispatchEvent(new Event("input", {bubbles: true}));
             input.dispatchEvent(new Event("change", {bubbles: true}));
