@@ -78,7 +78,8 @@ class TqdmProgress(NullProgress):
             if self._paused_at is not None:
                 bar.start_t += self._now() - self._paused_at  # the pause is no part of the rate
                 self._paused_at = None
-            bar.set_postfix_str(self.postfix, refresh=False)
+            # The CLI's figure (the loss), else a per-item text (prepare's file name).
+            bar.set_postfix_str(self.postfix or (text if text != self._label else ""), refresh=False)
         bar.n = done
         bar.refresh()
 

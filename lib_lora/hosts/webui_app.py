@@ -229,6 +229,9 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
     """Train on the loaded checkpoint, then a test grid: the fields come from TrainConfig."""
     import gradio as gr
 
+    def ui_text(text: str) -> str:  # this tab labels each control by its field name
+        return phrase_options(text, api_phrase)
+
     preset = webui.opt("fast_lora_preset", "person")
     base = apply_preset(TrainConfig(), preset) if preset in PRESETS else TrainConfig()
     skip = {"base_model", "output_dir", "device"}  # the WebUI decides these
@@ -265,7 +268,7 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
             cfg = form_values_to_config(ordered, list(values))
             summary = host.run_job(f"Training {cfg.name}", host.train, cfg)
         except UserError as err:
-            return f"**{err}**"
+            return f"**{ui_text(str(err))}**"
         if summary.get("interrupted"):
             return f"Stopped. The last checkpoint is in `{summary.get('run_dir')}`."
         return f"Done: `{summary['lora_path']}` — use `<lora:{cfg.name}:1>` in a prompt."
@@ -282,7 +285,7 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
                 prompts = webui.grid_prompts(cfg.class_tokens or cfg.name, cfg.dataset)
             grid, full = host.run_job("Fast LoRA test grid", host.test_grid, cfg.name, prompts, seed)
         except UserError as err:
-            return None, str(err)
+            return None, ui_text(str(err))
         return grid, full[-1]
 
     train_btn.click(on_train, inputs=inputs, outputs=[status])

@@ -128,3 +128,12 @@ def test_cli_bar_is_one_bar_with_the_rate_of_the_steps():
     bar.update(23, 400, "training")
     assert bar.rate() == pytest.approx(2.0)
     bar.close()
+
+
+def test_cli_bar_shows_a_per_item_text_after_the_count():
+    out = io.StringIO()
+    bar = TqdmProgress(desc="prepare", unit="img", file=out, clock=FakeClock())
+    bar.update(0, 3, "")
+    bar.update(1, 3, "astronaut.jpg")
+    assert "astronaut.jpg" in out.getvalue() and "prepare" in out.getvalue()
+    bar.close()
