@@ -56,6 +56,26 @@ def bar_events(bar: Any) -> Callable[[dict], None]:
     return on_event
 
 
+def print_plan(cfg: TrainConfig, plan: Any) -> None:
+    """The step plan, the LR probe's steps before it, and the time a measured run predicts."""
+    from lib_lora.training import timing
+    from lib_lora.training.probe import probe_budget
+
+    print(plan.describe())
+    total = plan.total_steps
+    if cfg.lr == "auto":
+        budget = probe_budget(total, cfg.probe_fraction, cfg.probe_min_steps, cfg.probe_max_steps)
+        print(f"LR probe first: up to {budget} steps (it stops once the rate settles); up to {budget + total} in all")
+        total += budget
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
+    est = timing.find([run_dir, *sorted(p for p in run_dir.parent.glob("*") if p.is_dir())], cfg)
+    if est is None:
+        print("time: no estimate yet (a finished run with this model, device, resolution and batch size gives one)")
+    else:
+        print(f"time: about {est.minutes(total):.0f} min ({est.seconds_per_step:.2f} s/step measured by the run "
+              f"{est.run!r} on {est.device})")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from lib_lora.progress import TqdmProgress
     from lib_lora.training.data import plan_steps
@@ -64,7 +84,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.plan_only:
-        print(plan_steps(cfg.dataset, cfg).describe())
+        print_plan(cfg, plan_steps(cfg.dataset, cfg))
         return 0
     bar = TqdmProgress(desc="train", unit="step")
     try:

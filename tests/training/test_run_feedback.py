@@ -137,3 +137,16 @@ def test_cli_bar_shows_a_per_item_text_after_the_count():
     bar.update(1, 3, "astronaut.jpg")
     assert "astronaut.jpg" in out.getvalue() and "prepare" in out.getvalue()
     bar.close()
+
+
+def test_cli_plan_counts_the_probe_and_gives_a_measured_time(tmp_path, drawn_dataset, capsys):
+    from lib_lora.training.cli import print_plan
+    from lib_lora.training.data import plan_steps
+
+    cfg = _cfg(tmp_path, drawn_dataset, max_steps=40, lr="auto", probe_min_steps=30)
+    print_plan(cfg, plan_steps(cfg.dataset, cfg))
+    out = capsys.readouterr().out
+    assert "40 steps" in out and "up to 30 steps" in out and "up to 70 in all" in out and "no estimate yet" in out
+    timing.save(tmp_path / "run", timing.record(cfg, "cpu", 3.0))
+    print_plan(cfg, plan_steps(cfg.dataset, cfg))
+    assert "about 4 min (3.00 s/step measured by the run 'run' on cpu)" in capsys.readouterr().out  # 70 x 3 s
