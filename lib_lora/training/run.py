@@ -523,9 +523,9 @@ class Trainer:
             epoch_sum, epoch_n = epoch_sum + loss, epoch_n + 1
             if self.step % every == 0 or self.step == total:
                 self.guard.settle()  # the skip counters are read with the loss, not every step
-                clock.mark(self.step)  # after the loss is read back: the device has finished the steps
                 self.log_losses(window, epoch_sum, epoch_n,
                                 tensorboard=self.step % cfg.log_every_n_steps == 0 or self.step == total)
+                clock.mark(self.step)  # the loss is read back: the device has finished these steps
                 window = []
             elif self.progress is not None:
                 self.progress.update(self.step, total, TRAINING)
