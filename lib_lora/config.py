@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -88,6 +89,40 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Itera
             if optional and typ in (int, float):
                 parse = _optional(typ)
             parser.add_argument(flag, type=parse, default=None, choices=f.metadata.get("choices"), help=help_text)
+
+
+# A CLI flag as the core's messages write it: `--upscale`, `--probe-max-steps`.
+FLAG_RE = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+
+
+def option_field(flag: str) -> dataclasses.Field | None:
+    """The schema field a CLI flag name ('remove-bg') stands for, in any step's config."""
+    name = flag.replace("-", "_")
+    for cls in (PrepareConfig, TagConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f
+    return None
+
+
+def phrase_options(text: str, phrase: typing.Callable[[dataclasses.Field], str]) -> str:
+    """`text` with each `--flag` of a schema field written as `phrase(field)`.
+
+    The core names an option the way the CLI spells it (the flag is derived from the field,
+    so it is a stable name); each other front end renders it in its own words: the UI as the
+    control's label, the REST API as the JSON field. Flags of no field (the WebUI's own
+    `--medvram`, pip's) are left as they are."""
+
+    def one(m: re.Match) -> str:
+        f = option_field(m[1])
+        return m[0] if f is None else phrase(f)
+
+    return FLAG_RE.sub(one, text)
+
+
+def api_phrase(f: dataclasses.Field) -> str:
+    """An option as the REST API's JSON body names it."""
+    return f'"{f.name}"'
 
 
 def _optional(typ: type) -> typing.Callable[[str], Any]:
@@ -168,7 +203,7 @@ BG_MODELS = ["none", "u2net", "u2netp", "isnet-anime", "birefnet-portrait"]
 
 @dataclass
 class PrepareConfig:
-    name: str = opt("", "dataset name: the <repeats>_<name> folder and the class token (Unicode allowed)", group="basic")
+    name: str = opt("", "dataset name: names its folder and is the class token (any language)", group="basic")
     out: str = opt("work", "work folder; the training folder <out>/<name> is created inside it", group="basic",
                    path="folder")
     size: int = opt(512, "output side in pixels (square crops; the area for 'bucket' and 'none')", min=64, max=4096,
@@ -180,7 +215,7 @@ class PrepareConfig:
                          group="basic", path="file", names=BG_MODELS)
     bg_color: str = opt("white", "colour the cut-out is put on: a name (white, grey) or #rrggbb", group="basic")
     keep_rgba: bool = opt(False, "also keep transparency: RGBA images plus a mask file in masks/ (training and tagging see them on white)")
-    repeats: int = opt(10, "repeats: the number in the <repeats>_<name> folder name", min=1, max=10000, group="basic")
+    repeats: int = opt(10, "how many times each image is seen per epoch (the tutorial: 30 for a person)", min=1, max=10000, group="basic")
     recursive: bool = opt(False, "also import images from sub-folders")
     upscale: bool = opt(False, "enlarge images smaller than the output size (off: small images stay small)")
     workers: int = opt(0, "worker processes (0 = all CPU cores)", min=0, max=256)
@@ -277,7 +312,7 @@ class TagConfig:
 class TrainConfig:
     # What and where
     name: str = opt("", "LoRA name: the output file's name and the trigger word (Unicode allowed)", group="basic")
-    dataset: str = opt("", "dataset folder: <repeats>_<name> subfolders, or a plain folder of images", group="basic",
+    dataset: str = opt("", "the folder of training images (the one Prepare made)", group="basic",
                        path="folder")
     base_model: str = opt("tiny", "SD1.5 single-file checkpoint, diffusers folder, or 'tiny' (built-in)", group="basic",
                           path="model", names=("tiny",))
@@ -286,7 +321,7 @@ class TrainConfig:
                        path="folder")
     overwrite: bool = opt(False, "replace an existing LoRA file of the same name")
     # Data
-    repeats: int = opt(10, "repeats for a plain image folder (a <repeats>_<name> folder sets its own)", min=1, max=10000, group="basic")
+    repeats: int = opt(10, "how many times each image is seen per epoch; a subfolder named like 10_name keeps its own number", min=1, max=10000, group="basic")
     class_tokens: str = opt("", "caption for images without one (default: the folder's name)")
     caption_extension: str = opt(".txt", "caption file extension", choices=[".txt", ".caption"])
     resolution: int = opt(512, "training resolution (square side; buckets keep its area)", min=64, max=2048, group="basic")
@@ -348,7 +383,7 @@ class TrainConfig:
     save_precision: str = opt("fp16", "precision of the saved LoRA weights", choices=["fp16", "bf16", "fp32"])
     save_every_n_steps: int = opt(0, "also save an intermediate LoRA every N steps (0 = off)", min=0)
     save_every_n_epochs: int = opt(0, "also save an intermediate LoRA every N epochs (0 = off)", min=0)
-    log_every_n_steps: int = opt(10, "read the loss back from the device every N steps", min=1)
+    log_every_n_steps: int = opt(10, "write TensorBoard scalars every N steps (the live chart reads the loss at least 50 times a run)", min=1)
     comment: str = opt("", "free text stored in the LoRA's metadata")
     # Sample images during the run (shown in the Train tab as they are made; see training/sample.py)
     sample_images: int = opt(0, "make sample images this many times, evenly spaced, the last at the end (0 = off)",

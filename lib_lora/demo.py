@@ -137,6 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from lib_lora.progress import TqdmProgress
+    from lib_lora.training.cli import bar_events
     from lib_lora.training.metadata import summary
     from lib_lora.training.run import train
 
@@ -145,13 +146,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"Dataset drawn: {out / 'dataset'}", file=sys.stderr)
     bar = TqdmProgress(desc="demo", unit="step")
 
-    def on_event(e: dict) -> None:
-        if e["kind"] in ("phase", "plan"):
-            bar.close()
-            print(e["text"], file=sys.stderr)
-
     try:
-        result = train(demo_config(out), progress=bar, on_event=on_event)
+        result = train(demo_config(out), progress=bar, on_event=bar_events(bar))
     finally:
         bar.close()
     print(f"LoRA written: {result.lora_path}")

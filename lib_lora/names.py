@@ -73,7 +73,7 @@ def output_file(folder: str | Path, name: str, suffix: str, overwrite: bool = Fa
             where = "" if path in taken else f", where {path.name} and its card files would go"
             raise UnsafeNameError(
                 f"{taken[0]} already exists{others}{where}. "
-                "Choose another name, or allow overwriting (--overwrite) to replace it."
+                "Choose another name, or turn on --overwrite to replace it."
             )
     return path
 

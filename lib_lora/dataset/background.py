@@ -64,7 +64,7 @@ def resolve_model(spec: str, model_dir: str = "", download: bool = True) -> BgMo
     if spec.lower().endswith(".onnx"):
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise ModelLoadError(f"The background model file {path} does not exist; check the path given to --remove-bg.")
+            raise ModelLoadError(f"The background model file {path} does not exist; check the path given as --remove-bg.")
         return BgModel(spec, "u2net_custom", str(path.resolve()))
     if spec not in RELEASE_FILES:
         raise UserError(f"Unknown background model {spec!r}: use one of {', '.join(RELEASE_FILES)} or a .onnx file.")
@@ -84,8 +84,8 @@ def resolve_model(spec: str, model_dir: str = "", download: bool = True) -> BgMo
         if not path.is_file():
             raise ModelLoadError(
                 f"The background model '{spec}' is missing and could not be fetched ({reason}): download "
-                f"{RELEASE_FILES[spec]} from {RELEASES_PAGE} and save it as {path}, or pass a .onnx file "
-                "with --remove-bg PATH."
+                f"{RELEASE_FILES[spec]} from {RELEASES_PAGE} and save it as {path}, or give the path of a .onnx file "
+                "as --remove-bg."
             )
     return BgModel(spec, spec, str(path))
 

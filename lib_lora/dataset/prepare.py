@@ -225,7 +225,7 @@ def prepare_dataset(src: str | Path, cfg: PrepareConfig, progress: Progress | No
     if not candidates and not records:
         raise DatasetError(
             f"No images found in {src} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}"
-            + ("" if cfg.recursive else "; add --recursive to include sub-folders") + ")."
+            + ("" if cfg.recursive else "; turn on --recursive to include sub-folders") + ")."
         )
     names = _assign_names(candidates, old, image_dir)
     masks_dir = train_dir / "masks"
@@ -369,7 +369,7 @@ def _run(tasks: list[tuple[ImageRecord, Task]], workers: int, progress: Progress
                     broken_at_start = True
                     break
                 result = ImageRecord(rec.source, status="skipped",
-                                     message="a worker process died (out of memory?); try again with --workers 1.")
+                                     message="a worker process died (out of memory?); set --workers to 1 and try again.")
             take(rec, result)
             if progress is not None and progress.cancelled():
                 raise Cancelled()

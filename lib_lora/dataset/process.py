@@ -111,7 +111,7 @@ def _process(task: Task, rec: ImageRecord) -> None:
     out = full.image.resize(out_size, Image.Resampling.LANCZOS, box=src_box, reducing_gap=3.0)
 
     if out_size[0] < s.size and not s.upscale and s.crop in ("face", "center"):
-        warnings.append(f"kept at {out_size[0]}x{out_size[1]}, not upscaled to {s.size} (use --upscale)")
+        warnings.append(f"kept at {out_size[0]}x{out_size[1]}, not upscaled to {s.size} (turn on --upscale to enlarge it)")
 
     # Transparency: the source's own alpha, else the background model's mask.
     mask = None

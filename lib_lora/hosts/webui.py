@@ -242,12 +242,13 @@ class StateProgress:
     def __init__(self, state: Any, on_update: Callable[[int, int, str], None] | None = None):
         self.state = state
         self.on_update = on_update
+        self.figure = ""  # the latest loss (or the probe's d*lr), shown after the phase's label
 
     def update(self, done: int, total: int, text: str = "") -> None:
         self.state.job_count = max(int(total), 1)
         self.state.job_no = min(int(done), self.state.job_count)
         if text:
-            self.state.textinfo = text
+            self.state.textinfo = f"{text} · {self.figure}" if self.figure else text
         if self.on_update is not None:
             self.on_update(done, total, text)
 
@@ -583,6 +584,10 @@ class WebUIHost:
 
         def event(ev: dict) -> None:
             events.append(ev)
+            if ev["kind"] == "loss" and hasattr(progress, "figure"):  # the core's label carries no numbers
+                progress.figure = f"loss {ev['loss']:.4f}"
+            elif ev["kind"] == "probe" and hasattr(progress, "figure"):
+                progress.figure = f"d*lr {ev['dlr']:.3g}"
             self._note_event(ev, shared.state)
             if on_event is not None:
                 on_event(ev)

@@ -17,7 +17,7 @@ import threading
 import uuid
 from typing import Any
 
-from lib_lora.config import PRESETS, TrainConfig, apply_preset, validate
+from lib_lora.config import PRESETS, TrainConfig, api_phrase, apply_preset, phrase_options, validate
 from lib_lora.errors import UserError
 from lib_lora.hosts import webui
 from lib_lora.hosts import webui_requirements as reqs
@@ -122,7 +122,7 @@ def _run_training(host: webui.WebUIHost, cfg: TrainConfig, job_id: str) -> None:
         record.status = "interrupted" if summary.get("interrupted") else "done"
         record.lora_path = summary.get("lora_path", "") or record.lora_path
     except UserError as err:
-        record.status, record.error = "error", str(err)
+        record.status, record.error = "error", phrase_options(str(err), api_phrase)
     except Exception as err:  # noqa: BLE001 - reported through the API, logged in full
         log.exception("Fast LoRA training failed")
         record.status, record.error = "error", f"{type(err).__name__}: {err}"
@@ -177,9 +177,9 @@ def mount_api(app: Any, host: webui.WebUIHost) -> None:
             cfg = config_from_request(body, host.path_policy())
             job_id = start_training(host, cfg)
         except JobBusy as err:
-            raise HTTPException(status_code=409, detail=str(err)) from None
+            raise HTTPException(status_code=409, detail=phrase_options(str(err), api_phrase)) from None
         except UserError as err:
-            raise HTTPException(status_code=400, detail=str(err)) from None
+            raise HTTPException(status_code=400, detail=phrase_options(str(err), api_phrase)) from None
         return {"job_id": job_id, "status": "queued"}
 
     @app.get(f"{prefix}/progress", **guarded)
@@ -277,6 +277,9 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
     """Train on the loaded checkpoint, then a test grid: the fields come from TrainConfig."""
     import gradio as gr
 
+    def ui_text(text: str) -> str:  # this tab labels each control by its field name
+        return phrase_options(text, api_phrase)
+
     preset = webui.opt("fast_lora_preset", "person")
     base = apply_preset(TrainConfig(), preset) if preset in PRESETS else TrainConfig()
     skip = {"base_model", "output_dir", "device"}  # the WebUI decides these
@@ -313,7 +316,7 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
             cfg = form_values_to_config(ordered, list(values), host.path_policy())
             summary = host.run_job(f"Training {cfg.name}", host.train, cfg)
         except UserError as err:
-            return f"**{err}**"
+            return f"**{ui_text(str(err))}**"
         if summary.get("interrupted"):
             return f"Stopped. The last checkpoint is in `{summary.get('run_dir')}`."
         return f"Done: `{summary['lora_path']}` — use `<lora:{cfg.name}:1>` in a prompt."
@@ -330,7 +333,7 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
                 prompts = webui.grid_prompts(cfg.class_tokens or cfg.name, cfg.dataset)
             grid, full = host.run_job("Fast LoRA test grid", host.test_grid, cfg.name, prompts, seed)
         except UserError as err:
-            return None, str(err)
+            return None, ui_text(str(err))
         return grid, full[-1]
 
     train_btn.click(on_train, inputs=inputs, outputs=[status])

@@ -86,7 +86,7 @@ def _dd_missing(model: Path | None, tags: Path | None) -> ModelLoadError:
     return ModelLoadError(
         "The DeepDanbooru model is missing: put deepdanbooru.onnx and tags.txt "
         f"(from huggingface.co/chinoll/deepdanbooru) into {DEEPDANBOORU_HOME}, "
-        "or give their paths with --model and --tags-file."
+        "or give their paths as --model and --tags-file."
         + (f" Not found: {', '.join(str(p) for p in (model, tags) if p is not None and not p.is_file())}." if model or tags else "")
     )
 
@@ -185,7 +185,7 @@ def read_selected_tags(path: Path) -> WD14Labels:
 def _wd14_missing(where: str) -> ModelLoadError:
     return ModelLoadError(
         f"The WD14 tagger is missing: put model.onnx and selected_tags.csv (from a SmilingWolf/wd-*-tagger "
-        f"repository) into {where}, or give the folder or the .onnx file with --model."
+        f"repository) into {where}, or give the folder or the .onnx file as --model."
     )
 
 

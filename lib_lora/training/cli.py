@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lib_lora.config import PRESETS, TrainConfig, add_arguments, apply_preset, from_args
 from lib_lora.training.data import SUBSET_RE
@@ -37,6 +38,44 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def bar_events(bar: Any) -> Callable[[dict], None]:
+    """The training's events on the CLI: lines above the one bar (which stays, so its rate
+    leaves pauses out), the loss or the probe's d*lr after it."""
+
+    def on_event(e: dict) -> None:
+        kind = e["kind"]
+        if kind in ("phase", "plan"):
+            bar.write(e["text"])
+        elif kind == "saved" and "checkpoints" in e["path"]:
+            bar.write(f"saved {e['path']}")
+        elif kind == "loss":
+            bar.set_postfix(f"loss {e['loss']:.4f}")
+        elif kind == "probe":
+            bar.set_postfix(f"d*lr {e['dlr']:.3g}")
+
+    return on_event
+
+
+def print_plan(cfg: TrainConfig, plan: Any) -> None:
+    """The step plan, the LR probe's steps before it, and the time a measured run predicts."""
+    from lib_lora.training import timing
+    from lib_lora.training.probe import probe_budget
+
+    print(plan.describe())
+    total = plan.total_steps
+    if cfg.lr == "auto":
+        budget = probe_budget(total, cfg.probe_fraction, cfg.probe_min_steps, cfg.probe_max_steps)
+        print(f"LR probe first: up to {budget} steps (it stops once the rate settles); up to {budget + total} in all")
+        total += budget
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
+    est = timing.find([run_dir, *sorted(p for p in run_dir.parent.glob("*") if p.is_dir())], cfg)
+    if est is None:
+        print("time: no estimate yet (a finished run with this model, device, resolution and batch size gives one)")
+    else:
+        print(f"time: about {est.minutes(total):.0f} min ({est.seconds_per_step:.2f} s/step measured by the run "
+              f"{est.run!r} on {est.device})")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from lib_lora.progress import TqdmProgress
     from lib_lora.training.data import plan_steps
@@ -45,21 +84,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.plan_only:
-        print(plan_steps(cfg.dataset, cfg).describe())
+        print_plan(cfg, plan_steps(cfg.dataset, cfg))
         return 0
     bar = TqdmProgress(desc="train", unit="step")
-
-    def on_event(e: dict) -> None:
-        kind = e["kind"]
-        if kind in ("phase", "plan"):
-            bar.close()
-            print(e["text"], file=sys.stderr)
-        elif kind == "saved" and "checkpoints" in e["path"]:
-            bar.close()
-            print(f"saved {e['path']}", file=sys.stderr)
-
     try:
-        result = train(cfg, progress=bar, on_event=on_event)
+        result = train(cfg, progress=bar, on_event=bar_events(bar))
     finally:
         bar.close()
     print(f"LoRA written: {result.lora_path}")

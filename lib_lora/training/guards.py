@@ -181,7 +181,7 @@ class StepGuard:
         what = f"the loss was {value}" if not math.isfinite(value) else "the gradients were NaN/inf"
         fp16 = self.trainer.precision == "fp16"
         advice = (
-            "train in bf16 (--mixed-precision bf16) or fp32, lower the learning rate, or lower alpha"
+            "set --mixed-precision to bf16 or no (fp32), lower the learning rate, or lower alpha"
             if fp16 else "lower the learning rate, lower alpha, or turn max_grad_norm on"
         )  # fmt: skip
         raise NonFiniteError(
@@ -215,7 +215,7 @@ class StepGuard:
         if not getattr(tr.cfg, "oom_retry", False):
             raise OutOfMemory(
                 f"The GPU ran out of memory at step {tr.step + 1} ({first}). Lower the batch size or resolution, "
-                "turn on gradient checkpointing, or allow automatic retries (--oom-retry)."
+                "turn on gradient checkpointing, or allow automatic retries with --oom-retry."
             ) from err
         while True:
             if not tr.cfg.gradient_checkpointing and "checkpointing" not in self.oom_retries:

@@ -42,6 +42,7 @@ ADAPTIVE = ("dadaptation", "prodigy")
 # Prodigy has no such knob, so under Prodigy the text encoder steps at the U-Net's d x lr.
 PROBE_UNET_LR = 1.0
 PROBE_TE_LR = 0.5
+PROBE_LABEL = "LR probe"  # the progress text while the probe runs
 PLOT_NAME = "lr_probe.png"
 CURVE_NAME = "lr_probe.json"
 METADATA_KEY = "fastlora_lr_probe"
@@ -177,13 +178,13 @@ def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
 
                 raise UserError(
                     f"The loss became {loss} during the learning-rate probe (step {step}): train in bf16 "
-                    "or fp32 instead of fp16, or give a learning rate with --lr."
+                    "or fp32 instead of fp16, or give a number as --lr."
                 )
             dlr = curves[key][-1]
             _log_step(writer, step, lrs, loss, sum(losses) / len(losses))
             trainer.emit("probe", step=step, dlr=dlr, loss=loss, budget=budget)
             if trainer.progress is not None:
-                trainer.progress.update(step, budget, f"probe: d*lr {dlr:.3g}")
+                trainer.progress.update(step, budget, PROBE_LABEL)  # d*lr itself is in the 'probe' event
             if is_settled(curves[key], cfg.probe_window, cfg.probe_tolerance):
                 settled = True
                 break
@@ -198,7 +199,7 @@ def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
 
         raise UserError(
             f"The learning-rate probe's d x lr did not move from its start value in {step} steps, so it "
-            "found nothing: raise --probe-max-steps (or --probe-min-steps), or give a learning rate with --lr."
+            "found nothing: raise --probe-max-steps (or --probe-min-steps), or give a number as --lr."
         )
     if key == "unet":
         lr, te_lr = found, None

@@ -5,7 +5,9 @@ model, latents, network, optimizer, logs), `resolve_lr()` (the LR probe hooks in
 `train_step()` (one optimisation step, no host sync), `save_lora()` / `save_checkpoint()`,
 and `run()` which strings them together. Events go to `on_event` as dicts:
 'phase' {text}, 'plan' {StepPlan fields, text}, 'loss' {step, loss, average, lr},
-'saved' {path, step}, 'done' {lora_path, steps, final_loss, seconds}.
+'saved' {path, step}, 'done' {lora_path, steps, final_loss, seconds, seconds_per_step}.
+The progress text is the current phase's label only ("caching latents", "LR probe",
+"training", "making samples", ...): numbers such as the loss travel in the events.
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ from lib_lora.training.schedule import NUM_TRAIN_TIMESTEPS, noise_schedule
 log = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CHART_POINTS = 50  # a run's loss events: at least this many, or one per step for a shorter run
+TRAINING = "training"  # the progress label of the training steps
+
+
+def chart_every(total_steps: int, log_every_n_steps: int) -> int:
+    """Steps between two 'loss' events (the live chart's points). TensorBoard keeps the
+    user's `log_every_n_steps`; the chart reads the loss more often in a short run, so that a
+    30-step run draws 30 points instead of the 3 of a 10-step cadence."""
+    return max(1, min(log_every_n_steps, total_steps // CHART_POINTS))
 
 
 @dataclass
@@ -65,7 +76,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     except RuntimeError:
         raise UserError(f"device = {cfg.device!r}: use auto, cpu, cuda or cuda:N.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device = cuda, but no CUDA GPU is available here; use --device cpu.")
+        raise UserError("device = cuda, but no CUDA GPU is available here; set --device to cpu or auto.")
     return dev
 
 
@@ -75,7 +86,7 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     if mp == "auto":
         return "fp16" if device.type == "cuda" else "no"
     if mp == "fp16" and device.type != "cuda":
-        raise UserError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision no (or bf16) on the CPU.")
+        raise UserError("fp16 mixed precision needs a CUDA GPU; set --mixed-precision to no (or bf16) on the CPU.")
     return mp
 
 
@@ -172,6 +183,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.dataset:
             raise UserError("No dataset folder given; pass the folder of training images.")
+        self.label("reading the dataset", 0, 0)
         self.phase(f"Reading the dataset {cfg.dataset}")
         self.dataset = data_mod.scan_dataset(cfg.dataset, cfg)
         self.plan = self.dataset.plan
@@ -445,11 +457,18 @@ class Trainer:
         return self.save_lora(self.run_dir / "checkpoints" / f"{self.name}-{tag}.safetensors", overwrite=True)
 
     # ---------------------------------------------------------------- the run
-    def log_losses(self, window: list[torch.Tensor], epoch_sum: torch.Tensor, epoch_n: int) -> None:
+    def label(self, text: str, done: int | None = None, total: int | None = None) -> None:
+        """Say which phase runs now (the progress text), keeping the counter where it is."""
+        if self.progress is not None:
+            total = getattr(self, "total_steps", 0) if total is None else total
+            self.progress.update(self.step if done is None else done, total, text)
+
+    def log_losses(self, window: list[torch.Tensor], epoch_sum: torch.Tensor, epoch_n: int,
+                   tensorboard: bool = True) -> None:
         cur, avg, ep = torch.stack([window[-1], torch.stack(window).mean(), epoch_sum / epoch_n]).tolist()
         self.final_loss = avg
         lrs = group_lrs(self.optimizer)
-        if self.tb is not None:
+        if self.tb is not None and tensorboard:
             self.tb.add_scalar("loss/current", cur, self.step)
             self.tb.add_scalar("loss/average", ep, self.step)
             if "unet" in lrs:
@@ -461,7 +480,7 @@ class Trainer:
                 self.tb.add_scalar("lr/d*lr", dlr, self.step)
         self.emit("loss", step=self.step, loss=cur, average=ep, lr=lrs)
         if self.progress is not None:
-            self.progress.update(self.step, self.total_steps, f"loss {avg:.4f}")
+            self.progress.update(self.step, self.total_steps, TRAINING)
 
     def run(self) -> TrainResult:
         from lib_lora.training import state
@@ -473,6 +492,8 @@ class Trainer:
         try:
             self.setup()
             self.train_loop()
+            self.save_step_time()
+            self.label("writing the LoRA")
             self.phase(f"Writing {self.lora_path}")
             path = self.save_lora(self.lora_path, overwrite=self.cfg.overwrite, finished=True)
             from lib_lora.training.export import read_metadata
@@ -490,14 +511,32 @@ class Trainer:
             self.close()
             self.release()
         seconds = time.time() - t0
-        self.emit("done", lora_path=str(path), steps=self.step, final_loss=self.final_loss, seconds=seconds)
+        per_step = getattr(self, "seconds_per_step", None)
+        self.emit("done", lora_path=str(path), steps=self.step, final_loss=self.final_loss, seconds=seconds,
+                  seconds_per_step=per_step)
         return TrainResult(path, self.run_dir, self.step, self.final_loss, metadata)
+
+    def save_step_time(self) -> None:
+        """The measured seconds per step, for the next plan's time estimate (training/timing.py)."""
+        from lib_lora.training import timing
+
+        sps = getattr(self, "seconds_per_step", None)
+        if sps:
+            try:
+                timing.save(self.run_dir, timing.record(self.cfg, str(self.device), sps))
+            except OSError as err:  # an estimate is a convenience: the run goes on
+                log.warning("The step time could not be saved in %s (%s).", self.run_dir, err)
 
     def train_loop(self) -> None:
         cfg = self.cfg
         total, spe = self.total_steps, self.plan.steps_per_epoch
         self.phase(f"Training {total} steps on {self.device} ({self.precision if self.precision != 'no' else 'fp32'})")
+        self.label(TRAINING)
         from lib_lora.training import state as state_mod
+        from lib_lora.training import timing
+
+        every = chart_every(total, cfg.log_every_n_steps)
+        clock = timing.StepClock(self.step)
 
         sample_at = sample_mod.sample_steps(total, cfg.sample_images, cfg.sample_every_n_steps,
                                             cfg.sample_every_n_epochs, spe)  # fmt: skip
@@ -509,22 +548,33 @@ class Trainer:
             self.step += 1
             window.append(loss)
             epoch_sum, epoch_n = epoch_sum + loss, epoch_n + 1
-            if self.step % cfg.log_every_n_steps == 0 or self.step == total:
+            if self.step % every == 0 or self.step == total:
                 self.guard.settle()  # the skip counters are read with the loss, not every step
-                self.log_losses(window, epoch_sum, epoch_n)
+                self.log_losses(window, epoch_sum, epoch_n,
+                                tensorboard=self.step % cfg.log_every_n_steps == 0 or self.step == total)
+                clock.mark(self.step)  # the loss is read back: the device has finished these steps
                 window = []
                 if self.step == total:
                     self.guard.check_final_loss(self.final_loss)  # before the last state is saved
             elif self.progress is not None:
-                self.progress.update(self.step, total)
+                self.progress.update(self.step, total, TRAINING)
             if self.step % spe == 0:
                 epoch_sum, epoch_n = torch.zeros((), device=self.device), 0
                 epoch = self.step // spe
                 if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and self.step < total:
+                    clock.pause()
+                    self.label("saving a checkpoint")
                     self.save_checkpoint(f"epoch{epoch:04d}")
+                    self.label(TRAINING)
+                    clock.resume()
             if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and self.step < total:
+                clock.pause()
+                self.label("saving a checkpoint")
                 self.save_checkpoint(f"step{self.step:06d}")
+                self.label(TRAINING)
+                clock.resume()
             if self.step in sample_at:
+                clock.pause()
                 try:
                     self.make_samples()
                 except torch.OutOfMemoryError:  # samples are a view of the run, never a reason to lose it
@@ -532,7 +582,10 @@ class Trainer:
 
                     release_memory(self)
                     self.warn(f"No sample images at step {self.step}: the GPU ran out of memory; training goes on.")
+                clock.resume()
+                self.label(TRAINING)
             state_mod.after_step(self)
+        self.seconds_per_step = clock.seconds_per_step()
         if self.tokens.truncated:
             self.warn(f"{len(self.tokens.truncated)} caption(s) were longer than 225 tokens and were cut.")
 
@@ -544,6 +597,7 @@ class Trainer:
             return
         trigger = self.trigger_word()
         prompts = sample_mod.prompts_from(cfg.sample_prompts, trigger)
+        self.label("making samples")
         self.phase(f"Making {len(prompts)} sample image(s) at step {self.step}")
         t0 = time.time()
         made = sample_mod.make_samples(

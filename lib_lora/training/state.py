@@ -172,10 +172,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable state gets the same advice
         raise ResumeError(
-            f"The saved state {path} cannot be read ({type(err).__name__}); pass --restart to start the run over."
+            f"The saved state {path} cannot be read ({type(err).__name__}); start the run over with --restart."
         ) from err
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ResumeError(f"The saved state {path} is from another version; pass --restart to start over.")
+        raise ResumeError(f"The saved state {path} is from another version; start over with --restart.")
     return obj
 
 
@@ -190,16 +190,16 @@ def check_compatible(trainer: Trainer, st: dict[str, Any], path: Path) -> None:
     if diff:
         raise ResumeError(
             f"The run folder {trainer.run_dir} holds a stopped run with different settings "
-            f"({', '.join(diff[:6])}). Start it with the same settings to resume, pass --restart to start over, "
+            f"({', '.join(diff[:6])}). Start it with the same settings to resume, start over with --restart, "
             "or give another name."
         )
     if st["data"] != data_digest(trainer):
         raise ResumeError(
             f"The dataset changed since the run in {trainer.run_dir} stopped (images, captions or repeats). "
-            "Pass --restart to start over with the new data, or restore the old files to resume."
+            "Start over with --restart to use the new data, or restore the old files to resume."
         )
     if st["total_steps"] != trainer.total_steps:
-        raise ResumeError(f"The saved state in {path} plans a different number of steps; pass --restart.")
+        raise ResumeError(f"The saved state in {path} plans a different number of steps; start over with --restart.")
 
 
 def restore(trainer: Trainer, st: dict[str, Any]) -> None:
@@ -242,7 +242,7 @@ def load_for_resume(trainer: Trainer) -> dict[str, Any] | None:
         return None
     if getattr(tr.cfg, "restart", False):
         path.unlink()
-        tr.phase(f"--restart: discarded the saved state in {path.parent}; starting over at step 0.")
+        tr.phase(f"Starting over at step 0 (--restart): discarded the saved state in {path.parent}.")
         return None
     return load_state(path)
 

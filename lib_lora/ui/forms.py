@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from lib_lora.config import field_type, not_finite, validate
+from lib_lora.config import field_type, not_finite, phrase_options, validate
 from lib_lora.errors import UserError, shown
 from lib_lora.ui.paths import FolderPolicy
 
@@ -32,7 +32,15 @@ LABELS = {
     "save_every_n_steps": "Save every N steps", "save_every_n_epochs": "Save every N epochs",
     "tags_file": "Tags file", "general_threshold": "General threshold", "score_floor": "Score floor",
     "max_tags": "Max tags", "existing": "Existing captions", "batch_size": "Batch size",
+    "upscale": "Upscale small images", "recursive": "Include sub-folders", "oom_retry": "Retry on out-of-memory",
+    "lr": "Learning rate",
 }
+
+
+def ui_text(text: str) -> str:
+    """A core message as the page says it: an option the core names by its CLI flag
+    (`--upscale`) becomes the control's label in quotes (“Upscale small images”)."""
+    return phrase_options(str(text), lambda f: f"“{label_for(f)}”")
 
 
 def label_for(f: dataclasses.Field) -> str:

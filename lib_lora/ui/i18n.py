@@ -8,10 +8,25 @@ from typing import Any
 import gradio as gr
 
 
-def ui_strings(blocks: gr.Blocks, with_info: bool = False, with_choices: bool = True) -> set[str]:
-    """Labels, button texts, tab and accordion titles, placeholders and choices of a Blocks."""
+def markdown_texts(text: str) -> list[str]:
+    """The text nodes a page shows for a plain Markdown value (one per line, without the
+    heading and list marks): what a translation map is matched against."""
+    out = []
+    for line in str(text).splitlines():
+        line = line.strip().lstrip("#*-> ").strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def ui_strings(blocks: gr.Blocks, with_info: bool = False, with_choices: bool = True,
+               with_markdown: bool = False) -> set[str]:
+    """Labels, button texts, tab and accordion titles, placeholders and choices of a Blocks;
+    help lines (info) and the static Markdown's texts when asked."""
     out: set[str] = set()
     for block in blocks.blocks.values():
+        if with_markdown and isinstance(block, gr.Markdown) and isinstance(block.value, str):
+            out.update(markdown_texts(block.value))
         for attr in ("label", "placeholder") + (("info",) if with_info else ()):
             value = getattr(block, attr, None)
             if isinstance(value, str) and value.strip():

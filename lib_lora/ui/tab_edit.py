@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 
 from lib_lora.errors import UserError
-from lib_lora.ui import compat, steps, widgets
+from lib_lora.ui import compat, forms, steps, widgets
 from lib_lora.ui.captions_view import find_image_dir
 from lib_lora.ui.context import UIContext
 
@@ -173,7 +173,7 @@ def select_image(ctx: UIContext, folder: str, shown: list[str], show_zh: bool, e
     try:
         session = open_session(ctx, folder)
     except UserError as err:
-        return "", "", str(err)
+        return "", "", forms.ui_text(str(err))
     name = shown[int(idx)]
     tags = session.captions.get(name, [])
     translated = ", ".join(f"{t} ({zh(session, t)})" if zh(session, t) else t for t in tags) if show_zh else ""

@@ -1,14 +1,15 @@
 """Steps 1-2: a folder of photos in, cropped and cut-out training images out.
 
 A gallery shows each result; selecting one shows its source with the crop box (orange) and
-the face found (cyan); click the source or edit the numbers to move the box, then re-run
-that one image. Skipped files are listed with their reasons.
+the face found (cyan); drag the box or its corners and edges (javascript/fast_lora.js), click
+the source to centre it there, or type the numbers, then re-run that one image. Skipped files are listed with their reasons.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import html
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def report_state(report: Any) -> dict[str, Any]:
         "train_dir": str(report.train_dir),
         "image_dir": str(report.image_dir),
         "items": [_record(i) for i in report.items],
-        "summary": report.summary() if hasattr(report, "summary") else "",
+        "summary": forms.ui_text(report.summary()) if hasattr(report, "summary") else "",
     }
 
 
@@ -59,7 +60,7 @@ def gallery_items(state: dict[str, Any]) -> list[tuple[Image.Image, str]]:
 
 def skipped_rows(state: dict[str, Any]) -> list[list[str]]:
     """Skipped files and kept ones with a warning, each with its reason."""
-    rows = [[Path(r["source"]).name, "skipped" if not _ok(r) else str(r.get("status")), r.get("message") or ""]
+    rows = [[Path(r["source"]).name, "skipped" if not _ok(r) else str(r.get("status")), forms.ui_text(r.get("message") or "")]
             for r in state.get("items", []) if not _ok(r) or r.get("status") not in (None, "", "ok")]
     return rows or [["", "", ""]]
 
@@ -116,16 +117,30 @@ def reattach(ctx: UIContext) -> Iterator[tuple]:
     yield from follow_prepare(job)
 
 
+CROP_HELP = ("Drag the box to move it, or its corners and edges to resize it; click elsewhere on the image to "
+             "centre it there; or type the coordinates.")
+
+
+def crop_info(size: tuple[int, int] | None) -> str:
+    """The line above the crop fields; its data-w/data-h give the page's crop editor the source size."""
+    if size is None:
+        return '<div class="fast-lora-crop-info">Select an image in the gallery to adjust its crop.</div>'
+    w, h = size
+    return (f'<div class="fast-lora-crop-info" data-w="{w}" data-h="{h}"><span>Source {w} × {h} px.</span> '
+            f"<span>{html.escape(CROP_HELP)}</span></div>")
+
+
 def select_image(state: dict[str, Any], evt: gr.SelectData) -> tuple:
-    """Gallery click -> (source with boxes, index, x0, y0, x1, y1)."""
+    """Gallery click -> (source with boxes, index, x0, y0, x1, y1, crop info)."""
     ok = [r for r in (state or {}).get("items", []) if _ok(r)]
     idx = compat.select_index(evt)
     if idx is None or not (0 <= int(idx) < len(ok)):
-        return None, -1, 0, 0, 0, 0
+        return None, -1, 0, 0, 0, 0, crop_info(None)
     rec = ok[int(idx)]
     box = rec.get("crop_box") or [0, 0, 0, 0]
-    shown = widgets.draw_boxes(_open_source(rec["source"]), rec.get("crop_box"), rec.get("face_box"))
-    return (shown, int(idx), *[round(v) for v in box])
+    source = _open_source(rec["source"])
+    shown = widgets.draw_boxes(source, rec.get("crop_box"), rec.get("face_box"))
+    return (shown, int(idx), *[round(v) for v in box], crop_info(source.size))
 
 
 def _open_source(path: str) -> Image.Image:
@@ -214,12 +229,13 @@ def build(ctx: UIContext) -> dict[str, Any]:
             gallery = gr.Gallery(label="Prepared images", columns=5, height=420, object_fit="contain",
                                  allow_preview=False, elem_id=ID + "gallery")
             with gr.Accordion("Adjust a crop", open=False, elem_id=ID + "crop_panel"):
-                source = compat.image_input("Source (click to move the crop box)", elem_id=ID + "source")
+                source = compat.image_input("Source (drag the crop box or its handles)", elem_id=ID + "source")
+                info = gr.HTML(crop_info(None), elem_id=ID + "crop_info")
                 with gr.Row():
-                    x0 = gr.Number(label="Left", precision=0)
-                    y0 = gr.Number(label="Top", precision=0)
-                    x1 = gr.Number(label="Right", precision=0)
-                    y1 = gr.Number(label="Bottom", precision=0)
+                    x0 = gr.Number(label="Left", precision=0, elem_id=ID + "x0")
+                    y0 = gr.Number(label="Top", precision=0, elem_id=ID + "y0")
+                    x1 = gr.Number(label="Right", precision=0, elem_id=ID + "x1")
+                    y1 = gr.Number(label="Bottom", precision=0, elem_id=ID + "y1")
                 recrop_btn = gr.Button("Re-crop this image", elem_id=ID + "recrop")
                 recrop_msg = gr.HTML()
             skipped = gr.Dataframe(headers=["file", "status", "reason"], value=[["", "", ""]], label="Skipped files and warnings",
@@ -241,12 +257,12 @@ def build(ctx: UIContext) -> dict[str, Any]:
     outputs = [status, gallery, skipped, state, summary, run]
     event = run.click(_run_kept, run_inputs, outputs, **compat.event_kwargs())
     stop.click(stop_handler(ctx.runner, TAB), None, [status], **compat.event_kwargs())
-    gallery.select(select_image, [state], [source, index, *box])
+    gallery.select(select_image, [state], [source, index, *box, info])
     source.select(move_box, [state, index, *box], [source, *box])
-    for n in box:
-        n.submit(preview_box, [state, index, *box], [source])
+    for n in box:  # typed (or dragged, javascript/fast_lora.js) coordinates redraw the box
+        n.change(preview_box, [state, index, *box], [source], **compat.event_kwargs())
     recrop_btn.click(lambda s, i, *b: recrop(ctx, s, i, *b), [state, index, *box], [recrop_msg, gallery, state])
     parts.update(src=src, controls=controls, names=names, run=run, stop=stop, status=status, gallery=gallery,
                  skipped=skipped, state=state, event=event, summary=summary, outputs=outputs,
-                 reattach=functools.partial(reattach, ctx))
+                 source=source, box=box, crop_info=info, index=index, reattach=functools.partial(reattach, ctx))
     return parts

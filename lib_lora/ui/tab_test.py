@@ -19,7 +19,10 @@ from lib_lora.ui.jobs import job_updates, stop_handler
 
 ID = "fast_lora_test_"
 TAB = "test"  # the runner's key for this tab's jobs
-DEFAULT_PROMPTS = "{name}, portrait, looking at viewer\n{name}, full body, outdoors"
+# `{trigger}`, as in the Train tab's sample prompts; `{name}` (what older saved prompts used) is read the same.
+DEFAULT_PROMPTS = "{trigger}, portrait, looking at viewer\n{trigger}, full body, outdoors"
+DEFAULT_WEIGHTS = "0, 0.5, 0.75, 1"
+PLACEHOLDERS = ("{trigger}", "{name}")
 
 
 def lora_names(ctx: UIContext) -> list[str]:
@@ -31,11 +34,11 @@ def parse_weights(text: str) -> list[float]:
     try:
         weights = [float(w) for w in str(text).replace(";", ",").split(",") if w.strip()]
     except ValueError:
-        raise UserError(f"Weights {text!r}: give numbers separated by commas, such as 0, 0.5, 1.") from None
+        raise UserError(f"Weights {text!r}: give numbers separated by commas, such as 0, 0.5, 0.75, 1.") from None
     if not all(math.isfinite(w) for w in weights):  # float() reads nan and inf; the grid would be black
-        raise UserError(f"Weights {text!r}: NaN and infinity are not weights; give numbers such as 0, 0.5, 1.")
+        raise UserError(f"Weights {text!r}: NaN and infinity are not weights; give numbers such as 0, 0.5, 0.75, 1.")
     if not weights:
-        raise UserError("Give at least one LoRA weight, such as 0, 0.5, 1.")
+        raise UserError("Give at least one LoRA weight, such as 0, 0.5, 0.75, 1.")
     if len(weights) > 8:
         raise UserError("At most 8 weights at once; the grid would be too slow.")
     return weights
@@ -43,9 +46,11 @@ def parse_weights(text: str) -> list[float]:
 
 def grid_prompts(name: str, prompts_text: str, weights: list[float]) -> tuple[list[str], list[str]]:
     """(row prompts, one prompt per cell in row-major order with `<lora:name:w>` appended)."""
-    rows = [p.strip().replace("{name}", name) for p in str(prompts_text).splitlines() if p.strip()]
+    rows = [p.strip() for p in str(prompts_text).splitlines() if p.strip()]
+    for mark in PLACEHOLDERS:  # the trigger word is the LoRA's name (its card's activation text)
+        rows = [r.replace(mark, name) for r in rows]
     if not rows:
-        raise UserError("Write at least one prompt (one per line; {name} stands for the LoRA's name).")
+        raise UserError("Write at least one prompt (one per line; {trigger} stands for the LoRA's trigger word).")
     if len(rows) > 8:
         raise UserError("At most 8 prompts at once.")
     cells = [f"{row} <lora:{name}:{w:g}>" for row in rows for w in weights]
@@ -167,9 +172,10 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 lora = gr.Dropdown(names, value=names[-1] if names else None, label="LoRA", allow_custom_value=True,
                                    elem_id=ID + "lora")
                 refresh = gr.Button("Refresh", elem_id=ID + "refresh")
-            prompts = gr.Textbox(DEFAULT_PROMPTS, lines=3, label="Prompts (one per line)", elem_id=ID + "prompts")
+            prompts = gr.Textbox(DEFAULT_PROMPTS, lines=3, label="Prompts (one per line)",
+                                 info="{trigger} stands for the LoRA's trigger word (its name)", elem_id=ID + "prompts")
             negative = gr.Textbox("lowres, blurry", label="Negative prompt", elem_id=ID + "negative")
-            weights = gr.Textbox("0, 0.5, 1", label="LoRA weights", elem_id=ID + "weights")
+            weights = gr.Textbox(DEFAULT_WEIGHTS, label="LoRA weights", elem_id=ID + "weights")
             with gr.Row():
                 samplers = sampler_names(ctx)
                 sampler = gr.Dropdown(samplers, value=samplers[0] if samplers else None, label="Sampler",

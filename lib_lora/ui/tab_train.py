@@ -16,7 +16,7 @@ import gradio as gr
 from lib_lora import config
 from lib_lora.errors import UserError
 from lib_lora.filememo import FileMemo
-from lib_lora.names import validate_name
+from lib_lora.names import SUBSET_RE, validate_name
 from lib_lora.ui import compat, forms, steps, widgets
 from lib_lora.ui.context import UIContext
 from lib_lora.ui.jobs import job_updates, stop_handler
@@ -29,6 +29,7 @@ SPECIAL = {"lr", "output_dir", "dataset", "name"}
 ROWS = (("repeats", "epochs", "batch_size", "max_steps"), ("dim", "alpha", "optimizer"), ("resolution", "base_model"))
 STEP_FIELDS = ("repeats", "epochs", "batch_size", "max_steps")
 UI_SAMPLE_IMAGES = 4  # sample points in a run started from the tab
+DEFAULT_PRESET = "person"  # the tutorial's recipe; a host may name another (`host.default_preset`)
 METADATA_SHOWN = ("ss_output_name", "ss_network_dim", "ss_network_alpha", "ss_optimizer", "ss_learning_rate",
                   "ss_unet_lr", "ss_text_encoder_lr", "ss_num_train_images", "ss_max_train_steps", "ss_steps",
                   "ss_sd_model_name", "sshs_model_hash")
@@ -60,13 +61,20 @@ class TrainForm:
         return cfg
 
 
-def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any]) -> str:
-    """The live step count: images x repeats x epochs / batch, as the tutorial computes 35 x 30 = 1050."""
+def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any], lr_mode: str = "manual") -> str:
+    """The live step count: images x repeats x epochs / batch, as the tutorial computes 35 x 30 = 1050;
+    with the LR probe's steps and a time estimate after it."""
+    return plan_texts(ctx, form, dataset, values, lr_mode)[0]
+
+
+def plan_texts(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any],
+               lr_mode: str = "manual") -> tuple[str, str]:
+    """(the step count with the probe and the time estimate, the note beside Repeats)."""
     data = steps.training_data()
     if isinstance(data, steps.Missing):
-        return data.message()
+        return data.message(), ""
     if not str(dataset or "").strip():
-        return "Choose a dataset folder to see the step count."
+        return "Choose a dataset folder to see the step count.", ""
     try:
         dataset_dir = ctx.policy.check(dataset, "dataset folder")
         cfg = forms.collect(config.TrainConfig, form.names, values, policy=ctx.policy, dataset=str(dataset_dir),
@@ -75,8 +83,54 @@ def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any])
             form.images = FileMemo(data.read_image)
         plan = data.plan_steps(dataset_dir, cfg, read=form.images)
     except UserError as err:
-        return f"⚠ {err}"
-    return describe_plan(plan, cfg.max_steps)
+        return f"⚠ {err}", ""
+    text = describe_plan(plan, cfg.max_steps)
+    total = plan.total_steps
+    if lr_mode == "auto":
+        from lib_lora.training.probe import probe_budget
+
+        budget = probe_budget(total, cfg.probe_fraction, cfg.probe_min_steps, cfg.probe_max_steps)
+        text += (f"  \nFirst the learning-rate probe: up to {budget} steps (it stops once the rate settles), "
+                 f"so up to **{budget + total} steps** in all.")
+        total += budget
+    return text + "  \n" + time_estimate(ctx, form, cfg, total), repeats_note(plan, cfg, dataset_dir)
+
+
+def _run_dirs(ctx: UIContext, cfg: Any) -> list[Path]:
+    runs = ctx.host.work_dir() / "runs"
+    found = sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    return ([Path(cfg.run_dir)] if cfg.run_dir else []) + found
+
+
+def time_estimate(ctx: UIContext, form: TrainForm, cfg: Any, total_steps: int) -> str:
+    """'About 12 min' from the step time a finished run measured with the same model, device,
+    resolution and batch size (its run folder keeps it), and where the figure comes from."""
+    from lib_lora.training import timing
+
+    est = timing.find(_run_dirs(ctx, cfg), cfg, any_model=not form.has_base_model)
+    if est is None:
+        return ("No time estimate yet: each run measures its step time, and the next plan with the same "
+                "model, device, resolution and batch size shows how long it takes.")
+    minutes = est.minutes(total_steps)
+    if minutes < 1:
+        about = "under a minute"
+    elif minutes < 90:
+        about = f"about {round(minutes)} min"
+    else:
+        about = f"about {minutes / 60:.1f} h"
+    return (f"Time: {about} ({est.seconds_per_step:.2f} s per step, measured by the run "
+            f"'{est.run}' on {est.device}; samples add their own time).")
+
+
+def repeats_note(plan: Any, cfg: Any, dataset_dir: Path) -> str:
+    """Which repeat count is used and why: a `<repeats>_<name>` subfolder's number wins over the field."""
+    named = [s for s in plan.subsets or [] if s["folder"] != Path(dataset_dir).name and SUBSET_RE.match(s["folder"])]
+    if not named:
+        return f"Using {cfg.repeats} repeats (the Repeats field) for the images in {Path(dataset_dir).name}."
+    used = "; ".join(f"{s['repeats']} repeats from the folder name {s['folder']}" for s in named[:4])
+    more = f" and {len(named) - 4} more folders" if len(named) > 4 else ""
+    return (f"Using {used}{more}. The Repeats field ({cfg.repeats}) applies only to images directly in the "
+            "dataset folder; rename the folder to change its number.")
 
 
 def describe_plan(plan: Any, max_steps: int | None = None) -> str:
@@ -134,6 +188,18 @@ class Live:
                 self.samples.append((str(ev["path"]), f"step {ev.get('step', '')}"))
                 self.changed_samples = True
         self.seen += len(events)
+
+    def status_text(self, label: str) -> str:
+        """The current phase's label (the core's progress text) and one figure: the chart's
+        smoothed loss while training, the probe's d*lr while probing."""
+        from lib_lora.training.probe import PROBE_LABEL
+
+        label = label or self.phase
+        if label == PROBE_LABEL and self.probe:
+            return f"{label} · d*lr {self.probe[-1][1]:.3g}"
+        if self.losses and label != PROBE_LABEL:
+            return f"{label} · smoothed loss {widgets.smoothed([v for _, v in self.losses])[-1]:.4f}"
+        return label
 
     def probe_image(self) -> Any:
         if self.probe_plot and Path(self.probe_plot).is_file():
@@ -217,9 +283,7 @@ def follow_train(job: Any) -> Iterator[tuple]:
         events = p.events_since(live.seen)
         live.feed(events)
         live.ran = ran_lines(events) or live.ran
-        text = live.phase if not p.text else p.text
-        if live.losses:
-            text = f"{text} · loss {live.losses[-1][1]:.4f}"
+        text = live.status_text(p.text)
         status = widgets.progress_html(p.done, p.total, text, p.eta_seconds(), p.elapsed(),
                                        state="running" if j.running else "done")
         status += widgets.ran_html(live.ran) + widgets.warnings_html(p.warnings)
@@ -264,27 +328,38 @@ def build(ctx: UIContext) -> dict[str, Any]:
     form = TrainForm(basic + advanced, has_base_model)
     # The tab shows samples as they are made, so it turns them on (the CLI and library keep kohya's "off").
     defaults = {"base_model": getattr(ctx.host, "base_model", None), "sample_images": UI_SAMPLE_IMAGES}
+    # The page opens on a preset, and the fields hold that preset's recipe (not the schema's plain defaults).
+    chosen = getattr(ctx.host, "default_preset", None) or DEFAULT_PRESET
+    chosen = chosen if chosen in config.PRESETS else DEFAULT_PRESET
+    recipe = config.apply_preset(config.TrainConfig(), chosen)
+    defaults.update({n: getattr(recipe, n) for n in config.PRESETS[chosen] if n in form.names})
+    start_lr = config.PRESETS[chosen].get("lr")
     missing = [m for m in (steps.training_run(), steps.training_data()) if isinstance(m, steps.Missing)]
     if missing:
         gr.HTML(widgets.message_html(missing[0].message(), "missing"))
     with gr.Row():
         with gr.Column(scale=2):
-            preset = gr.Radio(list(config.PRESETS), label="Preset", info="fills the recipe for a kind of LoRA",
-                              elem_id=ID + "preset")
+            preset = gr.Radio(list(config.PRESETS), value=chosen, label="Preset",
+                              info="fills the recipe for a kind of LoRA", elem_id=ID + "preset")
             name = gr.Textbox(label="LoRA name", info="file name and trigger word; any language",
                               elem_id=ID + "name")
-            dataset = gr.Textbox(label="Dataset folder", info="filled in by Prepare; <repeats>_<name> inside",
+            dataset = gr.Textbox(label="Dataset folder", info="the folder of training images; Prepare fills it in",
                                  elem_id=ID + "dataset")
             with gr.Row():
-                lr_mode = gr.Radio(["auto", "manual"], value="auto", label="Learning rate",
-                                   info="auto: a short D-Adaptation probe finds it first", elem_id=ID + "lr_mode")
-                lr_value = gr.Textbox(value="1e-4", label="Learning rate value", elem_id=ID + "lr_value")
+                lr_mode = gr.Radio(["auto", "manual"], value="manual" if start_lr not in (None, "auto") else "auto",
+                                   label="Learning rate", info="auto: a short D-Adaptation probe finds it first",
+                                   elem_id=ID + "lr_mode")
+                lr_value = gr.Textbox(value=str(start_lr) if start_lr not in (None, "auto") else "1e-4",
+                                      label="Learning rate value", elem_id=ID + "lr_value")
             controls: dict[str, Any] = {}
+            repeats_md = None
             for row in ROWS:
                 present = [n for n in row if n in basic]
                 if present:
                     with gr.Row():
                         controls.update(forms.build(cls, present, defaults, ID))
+                    if "repeats" in present:  # which repeat count is used, in words, beside the field
+                        repeats_md = gr.Markdown("", elem_id=ID + "repeats_note")
             rest = [n for n in basic if n not in controls]
             controls.update(forms.build(cls, rest, defaults, ID))
             steps_md = gr.Markdown("Choose a dataset folder to see the step count.", elem_id=ID + "steps")
@@ -305,12 +380,17 @@ def build(ctx: UIContext) -> dict[str, Any]:
     lora_name = gr.State("")
     inputs = [controls[n] for n in form.names]
 
-    def _steps(ds: str, *vals: Any) -> str:
-        return step_count(ctx, form, ds, list(vals))
+    plan_outputs = [steps_md] + ([repeats_md] if repeats_md is not None else [])
 
-    for comp in [dataset, *(controls[n] for n in STEP_FIELDS if n in controls), *(controls[n] for n in (
-            "resolution", "enable_buckets", "bucket_no_upscale") if n in controls)]:
-        comp.change(_steps, [dataset, *inputs], [steps_md], **compat.event_kwargs())
+    def _steps(ds: str, mode: str, *vals: Any) -> Any:
+        texts = plan_texts(ctx, form, ds, list(vals), mode)
+        return list(texts[:len(plan_outputs)])
+
+    plan_inputs = [dataset, lr_mode, *(controls[n] for n in STEP_FIELDS if n in controls), *(controls[n] for n in (
+        "resolution", "enable_buckets", "bucket_no_upscale", "batch_size", "base_model", "device",
+        "probe_fraction", "probe_min_steps", "probe_max_steps") if n in controls)]
+    for comp in dict.fromkeys(plan_inputs):
+        comp.change(_steps, [dataset, lr_mode, *inputs], plan_outputs, **compat.event_kwargs())
     preset.change(lambda p, *v: preset_values(form, p, *v), [preset, *inputs], [lr_mode, lr_value, *inputs])
 
     def _run(n: str, ds: str, mode: str, lrv: str, *vals: Any) -> Iterator[tuple]:
@@ -327,6 +407,6 @@ def build(ctx: UIContext) -> dict[str, Any]:
     event = start.click(_run_kept, run_inputs, outputs, **compat.event_kwargs())
     stop.click(stop_handler(ctx.runner, TAB, STOPPED), None, [status], **compat.event_kwargs())
     return dict(form=form, preset=preset, name=name, dataset=dataset, lr_mode=lr_mode, lr_value=lr_value,
-                controls=controls, steps=steps_md, start=start, stop=stop, status=status, loss=loss, probe=probe,
-                samples=samples, result=result, meta=meta, lora_name=lora_name, event=event, outputs=outputs,
-                reattach=functools.partial(reattach, ctx))
+                controls=controls, steps=steps_md, repeats_note=repeats_md, start=start, stop=stop, status=status,
+                loss=loss, probe=probe, samples=samples, result=result, meta=meta, lora_name=lora_name, event=event,
+                outputs=outputs, reattach=functools.partial(reattach, ctx))

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lib_lora.ui.forms import ui_text
+
 
 def fmt_seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
@@ -26,7 +28,7 @@ def progress_html(done: int, total: int, text: str = "", eta: float | None = Non
     """A progress bar the page re-renders every poll (no gradio-version specific widget)."""
     pct = 0.0 if total <= 0 else max(0.0, min(100.0, 100.0 * done / total))
     count = f"{done}/{total}" if total > 0 else ""
-    bits = [b for b in (count, html.escape(text)) if b]
+    bits = [b for b in (count, html.escape(ui_text(text))) if b]
     if state == "running" and eta is not None:
         bits.append(f"ETA {fmt_seconds(eta)}")
     if elapsed is not None:
@@ -39,8 +41,16 @@ def progress_html(done: int, total: int, text: str = "", eta: float | None = Non
 
 
 def message_html(text: str, kind: str = "info") -> str:
-    """kind: info | ok | error | missing | stopped."""
-    return f'<div class="fast-lora-msg fast-lora-msg-{kind}">{html.escape(text, quote=False)}</div>'
+    """kind: info | ok | error | missing | stopped. Options the core names by their CLI flag are said as
+    the page's labels (forms.ui_text)."""
+    return f'<div class="fast-lora-msg fast-lora-msg-{kind}">{html.escape(ui_text(text), quote=False)}</div>'
+
+
+def smoothed(values: list[float]) -> list[float]:
+    """The chart's smoothed line: each point the mean of the last k values, k a tenth of the
+    points (at least 2). The status line quotes its last value, so both say the same."""
+    k = max(2, len(values) // 10)
+    return [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1]) for i in range(len(values))]
 
 
 def warnings_html(lines: list[str]) -> str:
@@ -70,11 +80,9 @@ def loss_chart(points: list[tuple[int, float]], title: str = "loss", width: int 
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
     canvas = FigureCanvasAgg(fig)  # no pyplot: thread-safe, no GUI backend
     ax = fig.add_subplot(111)
-    ax.plot(steps, losses, color="#9ab", linewidth=1, label=title)
-    if len(losses) >= 5:
-        k = max(2, len(losses) // 10)
-        avg = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
-        ax.plot(steps, avg, color="#e05a00", linewidth=2, label="average")
+    ax.plot(steps, losses, color="#9ab", linewidth=1, marker="." if len(losses) < 30 else None, label=title)
+    if len(losses) >= 2:
+        ax.plot(steps, smoothed(losses), color="#e05a00", linewidth=2, label="smoothed")
     ax.set_xlabel("step")
     ax.set_ylabel(title)
     ax.grid(alpha=0.3)

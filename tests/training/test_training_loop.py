@@ -91,7 +91,7 @@ def test_metadata_complete_and_hashes_recomputable(tmp_path, drawn_dataset, tiny
     kinds = [e["kind"] for e in events]
     assert kinds[0] == "phase" and "plan" in kinds and kinds[-1] == "done"
     losses = [e for e in events if e["kind"] == "loss"]
-    assert [e["step"] for e in losses] == [5, 6] and all(e["loss"] > 0 for e in losses)
+    assert [e["step"] for e in losses] == [1, 2, 3, 4, 5, 6] and all(e["loss"] > 0 for e in losses)
     assert (res.run_dir / "checkpoints" / "张娜英-step000003.safetensors").is_file()
     assert list((res.run_dir / "logs").glob("events.out.tfevents.*"))
     assert json.loads((res.run_dir / "config.json").read_text(encoding="utf-8"))["name"] == "张娜英"
