@@ -507,6 +507,8 @@ class WebUIHost:
         text = f"Making the preview image of {path.stem}"
         if hasattr(progress, "event"):
             progress.event({"kind": "phase", "name": "preview", "text": text})
+        if hasattr(progress, "figure"):
+            progress.figure = ""  # the training's last loss is not the preview's
         progress.update(0, settings.steps, text)
         if progress.cancelled():
             return
