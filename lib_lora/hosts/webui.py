@@ -360,6 +360,11 @@ class WebUIHost:
         loc = str(opt("localization", "None") or "None")
         return "zh" if loc.lower().startswith("zh") else "en"
 
+    @property
+    def default_preset(self) -> str:
+        """The preset the Train tab opens on: the setting "Default training preset"."""
+        return str(opt("fast_lora_preset", "person"))
+
     # -- places ------------------------------------------------------------------------------
     def lora_dir(self) -> Path:
         shared = a1111("shared")

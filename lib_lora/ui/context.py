@@ -27,7 +27,8 @@ class UIContext:
         if self.runner is None:
             self.runner = JobRunner(getattr(self.host, "job", None))
         if self.memory is None:
-            self.memory = FormMemory(lambda: self.host.work_dir() / FILE_NAME)
+            # Through the policy: beyond loopback a changed work-folder setting must not move it out.
+            self.memory = FormMemory(lambda: self.policy.place(self.host.work_dir() / FILE_NAME, "work folder"))
 
     def default_folder(self, *sub: str) -> str:
         path = self.host.work_dir().joinpath(*sub)

@@ -245,7 +245,12 @@ def stop_view(runner: JobRunner, tab: str, done_text: str = "Stopped.", interval
     runner.stop()
     while not job.finished.wait(interval):
         yield widgets.message_html(f"Stopping '{job.title}': it ends at its next step…", "stopped")
-    yield widgets.message_html(job.error or done_text, "error" if job.error else "stopped")
+    if job.error:
+        yield widgets.message_html(job.error, "error")
+    elif job.cancelled:
+        yield widgets.message_html(done_text, "stopped")
+    else:  # it reached its end first (or Stop only cut its last part, as the WebUI's preview)
+        yield widgets.message_html(f"'{job.title}' finished before it could stop; its result is kept.", "ok")
 
 
 def stop_handler(runner: JobRunner, tab: str, done_text: str = "Stopped.") -> Callable[[], Iterator[str]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_lora.atomic import atomic_path
+from lib_lora.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ class FormMemory:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as err:  # a hand-edited or foreign file: start from the defaults
-            log.warning("The page's last values in %s could not be read (%s); using the defaults.", self.path, err)
+        except (OSError, ValueError, UserError) as err:  # a hand-edited or foreign file, a refused place
+            log.warning("The page's last values could not be read (%s); using the defaults.", err)
             return {}
         return {k: v for k, v in data.items() if isinstance(k, str) and _plain(v)} if isinstance(data, dict) else {}
 
@@ -65,8 +66,8 @@ class FormMemory:
             try:
                 with atomic_path(self.path) as tmp:
                     tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True), encoding="utf-8")
-            except OSError as err:  # remembering is a convenience: the action itself goes on
-                log.warning("The page's last values could not be saved to %s (%s).", self.path, err)
+            except (OSError, UserError) as err:  # remembering is a convenience: the action itself goes on
+                log.warning("The page's last values could not be saved (%s).", err)
 
 
 def choice_values(component: Any) -> list[Any] | None:

@@ -107,7 +107,7 @@ class FolderPolicy:
             value = getattr(cfg, f.name)
             if not kind or not isinstance(value, str) or not value.strip():
                 continue
-            if value in f.metadata.get("names", ()) or value in self.names:
+            if value in f.metadata.get("names", ()) or (kind == "model" and value in self.names):
                 continue
             what = label(f) if label is not None else f.name
             changes[f.name] = str(self.check(value, what, must_exist=False, kind=kind))

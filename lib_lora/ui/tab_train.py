@@ -54,11 +54,8 @@ class TrainForm:
             raise UserError("Learning rate is empty: give a number such as 1e-4, or choose auto.")
         fixed = {"name": name, "dataset": str(dataset_dir), "lr": lr, "output_dir": str(ctx.host.lora_dir())}
         cfg = forms.collect(config.TrainConfig, self.names, values, policy=ctx.policy, **fixed)
-        if not cfg.run_dir:
-            cfg = dataclasses.replace(cfg, run_dir=str(ctx.host.work_dir() / "runs" / name))
-        else:
-            cfg = dataclasses.replace(cfg, run_dir=str(ctx.policy.check(cfg.run_dir, "run folder", must_exist=False)))
-        return cfg
+        run_dir = cfg.run_dir or str(ctx.host.work_dir() / "runs" / name)
+        return dataclasses.replace(cfg, run_dir=str(ctx.policy.check(run_dir, "run folder", must_exist=False)))
 
 
 def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any], lr_mode: str = "manual") -> str:
@@ -98,7 +95,8 @@ def plan_texts(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any],
 
 def _run_dirs(ctx: UIContext, cfg: Any) -> list[Path]:
     runs = ctx.host.work_dir() / "runs"
-    found = sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    allowed = ctx.policy.allows(runs.resolve())
+    found = sorted(p for p in runs.iterdir() if p.is_dir()) if allowed and runs.is_dir() else []
     return ([Path(cfg.run_dir)] if cfg.run_dir else []) + found
 
 

@@ -68,15 +68,16 @@ def test_the_cli_refuses_them_in_one_sentence(flags, field, tmp_path, capsys):
 def test_the_ui_and_rest_conversions_refuse_them():
     from lib_lora.hosts.webui_app import config_from_request, form_values_to_config
     from lib_lora.ui import forms
+    from lib_lora.ui.paths import FolderPolicy
 
     names = ["lr", "max_grad_norm", "max_steps", "text_encoder_lr", "epochs"]
     good = ["1e-4", 1.0, "", "", 1]
-    assert forms.collect(TrainConfig, names, good).max_grad_norm == 1.0
+    assert forms.collect(TrainConfig, names, good, policy=FolderPolicy()).max_grad_norm == 1.0
     for i, bad in [(0, "nan"), (1, float("nan")), (1, "inf"), (2, "inf"), (3, "-inf"), (4, float("nan"))]:
         values = list(good)
         values[i] = bad
         with pytest.raises(UserError, match="not a finite number"):  # int(nan) raised ValueError here
-            forms.collect(TrainConfig, names, values)
+            forms.collect(TrainConfig, names, values, policy=FolderPolicy())
     # The fallback tab's Number fields.
     fields = [f for f in dataclasses.fields(TrainConfig) if f.name in ("max_grad_norm", "epochs")]
     for values in ([float("nan"), 1], [1.0, float("inf")]):

@@ -129,6 +129,48 @@ def test_stop_on_a_tab_stops_only_that_tabs_job(host: StandaloneHost) -> None:
     assert "Stopped" in list(stop_view(ctx.runner, tab_train.TAB))[-1] and not job.running
 
 
+def test_stop_after_the_job_reached_its_end_keeps_its_result(host: StandaloneHost) -> None:
+    """A job that ends on its own while Stop waits (its last step, or the WebUI's preview that
+    Stop only cuts) finished: the status must not say "Stopped" over its result."""
+    ctx = build_tabs(host).fast_lora
+    release = threading.Event()
+
+    def work(progress):  # ignores the stop request, as a job past its last check does
+        release.wait(10)
+        return "saved"
+
+    job = ctx.runner.start("Train", work, tab=tab_train.TAB)
+    threading.Timer(0.3, release.set).start()
+    last = list(stop_view(ctx.runner, tab_train.TAB, interval=0.05))[-1]
+    assert not job.cancelled and not job.error
+    assert "finished before it could stop" in last and "Stopped" not in last
+
+
+def test_remembered_values_and_run_folders_stay_inside_the_policy(tmp_path: Path) -> None:
+    """Beyond loopback the policy's roots are fixed at start; a work folder moved outside them
+    later (a setting) must not receive the page's last values or a training's run folder."""
+    from lib_lora import config
+    from lib_lora.errors import UserError
+    from lib_lora.ui import forms
+    from lib_lora.ui.paths import FolderPolicy
+
+    class MovedHost(StandaloneHost):
+        def work_dir(self) -> Path:
+            return tmp_path / "elsewhere"
+
+    host = MovedHost(output_dir=tmp_path / "loras", work_dir=tmp_path / "work", device="cpu")
+    ctx = build_tabs(host).fast_lora
+    ctx.policy = FolderPolicy.limited([tmp_path / "work", tmp_path / "loras"])
+    ctx.memory.save({"fast_lora_train_name": "sks"})
+    assert not (tmp_path / "elsewhere").exists()
+    data = tmp_path / "work" / "data"
+    data.mkdir(parents=True)
+    form = ctx.parts["train"]["form"]
+    values = forms.values_of(config.TrainConfig(), form.names)
+    with pytest.raises(UserError, match="outside the folders"):
+        form.config(ctx, "sks", str(data), "manual", "1e-4", values)
+
+
 def test_no_job_yet_changes_nothing_on_load(host: StandaloneHost) -> None:
     ctx = build_tabs(host).fast_lora
     for key in ("prepare", "tag", "train", "test"):

@@ -123,3 +123,19 @@ def test_every_default_is_the_schemas_after_the_webui_loads_the_tab(tab, tmp_pat
     train = ctx.parts["train"]["controls"]
     assert train["batch_size"].value == 1 and train["seed"].value == 42
     assert ctx.parts["test"]["seed"].value == 1234
+
+
+def test_the_train_tab_opens_on_the_default_preset_setting(webui):
+    """The setting "Default training preset" picks the preset the full Train tab opens on, with
+    its values in the fields (as the REST route and the fallback tab already do)."""
+    from lib_lora import config
+    from lib_lora.hosts import webui_app
+
+    webui.shared.opts.add_option("fast_lora_preset", webui.shared.OptionInfo("style"))
+    webui.shared.opts.fast_lora_preset = "style"
+    ctx = webui_app.ui_tabs()[0][0].fast_lora
+    train = ctx.parts["train"]
+    assert train["preset"].value == "style"
+    controls = train["controls"]
+    for name in ("dim", "repeats", "epochs", "lr_scheduler"):
+        assert controls[name].value == config.PRESETS["style"][name], name
