@@ -169,7 +169,7 @@ class Trainer:
 
     def prepare_run_dir(self) -> None:
         cfg = self.cfg
-        self.run_dir = run_folder(cfg, self.name)
+        self.run_dir = run_folder(cfg, validate_name(cfg.name, "LoRA name"))  # also called without setup()
         try:
             (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
