@@ -35,14 +35,15 @@ def _cmd(tmp: Path, ds: Path, name: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _temps(*folders: Path, pid: int | None = None) -> list[Path]:
+def _temps(*folders: Path, pid: int | None = None, of: str = "") -> list[Path]:
     """Temporary files in these folders; with `pid`, only that process's (a temp name carries
-    its writer's pid), so a leftover of an earlier kill does not trigger the next one."""
+    its writer's pid), so a leftover of an earlier kill does not trigger the next one; with `of`,
+    only temporaries of files whose name starts so (the start's write check is not the export)."""
     mark = TMP_MARK if pid is None else f"{TMP_MARK}{pid}-"
     out = []
     for f in folders:
         if f.is_dir():
-            out += [p for p in f.rglob("*") if mark in p.name]
+            out += [p for p in f.rglob("*") if mark in p.name and p.name.startswith(f".{of}")]
     return out
 
 
@@ -87,14 +88,15 @@ def _kill_when(proc: subprocess.Popen, mode: str, run_dir: Path, out: Path, rng:
         time.sleep(rng.uniform(0.0, 1.5))
     else:
         watch = [run_dir / "state", run_dir / "checkpoints"] if mode == "checkpoint" else [out]
+        of = "" if mode == "checkpoint" else f"{run_dir.name}."  # the LoRA and its card files
         skip = rng.randint(0, 3) if mode == "checkpoint" else 0  # not always the first write
         seen = 0
         while time.time() < deadline and proc.poll() is None:
-            if _temps(*watch, pid=proc.pid):
+            if _temps(*watch, pid=proc.pid, of=of):
                 if seen >= skip:
                     break
                 seen += 1
-                while _temps(*watch, pid=proc.pid) and proc.poll() is None:
+                while _temps(*watch, pid=proc.pid, of=of) and proc.poll() is None:
                     pass
             time.sleep(0.0005)
     if proc.poll() is not None:
