@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from helpers_ui import form_values, train_form
 from PIL import Image
 
 from lib_lora import config
@@ -22,19 +23,6 @@ from lib_lora.ui.context import UIContext
 def ctx(tmp_path: Path) -> UIContext:
     host = StandaloneHost(output_dir=tmp_path / "loras", work_dir=tmp_path / "work", device="cpu")
     return UIContext(host=host)
-
-
-def train_form() -> tab_train.TrainForm:
-    basic = [f.name for f in forms.fields(config.TrainConfig, "basic", skip=tab_train.SPECIAL)]
-    advanced = [f.name for f in forms.fields(config.TrainConfig, "advanced", skip=tab_train.SPECIAL)]
-    return tab_train.TrainForm(basic + advanced, has_base_model=True)
-
-
-def values(form: tab_train.TrainForm, **changes) -> list:
-    cfg = config.TrainConfig()
-    out = dict(zip(form.names, forms.values_of(cfg, form.names), strict=True))
-    out.update(changes)
-    return [out[n] for n in form.names]
 
 
 def images(folder: Path, n: int) -> Path:
@@ -74,7 +62,7 @@ def test_plan_counts_the_probe_and_estimates_from_a_measured_run(ctx: UIContext,
     form = train_form()
     ds = tmp_path / "ds"
     images(ds / "10_astro", 4)
-    vals = values(form)
+    vals = form_values(form)
     manual, _ = tab_train.plan_texts(ctx, form, str(ds), vals, "manual")
     assert manual.startswith("**40 steps**") and "probe" not in manual
     assert "No time estimate yet" in manual
@@ -90,7 +78,7 @@ def test_plan_counts_the_probe_and_estimates_from_a_measured_run(ctx: UIContext,
     minutes = (40 + budget) * 6.0 / 60
     assert f"about {round(minutes)} min" in auto and "6.00 s per step" in auto and "'earlier'" in auto, auto
     # Another resolution has not been measured: no figure borrowed from it.
-    other, _ = tab_train.plan_texts(ctx, form, str(ds), values(form, resolution=768), "auto")
+    other, _ = tab_train.plan_texts(ctx, form, str(ds), form_values(form, resolution=768), "auto")
     assert "No time estimate yet" in other
 
 
@@ -111,10 +99,10 @@ def test_repeats_note_says_which_value_is_used_and_why(ctx: UIContext, tmp_path:
     form = train_form()
     ds = tmp_path / "ds"
     images(ds / "10_astro", 3)
-    _, note = tab_train.plan_texts(ctx, form, str(ds), values(form, repeats=30), "manual")
+    _, note = tab_train.plan_texts(ctx, form, str(ds), form_values(form, repeats=30), "manual")
     assert "Using 10 repeats from the folder name 10_astro" in note and "Repeats field (30)" in note, note
     plain = images(tmp_path / "plain", 3)
-    _, note = tab_train.plan_texts(ctx, form, str(plain), values(form, repeats=30), "manual")
+    _, note = tab_train.plan_texts(ctx, form, str(plain), form_values(form, repeats=30), "manual")
     assert note.startswith("Using 30 repeats (the Repeats field)"), note
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from helpers_ui import form_values, train_form
 from PIL import Image
 
 from lib_lora import config
@@ -28,19 +29,6 @@ from lib_lora.ui.paths import FolderPolicy
 def ctx(tmp_path: Path) -> UIContext:
     host = StandaloneHost(output_dir=tmp_path / "loras", work_dir=tmp_path / "work", device="cpu")
     return UIContext(host=host)
-
-
-def train_form(ctx: UIContext) -> tab_train.TrainForm:
-    basic = [f.name for f in forms.fields(config.TrainConfig, "basic", skip=tab_train.SPECIAL)]
-    advanced = [f.name for f in forms.fields(config.TrainConfig, "advanced", skip=tab_train.SPECIAL)]
-    return tab_train.TrainForm(basic + advanced, has_base_model=True)
-
-
-def form_values(form: tab_train.TrainForm, **changes) -> list:
-    cfg = config.TrainConfig()
-    values = dict(zip(form.names, forms.values_of(cfg, form.names), strict=True))
-    values.update(changes)
-    return [values[n] for n in form.names]
 
 
 def make_dataset(root: Path, n: int, repeats: int, name: str = "zny") -> Path:
@@ -80,7 +68,7 @@ def test_every_label_has_a_chinese_translation(ctx: UIContext) -> None:
 # ---- train: step count and validation ---------------------------------------------------------
 
 def test_step_count_is_the_tutorials_arithmetic(ctx: UIContext, tmp_path: Path) -> None:
-    form = train_form(ctx)
+    form = train_form()
     ds = make_dataset(tmp_path / "ds", n=35, repeats=30)
     text = tab_train.step_count(ctx, form, str(ds), form_values(form, resolution=64))
     assert text.startswith("**1050 steps** = 35 images × 30 repeats × 1 epoch ÷ batch 1"), text
@@ -103,7 +91,7 @@ def test_step_count_reads_each_image_once_per_file_version(ctx: UIContext, tmp_p
     """Changing a number re-plans from what was read; only new or changed files are read again."""
     from lib_lora.training import data
 
-    form = train_form(ctx)
+    form = train_form()
     ds = make_dataset(tmp_path / "ds", n=5, repeats=3)
     sub = ds / "3_zny"
     (sub / "broken.png").write_bytes(b"not an image")
@@ -135,7 +123,7 @@ def test_step_count_reads_each_image_once_per_file_version(ctx: UIContext, tmp_p
 
 
 def test_train_validation_messages(ctx: UIContext, tmp_path: Path) -> None:
-    form = train_form(ctx)
+    form = train_form()
     ds = make_dataset(tmp_path / "ds", n=2, repeats=3)
     ok = form.config(ctx, "张娜英", str(ds), "auto", "", form_values(form))
     assert ok.name == "张娜英" and ok.lr == "auto" and ok.output_dir == str(ctx.host.lora_dir())
@@ -155,14 +143,14 @@ def test_train_validation_messages(ctx: UIContext, tmp_path: Path) -> None:
 
 
 def test_run_train_shows_validation_error_without_starting(ctx: UIContext, tmp_path: Path) -> None:
-    form = train_form(ctx)
+    form = train_form()
     out = list(tab_train.run_train(ctx, form, "a/b", str(tmp_path), "auto", "", *form_values(form)))
     assert len(out) == 1 and "fast-lora-msg-error" in out[0][0] and "could leave the output folder" in out[0][0]
     assert not ctx.runner.busy()
 
 
 def test_preset_fills_the_recipe(ctx: UIContext) -> None:
-    form = train_form(ctx)
+    form = train_form()
     out = tab_train.preset_values(form, "person", *form_values(form))
     lr_mode, values = out[0], dict(zip(form.names, out[2:], strict=True))
     assert lr_mode == "auto"
@@ -242,7 +230,7 @@ class _OwnModelHost(_WebUILikeHost):
 
 def test_run_train_records_the_hosts_model_name(tmp_path: Path) -> None:
     ctx = UIContext(host=_OwnModelHost(output_dir=tmp_path / "l", work_dir=tmp_path / "w", device="cpu"))
-    form = tab_train.TrainForm([n for n in train_form(ctx).names if n != "base_model"], has_base_model=False)
+    form = tab_train.TrainForm([n for n in train_form().names if n != "base_model"], has_base_model=False)
     ds = make_dataset(tmp_path / "ds", n=2, repeats=1)
     values = form_values(form, resolution=64, enable_buckets=False, max_steps=1, dim=4, alpha=2.0,
                          optimizer="adamw", mixed_precision="no", cache_latents_to_disk=False,
@@ -257,7 +245,7 @@ def test_step_count_is_what_training_does(tmp_path: Path) -> None:
     """The count the tab shows (from its remembered scan) is the number of steps the run makes:
     buckets, a broken file and a too-small image included."""
     ctx = UIContext(host=_OwnModelHost(output_dir=tmp_path / "l", work_dir=tmp_path / "w", device="cpu"))
-    form = tab_train.TrainForm([n for n in train_form(ctx).names if n != "base_model"], has_base_model=False)
+    form = tab_train.TrainForm([n for n in train_form().names if n != "base_model"], has_base_model=False)
     sub = tmp_path / "ds" / "2_zny"
     sub.mkdir(parents=True)
     for name, size in (("a", (128, 128)), ("b", (128, 128)), ("wide", (256, 64)), ("small", (32, 32))):
