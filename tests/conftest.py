@@ -97,3 +97,16 @@ def _float32_rounding(*models) -> float:
 def float32_rounding():
     """`_float32_rounding` (the tiny model's U-Net and text encoder: 353 layers, K <= 1152: 1.4e-3)."""
     return _float32_rounding
+
+
+@pytest.fixture
+def one_thread():
+    """For byte-exact comparisons of two training runs: the claim is about our code, not torch's CPU kernels: with several
+    threads some of them split a reduction by how the work was scheduled, so two runs of the same
+    steps can differ in the last bit on some CPUs. One thread makes each step's arithmetic fixed."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from helpers_rel import header, make_dataset, tensor_bytes, tiny_config
 
 from lib_lora.errors import Cancelled, UserError
@@ -27,15 +26,7 @@ class StopAt(NullProgress):
             self.cancel()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Byte identity is a claim about the resume, not about torch's CPU kernels: with several
-    threads some of them split a reduction by how the work was scheduled, so two runs of the same
-    steps can differ in the last bit on some CPUs. One thread makes each step's arithmetic fixed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _events():

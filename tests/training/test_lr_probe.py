@@ -17,6 +17,8 @@ from lib_lora.training import probe
 from lib_lora.training.export import read_lora
 from lib_lora.training.run import Trainer, train
 
+# Two runs compared byte for byte: one torch thread (see tests/conftest.py one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -15,6 +16,8 @@ from lib_lora.demo import DEMO_NAME
 from lib_lora.training import sample, schedule
 from lib_lora.training.run import Trainer, train
 
+# Two runs compared byte for byte: one torch thread (see tests/conftest.py one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_sample_steps_are_evenly_spaced_and_end_at_the_last_step():
     assert sample.sample_steps(10, 4, 0, 0, 5) == {2, 5, 8, 10}
