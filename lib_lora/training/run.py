@@ -330,7 +330,7 @@ class Trainer:
         if getattr(self, "feeder", None) is None:
             cfg = self.cfg
             cache_te = cfg.cache_text_encoder_outputs and not self.te_params and not cfg.shuffle_caption
-            fmt = speed.apply_memory_format(self.backbone.unet, cfg.channels_last)
+            fmt, self.restore_memory_format = speed.apply_memory_format(self.backbone.unet, cfg.channels_last)
             encode = speed.text_chunk_encoder(self.backbone, cfg.clip_skip, self.device, self.amp_dtype)
             self.feeder = speed.StepFeeder(
                 self.latent_of, self.tokens, self.device, self.noise_gen, NUM_TRAIN_TIMESTEPS,
@@ -689,6 +689,9 @@ class Trainer:
             self.tb = None
         if getattr(self, "network", None) is not None:
             self.network.remove()  # the host's model is left exactly as it was
+        if getattr(self, "restore_memory_format", None) is not None:
+            self.restore_memory_format()
+            self.restore_memory_format = None
 
 
     # What only a running job needs; `release` drops it when the run ends.

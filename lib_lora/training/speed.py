@@ -194,12 +194,22 @@ def adamw_kwargs(device: torch.device | str) -> dict[str, bool]:
 # Opt-in model transforms
 
 
-def apply_memory_format(unet: nn.Module, channels_last: bool) -> torch.memory_format:
-    """Move the U-Net's 4-d weights to channels_last (NHWC convolutions on tensor cores)."""
+def apply_memory_format(unet: nn.Module, channels_last: bool) -> tuple[torch.memory_format, Callable[[], None]]:
+    """Move the U-Net's 4-d weights to channels_last (NHWC convolutions on tensor cores).
+
+    Returns the inputs' format and a function that puts the weights back as they were: the
+    U-Net may be a host's, which must be left exactly as found (a saved copy of a
+    channels_last tensor is refused by safetensors, and the host's own kernels expect it)."""
     if not channels_last:
-        return torch.contiguous_format
+        return torch.contiguous_format, lambda: None
+    was_dense = [p for p in unet.parameters() if p.dim() == 4 and p.is_contiguous()]
     unet.to(memory_format=torch.channels_last)
-    return torch.channels_last
+
+    def restore() -> None:
+        for p in was_dense:
+            p.data = p.data.contiguous()
+
+    return torch.channels_last, restore
 
 
 def compile_predict(predict: Callable, enabled: bool) -> Callable:

@@ -89,6 +89,8 @@ def test_speed_only_settings_may_change_on_resume(tmp_path, bb):
     faster = dataclasses.replace(cfg, channels_last=True, cache_text_encoder_outputs=False)
     res = train(faster, on_event=on_event, backbone=bb)
     assert any("Resuming at step 3" in e.get("text", "") for e in seen) and res.steps == 6
+    # The model is handed back as it came: a host's U-Net must not stay channels_last.
+    assert all(p.is_contiguous() for p in bb.unet.parameters())
 
 
 def test_unreadable_state_is_refused(tmp_path, bb):

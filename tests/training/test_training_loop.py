@@ -48,7 +48,7 @@ def test_loss_on_fixed_pairs_falls(tmp_path, drawn_dataset, tiny_backbone):
         tr2.close()
 
 
-def test_same_seed_same_lora_bytes(tmp_path, drawn_dataset, tiny_backbone):
+def test_same_seed_same_lora_bytes(tmp_path, drawn_dataset, tiny_backbone, one_thread):
     def run(sub, seed):
         cfg = _cfg(tmp_path / sub, drawn_dataset, seed=seed, noise_offset=0.05, min_snr_gamma=5.0, network_dropout=0.1)
         res = train(cfg, backbone=tiny_backbone)

@@ -27,7 +27,7 @@ def _overlay(page) -> dict:
 
 
 def test_crop_box_resizes_by_its_handles_and_follows_typed_numbers(app, page, photos, artifacts):
-    url, _host = app
+    url = app[0]
     ui = Page(page, artifacts)
     page.goto(url)
     page.wait_for_selector("#fast_lora_tabs", timeout=60_000)
@@ -39,7 +39,12 @@ def test_crop_box_resizes_by_its_handles_and_follows_typed_numbers(app, page, ph
     page.locator("#fast_lora_prepare_gallery img").first.click()  # the astronaut, 512 x 512
     ui.open_accordion("fast_lora_prepare_crop_panel")
     ui.wait_text("fast_lora_prepare_crop_info", "Source 512 × 512 px", 30)
-    page.wait_for_selector(".fast-lora-crop-box", state="visible", timeout=20_000)
+    page.wait_for_selector(".fast-lora-crop-box", state="visible", timeout=60_000)
+    # The handle is where it will stay only once the shown image has loaded and the overlay has
+    # been placed for it (a loaded machine can take seconds for both).
+    page.wait_for_function("() => { const i = document.querySelector('#fast_lora_prepare_source img');"
+                           " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
+    page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
     before = _box(page)
     assert before[2] > before[0] and before[3] > before[1], before
 
@@ -55,7 +60,7 @@ def test_crop_box_resizes_by_its_handles_and_follows_typed_numbers(app, page, ph
     page.mouse.move(x - 30, y - 20, steps=3)
     page.mouse.up()
     page.wait_for_function("(v) => document.querySelector('#fast_lora_prepare_x1 input').value !== v",
-                           arg=str(int(before[2])), timeout=30_000)
+                           arg=str(int(before[2])), timeout=60_000)
     after = _box(page)
     assert after[0] == before[0] and after[1] == before[1], (before, after)  # the other corner stays
     assert after[2] == pytest.approx(before[2] - 30 / img, abs=2) and after[3] == pytest.approx(before[3] - 20 / img, abs=2)
@@ -66,6 +71,6 @@ def test_crop_box_resizes_by_its_handles_and_follows_typed_numbers(app, page, ph
     src_before = page.locator("#fast_lora_prepare_source img").first.get_attribute("src")
     ui.fill("fast_lora_prepare_x0", str(int(after[0]) + 40))
     page.wait_for_function("(l) => document.querySelector('.fast-lora-crop-box').offsetLeft > l + 10",
-                           arg=left_before, timeout=30_000)
+                           arg=left_before, timeout=60_000)
     page.wait_for_function("(s) => document.querySelector('#fast_lora_prepare_source img').getAttribute('src') !== s",
-                           arg=src_before, timeout=60_000)  # a busy machine queues the redraws
+                           arg=src_before, timeout=120_000)  # a busy machine queues the redraws
