@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from helpers_rel import make_dataset
 from safetensors import safe_open
@@ -111,6 +112,9 @@ def _start(tmp: Path, ds: Path, name: str, log: Path, env: dict) -> subprocess.P
         return subprocess.Popen(_cmd(tmp, ds, name), cwd=tmp, env=env, stdout=fh, stderr=subprocess.STDOUT)
 
 
+# About 15 real CLI processes, each loading torch and the model: a few minutes on a quiet 2-core
+# machine, several times that on a loaded one, where pytest's default 900 s is not enough.
+@pytest.mark.timeout(2400)
 def test_kill_9_never_leaves_a_broken_lora(tmp_path):
     """Chains of runs: each kill's restart is the next trial's victim, so every process start
     is used; each chain ends with kills during the export and a run that finishes."""
