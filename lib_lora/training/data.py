@@ -319,20 +319,60 @@ def bucket_sizes(cfg: TrainConfig) -> list[tuple[int, int]]:
     return sorted(sizes)
 
 
+def _snap(x: float, step: int) -> int:
+    """A side in pixels: rounded to a whole pixel, then down to a multiple of the step."""
+    return int(x + 0.5) // step * step
+
+
+def _downscaled_bucket(w: int, h: int, area: int, step: int) -> tuple[int, int] | None:
+    """kohya's no-upscale bucket of an image larger than `area` pixels.
+
+    The image is scaled to `area` keeping its aspect ratio. One side is snapped to the step
+    and the other follows from the aspect ratio, snapped too; of the two ways (width first,
+    height first) the one whose bucket has the aspect ratio nearer the image's wins, height
+    first on a tie. So a 4:3 photo gets 512x384 at 512, all of it, where snapping both scaled
+    sides separately gave 576x384 and cropped a tenth of it."""
+    ratio = w / h
+    scaled_w = math.sqrt(area * ratio)
+    scaled_h = area / scaled_w
+    candidates = []
+    bw = _snap(scaled_w, step)
+    candidates.append((bw, _snap(bw / ratio, step)))
+    bh = _snap(scaled_h, step)
+    candidates.append((_snap(bh * ratio, step), bh))
+
+    def error(b: tuple[int, int]) -> float:
+        # A side snapped to 0 is no bucket (kohya divides by it); the other way may still fit.
+        return abs(b[0] / b[1] - ratio) if b[0] and b[1] else math.inf
+
+    best = min(reversed(candidates), key=error)  # min keeps the first of equals: height first
+    return best if error(best) < math.inf else None
+
+
 def choose_bucket(size: tuple[int, int], cfg: TrainConfig) -> tuple[int, int] | None:
-    """The (width, height) an image is trained at; None when it is too small to train."""
+    """The (width, height) an image is trained at, as kohya's sd-scripts chooses it; None when
+    it is too small to train.
+
+    No upscale (the default): an image within the training area keeps its size, floored to the
+    step; a larger one is scaled down to the area first (`_downscaled_bucket`). Otherwise: the
+    predefined bucket of the image's exact size, else the one of the nearest aspect ratio (the
+    first in (width, height) order among equals)."""
     w, h = size
     step = cfg.bucket_reso_steps
     if not cfg.enable_buckets:
         side = _floor(cfg.resolution, step)
         return (side, side)
+    area = cfg.resolution * cfg.resolution
     if cfg.bucket_no_upscale:
-        area = cfg.resolution * cfg.resolution
-        scale = min(1.0, math.sqrt(area / (w * h)))
-        bw, bh = _floor(w * scale, step), _floor(h * scale, step)
+        if w * h > area:
+            return _downscaled_bucket(w, h, area, step)
+        bw, bh = _floor(w, step), _floor(h, step)
         return (bw, bh) if bw and bh else None
+    sizes = bucket_sizes(cfg)
+    if (w, h) in sizes:
+        return (w, h)
     ratio = w / h
-    return min(bucket_sizes(cfg), key=lambda b: (abs(b[0] / b[1] - ratio), -b[0] * b[1]))
+    return min(sizes, key=lambda b: abs(b[0] / b[1] - ratio))
 
 
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
