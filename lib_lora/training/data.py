@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
 TOKENS_PER_CHUNK = 75  # + BOS/EOS = 77, CLIP's context
-MAX_CHUNKS = 3  # 225 tokens, kohya's longest setting; longer captions are cut
+MAX_CHUNKS = 3  # 225 tokens, kohya's longest setting: the default of max_token_length
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,12 +406,30 @@ def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
 
 
 def tag_frequency(dataset: Dataset) -> dict[str, dict[str, int]]:
-    """{subset folder: {tag: count}} as kohya's ss_tag_frequency."""
+    """{subset folder: {tag: count}} as kohya's ss_tag_frequency: each image's caption counted
+    once, its comma-separated tags stripped and lower-cased ("Red Shirt" and "red shirt" are
+    one tag, as the WebUI's training-tags table should list them)."""
     freq: dict[str, Counter] = {}
     for it in dataset.items:
         c = freq.setdefault(it.subset, Counter())
-        c.update(t.strip() for t in it.caption.split(",") if t.strip())
+        c.update(t.strip().lower() for t in it.caption.split(",") if t.strip())
     return {k: dict(v) for k, v in freq.items()}
+
+
+def bucket_info(items: Sequence[Item], cfg: TrainConfig) -> dict[str, Any] | None:
+    """kohya's ss_bucket_info: the used buckets in (width, height) order, each with its number
+    of images x repeats, and the mean |bucket aspect ratio - image aspect ratio| over the
+    images (without repeats). None without buckets, as kohya writes it."""
+    if not cfg.enable_buckets:
+        return None
+    counts: dict[tuple[int, int], int] = Counter()
+    for it in items:
+        counts[it.bucket] += it.repeats
+    errors = [abs(it.bucket[0] / it.bucket[1] - it.size[0] / it.size[1]) for it in items]
+    return {
+        "buckets": {str(i): {"resolution": list(b), "count": counts[b]} for i, b in enumerate(sorted(counts))},
+        "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0,
+    }
 
 
 def _tag_set(caption: str) -> str:
@@ -422,12 +440,15 @@ def _tag_set(caption: str) -> str:
 class CaptionTokens:
     """Token ids of captions in 77-token chunks (BOS + 75 + EOS, padded), prepared once.
 
-    `shuffled`: captions arrive tag-shuffled (shuffle_caption), a new string nearly every
-    step; caching them would only grow the cache, so nothing is cached, and a caption cut at
-    225 tokens is remembered by its tags, so `truncated` counts captions, not shuffles."""
+    `max_tokens` (75, 150 or 225: the max_token_length option) cuts longer captions; a caption
+    takes as many chunks as it needs up to that (docs/training_loop.md compares this layout
+    with kohya's). `shuffled`: captions arrive tag-shuffled (shuffle_caption), a new string
+    nearly every step; caching them would only grow the cache, so nothing is cached, and a cut
+    caption is remembered by its tags, so `truncated` counts captions, not shuffles."""
 
-    def __init__(self, tokenizer: Any, shuffled: bool = False) -> None:
+    def __init__(self, tokenizer: Any, shuffled: bool = False, max_tokens: int = TOKENS_PER_CHUNK * MAX_CHUNKS) -> None:
         self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -441,9 +462,9 @@ class CaptionTokens:
         if hit is not None:
             return hit
         ids = self.tokenizer(caption, add_special_tokens=False, truncation=False, verbose=False).input_ids
-        if len(ids) > TOKENS_PER_CHUNK * MAX_CHUNKS:
+        if len(ids) > self.max_tokens:
             self.truncated.add(_tag_set(caption) if self.shuffled else caption)
-            ids = ids[: TOKENS_PER_CHUNK * MAX_CHUNKS]
+            ids = ids[: self.max_tokens]
         out = []
         for i in range(0, max(len(ids), 1), TOKENS_PER_CHUNK):
             out.append(self._chunk(ids[i : i + TOKENS_PER_CHUNK]))
