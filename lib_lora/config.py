@@ -332,6 +332,8 @@ class TrainConfig:
     max_bucket_reso: int = opt(1024, "largest bucket side", min=64, max=4096)
     shuffle_caption: bool = opt(False, "shuffle comma-separated tags after the first keep_tokens")
     keep_tokens: int = opt(1, "tags kept in place at the start of the caption (the trigger word)", min=0, max=255)
+    max_token_length: int = opt(225, "caption tokens kept (75 per 77-token chunk of the text encoder); "
+                                "longer captions are cut", choices=[75, 150, 225])
     cache_latents_to_disk: bool = opt(True, "also keep cached latents on disk for the next run")
     # Steps
     epochs: int = opt(1, "epochs", min=1, max=100000, group="basic")

@@ -45,7 +45,7 @@ class LdmBackbone:
     """`lib_lora.training.backbone.Backbone` over an ldm LatentDiffusion, its weights used in place."""
 
     def __init__(self, sd_model: nn.Module, model_name: str = "", model_hash: str = "",
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, model_legacy_hash: str = "") -> None:
         self.sd_model = sd_model
         self.unet: nn.Module = sd_model.model.diffusion_model
         self.text_encoder, self.tokenizer = text_parts(sd_model.cond_stage_model)
@@ -55,6 +55,7 @@ class LdmBackbone:
         self.dtype = first.dtype
         self.model_name = model_name
         self.model_hash = model_hash
+        self.model_legacy_hash = model_legacy_hash  # the WebUI's old 8-hex hash (kohya's ss_sd_model_hash)
 
     @functools.cached_property
     def vae_identity(self) -> str:

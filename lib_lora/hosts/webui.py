@@ -406,7 +406,10 @@ class WebUIHost:
         sd_model = a1111("shared").sd_model
         check_trainable(sd_model)
         name, sha = checkpoint_identity(sd_model)
-        backbone = LdmBackbone(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device)
+        # The WebUI's CheckpointInfo.hash is its old 8-hex model hash, the one kohya writes as ss_sd_model_hash.
+        legacy = str(getattr(getattr(sd_model, "sd_checkpoint_info", None), "hash", "") or "")
+        backbone = LdmBackbone(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device,
+                               model_legacy_hash="" if legacy == "NOFILE" else legacy)
         stack = getattr(self._local, "stack", None)
         if stack is None:
             log.warning("Fast LoRA: backbone() outside a job; train only inside host.job(...)")

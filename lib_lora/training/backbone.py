@@ -85,6 +85,17 @@ class DiffusersBackbone:
             self._hash = file_sha256(p) if p is not None and p.is_file() else ""
         return self._hash
 
+    @property
+    def model_legacy_hash(self) -> str:
+        """The WebUI's old 8-hex model hash of the base model file (kohya's ss_sd_model_hash),
+        '' for a folder."""
+        from pathlib import Path
+
+        from lib_lora.training.export import legacy_hash
+
+        p = Path(self.model_path) if self.model_path else None
+        return legacy_hash(p) if p is not None and p.is_file() else ""
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> DiffusersBackbone:
         self.device = torch.device(device)
         if dtype is not None:

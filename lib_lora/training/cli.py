@@ -59,9 +59,11 @@ def bar_events(bar: Any) -> Callable[[dict], None]:
 def print_plan(cfg: TrainConfig, plan: Any) -> None:
     """The step plan, the LR probe's steps before it, and the time a measured run predicts."""
     from lib_lora.training import timing
+    from lib_lora.training.optim import lr_plan
     from lib_lora.training.probe import probe_budget
 
     print(plan.describe())
+    print(lr_plan(cfg))
     total = plan.total_steps
     if cfg.lr == "auto":
         budget = probe_budget(total, cfg.probe_fraction, cfg.probe_min_steps, cfg.probe_max_steps)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
 TOKENS_PER_CHUNK = 75  # + BOS/EOS = 77, CLIP's context
-MAX_CHUNKS = 3  # 225 tokens, kohya's longest setting; longer captions are cut
+MAX_CHUNKS = 3  # 225 tokens, kohya's longest setting: the default of max_token_length
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,20 +319,60 @@ def bucket_sizes(cfg: TrainConfig) -> list[tuple[int, int]]:
     return sorted(sizes)
 
 
+def _snap(x: float, step: int) -> int:
+    """A side in pixels: rounded to a whole pixel, then down to a multiple of the step."""
+    return int(x + 0.5) // step * step
+
+
+def _downscaled_bucket(w: int, h: int, area: int, step: int) -> tuple[int, int] | None:
+    """kohya's no-upscale bucket of an image larger than `area` pixels.
+
+    The image is scaled to `area` keeping its aspect ratio. One side is snapped to the step
+    and the other follows from the aspect ratio, snapped too; of the two ways (width first,
+    height first) the one whose bucket has the aspect ratio nearer the image's wins, height
+    first on a tie. So a 4:3 photo gets 512x384 at 512, all of it, where snapping both scaled
+    sides separately gave 576x384 and cropped a tenth of it."""
+    ratio = w / h
+    scaled_w = math.sqrt(area * ratio)
+    scaled_h = area / scaled_w
+    candidates = []
+    bw = _snap(scaled_w, step)
+    candidates.append((bw, _snap(bw / ratio, step)))
+    bh = _snap(scaled_h, step)
+    candidates.append((_snap(bh * ratio, step), bh))
+
+    def error(b: tuple[int, int]) -> float:
+        # A side snapped to 0 is no bucket (kohya divides by it); the other way may still fit.
+        return abs(b[0] / b[1] - ratio) if b[0] and b[1] else math.inf
+
+    best = min(reversed(candidates), key=error)  # min keeps the first of equals: height first
+    return best if error(best) < math.inf else None
+
+
 def choose_bucket(size: tuple[int, int], cfg: TrainConfig) -> tuple[int, int] | None:
-    """The (width, height) an image is trained at; None when it is too small to train."""
+    """The (width, height) an image is trained at, as kohya's sd-scripts chooses it; None when
+    it is too small to train.
+
+    No upscale (the default): an image within the training area keeps its size, floored to the
+    step; a larger one is scaled down to the area first (`_downscaled_bucket`). Otherwise: the
+    predefined bucket of the image's exact size, else the one of the nearest aspect ratio (the
+    first in (width, height) order among equals)."""
     w, h = size
     step = cfg.bucket_reso_steps
     if not cfg.enable_buckets:
         side = _floor(cfg.resolution, step)
         return (side, side)
+    area = cfg.resolution * cfg.resolution
     if cfg.bucket_no_upscale:
-        area = cfg.resolution * cfg.resolution
-        scale = min(1.0, math.sqrt(area / (w * h)))
-        bw, bh = _floor(w * scale, step), _floor(h * scale, step)
+        if w * h > area:
+            return _downscaled_bucket(w, h, area, step)
+        bw, bh = _floor(w, step), _floor(h, step)
         return (bw, bh) if bw and bh else None
+    sizes = bucket_sizes(cfg)
+    if (w, h) in sizes:
+        return (w, h)
     ratio = w / h
-    return min(bucket_sizes(cfg), key=lambda b: (abs(b[0] / b[1] - ratio), -b[0] * b[1]))
+    return min(sizes, key=lambda b: abs(b[0] / b[1] - ratio))
 
 
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
@@ -366,12 +406,30 @@ def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
 
 
 def tag_frequency(dataset: Dataset) -> dict[str, dict[str, int]]:
-    """{subset folder: {tag: count}} as kohya's ss_tag_frequency."""
+    """{subset folder: {tag: count}} as kohya's ss_tag_frequency: each image's caption counted
+    once, its comma-separated tags stripped and lower-cased ("Red Shirt" and "red shirt" are
+    one tag, as the WebUI's training-tags table should list them)."""
     freq: dict[str, Counter] = {}
     for it in dataset.items:
         c = freq.setdefault(it.subset, Counter())
-        c.update(t.strip() for t in it.caption.split(",") if t.strip())
+        c.update(t.strip().lower() for t in it.caption.split(",") if t.strip())
     return {k: dict(v) for k, v in freq.items()}
+
+
+def bucket_info(items: Sequence[Item], cfg: TrainConfig) -> dict[str, Any] | None:
+    """kohya's ss_bucket_info: the used buckets in (width, height) order, each with its number
+    of images x repeats, and the mean |bucket aspect ratio - image aspect ratio| over the
+    images (without repeats). None without buckets, as kohya writes it."""
+    if not cfg.enable_buckets:
+        return None
+    counts: dict[tuple[int, int], int] = Counter()
+    for it in items:
+        counts[it.bucket] += it.repeats
+    errors = [abs(it.bucket[0] / it.bucket[1] - it.size[0] / it.size[1]) for it in items]
+    return {
+        "buckets": {str(i): {"resolution": list(b), "count": counts[b]} for i, b in enumerate(sorted(counts))},
+        "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0,
+    }
 
 
 def _tag_set(caption: str) -> str:
@@ -382,12 +440,15 @@ def _tag_set(caption: str) -> str:
 class CaptionTokens:
     """Token ids of captions in 77-token chunks (BOS + 75 + EOS, padded), prepared once.
 
-    `shuffled`: captions arrive tag-shuffled (shuffle_caption), a new string nearly every
-    step; caching them would only grow the cache, so nothing is cached, and a caption cut at
-    225 tokens is remembered by its tags, so `truncated` counts captions, not shuffles."""
+    `max_tokens` (75, 150 or 225: the max_token_length option) cuts longer captions; a caption
+    takes as many chunks as it needs up to that (docs/training_loop.md compares this layout
+    with kohya's). `shuffled`: captions arrive tag-shuffled (shuffle_caption), a new string
+    nearly every step; caching them would only grow the cache, so nothing is cached, and a cut
+    caption is remembered by its tags, so `truncated` counts captions, not shuffles."""
 
-    def __init__(self, tokenizer: Any, shuffled: bool = False) -> None:
+    def __init__(self, tokenizer: Any, shuffled: bool = False, max_tokens: int = TOKENS_PER_CHUNK * MAX_CHUNKS) -> None:
         self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -401,9 +462,9 @@ class CaptionTokens:
         if hit is not None:
             return hit
         ids = self.tokenizer(caption, add_special_tokens=False, truncation=False, verbose=False).input_ids
-        if len(ids) > TOKENS_PER_CHUNK * MAX_CHUNKS:
+        if len(ids) > self.max_tokens:
             self.truncated.add(_tag_set(caption) if self.shuffled else caption)
-            ids = ids[: TOKENS_PER_CHUNK * MAX_CHUNKS]
+            ids = ids[: self.max_tokens]
         out = []
         for i in range(0, max(len(ids), 1), TOKENS_PER_CHUNK):
             out.append(self._chunk(ids[i : i + TOKENS_PER_CHUNK]))

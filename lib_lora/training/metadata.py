@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
     from lib_lora.training.data import StepPlan
 
+# The modelspec values kohya's sd-scripts (library/sai_model_spec.py) writes for an SD1.5 LoRA:
+# spec 1.0.1, and "diffusers" as the implementation of a LoRA that is not SDXL's.
+MODELSPEC_VERSION = "1.0.1"
+MODELSPEC_IMPLEMENTATION = "diffusers"
+
 # The keys REFERENCE §2 requires; tests check every one is present.
 REQUIRED_KEYS = (
     "ss_output_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
@@ -49,6 +54,8 @@ class RunInfo:
     finished_at: float | None = None
     warmup_steps: int = 0
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    bucket_info: dict[str, Any] | None = None  # data.bucket_info: kohya's ss_bucket_info
+    model_legacy_hash: str = ""  # the WebUI's old 8-hex hash of the base model file ('' when unknown)
     extra: dict[str, str] = field(default_factory=dict)  # later phases (LR probe...) add keys here
 
 
@@ -59,19 +66,14 @@ def _s(v: Any) -> str:
 def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, str]:
     """Every metadata key, as strings."""
     dataset_dirs = {s["folder"]: {"n_repeats": s["repeats"], "img_count": s["images"]} for s in plan.subsets}
-    bucket_info = {
-        "buckets": {
-            str(i): {"resolution": [int(x) for x in k.split("x")], "count": v} for i, (k, v) in enumerate(plan.buckets.items())
-        },
-        "mean_img_ar_error": 0.0,
-    }
     network_args = {}
     if cfg.conv_dim:
         network_args = {"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_alpha)}
     if cfg.network_dropout:
         network_args["dropout"] = str(cfg.network_dropout)
     finished = run.finished_at
-    date = dt.datetime.fromtimestamp(finished or run.started_at, dt.timezone.utc).replace(microsecond=0)
+    # kohya's modelspec.date: local time to the second, ISO 8601 without an offset.
+    date = dt.datetime.fromtimestamp(int(finished or run.started_at))
     md: dict[str, Any] = {
         "ss_session_id": run.session_id,
         "ss_training_started_at": run.started_at,
@@ -86,12 +88,12 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, 
         "ss_network_dim": cfg.dim,
         "ss_network_alpha": cfg.alpha,
         "ss_network_dropout": cfg.network_dropout,
-        "ss_network_args": json.dumps(network_args) if network_args else "None",
         "ss_learning_rate": run.unet_lr,
         "ss_unet_lr": run.unet_lr if cfg.train_unet else "None",
         "ss_text_encoder_lr": run.text_encoder_lr if cfg.train_text_encoder else "None",
         "ss_network_train_unet_only": not cfg.train_text_encoder,
         "ss_network_train_text_encoder_only": not cfg.train_unet,
+        # Only arguments that differ from the optimizer's defaults (optim.given_args), as kohya.
         "ss_optimizer": f"{run.optimizer}({run.optimizer_args})" if run.optimizer_args else run.optimizer,
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_lr_warmup_steps": run.warmup_steps,
@@ -112,23 +114,26 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, 
         "ss_bucket_no_upscale": cfg.bucket_no_upscale,
         "ss_min_bucket_reso": cfg.min_bucket_reso,
         "ss_max_bucket_reso": cfg.max_bucket_reso,
-        "ss_bucket_info": json.dumps(bucket_info),
+        "ss_bucket_info": json.dumps(run.bucket_info),
         "ss_cache_latents": True,
         "ss_mixed_precision": run.mixed_precision,
         "ss_full_fp16": False,
-        "ss_clip_skip": cfg.clip_skip,
+        # kohya writes None for no skip (its default), and the WebUI's card shows no "Clip skip" then.
+        "ss_clip_skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
         "ss_seed": cfg.seed,
         "ss_shuffle_caption": cfg.shuffle_caption,
         "ss_keep_tokens": cfg.keep_tokens,
         "ss_caption_dropout_rate": 0.0,
         "ss_noise_offset": cfg.noise_offset if cfg.noise_offset else "None",
         "ss_min_snr_gamma": cfg.min_snr_gamma,
-        "ss_max_token_length": "None",
+        # kohya's max_token_length takes 150 or 225; its default (None) is 75 tokens.
+        "ss_max_token_length": cfg.max_token_length if cfg.max_token_length > 75 else None,
         "ss_dataset_dirs": json.dumps(dataset_dirs, ensure_ascii=False),
         "ss_tag_frequency": json.dumps(run.tag_frequency, ensure_ascii=False),
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+        "modelspec.implementation_version": f"fast-lora/{getattr(lib_lora, '__version__', '0')}",
         "modelspec.title": cfg.name,
         "modelspec.date": date.isoformat(),
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
@@ -139,6 +144,12 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, 
             {k: v for k, v in plan.to_dict().items() if k != "skipped"}, ensure_ascii=False, sort_keys=True
         ),
     }
+    if network_args:  # kohya writes the key only for network arguments given
+        md["ss_network_args"] = json.dumps(network_args)
+    if run.model_legacy_hash:  # kohya writes it only for a model file it could read
+        md["ss_sd_model_hash"] = run.model_legacy_hash
+    if cfg.clip_skip > 1:
+        md["modelspec.encoder_layer"] = str(cfg.clip_skip)
     if cfg.comment:
         md["modelspec.description"] = cfg.comment
     md.update(run.extra)

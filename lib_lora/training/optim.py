@@ -8,6 +8,7 @@ step size: their `d x lr` is the learning rate they settled on (what the LR prob
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,7 @@ class OptimizerChoice:
     optimizer: torch.optim.Optimizer
     name: str  # what the config asked for
     used: str  # the class actually stepping, e.g. torch.optim.adamw.AdamW
-    args: str  # its arguments, for the metadata
+    args: str  # its arguments that differ from its own defaults, for the metadata (given_args)
     note: str  # a line for the user when the choice differs from the request ('' otherwise)
 
 
@@ -84,6 +85,31 @@ def text_encoder_lr(cfg: TrainConfig, unet_lr: float) -> float:
     return cfg.text_encoder_lr if cfg.text_encoder_lr is not None else unet_lr * cfg.te_lr_ratio
 
 
+def lr_plan(cfg: TrainConfig, with_unet: bool = True) -> str:
+    """The learning rates of a run, one line for its plan. The text encoder's default is the
+    U-Net's x te_lr_ratio (0.1: the tutorial's recipe) where kohya's is the U-Net's own, so the
+    plan says which it is. `with_unet` false: the U-Net's lr is shown beside the plan (the
+    Train tab's control), so only the text encoder's is said, relative to it."""
+    auto = cfg.lr == "auto"
+    unet = "from the LR probe" if auto else f"{float(cfg.lr):g}"
+    if not cfg.train_text_encoder:
+        return f"Learning rate: U-Net {unet}; the text encoder is not trained." if with_unet else \
+            "The text encoder is not trained."
+    if cfg.text_encoder_lr is not None:
+        te = f"{cfg.text_encoder_lr:g} (--text-encoder-lr)"
+    elif not cfg.train_unet:
+        te = "--lr (only the text encoder trains)" if not with_unet else \
+            "from the LR probe" if auto else f"{float(cfg.lr):g} (--lr: only the text encoder trains)"
+    else:
+        value = "" if auto or not with_unet else f"{text_encoder_lr(cfg, float(cfg.lr)):g} = "
+        te = f"{value}{cfg.te_lr_ratio:g} x the U-Net's (--te-lr-ratio; kohya's default is the U-Net's own)"
+    if not with_unet:
+        return f"Text-encoder learning rate: {te}."
+    if not cfg.train_unet:
+        return f"Learning rate: text encoder {te}; the U-Net is not trained."
+    return f"Learning rates: U-Net {unet}, text encoder {te}."
+
+
 def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch.device) -> OptimizerChoice:
     name = cfg.optimizer
     wd = cfg.weight_decay
@@ -92,7 +118,7 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch
         ok, why = bnb_adamw8bit_works(device)
         if ok:
             opt = _bitsandbytes().optim.AdamW8bit(groups, weight_decay=wd)
-            return OptimizerChoice(opt, name, _qualname(opt), f"weight_decay={wd}", "")
+            return OptimizerChoice(opt, name, _qualname(opt), given_args(type(opt), weight_decay=wd), "")
         note = f"AdamW8bit cannot step on {torch.device(device).type} ({why}); using torch AdamW (32-bit) instead."
         log.debug(note)
         name_used = "adamw"
@@ -103,13 +129,13 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch
 
         kernels = adamw_kwargs(device)  # fused/foreach kernels (issue 8)
         opt = torch.optim.AdamW(groups, weight_decay=wd, **kernels)
-        args = f"weight_decay={wd}"
+        args = given_args(type(opt), weight_decay=wd)
     elif name_used == "dadaptation":
         import dadaptation
 
         # decouple=True is AdamW-style weight decay, as kohya users run it.
         opt = dadaptation.DAdaptAdam(_one_lr(groups, "layer_scale"), weight_decay=wd, decouple=True)
-        args = f"weight_decay={wd}, decouple=True"
+        args = given_args(type(opt), weight_decay=wd, decouple=True)
     elif name_used == "prodigy":
         import prodigyopt
 
@@ -117,10 +143,19 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch
         if any(g["lr"] != s["lr"] for g, s in zip(groups, shared, strict=True)):
             note = "Prodigy uses one learning rate for all groups: the text-encoder lr ratio does not apply."
         opt = prodigyopt.Prodigy(shared, weight_decay=wd, decouple=True)
-        args = f"weight_decay={wd}, decouple=True"
+        args = given_args(type(opt), weight_decay=wd, decouple=True)
     else:  # config validation lists the choices; this guards a new one added there only
         raise ValueError(f"unknown optimizer {name!r}")
     return OptimizerChoice(opt, name, _qualname(opt), args, note)
+
+
+def given_args(cls: type, **kwargs: Any) -> str:
+    """The arguments of an optimizer that differ from its class's defaults, as kohya writes
+    them after the class in ss_optimizer ("k=v" joined by ","): what a kohya user passes as
+    optimizer_args for the same run, and nothing for a default (torch AdamW's weight decay
+    0.01). The fused/foreach kernel choice changes no result and is left out, as kohya does."""
+    params = inspect.signature(cls).parameters
+    return ",".join(f"{k}={v}" for k, v in kwargs.items() if k not in params or params[k].default != v)
 
 
 def _one_lr(groups: list[dict], scale_key: str | None) -> list[dict]:

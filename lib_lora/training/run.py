@@ -37,6 +37,7 @@ from lib_lora.training.backbone import Backbone
 from lib_lora.training.metadata import RunInfo, build_metadata
 from lib_lora.training.optim import (
     group_lrs,
+    lr_plan,
     make_optimizer,
     make_scheduler,
     param_groups,
@@ -187,7 +188,7 @@ class Trainer:
         self.phase(f"Reading the dataset {cfg.dataset}")
         self.dataset = data_mod.scan_dataset(cfg.dataset, cfg)
         self.plan = self.dataset.plan
-        self.emit("plan", text=self.plan.describe(), **self.plan.to_dict())
+        self.emit("plan", text=self.plan.describe() + "\n" + lr_plan(cfg), **self.plan.to_dict())
 
     def load_model(self) -> None:
         cfg = self.cfg
@@ -213,7 +214,7 @@ class Trainer:
         bb.text_encoder.eval()
         if cfg.gradient_checkpointing:
             speed.enable_gradient_checkpointing(bb, cfg.train_text_encoder)
-        self.tokens = data_mod.CaptionTokens(bb.tokenizer, shuffled=cfg.shuffle_caption)
+        self.tokens = data_mod.CaptionTokens(bb.tokenizer, shuffled=cfg.shuffle_caption, max_tokens=cfg.max_token_length)
         ac = noise_schedule().to(self.device)
         self.sqrt_ac = ac.sqrt()
         self.sqrt_1mac = (1 - ac).sqrt()
@@ -432,6 +433,8 @@ class Trainer:
             finished_at=time.time() if finished else None,
             warmup_steps=warmup_steps(self.cfg, self.total_steps),
             tag_frequency=data_mod.tag_frequency(self.dataset),
+            bucket_info=data_mod.bucket_info(self.dataset.items, self.cfg),
+            model_legacy_hash=getattr(self.backbone, "model_legacy_hash", "") or "",
             extra=dict(self.extra_metadata),
         )
         return build_metadata(self.cfg, self.plan, run)
@@ -587,7 +590,7 @@ class Trainer:
             state_mod.after_step(self)
         self.seconds_per_step = clock.seconds_per_step()
         if self.tokens.truncated:
-            self.warn(f"{len(self.tokens.truncated)} caption(s) were longer than 225 tokens and were cut.")
+            self.warn(f"{len(self.tokens.truncated)} caption(s) were longer than {self.tokens.max_tokens} tokens and were cut.")
 
     def make_samples(self) -> None:
         """Sample images of the LoRA as it is now, into <run dir>/samples; a `sample` event each."""

@@ -81,7 +81,10 @@ def plan_texts(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any],
         plan = data.plan_steps(dataset_dir, cfg, read=form.images)
     except UserError as err:
         return f"⚠ {err}", ""
-    text = describe_plan(plan, cfg.max_steps)
+    from lib_lora.training.optim import lr_plan
+
+    # The U-Net's learning rate is the control beside the plan: the text encoder's is said relative to it.
+    text = describe_plan(plan, cfg.max_steps) + "  \n" + forms.ui_text(lr_plan(cfg, with_unet=False))
     total = plan.total_steps
     if lr_mode == "auto":
         from lib_lora.training.probe import probe_budget
