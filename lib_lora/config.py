@@ -15,11 +15,13 @@ import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lib_lora.errors import UserError, file_error, shown
+from lib_lora.training.family import SD15, ModelFamily
 
 
 def opt(
@@ -421,18 +423,14 @@ class TrainConfig:
         return None if self.lr == "auto" else float(self.lr)
 
 
-# Presets fill the recipe for a kind of LoRA; the tutorial's recipe is `person`.
-PRESETS: dict[str, dict[str, Any]] = {
-    "person": {"dim": 128, "alpha": 64.0, "lr": "auto", "optimizer": "adamw8bit", "repeats": 30, "epochs": 1,
-               "lr_scheduler": "constant_with_warmup", "keep_tokens": 1},
-    "character": {"dim": 64, "alpha": 32.0, "lr": "auto", "optimizer": "adamw8bit", "repeats": 20, "epochs": 2,
-                  "lr_scheduler": "constant_with_warmup", "keep_tokens": 1, "shuffle_caption": True},
-    "style": {"dim": 32, "alpha": 16.0, "lr": "auto", "optimizer": "adamw8bit", "repeats": 10, "epochs": 3,
-              "lr_scheduler": "cosine", "keep_tokens": 0, "shuffle_caption": True},
-}
+# Presets fill the recipe for a kind of LoRA; the tutorial's recipe is `person`. They are
+# facts of the model family (lib_lora.training.family); these are SD1.5's.
+PRESETS: Mapping[str, Mapping[str, Any]] = SD15.presets
 
 
-def apply_preset(cfg: TrainConfig, preset: str) -> TrainConfig:
-    if preset not in PRESETS:
-        raise UserError(f"Unknown preset {shown(preset)}; choose one of {', '.join(PRESETS)}.")
-    return validate(dataclasses.replace(cfg, **PRESETS[preset]))
+def apply_preset(cfg: TrainConfig, preset: str, family: ModelFamily = SD15) -> TrainConfig:
+    """`cfg` with the family's recipe `preset` filled in (the other fields as they are)."""
+    presets = family.presets
+    if preset not in presets:
+        raise UserError(f"Unknown preset {shown(preset)}; choose one of {', '.join(presets)}.")
+    return validate(dataclasses.replace(cfg, **presets[preset]))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import lib_lora
 from lib_lora.config import to_dict
+from lib_lora.training.family import SD15, ModelFamily
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
@@ -56,8 +57,8 @@ def _s(v: Any) -> str:
     return "None" if v is None else str(v)
 
 
-def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, str]:
-    """Every metadata key, as strings."""
+def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: ModelFamily = SD15) -> dict[str, str]:
+    """Every metadata key, as strings; the base-model and modelspec values are the family's."""
     dataset_dirs = {s["folder"]: {"n_repeats": s["repeats"], "img_count": s["images"]} for s in plan.subsets}
     bucket_info = {
         "buckets": {
@@ -80,7 +81,7 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, 
         "ss_training_comment": cfg.comment or "None",
         "ss_sd_model_name": run.model_name,
         "ss_new_sd_model_hash": run.model_hash,
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": family.base_model_version,
         "ss_v2": False,
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.dim,
@@ -127,12 +128,12 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, 
         "ss_dataset_dirs": json.dumps(dataset_dirs, ensure_ascii=False),
         "ss_tag_frequency": json.dumps(run.tag_frequency, ensure_ascii=False),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": cfg.name,
         "modelspec.date": date.isoformat(),
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": family.schedule.prediction_type,
         "fastlora_version": getattr(lib_lora, "__version__", "0"),
         "fastlora_config": json.dumps(to_dict(cfg), ensure_ascii=False, sort_keys=True),
         "fastlora_plan": json.dumps(
