@@ -99,7 +99,8 @@ class LdmBackbone:
     def lora_targets(self, conv: bool = False) -> list[naming.Target]:
         fam = self.family
         unet = naming.unet_targets(self.unet, conv, fam.unet_prefix)
-        return standalone_order(unet) + naming.text_encoder_targets(self.text_encoder, fam.text_encoders[0].kohya_prefix)
+        return standalone_order(unet, fam.unet_prefix) + naming.text_encoder_targets(
+            self.text_encoder, fam.text_encoders[0].kohya_prefix)
 
     def enable_gradient_checkpointing(self) -> bool:
         """Recompute each U-Net block's activations during the backward pass instead of keeping
@@ -126,20 +127,20 @@ def _checkpointed(forward: Any) -> Any:
     return checkpointed_forward
 
 
-def standalone_order(targets: list[naming.Target]) -> list[naming.Target]:
+def standalone_order(targets: list[naming.Target], prefix: str = SD15.unet_prefix) -> list[naming.Target]:
     """U-Net targets in the diffusers model's module order (the order kohya and the standalone
     backbone create them in). LoRA weights are initialised in target order from the seeded RNG,
     so this order makes the same seed give the same LoRA on both backbones; ldm's own order
     differs (input/middle/output blocks; attn1, ff, attn2 inside a transformer block)."""
-    rank = _diffusers_rank(any(t.conv3x3 for t in targets))
+    rank = _diffusers_rank(any(t.conv3x3 for t in targets), prefix)
     if rank is None:
         return targets
     end = len(rank)
     return sorted(targets, key=lambda t: rank.get(t.name, end))
 
 
-@functools.lru_cache(maxsize=2)
-def _diffusers_rank(conv: bool) -> dict[str, int] | None:
+@functools.lru_cache(maxsize=4)
+def _diffusers_rank(conv: bool, prefix: str) -> dict[str, int] | None:
     try:
         from diffusers import UNet2DConditionModel
 
@@ -149,7 +150,7 @@ def _diffusers_rank(conv: bool) -> dict[str, int] | None:
     config = {k: v for k, v in sd15_unet_config().items() if not k.startswith("_")}
     with torch.device("meta"):  # names only: no memory, no weights
         unet = UNet2DConditionModel(**config)
-    return {t.name: i for i, t in enumerate(naming.unet_targets(unet, conv=conv))}
+    return {t.name: i for i, t in enumerate(naming.unet_targets(unet, conv, prefix))}
 
 
 # --------------------------------------------------------------------------------------------
