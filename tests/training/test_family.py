@@ -42,8 +42,8 @@ def test_sd15_family_matches_the_shipped_model_configs_and_the_schema_defaults()
         sched["prediction_type"], sched["steps_offset"])  # fmt: skip
     assert SD15.latent_scale == sd15_vae_config()["scaling_factor"]
     cfg = config.TrainConfig()
-    assert SD15.bucket_defaults() == {"resolution": cfg.resolution, "min_bucket_reso": cfg.min_bucket_reso,
-                                      "max_bucket_reso": cfg.max_bucket_reso}  # fmt: skip
+    assert SD15.bucket_defaults() == {"resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 1024} == {
+        "resolution": cfg.resolution, "min_bucket_reso": cfg.min_bucket_reso, "max_bucket_reso": cfg.max_bucket_reso}
 
 
 def test_family_by_name_and_a_clear_refusal():
