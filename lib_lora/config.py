@@ -15,11 +15,13 @@ import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lib_lora.errors import UserError, file_error, shown
+from lib_lora.training.family import SD15, ModelFamily
 
 
 def opt(
@@ -324,12 +326,12 @@ class TrainConfig:
     repeats: int = opt(10, "how many times each image is seen per epoch; a subfolder named like 10_name keeps its own number", min=1, max=10000, group="basic")
     class_tokens: str = opt("", "caption for images without one (default: the folder's name)")
     caption_extension: str = opt(".txt", "caption file extension", choices=[".txt", ".caption"])
-    resolution: int = opt(512, "training resolution (square side; buckets keep its area)", min=64, max=2048, group="basic")
+    resolution: int = opt(SD15.default_resolution, "training resolution (square side; buckets keep its area)", min=64, max=2048, group="basic")
     enable_buckets: bool = opt(True, "group images into aspect-ratio buckets instead of square crops")
     bucket_no_upscale: bool = opt(True, "never upscale small images to fill a bucket")
     bucket_reso_steps: int = opt(64, "bucket sides are multiples of this", min=8, max=256)
-    min_bucket_reso: int = opt(256, "smallest bucket side", min=64, max=2048)
-    max_bucket_reso: int = opt(1024, "largest bucket side", min=64, max=4096)
+    min_bucket_reso: int = opt(SD15.bucket_range[0], "smallest bucket side", min=64, max=2048)
+    max_bucket_reso: int = opt(SD15.bucket_range[1], "largest bucket side", min=64, max=4096)
     shuffle_caption: bool = opt(False, "shuffle comma-separated tags after the first keep_tokens")
     keep_tokens: int = opt(1, "tags kept in place at the start of the caption (the trigger word)", min=0, max=255)
     max_token_length: int = opt(225, "caption tokens kept (75 per 77-token chunk of the text encoder); "
@@ -423,18 +425,14 @@ class TrainConfig:
         return None if self.lr == "auto" else float(self.lr)
 
 
-# Presets fill the recipe for a kind of LoRA; the tutorial's recipe is `person`.
-PRESETS: dict[str, dict[str, Any]] = {
-    "person": {"dim": 128, "alpha": 64.0, "lr": "auto", "optimizer": "adamw8bit", "repeats": 30, "epochs": 1,
-               "lr_scheduler": "constant_with_warmup", "keep_tokens": 1},
-    "character": {"dim": 64, "alpha": 32.0, "lr": "auto", "optimizer": "adamw8bit", "repeats": 20, "epochs": 2,
-                  "lr_scheduler": "constant_with_warmup", "keep_tokens": 1, "shuffle_caption": True},
-    "style": {"dim": 32, "alpha": 16.0, "lr": "auto", "optimizer": "adamw8bit", "repeats": 10, "epochs": 3,
-              "lr_scheduler": "cosine", "keep_tokens": 0, "shuffle_caption": True},
-}
+# Presets fill the recipe for a kind of LoRA; the tutorial's recipe is `person`. They are
+# facts of the model family (lib_lora.training.family); these are SD1.5's.
+PRESETS: Mapping[str, Mapping[str, Any]] = SD15.presets
 
 
-def apply_preset(cfg: TrainConfig, preset: str) -> TrainConfig:
-    if preset not in PRESETS:
-        raise UserError(f"Unknown preset {shown(preset)}; choose one of {', '.join(PRESETS)}.")
-    return validate(dataclasses.replace(cfg, **PRESETS[preset]))
+def apply_preset(cfg: TrainConfig, preset: str, family: ModelFamily = SD15) -> TrainConfig:
+    """`cfg` with the family's recipe `preset` filled in (the other fields as they are)."""
+    presets = family.presets
+    if preset not in presets:
+        raise UserError(f"Unknown preset {shown(preset)}; choose one of {', '.join(presets)}.")
+    return validate(dataclasses.replace(cfg, **presets[preset]))

@@ -25,6 +25,7 @@ from torch import nn
 
 from lib_lora.training import naming
 from lib_lora.training.backbone import encode_text_chunks
+from lib_lora.training.family import SD15, ModelFamily
 
 
 def text_parts(cond_stage_model: nn.Module) -> tuple[nn.Module, Any]:
@@ -43,6 +44,8 @@ def text_parts(cond_stage_model: nn.Module) -> tuple[nn.Module, Any]:
 
 class LdmBackbone:
     """`lib_lora.training.backbone.Backbone` over an ldm LatentDiffusion, its weights used in place."""
+
+    family: ModelFamily = SD15  # an ldm LatentDiffusion with one CLIP text encoder is SD1.x
 
     def __init__(self, sd_model: nn.Module, model_name: str = "", model_hash: str = "",
                  device: torch.device | None = None, model_legacy_hash: str = "") -> None:
@@ -76,25 +79,29 @@ class LdmBackbone:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> latents x 0.18215, through the host's own VAE methods."""
+        """Pixels in [-1, 1] -> latents x the host's scale factor (the family's, 0.18215, for SD1.5),
+        through the host's own VAE methods."""
         x = pixels.to(self.device, self.vae_dtype())
         posterior = self.sd_model.encode_first_stage(x)
         return self.sd_model.get_first_stage_encoding(posterior).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents x 0.18215 -> pixels in [-1, 1], through the host's own VAE (and its --medvram hooks)."""
+        """Scaled latents -> pixels in [-1, 1], through the host's own VAE (and its --medvram hooks)."""
         return self.sd_model.decode_first_stage(latents.to(self.device, self.vae_dtype())).float()
 
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """Token ids (B, n*77), one 77-token chunk at a time -> (B, n*77, width)."""
-        return encode_text_chunks(self.text_encoder, input_ids.to(self.device), clip_skip)
+        """Token ids (B, n*77), one family chunk at a time -> (B, n*77, width)."""
+        return encode_text_chunks(self.text_encoder, input_ids.to(self.device), clip_skip, family=self.family)
 
     def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy_latents, timesteps, context=cond)
 
     def lora_targets(self, conv: bool = False) -> list[naming.Target]:
-        return standalone_order(naming.unet_targets(self.unet, conv=conv)) + naming.text_encoder_targets(self.text_encoder)
+        fam = self.family
+        unet = naming.unet_targets(self.unet, conv, fam.unet_prefix)
+        return standalone_order(unet, fam.unet_prefix) + naming.text_encoder_targets(
+            self.text_encoder, fam.text_encoders[0].kohya_prefix)
 
     def enable_gradient_checkpointing(self) -> bool:
         """Recompute each U-Net block's activations during the backward pass instead of keeping
@@ -121,20 +128,20 @@ def _checkpointed(forward: Any) -> Any:
     return checkpointed_forward
 
 
-def standalone_order(targets: list[naming.Target]) -> list[naming.Target]:
+def standalone_order(targets: list[naming.Target], prefix: str = SD15.unet_prefix) -> list[naming.Target]:
     """U-Net targets in the diffusers model's module order (the order kohya and the standalone
     backbone create them in). LoRA weights are initialised in target order from the seeded RNG,
     so this order makes the same seed give the same LoRA on both backbones; ldm's own order
     differs (input/middle/output blocks; attn1, ff, attn2 inside a transformer block)."""
-    rank = _diffusers_rank(any(t.conv3x3 for t in targets))
+    rank = _diffusers_rank(any(t.conv3x3 for t in targets), prefix)
     if rank is None:
         return targets
     end = len(rank)
     return sorted(targets, key=lambda t: rank.get(t.name, end))
 
 
-@functools.lru_cache(maxsize=2)
-def _diffusers_rank(conv: bool) -> dict[str, int] | None:
+@functools.lru_cache(maxsize=4)
+def _diffusers_rank(conv: bool, prefix: str) -> dict[str, int] | None:
     try:
         from diffusers import UNet2DConditionModel
 
@@ -144,7 +151,7 @@ def _diffusers_rank(conv: bool) -> dict[str, int] | None:
     config = {k: v for k, v in sd15_unet_config().items() if not k.startswith("_")}
     with torch.device("meta"):  # names only: no memory, no weights
         unet = UNet2DConditionModel(**config)
-    return {t.name: i for i, t in enumerate(naming.unet_targets(unet, conv=conv))}
+    return {t.name: i for i, t in enumerate(naming.unet_targets(unet, conv, prefix))}
 
 
 # --------------------------------------------------------------------------------------------

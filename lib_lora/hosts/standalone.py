@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lib_lora.errors import ModelLoadError, UserError
 from lib_lora.names import validate_name
 from lib_lora.progress import NullProgress, Progress, check_cancel
+from lib_lora.training.family import SD15, ModelFamily, family_of
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -41,17 +42,18 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_scheduler(sampler_name: str) -> Any:
-    """A diffusers scheduler for one of `SAMPLERS` (a UserError naming the choices otherwise)."""
+def make_scheduler(sampler_name: str, family: ModelFamily = SD15) -> Any:
+    """A diffusers scheduler for one of `SAMPLERS`, on the family's noise schedule (a UserError
+    naming the choices otherwise)."""
     import diffusers
 
     if sampler_name not in SAMPLERS:
         raise UserError(f"Unknown sampler {sampler_name!r}; choose one of {', '.join(SAMPLERS)}.")
     cls_name, extra = SAMPLERS[sampler_name]
     cls = getattr(diffusers, cls_name)
-    from lib_lora.training.schedule import sd15_scheduler
+    from lib_lora.training.schedule import family_scheduler
 
-    return sd15_scheduler(cls, **extra)
+    return family_scheduler(cls, family, **extra)
 
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
@@ -180,7 +182,7 @@ class StandaloneHost:
             raise ModelLoadError("This base model was loaded without its VAE, so it cannot make test images.")
         if width % 8 or height % 8:
             raise UserError(f"Width and height must be multiples of 8 (got {width}x{height}).")
-        scheduler = make_scheduler(kw.get("sampler_name") or next(iter(SAMPLERS)))
+        scheduler = make_scheduler(kw.get("sampler_name") or next(iter(SAMPLERS)), family_of(backbone))
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,

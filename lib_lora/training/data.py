@@ -32,6 +32,7 @@ from lib_lora.dataset.images import inspect, load_rgb
 from lib_lora.errors import DatasetError
 from lib_lora.imagefiles import IMAGE_EXTENSIONS, list_images
 from lib_lora.names import SUBSET_RE
+from lib_lora.training.family import SD15, ModelFamily
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
-TOKENS_PER_CHUNK = 75  # + BOS/EOS = 77, CLIP's context
-MAX_CHUNKS = 3  # 225 tokens, kohya's longest setting: the default of max_token_length
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,20 +437,29 @@ def _tag_set(caption: str) -> str:
 
 
 class CaptionTokens:
-    """Token ids of captions in 77-token chunks (BOS + 75 + EOS, padded), prepared once.
+    """Token ids of captions in the family's chunks (77 = BOS + 75 + EOS, padded), prepared once;
+    at most `family.max_chunks` chunks (225 tokens), longer captions are cut.
 
-    `max_tokens` (75, 150 or 225: the max_token_length option) cuts longer captions; a caption
-    takes as many chunks as it needs up to that (docs/training_loop.md compares this layout
-    with kohya's). `shuffled`: captions arrive tag-shuffled (shuffle_caption), a new string
-    nearly every step; caching them would only grow the cache, so nothing is cached, and a cut
-    caption is remembered by its tags, so `truncated` counts captions, not shuffles."""
+    `max_tokens` (75, 150 or 225: the max_token_length option; default: the family's most,
+    `max_chunks` chunks) cuts longer captions; a caption takes as many chunks as it needs up to
+    that (docs/training_loop.md compares this layout with kohya's). `shuffled`: captions arrive
+    tag-shuffled (shuffle_caption), a new string nearly every step; caching them would only grow
+    the cache, so nothing is cached, and a cut caption is remembered by its tags, so `truncated`
+    counts captions, not shuffles. `encoder`: which of the family's text encoders the ids are for
+    (its pad id may differ from the tokenizer's)."""
 
-    def __init__(self, tokenizer: Any, shuffled: bool = False, max_tokens: int = TOKENS_PER_CHUNK * MAX_CHUNKS) -> None:
+    def __init__(self, tokenizer: Any, shuffled: bool = False, family: ModelFamily = SD15, encoder: int = 0,
+                 max_tokens: int | None = None) -> None:
         self.tokenizer = tokenizer
-        self.max_tokens = max_tokens
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
-        pad = getattr(tokenizer, "pad_token_id", None)
+        self.chunk_length = family.chunk_length
+        self.per_chunk = family.tokens_per_chunk
+        most = family.tokens_per_chunk * family.max_chunks
+        self.max_tokens = most if max_tokens is None else min(max_tokens, most)
+        pad = family.text_encoders[encoder].pad_token_id
+        if pad is None:
+            pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = self.eos if pad is None else pad
         self.shuffled = shuffled
         self._cache: dict[str, list[list[int]]] = {}
@@ -466,15 +474,15 @@ class CaptionTokens:
             self.truncated.add(_tag_set(caption) if self.shuffled else caption)
             ids = ids[: self.max_tokens]
         out = []
-        for i in range(0, max(len(ids), 1), TOKENS_PER_CHUNK):
-            out.append(self._chunk(ids[i : i + TOKENS_PER_CHUNK]))
+        for i in range(0, max(len(ids), 1), self.per_chunk):
+            out.append(self._chunk(ids[i : i + self.per_chunk]))
         if not self.shuffled:
             self._cache[caption] = out
         return out
 
     def _chunk(self, ids: Sequence[int]) -> list[int]:
         c = [self.bos, *ids, self.eos]
-        return c + [self.pad] * (TOKENS_PER_CHUNK + 2 - len(c))
+        return c + [self.pad] * (self.chunk_length - len(c))
 
     def batch(self, captions: Sequence[str]) -> torch.Tensor:
         """(B, n*77) ids; captions shorter than the batch's longest get empty chunks."""

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lib_lora.training.naming import TE_PREFIX, UNET_PREFIX, Target
+from lib_lora.training.family import SD15
+from lib_lora.training.naming import Target
 
 
 class LoRAModule(nn.Module):
@@ -131,14 +132,15 @@ class LoRANetwork(nn.Module):
         return [n for n in self.loras if prefix is None or n.startswith(prefix + "_")]
 
     def parameters_for(self, prefix: str) -> list[nn.Parameter]:
-        """Trainable parameters of the modules under `prefix` ('lora_unet' or 'lora_te')."""
+        """Trainable parameters of the modules under `prefix` ('lora_unet', 'lora_te', 'lora_te1'...)."""
         return [p for n in self.names(prefix) for p in self.loras[n].parameters()]
 
-    def unet_parameters(self) -> list[nn.Parameter]:
-        return self.parameters_for(UNET_PREFIX)
+    def unet_parameters(self, unet_prefix: str = SD15.unet_prefix) -> list[nn.Parameter]:
+        return self.parameters_for(unet_prefix)
 
-    def te_parameters(self) -> list[nn.Parameter]:
-        return self.parameters_for(TE_PREFIX)
+    def te_parameters(self, unet_prefix: str = SD15.unet_prefix) -> list[nn.Parameter]:
+        """Every text encoder's LoRA parameters (lora_te, or lora_te1 and lora_te2): all but the U-Net's."""
+        return [p for n, m in self.loras.items() if not n.startswith(unet_prefix + "_") for p in m.parameters()]
 
     def state_dict_kohya(self) -> dict[str, torch.Tensor]:
         """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (0-d), as in kohya files."""

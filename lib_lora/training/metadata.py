@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import lib_lora
 from lib_lora.config import to_dict
+from lib_lora.training.family import SD15, ModelFamily
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
     from lib_lora.training.data import StepPlan
 
-# The modelspec values kohya's sd-scripts (library/sai_model_spec.py) writes for an SD1.5 LoRA:
-# spec 1.0.1, and "diffusers" as the implementation of a LoRA that is not SDXL's.
+# The modelspec version kohya's sd-scripts (library/sai_model_spec.py) writes; the architecture
+# and implementation values are the family's.
 MODELSPEC_VERSION = "1.0.1"
-MODELSPEC_IMPLEMENTATION = "diffusers"
 
 # The keys REFERENCE §2 requires; tests check every one is present.
 REQUIRED_KEYS = (
@@ -63,8 +63,8 @@ def _s(v: Any) -> str:
     return "None" if v is None else str(v)
 
 
-def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, str]:
-    """Every metadata key, as strings."""
+def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: ModelFamily = SD15) -> dict[str, str]:
+    """Every metadata key, as strings; the base-model and modelspec values are the family's."""
     dataset_dirs = {s["folder"]: {"n_repeats": s["repeats"], "img_count": s["images"]} for s in plan.subsets}
     network_args = {}
     if cfg.conv_dim:
@@ -82,7 +82,7 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, 
         "ss_training_comment": cfg.comment or "None",
         "ss_sd_model_name": run.model_name,
         "ss_new_sd_model_hash": run.model_hash,
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": family.base_model_version,
         "ss_v2": False,
         "ss_network_module": "networks.lora",
         "ss_network_dim": cfg.dim,
@@ -131,13 +131,13 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo) -> dict[str, 
         "ss_dataset_dirs": json.dumps(dataset_dirs, ensure_ascii=False),
         "ss_tag_frequency": json.dumps(run.tag_frequency, ensure_ascii=False),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.implementation_version": f"fast-lora/{getattr(lib_lora, '__version__', '0')}",
         "modelspec.title": cfg.name,
         "modelspec.date": date.isoformat(),
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": family.schedule.prediction_type,
         "fastlora_version": getattr(lib_lora, "__version__", "0"),
         "fastlora_config": json.dumps(to_dict(cfg), ensure_ascii=False, sort_keys=True),
         "fastlora_plan": json.dumps(

@@ -22,12 +22,14 @@ import torch
 
 from lib_lora.errors import ModelLoadError
 from lib_lora.training.backbone import DiffusersBackbone
+from lib_lora.training.family import SD15, all_lora_prefixes
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).with_name("configs")
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer."
+LORA_KEY_PREFIXES = tuple(p + "_" for p in all_lora_prefixes())  # a LoRA file of any family
 
 
 def _config(name: str) -> dict:
@@ -96,7 +98,7 @@ def check_sd15(sd: dict[str, torch.Tensor], name: str) -> None:
     keys = sd.keys()
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise ModelLoadError(f"{name} is an SDXL checkpoint; Fast LoRA trains SD1.5 LoRAs. Choose an SD1.5 model.")
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
+    if any(k.startswith(LORA_KEY_PREFIXES) for k in keys):
         raise ModelLoadError(f"{name} is a LoRA, not a base model. Choose an SD1.5 checkpoint as the base model.")
     if not any(k.startswith(UNET) for k in keys):
         raise ModelLoadError(
@@ -274,7 +276,7 @@ def load_backbone(base_model: str = "tiny", device: str | torch.device = "cpu", 
     scheduler = DDPMScheduler.from_config(sd15_scheduler_config())
     backbone = DiffusersBackbone(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        model_name=display, model_path=path,
+        model_name=display, model_path=path, family=SD15,
     )
     return backbone.to(device, dtype)
 

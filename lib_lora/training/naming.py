@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-UNET_PREFIX = "lora_unet"
-TE_PREFIX = "lora_te"
+from lib_lora.training.family import SD15, ModelFamily
 
 # Containers whose Linear/Conv2d children get a LoRA.
 DIFFUSERS_UNET_CONTAINERS = ("Transformer2DModel",)
@@ -134,15 +133,28 @@ def _join(head: str, rest: str) -> str:
     return f"{head}.{rest}" if rest else head
 
 
-def unet_targets(unet: nn.Module, conv: bool = False) -> list[Target]:
-    """LoRA targets of a U-Net, diffusers or ldm, under the same kohya names."""
+def unet_targets(unet: nn.Module, conv: bool = False, prefix: str = SD15.unet_prefix) -> list[Target]:
+    """LoRA targets of a U-Net, diffusers or ldm, under the same kohya names (`prefix`: the
+    family's `unet_prefix`)."""
     if any(type(m).__name__ == "SpatialTransformer" for m in unet.modules()):
         return find_targets(
-            unet, UNET_PREFIX, LDM_UNET_CONTAINERS, LDM_UNET_CONV_CONTAINERS if conv else (), compvis_to_diffusers
+            unet, prefix, LDM_UNET_CONTAINERS, LDM_UNET_CONV_CONTAINERS if conv else (), compvis_to_diffusers
         )
-    return find_targets(unet, UNET_PREFIX, DIFFUSERS_UNET_CONTAINERS, DIFFUSERS_UNET_CONV_CONTAINERS if conv else ())
+    return find_targets(unet, prefix, DIFFUSERS_UNET_CONTAINERS, DIFFUSERS_UNET_CONV_CONTAINERS if conv else ())
 
 
-def text_encoder_targets(text_encoder: nn.Module) -> list[Target]:
-    """LoRA targets of a transformers CLIPTextModel (72 for SD1.5's ViT-L/14 text model)."""
-    return find_targets(text_encoder, TE_PREFIX, CLIP_CONTAINERS)
+def text_encoder_targets(text_encoder: nn.Module, prefix: str = SD15.text_encoders[0].kohya_prefix) -> list[Target]:
+    """LoRA targets of a transformers CLIPTextModel (72 for SD1.5's ViT-L/14 text model);
+    `prefix` is the encoder's kohya prefix in its family (lora_te, lora_te1, lora_te2)."""
+    return find_targets(text_encoder, prefix, CLIP_CONTAINERS)
+
+
+def family_targets(family: ModelFamily, unet: nn.Module, text_encoders: list[nn.Module] | tuple[nn.Module, ...],
+                   conv: bool = False) -> list[Target]:  # fmt: skip
+    """A backbone's targets: the U-Net's, then each text encoder's under its family prefix."""
+    if len(text_encoders) != len(family.text_encoders):
+        raise ValueError(f"{family.label} has {len(family.text_encoders)} text encoders, got {len(text_encoders)}")
+    targets = unet_targets(unet, conv, family.unet_prefix)
+    for spec, te in zip(family.text_encoders, text_encoders, strict=True):
+        targets += text_encoder_targets(te, spec.kohya_prefix)
+    return targets

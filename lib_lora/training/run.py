@@ -34,6 +34,7 @@ from lib_lora.training import data as data_mod
 from lib_lora.training import sample as sample_mod
 from lib_lora.training import speed
 from lib_lora.training.backbone import Backbone
+from lib_lora.training.family import family_of
 from lib_lora.training.metadata import RunInfo, build_metadata
 from lib_lora.training.optim import (
     group_lrs,
@@ -44,7 +45,7 @@ from lib_lora.training.optim import (
     text_encoder_lr,
     warmup_steps,
 )
-from lib_lora.training.schedule import NUM_TRAIN_TIMESTEPS, noise_schedule
+from lib_lora.training.schedule import noise_schedule
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +215,9 @@ class Trainer:
         bb.text_encoder.eval()
         if cfg.gradient_checkpointing:
             speed.enable_gradient_checkpointing(bb, cfg.train_text_encoder)
-        self.tokens = data_mod.CaptionTokens(bb.tokenizer, shuffled=cfg.shuffle_caption, max_tokens=cfg.max_token_length)
-        ac = noise_schedule().to(self.device)
+        self.tokens = data_mod.CaptionTokens(bb.tokenizer, shuffled=cfg.shuffle_caption, family=family_of(bb),
+                                             max_tokens=cfg.max_token_length)
+        ac = noise_schedule(family_of(bb)).to(self.device)
         self.sqrt_ac = ac.sqrt()
         self.sqrt_1mac = (1 - ac).sqrt()
         self.snr = ac / (1 - ac)
@@ -251,10 +253,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.manual_seed_all(cfg.seed)
         targets = self.backbone.lora_targets(conv=cfg.conv_dim > 0)
+        unet_prefix = family_of(self.backbone).unet_prefix
         keep = []
         for t in targets:
-            name = _target_name(t)
-            if (name.startswith("lora_unet") and cfg.train_unet) or (name.startswith("lora_te") and cfg.train_text_encoder):
+            is_unet = _target_name(t).startswith(unet_prefix + "_")
+            if (is_unet and cfg.train_unet) or (not is_unet and cfg.train_text_encoder):
                 keep.append(t)
         self.network = LoRANetwork(
             keep, dim=cfg.dim, alpha=cfg.alpha, conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha,
@@ -263,8 +266,8 @@ class Trainer:
         self.network.to(self.device, torch.float32)  # LoRA weights stay fp32 under mixed precision
         self.network.apply()
         self.network.train()
-        self.unet_params = list(self.network.parameters_for("lora_unet")) if cfg.train_unet else []
-        self.te_params = list(self.network.parameters_for("lora_te")) if cfg.train_text_encoder else []
+        self.unet_params = self.network.unet_parameters(unet_prefix) if cfg.train_unet else []
+        self.te_params = self.network.te_parameters(unet_prefix) if cfg.train_text_encoder else []
         n = sum(p.numel() for p in self.unet_params + self.te_params)
         self.phase(f"LoRA: {len(keep)} modules, {n / 1e6:.2f} M trainable parameters (dim {cfg.dim}, alpha {cfg.alpha})")
 
@@ -333,8 +336,9 @@ class Trainer:
             cache_te = cfg.cache_text_encoder_outputs and not self.te_params and not cfg.shuffle_caption
             fmt, self.restore_memory_format = speed.apply_memory_format(self.backbone.unet, cfg.channels_last)
             encode = speed.text_chunk_encoder(self.backbone, cfg.clip_skip, self.device, self.amp_dtype)
+            timesteps = family_of(self.backbone).schedule.num_train_timesteps
             self.feeder = speed.StepFeeder(
-                self.latent_of, self.tokens, self.device, self.noise_gen, NUM_TRAIN_TIMESTEPS,
+                self.latent_of, self.tokens, self.device, self.noise_gen, timesteps,
                 cfg.noise_offset, encode if cache_te else None, fmt, fixed_captions=not cfg.shuffle_caption,
             )  # fmt: skip
             self.predict = speed.compile_predict(self.backbone.predict_noise, cfg.compile_unet)
@@ -437,7 +441,7 @@ class Trainer:
             model_legacy_hash=getattr(self.backbone, "model_legacy_hash", "") or "",
             extra=dict(self.extra_metadata),
         )
-        return build_metadata(self.cfg, self.plan, run)
+        return build_metadata(self.cfg, self.plan, run, family_of(self.backbone))
 
     def save_lora(self, path: Path, overwrite: bool, finished: bool = False) -> Path:
         from lib_lora.training.export import write_lora

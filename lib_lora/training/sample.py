@@ -1,7 +1,7 @@
 """Sample images during training: what the LoRA makes so far, shown as the run goes.
 
 The model is the one being trained, with the LoRA applied as it is at that step (dropout
-off). Sampling is DDIM with SD1.5's own scheduler settings and classifier-free guidance,
+off). Sampling is DDIM with the model family's scheduler settings and classifier-free guidance,
 through the Backbone interface (text encoder, `predict_noise`, `decode_latents`), so it works
 on the standalone and the WebUI backbones alike. It draws its noise from its own generator
 and leaves every module's train/eval mode as it found it: a run with samples trains exactly
@@ -21,7 +21,8 @@ from torch import nn
 
 from lib_lora.atomic import atomic_write_bytes
 from lib_lora.progress import Progress, check_cancel
-from lib_lora.training.schedule import sd15_ddim
+from lib_lora.training.family import SD15, ModelFamily, family_of
+from lib_lora.training.schedule import ddim
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -73,9 +74,10 @@ def denoise(
     steps: int,
     cfg_scale: float,
     progress: Progress | None = None,
+    family: ModelFamily = SD15,
 ) -> torch.Tensor:
     """DDIM (eta 0) from `latents` (unit noise) with guidance: eps = u + s * (c - u)."""
-    sched = sd15_ddim(steps)
+    sched = ddim(steps, family)
     x = latents * sched.init_noise_sigma
     both = torch.cat([uncond, cond])
     for t in sched.timesteps:
@@ -115,17 +117,19 @@ def make_samples(
     """One PNG per prompt, each from the same seed (so the images compare across steps);
     returns (path, prompt) pairs. Written atomically: a stopped run leaves no half image."""
     dev = backbone.device
+    family = family_of(backbone)
     w, h = size
+    down = family.vae_scale_factor
     out = []
     with eval_modes(backbone.unet, backbone.text_encoder, network), torch.no_grad():
         for i, prompt in enumerate(prompts):
             gen = torch.Generator("cpu").manual_seed(seed)
-            noise = torch.randn((1, 4, h // 8, w // 8), generator=gen).to(dev)
+            noise = torch.randn((1, family.latent_channels, h // down, w // down), generator=gen).to(dev)
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 ids = tokens.batch([negative, prompt]).to(dev)
                 uncond, cond = backbone.encode_text(ids, clip_skip=clip_skip).to(backbone.dtype).chunk(2)
                 latents = denoise(backbone.predict_noise, cond, uncond, noise.to(backbone.dtype), steps, cfg_scale,
-                                  progress)  # fmt: skip
+                                  progress, family)  # fmt: skip
                 pixels = backbone.decode_latents(latents)
             buf = io.BytesIO()
             to_image(pixels[0]).save(buf, format="PNG")

@@ -1,5 +1,5 @@
-"""SD1.5's noise schedule, in one place: training, the sample images and the standalone Test
-tab's samplers must all use the schedule the model was trained with."""
+"""The noise schedule, read from the model family: training, the sample images and the
+standalone Test tab's samplers must all use the schedule the model was trained with."""
 
 from __future__ import annotations
 
@@ -7,32 +7,27 @@ from typing import Any
 
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
-# Scaled-linear betas 0.00085 -> 0.012 over 1000 steps: SD1.5's model_index scheduler config.
-SD15_SCHEDULE: dict[str, Any] = {
-    "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-}
+from lib_lora.training.family import SD15, ModelFamily
 
 
-def noise_schedule() -> torch.Tensor:
-    """alphas_cumprod of the SD1.5 DDPM schedule, fp32."""
+def noise_schedule(family: ModelFamily = SD15) -> torch.Tensor:
+    """alphas_cumprod of the family's DDPM schedule, fp32."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SD15_SCHEDULE, clip_sample=False).alphas_cumprod.to(torch.float32)
+    return DDPMScheduler(**family.schedule.betas(), clip_sample=False).alphas_cumprod.to(torch.float32)
 
 
-def sd15_scheduler(cls: Any, **extra: Any) -> Any:
-    """A diffusers scheduler class set up with SD1.5's schedule (`steps_offset=1`, as its config has)."""
-    return cls(**SD15_SCHEDULE, steps_offset=1, **extra)
+def family_scheduler(cls: Any, family: ModelFamily = SD15, **extra: Any) -> Any:
+    """A diffusers scheduler class set up with the family's schedule (and its `steps_offset`,
+    as the models' scheduler configs have)."""
+    s = family.schedule
+    return cls(**s.betas(), prediction_type=s.prediction_type, steps_offset=s.steps_offset, **extra)
 
 
-def sd15_ddim(steps: int) -> Any:  # -> diffusers.DDIMScheduler
-    """SD1.5's DDIM settings, with `steps` inference steps set."""
+def ddim(steps: int, family: ModelFamily = SD15) -> Any:  # -> diffusers.DDIMScheduler
+    """The family's DDIM settings, with `steps` inference steps set."""
     from diffusers import DDIMScheduler
 
-    sched = sd15_scheduler(DDIMScheduler, clip_sample=False, set_alpha_to_one=False)
+    sched = family_scheduler(DDIMScheduler, family, clip_sample=False, set_alpha_to_one=False)
     sched.set_timesteps(steps)
     return sched

@@ -2,12 +2,12 @@
 
 - `StepFeeder` turns a `Batch` into device tensors with no host<->device round trip: latents
   live on the device (pinned host memory when they would not fit), caption token ids are
-  built once per caption, text-encoder outputs are cached per 77-token chunk when the
-  text encoder is not trained (both only when captions are the same every epoch: shuffled
-  ones would fill the caches with entries never used again), and the seeded CPU noise is
-  drawn into pinned memory so the copy is truly asynchronous. The noise recipe is exactly the
-  loop's (same generator, same draw order), so a run is bit-identical with or without these
-  caches on the CPU.
+  built once per caption, text-encoder outputs are cached per token chunk (the family's
+  77, carried by `tokens`) when the text encoder is not trained (both only when captions
+  are the same every epoch: shuffled ones would fill the caches with entries never used
+  again), and the seeded CPU noise is drawn into pinned memory so the copy is truly
+  asynchronous. The noise recipe is exactly the loop's (same generator, same draw order), so
+  a run is bit-identical with or without these caches on the CPU.
 - `adamw_kwargs` picks torch AdamW's fused (else foreach) kernels where this torch has them;
   fused AdamW also lets fp16's GradScaler skip its per-step `found_inf.item()` sync.
 - `apply_memory_format`, `compile_predict`: the opt-in channels_last and torch.compile.
@@ -28,7 +28,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-CHUNK = 77
 # Latents bigger than this stay in pinned host memory instead of on the GPU (SD1.5 at 512²:
 # 64 KiB per image, so this holds ~8000 images).
 DEVICE_LATENT_BUDGET = 512 * 2**20
@@ -63,6 +62,7 @@ class StepFeeder:
     ) -> None:
         self.device = device
         self.tokens = tokens
+        self.chunk = tokens.chunk_length  # ids per text-encoder chunk: the family's
         self.gen = noise_gen
         self.num_timesteps = num_timesteps
         self.noise_offset = noise_offset
@@ -118,8 +118,8 @@ class StepFeeder:
         if any(row.shape[1] < width for row, _ in parts):
             # Shorter captions get empty chunks, as CaptionTokens.batch pads them.
             empty, empty_keys = self._caption_ids("")
-            parts = [(torch.cat([row] + [empty] * ((width - row.shape[1]) // CHUNK), dim=1),
-                      keys + empty_keys * ((width - row.shape[1]) // CHUNK)) for row, keys in parts]  # fmt: skip
+            parts = [(torch.cat([row] + [empty] * ((width - row.shape[1]) // self.chunk), dim=1),
+                      keys + empty_keys * ((width - row.shape[1]) // self.chunk)) for row, keys in parts]  # fmt: skip
         return torch.cat([row for row, _ in parts]), [k for _, keys in parts for k in keys]
 
     def _caption_ids(self, caption: str) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
@@ -132,8 +132,8 @@ class StepFeeder:
         return hit
 
     def _upload(self, host: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-        rows, n = host.shape[0], host.shape[1] // CHUNK
-        keys = [tuple(r) for r in host.view(rows * n, CHUNK).tolist()] if self.encode_chunks is not None else []
+        rows, n = host.shape[0], host.shape[1] // self.chunk
+        keys = [tuple(r) for r in host.view(rows * n, self.chunk).tolist()] if self.encode_chunks is not None else []
         return host.to(self.device), keys
 
     def cond(self, ids: torch.Tensor, keys: list[tuple[int, ...]]) -> torch.Tensor:

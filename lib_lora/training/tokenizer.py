@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lib_lora.atomic import atomic_write_text
 from lib_lora.errors import ModelLoadError
+from lib_lora.training.family import SD15
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # OpenAI's tokenizer keeps the first 49152-256-2 merges of the file.
@@ -94,5 +95,5 @@ def load_clip_tokenizer(folder: Path | None = None):
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        model_max_length=77,
+        model_max_length=SD15.chunk_length,  # CLIP's context, the same for every family's encoders
     )

@@ -50,7 +50,7 @@ def test_sampler_matches_diffusers_pipeline(tiny_backbone):
     ours = sample.to_image(bb.decode_latents(sample.denoise(bb.predict_noise, cond, uncond, noise, 6, 5.0))[0])
 
     pipe = StableDiffusionPipeline(vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, unet=bb.unet,
-                                   scheduler=schedule.sd15_ddim(6), safety_checker=None, feature_extractor=None,
+                                   scheduler=schedule.ddim(6), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise.clone(), num_inference_steps=6,

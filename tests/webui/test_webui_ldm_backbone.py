@@ -30,6 +30,23 @@ def test_lora_targets_match_the_standalone_names(webui_model, diffusers_backbone
     assert sorted(t.name for t in conv) == sorted(t.name for t in ref_conv)
 
 
+def test_the_ldm_backbone_reads_prefixes_and_chunks_from_its_family(webui_model):
+    from lib_lora.training.family import SD15, TextEncoderSpec
+
+    bb = LdmBackbone(webui_model)
+    assert bb.family is SD15
+    names = [t.name for t in bb.lora_targets()]
+    bb.family = SD15.replace(unet_prefix="lora_x", text_encoders=(TextEncoderSpec("lora_te9", 64),),
+                             chunk_length=10)  # fmt: skip
+    assert [t.name for t in bb.lora_targets()] == [
+        n.replace("lora_unet_", "lora_x_").replace("lora_te_", "lora_te9_") for n in names]
+    ids = torch.randint(3, 50, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        halves = torch.cat([bb.text_encoder(ids[:, :10]).last_hidden_state,
+                            bb.text_encoder(ids[:, 10:]).last_hidden_state], dim=1)  # fmt: skip
+        assert torch.equal(bb.encode_text(ids), halves)
+
+
 def test_text_encoding_matches_and_bypasses_the_emphasis_parser(webui_model, diffusers_backbone):
     bb = LdmBackbone(webui_model)
     tok = bb.tokenizer
