@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -63,34 +64,186 @@ def field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
     return hint, False
 
 
-def _parse_bool(text: str) -> bool:
-    low = str(text).strip().lower()
-    if low in {"1", "true", "yes", "on"}:
-        return True
-    if low in {"0", "false", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def flag_of(name: str) -> str:
+    """A field's CLI flag (`dim` -> `--dim`): how the core's messages name an option, so that
+    each front end can say it in its own words (`phrase_options`)."""
+    return "--" + name.replace("_", "-")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Iterable[str] = ()) -> None:
-    """Add one `--flag` per field of the dataclass `cls`."""
+    """Add one `--flag` per field of the dataclass `cls`. The flags keep the text as typed;
+    `from_args` turns it into the field's type (`coerce`), so a bad value gets the same
+    sentence as on the page and in the REST API."""
     skip = set(skip)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True):
             continue
-        typ, optional = field_type(cls, f)
-        flag = "--" + f.name.replace("_", "-")
+        typ, _ = field_type(cls, f)
+        flag = flag_of(f.name)
         default = _default(f)
         help_text = f.metadata.get("help", "") + f" (default: {default})"
         if typ is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, help=help_text)
+            parser.add_argument(flag, nargs="?", const=True, default=None, help=help_text, metavar="true|false")
         elif typing.get_origin(typ) is list:
             parser.add_argument(flag, nargs="*", default=None, help=help_text)
         else:
-            parse = typ if typ in (int, float) else str
-            if optional and typ in (int, float):
-                parse = _optional(typ)
-            parser.add_argument(flag, type=parse, default=None, choices=f.metadata.get("choices"), help=help_text)
+            choices = f.metadata.get("choices")
+            choices = [str(c) for c in choices] if choices else None
+            parser.add_argument(flag, default=None, choices=choices, help=help_text)
+
+
+# --------------------------------------------------------------------------------------------
+# User input as the schema's types: the one conversion behind the CLI, the UI and the REST API
+
+ON_WORDS = frozenset({"1", "true", "yes", "on"})
+OFF_WORDS = frozenset({"0", "false", "no", "off"})
+TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list of text"}
+
+
+def schema_field(cls: type, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise UserError(f"There is no option {name!r}.")
+
+
+def coerce(cls: type, name: str, value: Any) -> Any:
+    """`value` as field `name` of `cls` declares it: a form's or a CLI flag's text ('128',
+    '1e-4', 'true', 'a, b'), a control's or a JSON body's value (12.0, true, null, a list),
+    or a path. Empty (None or blank text) is None for an optional field ('none' too), '' for
+    text, [] for a list, off for a switch; a number field needs a number. Raises UserError,
+    one sentence naming the field by its flag, for a value of the wrong kind.
+
+    Only the type is decided here: choices, bounds and finiteness are `validate`'s (a NaN
+    float is a float, and gets validate's sentence); an integer NaN or infinity cannot be
+    held, so it is refused here with the same words."""
+    f = schema_field(cls, name)
+    typ, optional = field_type(cls, f)
+    flag = flag_of(f.name)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    blank = value is None or (isinstance(value, str) and value.strip() == "")
+    if optional and (blank or (isinstance(value, str) and value.strip().lower() == "none")):
+        return None
+    if typ is bool:
+        return _to_bool(flag, value)
+    if typing.get_origin(typ) is list:
+        return _to_list(flag, value)
+    if typ in (int, float):
+        if blank:
+            raise UserError(f"{flag} is empty: give {TYPE_WORDS[typ]}{_example(f)}.")
+        return _to_int(flag, value, _default(f)) if typ is int else _to_float(flag, value)
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):  # {"lr": 1e-4} in a JSON body
+            return repr(value)
+        raise UserError(f"{flag} = {shown(value)} is not text.")
+    raise TypeError(f"{cls.__name__}.{name}: no conversion for {typ!r}")  # a schema without a rule here
+
+
+def coerce_fields(cls: type, values: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """`coerce` for each (field name, value)."""
+    return {name: coerce(cls, name, value) for name, value in values.items()}
+
+
+def _example(f: dataclasses.Field) -> str:
+    default = _default(f)
+    return f" such as {default}" if isinstance(default, int | float) and not isinstance(default, bool) else ""
+
+
+def _to_bool(flag: str, value: Any) -> bool:
+    if value is None:  # an unset checkbox
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ON_WORDS | OFF_WORDS:
+        return value.strip().lower() in ON_WORDS
+    raise UserError(f"{flag} = {shown(value)} is neither on nor off: give true or false.")
+
+
+def _to_list(flag: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or any(isinstance(i, bool) or not isinstance(i, str | int | float)
+                                                  for i in items):
+        raise UserError(f"{flag} = {shown(value)} is not a list of text (give comma-separated words).")
+    return [text for text in (str(i).strip() for i in items) if text]
+
+
+def _to_int(flag: str, value: Any, default: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, str | float):
+        raise UserError(f"{flag} = {shown(value)} is not a whole number.")
+    try:
+        number = float(value)
+    except ValueError:
+        raise UserError(f"{flag} = {shown(value)} is not a whole number.") from None
+    if not math.isfinite(number):
+        raise UserError(not_finite(flag, value, default))
+    if number != int(number):
+        raise UserError(f"{flag} = {shown(value)} is not a whole number.")
+    return int(number)
+
+
+def _to_float(flag: str, value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise UserError(f"{flag} = {shown(value)} is not a number.")
+
+
+def type_problem(cls: type, f: dataclasses.Field, value: Any) -> str | None:
+    """Why `value` cannot be field `f`'s value (one sentence), or None when it can: what a config
+    built in code is checked with (`TrainConfig(dim='128')`), front ends having used `coerce`."""
+    typ, optional = field_type(cls, f)
+    if value is None:
+        return None if optional else f"{flag_of(f.name)} is empty: give {_type_words(typ)}."
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif typ is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(i, str) for i in value)
+    else:
+        return None
+    if ok:
+        return None
+    return f"{flag_of(f.name)} = {shown(value)} is {_kind_of(value)}, not {_type_words(typ)}."
+
+
+def _type_words(typ: Any) -> str:
+    return TYPE_WORDS.get(typing.get_origin(typ) or typ, str(typ))
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, int | float | list):
+        return TYPE_WORDS[list] if isinstance(value, list) else TYPE_WORDS[type(value) if type(value) in TYPE_WORDS else float]
+    return f"a {type(value).__name__}"
 
 
 # A CLI flag as the core's messages write it: `--upscale`, `--probe-max-steps`.
@@ -127,33 +280,28 @@ def api_phrase(f: dataclasses.Field) -> str:
     return f'"{f.name}"'
 
 
-def _optional(typ: type) -> typing.Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        return None if text.lower() in {"none", ""} else typ(text)
-
-    parse.__name__ = typ.__name__
-    return parse
-
-
 def from_args(cls: type, ns: argparse.Namespace, base: Any | None = None) -> Any:
     """A config from parsed CLI args; flags the user did not give keep `base`'s values."""
     cfg = base if base is not None else cls()
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name, None) is not None}
-    return validate(dataclasses.replace(cfg, **given))
+    return validate(dataclasses.replace(cfg, **coerce_fields(cls, given)))
 
 
 def validate(cfg: Any) -> Any:
-    """Check choices and bounds of every field; raise UserError naming the field and the fix."""
+    """Check the type, choices and bounds of every field; raise UserError naming the field and the fix."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):  # in any number field, int or float
+            raise UserError(not_finite(f.name, value, _default(f)))
+        problem = type_problem(type(cfg), f, value)
+        if problem:
+            raise UserError(problem)
         if value is None:
             continue
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             raise UserError(f"{f.name} = {shown(value)} is not one of: {', '.join(map(str, choices))}.")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(not_finite(f.name, value, _default(f)))
         if isinstance(value, int | float) and not isinstance(value, bool):
             if lo is not None and value < lo:
                 raise UserError(f"{f.name} = {value} is below its minimum {lo}.")
@@ -181,9 +329,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Inverse of to_dict; unknown keys (from a newer version) are ignored, missing ones default."""
+    """Inverse of to_dict; unknown keys (from a newer version) are ignored, missing ones default;
+    a value of another kind (a hand-edited "128") is read as `coerce` reads it."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return validate(cls(**{k: v for k, v in data.items() if k in names}))
+    return validate(cls(**coerce_fields(cls, {k: v for k, v in data.items() if k in names})))
 
 
 def save(cfg: Any, path: str | Path) -> None:

@@ -574,21 +574,14 @@ class WebUIHost:
     # -- the two jobs the tab and the API start ----------------------------------------------
     def train(self, progress: StateProgress, cfg: Any, on_event: Callable[[dict], None] | None = None) -> dict:
         """Train `cfg` (a TrainConfig) on the loaded checkpoint; run inside `run_job`/`job`."""
-        from lib_lora.config import validate
+        from lib_lora.training.run_config import prepare_train_config
 
-        name = validate_name(cfg.name, "LoRA name")
+        validate_name(cfg.name, "LoRA name")  # before the model is touched
         backbone = self.backbone()  # refusals (Forge, --lowvram, not SD1.5) come first
         from lib_lora.training.run import train
 
-        cfg = validate(dataclasses.replace(
-            cfg,
-            name=name,
-            base_model=backbone.model_name or "webui",
-            output_dir=str(self.lora_dir()),
-            run_dir=cfg.run_dir or str(self.work_dir() / "runs" / name),
-            device=str(backbone.device),
-            mixed_precision=_precision_for(cfg.mixed_precision, backbone),
-        ))
+        cfg = prepare_train_config(self, cfg, backbone)
+        name = cfg.name
         shared = a1111("shared")
         events: list[dict] = []
 
@@ -652,17 +645,6 @@ def _reset_state(state: Any) -> None:
     state.stopping_generation = False
     state.job_count = 0
     state.job = ""
-
-
-def _precision_for(requested: str, backbone: LdmBackbone) -> str:
-    """Autocast must match the host's weights: fp16 weights need fp16 autocast, bf16 bf16."""
-    if requested != "auto":
-        return requested
-    if backbone.dtype == torch.float16:
-        return "fp16"
-    if backbone.dtype == torch.bfloat16:
-        return "bf16"
-    return "auto"
 
 
 def _last(events: list[dict], kind: str, key: str) -> Any:

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import uuid
 from typing import Any
 
-from lib_lora.config import PRESETS, TrainConfig, api_phrase, apply_preset, phrase_options, validate
+from lib_lora.config import (
+    PRESETS,
+    TrainConfig,
+    api_phrase,
+    apply_preset,
+    coerce_fields,
+    phrase_options,
+    validate,
+)
 from lib_lora.errors import UserError
 from lib_lora.hosts import webui
 from lib_lora.hosts import webui_requirements as reqs
@@ -82,10 +89,7 @@ def config_from_request(body: dict[str, Any], policy: FolderPolicy | None = None
     if unknown:
         raise UserError(f"Unknown training option(s): {', '.join(unknown)}.")
     cfg = apply_preset(TrainConfig(), preset) if preset else TrainConfig()
-    try:
-        cfg = dataclasses.replace(cfg, **body)
-    except TypeError as err:
-        raise UserError(f"Bad training options: {err}.") from None
+    cfg = dataclasses.replace(cfg, **coerce_fields(TrainConfig, body))
     if not cfg.name:
         raise UserError("Give the LoRA a name (the 'name' field).")
     if not cfg.dataset:
@@ -256,20 +260,7 @@ def _component(gr: Any, f: dataclasses.Field, default: Any) -> Any:
 
 def form_values_to_config(fields: list[dataclasses.Field], values: list[Any],
                           policy: FolderPolicy | None = None) -> TrainConfig:
-    from lib_lora.config import field_type, not_finite
-
-    kwargs = {}
-    for f, v in zip(fields, values, strict=True):
-        typ, optional = field_type(TrainConfig, f)
-        if v in (None, "") and optional:
-            v = None
-        elif typ in (int, float) and isinstance(v, float) and not math.isfinite(v):
-            raise UserError(not_finite(f.name, v))  # int(nan) would raise before validate sees it
-        elif typ is int and v is not None:
-            v = int(v)
-        elif typ is float and v is not None:
-            v = float(v)
-        kwargs[f.name] = v
+    kwargs = coerce_fields(TrainConfig, {f.name: v for f, v in zip(fields, values, strict=True)})
     return validate((policy or FolderPolicy()).check_config(dataclasses.replace(TrainConfig(), **kwargs)))
 
 

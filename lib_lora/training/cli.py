@@ -83,8 +83,9 @@ def run_train(args: argparse.Namespace) -> int:
     from lib_lora.training.data import plan_steps
     from lib_lora.training.metadata import summary
     from lib_lora.training.run import train
+    from lib_lora.training.run_config import prepare_train_config
 
-    cfg = config_from_args(args)
+    cfg = prepare_train_config(None, config_from_args(args))  # the CLI's host decides nothing: its flags do
     if args.plan_only:
         print_plan(cfg, plan_steps(cfg.dataset, cfg))
         return 0

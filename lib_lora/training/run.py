@@ -45,6 +45,7 @@ from lib_lora.training.optim import (
     text_encoder_lr,
     warmup_steps,
 )
+from lib_lora.training.run_config import training_precision
 from lib_lora.training.schedule import noise_schedule
 
 log = logging.getLogger(__name__)
@@ -80,16 +81,6 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device = cuda, but no CUDA GPU is available here; set --device to cpu or auto.")
     return dev
-
-
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    """'fp16' | 'bf16' | 'no' (fp32)."""
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        return "fp16" if device.type == "cuda" else "no"
-    if mp == "fp16" and device.type != "cuda":
-        raise UserError("fp16 mixed precision needs a CUDA GPU; set --mixed-precision to no (or bf16) on the CPU.")
-    return mp
 
 
 def run_folder(cfg: TrainConfig, name: str) -> Path:
@@ -194,7 +185,7 @@ class Trainer:
     def load_model(self) -> None:
         cfg = self.cfg
         self.device = resolve_device(cfg) if self.backbone is None else torch.device(self.backbone.device)
-        self.precision = resolve_precision(cfg, self.device)
+        self.precision = training_precision(cfg.mixed_precision, self.device, getattr(self.backbone, "dtype", None))
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[self.precision]
         if self.backbone is None:
             from lib_lora.training.models import load_backbone
@@ -202,11 +193,8 @@ class Trainer:
             self.phase(f"Loading the base model {cfg.base_model} on {self.device}")
             self.backbone = load_backbone(cfg.base_model, device=str(self.device), dtype=weight_dtype)
         bb = self.backbone
-        if cfg.mixed_precision == "auto" and bb.dtype == torch.bfloat16:
-            self.precision = "bf16"  # a host running bf16 weights trains under bf16 autocast, no scaler
-        if self.precision == "no" and bb.dtype in (torch.float16, torch.bfloat16):
-            # A host's half-precision model (the WebUI's) can only be trained under autocast.
-            self.precision = "fp16" if bb.dtype == torch.float16 else "bf16"
+        self.precision = training_precision(cfg.mixed_precision, self.device, bb.dtype)
+        if cfg.mixed_precision == "no" and self.precision != "no":
             self.phase(f"The host's model is {bb.dtype}; training with {self.precision} mixed precision.")
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[self.precision]
         bb.unet.requires_grad_(False)

@@ -2,21 +2,19 @@
 
 A field is declared once in the config; here it becomes a Checkbox (bool), a Dropdown (it
 has choices), a Number (int/float, with its bounds) or a Textbox, labelled by its help text.
-`collect` turns the controls' values back into a validated config, so the page shows the
-same message as the CLI for a bad value.
+`collect` turns the controls' values back into a validated config through the schema's own
+`coerce`, so the page shows the same message as the CLI for a bad value (in its labels).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from typing import Any
 
 import gradio as gr
 
-from lib_lora.config import field_type, not_finite, phrase_options, validate
-from lib_lora.errors import UserError, shown
+from lib_lora.config import coerce_fields, field_type, phrase_options, validate
 from lib_lora.ui.paths import FolderPolicy
 
 # Field names that read badly when simply capitalised.
@@ -100,61 +98,13 @@ def build(cls: type, names: list[str], values: dict[str, Any] | None = None, ele
     return {n: component_for(cls, by_name[n], values.get(n), elem_prefix) for n in names}
 
 
-def convert(cls: type, name: str, raw: Any) -> Any:
-    """A control's value as the field's type; UserError naming the field when it does not parse."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    typ, optional = field_type(cls, f)
-    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
-        if optional:
-            return None
-        if typ is str:
-            return ""
-        if typ in (int, float):
-            raise UserError(f"{label_for(f)} is empty: give a number.")
-    if typ is bool:
-        if raw is None:
-            return False
-        if not isinstance(raw, bool | int) or raw not in (0, 1):  # a checkbox sends true or false
-            raise UserError(f"{label_for(f)} = {shown(raw)} is not on or off.")
-        return bool(raw)
-    if not isinstance(raw, str | int | float | list):  # the page's API accepts any JSON value
-        raise UserError(f"{label_for(f)} = {shown(raw)} is not a value this field takes.")
-    if typing.get_origin(typ) is list:
-        items = raw if isinstance(raw, list) else [s.strip() for s in str(raw).split(",")]
-        return [s for s in items if s != ""]
-    if typ is int:
-        try:
-            number = float(raw)
-        except (TypeError, ValueError):
-            raise UserError(f"{label_for(f)} = {shown(raw)} is not a whole number.") from None
-        if not math.isfinite(number):
-            raise UserError(not_finite(label_for(f), raw, default_of(f)))
-        if number != int(number):
-            raise UserError(f"{label_for(f)} = {shown(raw)} is not a whole number.")
-        return int(number)
-    if typ is float:
-        try:
-            number = float(raw)
-        except (TypeError, ValueError):
-            raise UserError(f"{label_for(f)} = {shown(raw)} is not a number.") from None
-        if not math.isfinite(number):
-            raise UserError(not_finite(label_for(f), raw, default_of(f)))
-        return number
-    if meta_choices := f.metadata.get("choices"):
-        # Dropdowns give strings; map back to the declared choice (which may be an int).
-        for c in meta_choices:
-            if str(c) == str(raw):
-                return c
-    return str(raw)
-
-
 def collect(cls: type, names: list[str], raw_values: list[Any], base: Any | None = None, *,
             policy: FolderPolicy, **fixed: Any) -> Any:
     """A validated config from the controls' values (in `names` order) plus fixed values.
 
     Every path field goes through the page's path `policy` first, before the config's own
     checks look at any file, so a refused path says only that it is outside the allowed folders."""
-    values = {n: convert(cls, n, v) for n, v in zip(names, raw_values, strict=True)}
+    values = coerce_fields(cls, dict(zip(names, raw_values, strict=True)))
     values.update(fixed)
     cfg = dataclasses.replace(base, **values) if base is not None else cls(**values)
     return validate(policy.check_config(cfg, label_for))

@@ -237,11 +237,11 @@ def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode:
         cfg = form.config(ctx, name, dataset, lr_mode, lr_value, list(values))
 
         def work(p: Any) -> Any:
+            from lib_lora.training.run_config import prepare_train_config
+
             p.update(0, 1, "loading the base model")
             backbone = ctx.host.backbone(cfg.base_model if form.has_base_model else None)
-            train_cfg = cfg
-            if not form.has_base_model:  # the host's own model: record its name, not TrainConfig's default
-                train_cfg = dataclasses.replace(cfg, base_model=getattr(backbone, "model_name", "") or cfg.base_model)
+            train_cfg = prepare_train_config(ctx.host, cfg, backbone)  # as the REST route and the CLI do
             result = run.train(train_cfg, backbone=backbone, progress=p, on_event=p.event)
             ctx.host.after_save(Path(result.lora_path), p)
             return result
