@@ -20,6 +20,8 @@ from torch import nn
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIX = "lora_te"
+TE1_PREFIX = "lora_te1"  # SDXL's CLIP ViT-L/14 (kohya networks/lora.py LORA_PREFIX_TEXT_ENCODER1)
+TE2_PREFIX = "lora_te2"  # SDXL's OpenCLIP ViT-bigG/14, as a transformers CLIPTextModelWithProjection
 
 # Containers whose Linear/Conv2d children get a LoRA.
 DIFFUSERS_UNET_CONTAINERS = ("Transformer2DModel",)
@@ -84,6 +86,8 @@ _TOP = {
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
+    "label_emb.0.0": "add_embedding.linear_1",  # SDXL's extra vector (pooled text + size embeddings)
+    "label_emb.0.2": "add_embedding.linear_2",
 }
 
 
@@ -134,15 +138,83 @@ def _join(head: str, rest: str) -> str:
     return f"{head}.{rest}" if rest else head
 
 
-def unet_targets(unet: nn.Module, conv: bool = False) -> list[Target]:
-    """LoRA targets of a U-Net, diffusers or ldm, under the same kohya names."""
+# --------------------------------------------------------------------------------------------
+# diffusers U-Net paths -> compvis (ldm/sgm) paths: the inverse of `compvis_to_diffusers`, any
+# number of levels. kohya names SDXL LoRAs in the compvis space (sd-scripts trains SDXL on its
+# library/sdxl_original_unet.py, whose module paths are sgm's), so an SDXL LoRA trained on
+# diffusers modules is named through this map.
+
+_RESNET_PARTS_INV = {new: old for old, new in _RESNET_PARTS.items()}
+_TOP_INV = {new: old for old, new in _TOP.items()}
+
+
+def _resnet_inv(rest: str) -> str:
+    for new, old in _RESNET_PARTS_INV.items():
+        if rest == new or rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def diffusers_to_compvis(path: str, up_attention: tuple[bool, ...], layers_per_block: int = 2) -> str:
+    """Map a UNet2DConditionModel module path to the ldm/sgm UNetModel path.
+
+    `up_attention[i]`: whether up block i has attentions (an up-sampler follows the attention
+    in its compvis block, else the ResNet). Raises ValueError for a path it does not know.
+    """
+    for new, old in _TOP_INV.items():
+        if path == new or path.startswith(new + "."):
+            return old + path[len(new):]
+    per = layers_per_block + 1
+    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)(?:\.(.*))?$", path)
+    if m:
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4] or ""
+        if kind == "downsamplers":  # diffusers calls ldm's Downsample `op` conv `conv`
+            return _join(f"input_blocks.{per * (level + 1)}.0.op", rest[len("conv."):] if rest.startswith("conv.") else "")
+        n = 1 + per * level + j
+        return _join(f"input_blocks.{n}.0", _resnet_inv(rest)) if kind == "resnets" else _join(f"input_blocks.{n}.1", rest)
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)(?:\.(.*))?$", path)
+    if m:
+        kind, j, rest = m[1], int(m[2]), m[3] or ""
+        return _join(f"middle_block.{2 * j}", _resnet_inv(rest)) if kind == "resnets" else _join("middle_block.1", rest)
+    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)(?:\.(.*))?$", path)
+    if m:
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4] or ""
+        if kind == "upsamplers":
+            return _join(f"output_blocks.{per * level + layers_per_block}.{2 if up_attention[level] else 1}", rest)
+        n = per * level + j
+        return _join(f"output_blocks.{n}.0", _resnet_inv(rest)) if kind == "resnets" else _join(f"output_blocks.{n}.1", rest)
+    raise ValueError(f"not a diffusers U-Net module path: {path!r}")
+
+
+def _up_attention(unet: nn.Module) -> tuple[bool, ...]:
+    return tuple(hasattr(block, "attentions") for block in unet.up_blocks)
+
+
+def unet_targets(unet: nn.Module, conv: bool = False, key_space: str = "diffusers") -> list[Target]:
+    """LoRA targets of a U-Net, diffusers or ldm/sgm, under kohya names.
+
+    `key_space` is the module naming the kohya names use: "diffusers" (SD1.5 LoRAs) or
+    "compvis" (SDXL LoRAs); either module tree can be named in either space.
+    """
+    if key_space not in ("diffusers", "compvis"):
+        raise ValueError(f"unknown key space {key_space!r}")
+    convs = LDM_UNET_CONV_CONTAINERS if conv else ()
     if any(type(m).__name__ == "SpatialTransformer" for m in unet.modules()):
-        return find_targets(
-            unet, UNET_PREFIX, LDM_UNET_CONTAINERS, LDM_UNET_CONV_CONTAINERS if conv else (), compvis_to_diffusers
-        )
-    return find_targets(unet, UNET_PREFIX, DIFFUSERS_UNET_CONTAINERS, DIFFUSERS_UNET_CONV_CONTAINERS if conv else ())
+        path_map = compvis_to_diffusers if key_space == "diffusers" else None
+        return find_targets(unet, UNET_PREFIX, LDM_UNET_CONTAINERS, convs, path_map)
+    convs = DIFFUSERS_UNET_CONV_CONTAINERS if conv else ()
+    if key_space == "diffusers":
+        return find_targets(unet, UNET_PREFIX, DIFFUSERS_UNET_CONTAINERS, convs)
+    up_attention = _up_attention(unet)
+    layers = unet.config.layers_per_block if hasattr(unet, "config") else 2
+
+    def to_compvis(path: str) -> str:
+        return diffusers_to_compvis(path, up_attention, layers)
+
+    return find_targets(unet, UNET_PREFIX, DIFFUSERS_UNET_CONTAINERS, convs, to_compvis)
 
 
-def text_encoder_targets(text_encoder: nn.Module) -> list[Target]:
-    """LoRA targets of a transformers CLIPTextModel (72 for SD1.5's ViT-L/14 text model)."""
-    return find_targets(text_encoder, TE_PREFIX, CLIP_CONTAINERS)
+def text_encoder_targets(text_encoder: nn.Module, prefix: str = TE_PREFIX) -> list[Target]:
+    """LoRA targets of a transformers CLIPTextModel (72 for SD1.5's ViT-L/14 text model);
+    SDXL names its two encoders with `TE1_PREFIX` and `TE2_PREFIX`."""
+    return find_targets(text_encoder, prefix, CLIP_CONTAINERS)
