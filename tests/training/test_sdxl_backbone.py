@@ -250,8 +250,8 @@ def test_refiner_inpainting_sd2_and_sd15_files_are_refused_with_one_sentence(sgm
     sd2 = {"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3, 1),
            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}
     cases = {"refiner": (refiner, "refiner"), "inpaint": (inpaint, "inpainting"), "sd2": (sd2, "SD2")}
-    for name, (tensors, word) in cases.items():
-        path = _write(tmp_path / f"{name}.safetensors", tensors)
+    for i, (tensors, word) in enumerate(cases.values()):
+        path = _write(tmp_path / f"model_{i}.safetensors", tensors)  # a name that says nothing
         for load in (load_backbone, load_sdxl_backbone):
             with pytest.raises(ModelLoadError) as err:
                 load(str(path))
@@ -267,7 +267,7 @@ def test_refiner_inpainting_and_sd2_folders_are_refused(tmp_path):
     from lib_lora.training.models_sdxl import load_backbone
 
     def folder(name, unet_cfg, parts):
-        f = tmp_path / name
+        f = tmp_path / f"model_{len(list(tmp_path.iterdir()))}"  # a name that says nothing
         (f / "unet").mkdir(parents=True)
         (f / "unet" / "config.json").write_text(json.dumps(unet_cfg))
         for p in parts:
@@ -282,8 +282,9 @@ def test_refiner_inpainting_and_sd2_folders_are_refused(tmp_path):
         "sd2": (folder("sd2", {"cross_attention_dim": 1024, "in_channels": 4}, ["text_encoder", "vae"]), "SD2"),
     }
     for f, word in cases.values():
-        with pytest.raises(ModelLoadError, match=word):
+        with pytest.raises(ModelLoadError, match=word) as err:
             load_backbone(str(f))
+        assert f.name in str(err.value)
 
 
 def test_an_sd15_checkpoint_still_goes_to_the_sd15_loader(tiny_checkpoint):
@@ -453,3 +454,57 @@ def test_diffusers_and_compvis_paths_invert_each_other(xl_single):
             assert compvis_to_diffusers(compvis) == name, (name, compvis)
             seen += 1
     assert seen > 100
+
+
+def test_full_size_sdxl_has_kohyas_722_unet_72_te1_and_192_te2_targets():
+    """SDXL base 1.0's shapes (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json; bigG's
+    text tower: width 1280, 32 layers, 20 heads) on the meta device; kohya's log for an SDXL
+    LoRA: "create LoRA for U-Net: 722 modules", 72 for TE1 and 192 for TE2 (32 x 6)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from lib_lora.training.models import sd15_text_encoder_config, sd15_unet_config
+    from lib_lora.training.naming import TE1_PREFIX, TE2_PREFIX, text_encoder_targets, unet_targets
+
+    cfg = {k: v for k, v in sd15_unet_config().items() if not k.startswith("_")}
+    cfg.update(block_out_channels=[320, 640, 1280], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
+               "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+               attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+               cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+               projection_class_embeddings_input_dim=2816, sample_size=128)
+    te2_cfg = sd15_text_encoder_config()
+    te2_cfg.hidden_size, te2_cfg.intermediate_size, te2_cfg.num_hidden_layers = 1280, 5120, 32
+    te2_cfg.num_attention_heads, te2_cfg.projection_dim, te2_cfg.hidden_act = 20, 1280, "gelu"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+        te1, te2 = CLIPTextModel(sd15_text_encoder_config()), CLIPTextModelWithProjection(te2_cfg)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base's U-Net
+    u = unet_targets(unet, key_space="compvis")
+    assert len(u) == 722 and len({t.name for t in u}) == 722
+    assert len(text_encoder_targets(te1, TE1_PREFIX)) == 72 and len(text_encoder_targets(te2, TE2_PREFIX)) == 192
+    names = {t.name for t in u}
+    # sgm layout: level 1 at input_blocks 4, 5 (depth 2), level 2 at 7, 8 (depth 10); up: 0-2 deep, 3-5 mid
+    assert "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k" in names
+    assert "lora_unet_output_blocks_2_1_transformer_blocks_9_ff_net_2" in names
+    assert "lora_unet_output_blocks_5_1_transformer_blocks_1_attn1_to_out_0" in names
+    assert not any(n.startswith(("lora_unet_input_blocks_1_", "lora_unet_output_blocks_6_")) for n in names)
+
+
+def test_diffusers_to_compvis_inverts_the_sd15_mapping_too():
+    """SD1.5's first up block has no attention, so its up-sampler is output_blocks.2.1.conv."""
+    from diffusers import UNet2DConditionModel
+
+    from lib_lora.training.models import sd15_unet_config
+    from lib_lora.training.naming import compvis_to_diffusers, diffusers_to_compvis
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**{k: v for k, v in sd15_unet_config().items() if not k.startswith("_")})
+    up_attention = tuple(hasattr(b, "attentions") for b in unet.up_blocks)
+    assert diffusers_to_compvis("up_blocks.0.upsamplers.0.conv", up_attention) == "output_blocks.2.1.conv"
+    assert diffusers_to_compvis("up_blocks.1.upsamplers.0.conv", up_attention) == "output_blocks.5.2.conv"
+    n = 0
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            assert compvis_to_diffusers(diffusers_to_compvis(name, up_attention)) == name
+            n += 1
+    assert n == 282  # every Linear/Conv2d of SD1.5's U-Net
