@@ -508,3 +508,44 @@ def test_diffusers_to_compvis_inverts_the_sd15_mapping_too():
             assert compvis_to_diffusers(diffusers_to_compvis(name, up_attention)) == name
             n += 1
     assert n == 282  # every Linear/Conv2d of SD1.5's U-Net
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in tiny-sdxl (written by tiny_model through checkpoint_layout's sgm writer)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    from lib_lora.training.models_sdxl import load_backbone
+
+    return load_backbone("tiny-sdxl")
+
+
+def test_tiny_sdxl_loads_every_weight_the_writer_drew(tiny_sdxl):
+    from lib_lora.training import tiny_model
+
+    assert isinstance(tiny_sdxl, SDXLBackbone) and tiny_sdxl.model_name == "tiny-sdxl"
+    refs = dict(zip(("unet", "vae", "te1", "te2"), tiny_model.build_sdxl_modules(), strict=True))
+    mine = {"unet": tiny_sdxl.unet, "vae": tiny_sdxl.vae, "te1": tiny_sdxl.text_encoder, "te2": tiny_sdxl.text_encoder_2}
+    for scope, ref in refs.items():
+        want = tiny_model.random_state_dict(ref, tiny_model.TINY_SEED, scope)
+        got = {k: v for k, v in mine[scope].state_dict().items() if not k.endswith("position_ids")}
+        assert got.keys() == want.keys(), scope
+        for k in want:
+            assert torch.equal(got[k], want[k].to(got[k].dtype)), f"{scope}.{k}"
+    assert list(tiny_sdxl.unet.config.transformer_layers_per_block) == [1, 2, 2]
+
+
+def test_tiny_sdxl_targets_are_the_names_derived_from_its_file(tiny_sdxl):
+    from safetensors.torch import load_file
+
+    from lib_lora.training.tiny_model import ensure_tiny_checkpoint
+
+    sd = load_file(str(ensure_tiny_checkpoint(family="sdxl")))
+    assert {t.name for t in tiny_sdxl.lora_targets()} == expected_kohya_names(sd)
+    assert {t.name for t in tiny_sdxl.lora_targets(conv=True)} == expected_kohya_names(sd, conv=True)
+    with torch.no_grad():
+        tc = tiny_sdxl.encode_text(_ids([320, 1125]))
+        ids = bucket_time_ids([(64, 48)], (64, 64))
+        eps = tiny_sdxl.predict_noise(torch.randn(1, 4, 8, 8), torch.tensor([500]), tc.cond, added_conditions(tc.pooled, ids))
+    assert eps.shape == (1, 4, 8, 8) and torch.isfinite(eps).all()
