@@ -549,3 +549,11 @@ def test_tiny_sdxl_targets_are_the_names_derived_from_its_file(tiny_sdxl):
         ids = bucket_time_ids([(64, 48)], (64, 64))
         eps = tiny_sdxl.predict_noise(torch.randn(1, 4, 8, 8), torch.tensor([500]), tc.cond, added_conditions(tc.pooled, ids))
     assert eps.shape == (1, 4, 8, 8) and torch.isfinite(eps).all()
+
+
+def test_family_of_a_weights_only_ckpt_is_read_without_loading_it(sgm_reference, tmp_path):
+    from lib_lora.training.models_sdxl import model_family
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": sgm_reference[0]}, str(path))
+    assert model_family(str(path)) == "sdxl"
