@@ -282,9 +282,11 @@ def test_refiner_inpainting_and_sd2_folders_are_refused(tmp_path):
         "sd2": (folder("sd2", {"cross_attention_dim": 1024, "in_channels": 4}, ["text_encoder", "vae"]), "SD2"),
     }
     for f, word in cases.values():
-        with pytest.raises(ModelLoadError, match=word) as err:
+        with pytest.raises(ModelLoadError) as err:
             load_backbone(str(f))
-        assert f.name in str(err.value)
+        msg = str(err.value)
+        assert f.name in msg and "\n" not in msg
+        assert word in msg.replace(str(f), "").replace(f.name, "")  # not found in the test's own path
 
 
 def test_an_sd15_checkpoint_still_goes_to_the_sd15_loader(tiny_checkpoint):
