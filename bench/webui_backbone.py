@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # ldm_shapes: the tiny model's layout as ldm's classes take it
 
 FULL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
                  num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
@@ -42,38 +43,20 @@ def shapes():
 
 
 def compvis_state_dict(size: str):
-    """A deterministic compvis-keyed state dict (tiny: the tiny checkpoint; full: random SD1.5)."""
-    import torch
+    """A deterministic compvis-keyed state dict (tiny: the tiny checkpoint's; full: random SD1.5)."""
+    from lib_lora.training.tiny_model import TINY_SEED, random_single_file
 
-    from lib_lora.training.tiny_model import _randomize, build_tiny_state_dict
-
-    if size == "tiny":
-        return build_tiny_state_dict()
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from transformers import CLIPTextModel
-
-    from lib_lora.training.models import sd15_text_encoder_config
-
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-    parts = (("model.diffusion_model.", lambda: UNetModel(**FULL_UNET)),
-             ("first_stage_model.", lambda: shapes().AutoencoderKLShape(FULL_VAE)),
-             ("cond_stage_model.transformer.", lambda: CLIPTextModel(sd15_text_encoder_config())))
-    for prefix, make in parts:
-        m = make()
-        _randomize(m, gen)
-        sd.update({prefix + k: v for k, v in m.state_dict().items()})
-        del m
-    return sd
+    return random_single_file("sd15", full_size=size == "full", seed=TINY_SEED if size == "tiny" else 0)
 
 
 def webui_model(sd: dict, size: str):
     """The WebUI-shaped ldm model holding `sd`."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from ldm_shapes import TINY_LDM_UNET_KWARGS, TINY_LDM_VAE_KWARGS
     from transformers import CLIPTextModel
 
     from lib_lora.training.models import sd15_text_encoder_config
-    from lib_lora.training.tiny_model import TINY_LDM_UNET_KWARGS, TINY_LDM_VAE_KWARGS, tiny_clip_config
+    from lib_lora.training.tiny_model import tiny_clip_config
     from lib_lora.training.tokenizer import load_clip_tokenizer
 
     s = shapes()

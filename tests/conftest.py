@@ -2,8 +2,13 @@
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
+
+# pytest runs with --import-mode=importlib: the helper modules shared by several areas (e.g.
+# ldm_shapes) sit in tests/ itself.
+sys.path.insert(0, str(Path(__file__).parent))
 
 # No test may reach a model hub: everything is built in the test or committed as a fixture.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -92,6 +92,9 @@ class ModelFamily:
     vae_scale_factor: int = 8  # pixels per latent side
     schedule: NoiseSchedule = NoiseSchedule()
     unet_prefix: str = "lora_unet"
+    # The module naming kohya's U-Net keys use: diffusers paths (SD1.5 LoRAs) or compvis/sgm
+    # paths (SDXL LoRAs: sd-scripts trains SDXL on library/sdxl_original_unet.py, sgm's layout).
+    unet_key_space: str = "diffusers"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "presets", _frozen(self.presets))
@@ -185,6 +188,7 @@ SDXL = ModelFamily(
     bucket_range=(512, 2048),
     presets=SDXL_PRESETS,
     extra_conditioning=("text_embeds", "time_ids"),
+    unet_key_space="compvis",
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL)}

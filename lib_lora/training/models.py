@@ -187,14 +187,15 @@ def infer_clip_config(te: dict[str, torch.Tensor]):
 # Building modules
 
 
-def _load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str, ignore: tuple[str, ...] = ()) -> None:
+def _load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], what: str, ignore: tuple[str, ...] = (),
+               family: str = "SD1.5") -> None:
     result = module.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(ignore)] if ignore else list(result.missing_keys)
     unexpected = [k for k in result.unexpected_keys if not k.endswith(ignore)] if ignore else list(result.unexpected_keys)
     if missing or unexpected:
         raise ModelLoadError(
-            f"The checkpoint's {what} does not match SD1.5: {len(missing)} weights missing "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Is this an SD1.5 model?"
+            f"The checkpoint's {what} does not match {family}: {len(missing)} weights missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Is this an {family} model?"
         )
 
 
@@ -323,7 +324,7 @@ SAFE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PICKLED_WEIGHTS = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
 
 
-def _load_part(part: Path, cls: type, what: str) -> torch.nn.Module:
+def _load_part(part: Path, cls: type, what: str, family: str = "SD1.5") -> torch.nn.Module:
     """One part of a diffusers folder: from safetensors through the library (which is told to
     use nothing else), or from a .bin through `read_state_dict`'s weights_only path."""
     names = {p.name for p in part.iterdir()} if part.is_dir() else set()
@@ -337,7 +338,7 @@ def _load_part(part: Path, cls: type, what: str) -> torch.nn.Module:
         module = cls.from_config(cls.load_config(part))
     else:  # transformers
         module = cls(cls.config_class.from_pretrained(part))
-    _load_into(module, weights, what, ignore=("position_ids",))
+    _load_into(module, weights, what, ignore=("position_ids",), family=family)
     return module
 
 

@@ -83,6 +83,8 @@ _TOP = {
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
+    "label_emb.0.0": "add_embedding.linear_1",  # SDXL's extra vector (pooled text + size embeddings)
+    "label_emb.0.2": "add_embedding.linear_2",
 }
 
 
@@ -133,14 +135,83 @@ def _join(head: str, rest: str) -> str:
     return f"{head}.{rest}" if rest else head
 
 
-def unet_targets(unet: nn.Module, conv: bool = False, prefix: str = SD15.unet_prefix) -> list[Target]:
-    """LoRA targets of a U-Net, diffusers or ldm, under the same kohya names (`prefix`: the
-    family's `unet_prefix`)."""
+# --------------------------------------------------------------------------------------------
+# diffusers U-Net paths -> compvis (ldm/sgm) paths: the inverse of `compvis_to_diffusers`, any
+# number of levels. kohya names SDXL LoRAs in the compvis space (sd-scripts trains SDXL on its
+# library/sdxl_original_unet.py, whose module paths are sgm's), so an SDXL LoRA trained on
+# diffusers modules is named through this map.
+
+_RESNET_PARTS_INV = {new: old for old, new in _RESNET_PARTS.items()}
+_TOP_INV = {new: old for old, new in _TOP.items()}
+
+
+def _resnet_inv(rest: str) -> str:
+    for new, old in _RESNET_PARTS_INV.items():
+        if rest == new or rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def diffusers_to_compvis(path: str, up_attention: tuple[bool, ...], layers_per_block: int = 2) -> str:
+    """Map a UNet2DConditionModel module path to the ldm/sgm UNetModel path.
+
+    `up_attention[i]`: whether up block i has attentions (an up-sampler follows the attention
+    in its compvis block, else the ResNet). Raises ValueError for a path it does not know.
+    """
+    for new, old in _TOP_INV.items():
+        if path == new or path.startswith(new + "."):
+            return old + path[len(new):]
+    per = layers_per_block + 1
+    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)(?:\.(.*))?$", path)
+    if m:
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4] or ""
+        if kind == "downsamplers":  # diffusers calls ldm's Downsample `op` conv `conv`
+            return _join(f"input_blocks.{per * (level + 1)}.0.op", rest[len("conv."):] if rest.startswith("conv.") else "")
+        n = 1 + per * level + j
+        return _join(f"input_blocks.{n}.0", _resnet_inv(rest)) if kind == "resnets" else _join(f"input_blocks.{n}.1", rest)
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)(?:\.(.*))?$", path)
+    if m:
+        kind, j, rest = m[1], int(m[2]), m[3] or ""
+        return _join(f"middle_block.{2 * j}", _resnet_inv(rest)) if kind == "resnets" else _join("middle_block.1", rest)
+    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)(?:\.(.*))?$", path)
+    if m:
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4] or ""
+        if kind == "upsamplers":
+            return _join(f"output_blocks.{per * level + layers_per_block}.{2 if up_attention[level] else 1}", rest)
+        n = per * level + j
+        return _join(f"output_blocks.{n}.0", _resnet_inv(rest)) if kind == "resnets" else _join(f"output_blocks.{n}.1", rest)
+    raise ValueError(f"not a diffusers U-Net module path: {path!r}")
+
+
+def _up_attention(unet: nn.Module) -> tuple[bool, ...]:
+    return tuple(hasattr(block, "attentions") for block in unet.up_blocks)
+
+
+def unet_targets(unet: nn.Module, conv: bool = False, prefix: str = SD15.unet_prefix,
+                 key_space: str = SD15.unet_key_space) -> list[Target]:
+    """LoRA targets of a U-Net, diffusers or ldm/sgm, under kohya names (`prefix`: the family's
+    `unet_prefix`).
+
+    `key_space` is the module naming the kohya names use (the family's `unet_key_space`):
+    "diffusers" (SD1.5 LoRAs) or "compvis" (SDXL LoRAs); either module tree can be named in
+    either space.
+    """
+    if key_space not in ("diffusers", "compvis"):
+        raise ValueError(f"unknown key space {key_space!r}")
     if any(type(m).__name__ == "SpatialTransformer" for m in unet.modules()):
-        return find_targets(
-            unet, prefix, LDM_UNET_CONTAINERS, LDM_UNET_CONV_CONTAINERS if conv else (), compvis_to_diffusers
-        )
-    return find_targets(unet, prefix, DIFFUSERS_UNET_CONTAINERS, DIFFUSERS_UNET_CONV_CONTAINERS if conv else ())
+        convs = LDM_UNET_CONV_CONTAINERS if conv else ()
+        path_map = compvis_to_diffusers if key_space == "diffusers" else None
+        return find_targets(unet, prefix, LDM_UNET_CONTAINERS, convs, path_map)
+    convs = DIFFUSERS_UNET_CONV_CONTAINERS if conv else ()
+    if key_space == "diffusers":
+        return find_targets(unet, prefix, DIFFUSERS_UNET_CONTAINERS, convs)
+    up_attention = _up_attention(unet)
+    layers = unet.config.layers_per_block if hasattr(unet, "config") else 2
+
+    def to_compvis(path: str) -> str:
+        return diffusers_to_compvis(path, up_attention, layers)
+
+    return find_targets(unet, prefix, DIFFUSERS_UNET_CONTAINERS, convs, to_compvis)
 
 
 def text_encoder_targets(text_encoder: nn.Module, prefix: str = SD15.text_encoders[0].kohya_prefix) -> list[Target]:
@@ -154,7 +225,7 @@ def family_targets(family: ModelFamily, unet: nn.Module, text_encoders: list[nn.
     """A backbone's targets: the U-Net's, then each text encoder's under its family prefix."""
     if len(text_encoders) != len(family.text_encoders):
         raise ValueError(f"{family.label} has {len(family.text_encoders)} text encoders, got {len(text_encoders)}")
-    targets = unet_targets(unet, conv, family.unet_prefix)
+    targets = unet_targets(unet, conv, family.unet_prefix, family.unet_key_space)
     for spec, te in zip(family.text_encoders, text_encoders, strict=True):
         targets += text_encoder_targets(te, spec.kohya_prefix)
     return targets

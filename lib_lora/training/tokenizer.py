@@ -70,13 +70,22 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+# SDXL's second text encoder (OpenCLIP ViT-bigG/14) was trained on ids padded with 0, the id
+# of "!" in the CLIP vocabulary (open_clip's tokenizer pads with 0); kohya forces it too
+# (sd-scripts library/sdxl_train_util.py load_tokenizers: `tokenizer.pad_token_id = 0`).
+TE2_PAD_TOKEN = "!"
+
+
 @lru_cache(maxsize=4)
-def load_clip_tokenizer(folder: Path | None = None):
-    """A CLIPTokenizer: from a diffusers/transformers tokenizer folder, else from the BPE file."""
+def load_clip_tokenizer(folder: Path | None = None, pad_token: str | None = None):
+    """A CLIPTokenizer: from a diffusers/transformers tokenizer folder, else from the BPE file.
+
+    `pad_token` overrides the padding token (None: the folder's own, else end-of-text)."""
     from transformers import CLIPTokenizer
 
     if folder is not None:
-        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        extra = {"pad_token": pad_token} if pad_token is not None else {}
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
     bpe = find_bpe_vocab()
     if bpe is None:
         raise ModelLoadError(
@@ -94,6 +103,11 @@ def load_clip_tokenizer(folder: Path | None = None):
         unk_token="<|endoftext|>",
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        pad_token=pad_token or "<|endoftext|>",
         model_max_length=SD15.chunk_length,  # CLIP's context, the same for every family's encoders
     )
+
+
+def load_clip_tokenizer_2(folder: Path | None = None):
+    """SDXL's second tokenizer: CLIP's BPE vocabulary, padding with "!" (id 0)."""
+    return load_clip_tokenizer(folder, pad_token=TE2_PAD_TOKEN)

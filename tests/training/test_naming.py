@@ -1,11 +1,11 @@
 """kohya names computed from module trees: full-size counts, and ldm == diffusers."""
 
 import torch
+from ldm_shapes import TINY_LDM_UNET_KWARGS
 
 from lib_lora.training.lora import LoRANetwork
 from lib_lora.training.models import sd15_text_encoder_config, sd15_unet_config
 from lib_lora.training.naming import compvis_to_diffusers, text_encoder_targets, unet_targets
-from lib_lora.training.tiny_model import TINY_LDM_UNET_KWARGS
 
 
 def _meta_sd15():

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from ldm_shapes import TINY_LDM_UNET_KWARGS, TINY_LDM_VAE_KWARGS, LdmVAE
 from torch import nn
-
-from lib_lora.training.tiny_model import TinyVAE
 
 FAKE_ROOT = Path(__file__).parent / "fake_a1111"
 
@@ -21,7 +20,7 @@ FAKE_ROOT = Path(__file__).parent / "fake_a1111"
 # The model object A1111 holds in shared.sd_model, built from the real ldm classes.
 
 
-class AutoencoderKLShape(TinyVAE):
+class AutoencoderKLShape(LdmVAE):
     """ldm.models.autoencoder.AutoencoderKL (encoder, decoder, quant convs; encode -> posterior, decode).
     The real class needs pytorch_lightning, which A1111 has and our test venv does not."""
 
@@ -118,7 +117,7 @@ def build_webui_model(checkpoint: Path, dtype: torch.dtype = torch.float32) -> L
     from transformers import CLIPTextModel
 
     from lib_lora.training.models import read_state_dict
-    from lib_lora.training.tiny_model import TINY_LDM_UNET_KWARGS, TINY_LDM_VAE_KWARGS, tiny_clip_config
+    from lib_lora.training.tiny_model import tiny_clip_config
     from lib_lora.training.tokenizer import load_clip_tokenizer
 
     sd = read_state_dict(checkpoint)
