@@ -32,7 +32,7 @@ def te2_input_ids(input_ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Te
 
     Both tokenizers share CLIP's vocabulary and differ only in padding: in each 77-token
     chunk, everything after the first end-of-text becomes `pad_id` ("!", 0 for bigG)."""
-    chunks = input_ids.reshape(input_ids.shape[0], -1, CHUNK)
+    chunks = input_ids.reshape(input_ids.shape[0], -1, SDXL.chunk_length)
     is_eos = chunks == eos_id
     seen = is_eos.long().cumsum(-1)
     after_first_eos = (seen > 1) | ((seen == 1) & ~is_eos)

@@ -465,8 +465,8 @@ def test_full_size_sdxl_has_kohyas_722_unet_72_te1_and_192_te2_targets():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from lib_lora.training.models import sd15_text_encoder_config, sd15_unet_config
     from lib_lora.training.family import SDXL
+    from lib_lora.training.models import sd15_text_encoder_config, sd15_unet_config
     from lib_lora.training.naming import text_encoder_targets, unet_targets
 
     cfg = {k: v for k, v in sd15_unet_config().items() if not k.startswith("_")}
