@@ -50,7 +50,7 @@ def test_out_of_memory_message_and_retries(tmp_path):
     def on_event(ev):
         seen.append(ev)
         if ev["kind"] == "saved":
-            schedule.append(tr.scheduler.last_epoch)
+            schedule.append(tr.state.scheduler.last_epoch)
 
     tr = OOMTrainer(cfg2, on_event=on_event)
     res = tr.run()
@@ -75,22 +75,22 @@ def test_split_batch_gradient_is_the_whole_batch_gradient(tmp_path, bb, float32_
     try:
         from lib_lora.training import data as data_mod
 
-        for name, p in tr.network.named_parameters():  # a trained-looking LoRA: with up = 0 the
+        for name, p in tr.state.network.named_parameters():  # a trained-looking LoRA: with up = 0 the
             if "lora_up" in name:  # down weights get no gradient
                 torch.nn.init.normal_(p, std=0.02)
-        batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, tr.cfg.seed)))
+        batch = next(iter(data_mod.iter_batches(tr.state.dataset.items, tr.cfg, 1, tr.cfg.seed)))
         assert len(batch.items) == 3
         d = tr.step_inputs(batch)
 
         def gradients(parts_and_weights):
-            for p in tr.params:
+            for p in tr.state.params:
                 p.grad = None
             loss = 0.0
             for sl, w in parts_and_weights:
                 part = type(d)(d.latents[sl], d.noise[sl], d.timesteps[sl], d.ids[sl],
                                None if d.cond is None else d.cond[sl])  # fmt: skip
                 loss = loss + tr.backward(part, w) * w
-            return [p.grad.clone() for p in tr.params], loss
+            return [p.grad.clone() for p in tr.state.params], loss
 
         whole, whole_loss = gradients([(slice(0, 3), 1.0)])
         split, loss = gradients([(slice(0, 2), 2 / 3), (slice(2, 3), 1 / 3)])
