@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import safetensors.torch
 import torch
@@ -58,6 +60,9 @@ def test_out_of_memory_message_and_retries(tmp_path):
     assert any("retrying with gradient checkpointing" in t for t in texts)
     assert any("retrying with the batch split in halves" in t for t in texts)
     assert res.lora_path.is_file() and res.steps == 3
+    # The LoRA says how it was trained: with the checkpointing the retry turned on.
+    assert res.metadata["ss_gradient_checkpointing"] == "True"
+    assert json.loads(res.metadata["fastlora_config"])["gradient_checkpointing"] is True
     # The halves make one optimizer step between them: the LR schedule advanced once per step.
     assert schedule == [3]
 
