@@ -50,9 +50,9 @@ def ready_trainer(cfg, backbone=None, name: str = "bench"):
     from lib_lora.training.run import Trainer
 
     tr = Trainer(cfg, backbone)
-    tr.started_at, tr.name = time.time(), name
+    tr.state.started_at, tr.state.name = time.time(), name
     tr.load_all()
-    tr.tb = None
+    tr.state.tb = None
     tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
     return tr
 

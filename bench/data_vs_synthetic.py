@@ -38,7 +38,7 @@ def run(resolution: int, batch: int, blocks: int, per_block: int, train_te: bool
         tr = ready_trainer(cfg, name="dvs")
         try:
             total = 5 + blocks * per_block
-            batches = iter(data_mod.iter_batches(tr.dataset.items, cfg, total, cfg.seed))
+            batches = iter(data_mod.iter_batches(tr.state.dataset.items, cfg, total, cfg.seed))
             first = next(batches)
             synth = tr.step_inputs(first)  # prepared once, reused: no data work at all
             for _ in range(4):

@@ -102,11 +102,11 @@ def main() -> int:
         )  # fmt: skip
         # sd15-random: the full-size architecture with random weights, where no SD1.5 file can be had.
         tr = Trainer(cfg, sd15_random_backbone("cuda" if cuda else "cpu") if args.base_model == "sd15-random" else None)
-        tr.started_at, tr.name = time.time(), "zhang"
-        tr.session_id = "bench"
+        tr.state.started_at, tr.state.name = time.time(), "zhang"
+        tr.state.session_id = "bench"
         from lib_lora.names import output_file
 
-        tr.lora_path = output_file(cfg.output_dir, tr.name, ".safetensors", overwrite=True)
+        tr.state.lora_path = output_file(cfg.output_dir, tr.state.name, ".safetensors", overwrite=True)
         try:
             ph.run("read dataset", lambda: (tr.prepare_run_dir(), tr.load_data()))
             ph.run("load model", tr.load_model)
@@ -117,10 +117,10 @@ def main() -> int:
             if hasattr(tr, "begin_reliability"):  # issue 5's step guard and resumable state
                 ph.run("reliability set-up", tr.begin_reliability)
             t0 = time.perf_counter()
-            ph.run(f"train {tr.total_steps} steps", tr.train_loop)
-            per = (time.perf_counter() - t0) / max(1, tr.step)
-            ph.rows[-1]["note"] = ph.rows[-1]["note"] or f"{1 / per:.2f} it/s, final loss {tr.final_loss:.4f}"
-            ph.run("save LoRA", tr.save_lora, tr.lora_path, True, True)
+            ph.run(f"train {tr.state.total_steps} steps", tr.train_loop)
+            per = (time.perf_counter() - t0) / max(1, tr.state.step)
+            ph.rows[-1]["note"] = ph.rows[-1]["note"] or f"{1 / per:.2f} it/s, final loss {tr.state.final_loss:.4f}"
+            ph.run("save LoRA", tr.save_lora, tr.state.lora_path, True, True)
         finally:
             tr.close()
     ph.rows.append({"phase": "total", "seconds": round(time.perf_counter() - t_all, 2),

@@ -57,10 +57,10 @@ def main() -> int:
     t0 = time.time()
     bb = sd15_random_backbone(args.device, dtype) if args.model == "sd15-random" else None
     tr = Trainer(cfg, backbone=bb)
-    tr.started_at, tr.name = time.time(), cfg.name
+    tr.state.started_at, tr.state.name = time.time(), cfg.name
     tr.load_all(optimizer=False)
     setup = time.time() - t0
-    result, _ = probe.run_probe(tr)
+    result, _ = probe.run_probe(tr.state, tr.cfg, tr.events, tr.build_optimizer, tr.train_step)
     tr.close()
     print("| model | device | res | dim | budget | probe steps | settled | probe s | s/step | d*lr found | setup s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

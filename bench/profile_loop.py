@@ -55,7 +55,7 @@ def main() -> int:
         )  # fmt: skip
         tr = ready_trainer(cfg, bb, name="prof")
         try:
-            batches = list(data_mod.iter_batches(tr.dataset.items, cfg, 3 + 2 * args.steps, 0))
+            batches = list(data_mod.iter_batches(tr.state.dataset.items, cfg, 3 + 2 * args.steps, 0))
             for b in batches[:3]:
                 tr.train_step(b)
             feed, comp = [], []

@@ -43,7 +43,7 @@ def measure(label: str, backbone, resolution: int, steps: int, repeats: int, pre
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                tr.step = i
+                tr.state.step = i
                 tr.make_samples()
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()

@@ -38,11 +38,11 @@ def measure(label: str, backbone, dataset: Path, resolution: int, steps: int, wa
         )
         t0 = time.perf_counter()
         tr = Trainer(cfg, backbone=backbone)
-        tr.session_id = "bench"
+        tr.state.session_id = "bench"
         tr.setup()
         setup_s = time.perf_counter() - t0
         walls, cpus = [], []
-        for i, batch in enumerate(data_mod.iter_batches(tr.dataset.items, cfg, steps + warmup, cfg.seed)):
+        for i, batch in enumerate(data_mod.iter_batches(tr.state.dataset.items, cfg, steps + warmup, cfg.seed)):
             w, c = time.perf_counter(), time.process_time()
             tr.train_step(batch).item()  # sync, so the step's time is all counted
             if i >= warmup:

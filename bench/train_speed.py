@@ -73,18 +73,18 @@ def make_trainer(bb, dataset: Path, work: Path, resolution: int, batch: int, pre
         optimizer=optimizer, lr="1e-4", log_every_n_steps=10**6, cache_latents_to_disk=False, **extra,
     )  # fmt: skip
     tr = Trainer(cfg, bb)
-    tr.started_at, tr.name = time.time(), "speed"
+    tr.state.started_at, tr.state.name = time.time(), "speed"
     tr.prepare_run_dir()
     tr.load_data()
     tr.load_model()
     gen = torch.Generator().manual_seed(0)
-    tr.latent_of = {
-        id(it): torch.randn((4, it.bucket[1] // 8, it.bucket[0] // 8), generator=gen) for it in tr.dataset.items
+    tr.state.latent_of = {
+        id(it): torch.randn((4, it.bucket[1] // 8, it.bucket[0] // 8), generator=gen) for it in tr.state.dataset.items
     }
     tr.build_network()
     tr.resolve_lr()
     tr.build_optimizer()
-    tr.tb = None
+    tr.state.tb = None
     if hasattr(tr, "begin_reliability"):
         tr.begin_reliability()  # the loop's step guard (issue 5) is part of a real step
     return tr
@@ -109,7 +109,7 @@ def measure(bb, dataset, work, args, batch: int, precision: str, peak: float) ->
     tr = make_trainer(bb, dataset, work, args.resolution, batch, precision, args.optimizer, extra)
     try:
         steps = args.warmup + args.steps + 1
-        batches = list(data_mod.iter_batches(tr.dataset.items, tr.cfg, steps, 0))
+        batches = list(data_mod.iter_batches(tr.state.dataset.items, tr.cfg, steps, 0))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
@@ -142,7 +142,7 @@ def measure(bb, dataset, work, args, batch: int, precision: str, peak: float) ->
             "it_per_s": round(1000 / ms, 3), "peak_mem_gib": round(mem, 2), "tflop_per_step": round(flops / 1e12, 3),
             "tflop_per_s": round(tflops, 3), "frac_of_peak": round(tflops / peak, 3),
             "cpu_ms_per_step": round(median_ms(cpu_times), 1),
-            "optimizer": tr.optim.used.rsplit(".", 1)[-1], "steps_timed": len(times),
+            "optimizer": tr.state.optim.used.rsplit(".", 1)[-1], "steps_timed": len(times),
         }  # fmt: skip
     finally:
         tr.close()

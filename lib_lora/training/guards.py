@@ -15,6 +15,10 @@ Out-of-memory on the GPU gives a message with the numbers (batch, resolution, fr
 with `cfg.oom_retry` (on by default) the step is retried once with gradient checkpointing, then
 with the batch split in halves whose gradients add up to one optimizer step. Memory is released
 either way.
+
+These are functions over the run's state (`run_state.RunState`, its `GuardCounters`): the loop
+calls `step_optimizer` where it steps the optimizer, `run_step` around each train step and
+`settle` where it reads the loss. Nothing here imports the loop.
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ import ctypes
 import gc
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from lib_lora.errors import UserError
+from lib_lora.training.run_state import GuardCounters, RunState
 
 if TYPE_CHECKING:
+    from lib_lora.config import TrainConfig
     from lib_lora.training.data import Batch
-    from lib_lora.training.run import Trainer
 
 
 class NonFiniteError(UserError):
@@ -56,188 +62,202 @@ def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def step_grad_norm(trainer: Trainer) -> torch.Tensor | None:
-    """This step's total gradient norm: the clip's (`compute_step` keeps it), else computed."""
-    norm = getattr(trainer, "grad_norm", None)
-    return norm if norm is not None else total_grad_norm(trainer.params)
-
-
 def takes_device_skip_flag(optimizer: torch.optim.Optimizer) -> bool:
     """torch's fused optimizers read `found_inf` (a device tensor) and skip the update on the device."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-class StepGuard:
-    """Wraps the trainer's optimizer.step to skip non-finite updates and count them."""
+def new_counters(optimizer: torch.optim.Optimizer, device: torch.device) -> GuardCounters:
+    """The guard's counts for a run that steps `optimizer` on `device`."""
+    return GuardCounters(on_device=takes_device_skip_flag(optimizer),
+                         counts=torch.tensor([0.0, 0.0, 0.0, -1.0], device=device))  # fmt: skip
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.in_a_row = 0
-        self.skipped_total = 0
-        self.first_bad_step: int | None = None
-        self._stepped = False
-        self.oom_retries: list[str] = []
-        self.split_batches = False
-        opt = trainer.optimizer
-        self._inner_step = opt.step
-        self.on_device = takes_device_skip_flag(opt)
-        # Device path: 1.0 per optimizer step of this train step that was skipped, and the
-        # counters [in a row, total, longest run since the last settle, first bad step or -1].
-        self._flags: list[torch.Tensor] = []
-        self._counts = torch.tensor([0.0, 0.0, 0.0, -1.0], device=trainer.device)
 
-        def guarded_step(*args: Any, **kwargs: Any) -> Any:
-            if self.on_device:
-                if trainer.scaler is None:
-                    norm = step_grad_norm(trainer)
-                    bad = torch.zeros((), device=trainer.device) if norm is None else (~torch.isfinite(norm)).float()
-                    opt.found_inf, opt.grad_scale = bad, None
-                else:  # the fp16 grad scaler set found_inf (and steps fused optimizers every time)
-                    bad = (opt.found_inf > 0).float()
-                self._flags.append(bad.reshape(()))
-                self._stepped = True
-                return self._inner_step(*args, **kwargs)
-            # With a grad scaler this is only called when the scaler found the grads finite.
-            if trainer.scaler is None:
-                norm = step_grad_norm(trainer)
-                if norm is not None and not bool(torch.isfinite(norm)):  # one host read
-                    return None
-            self._stepped = True
-            return self._inner_step(*args, **kwargs)
-
-        # Tell the LR scheduler's order check that this is still its wrapped step (no false warning).
-        guarded_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-        opt.step = guarded_step  # an instance attribute: the optimizer class is untouched
-
-    # ------------------------------------------------------------ one step
-    def run_step(self, batch: Batch) -> torch.Tensor:
-        """trainer.train_step(batch) with the non-finite count and the out-of-memory handling."""
+# ------------------------------------------------------------ the optimizer step
+def step_optimizer(
+    g: GuardCounters | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_norm: torch.Tensor | None,
+    params: list[torch.Tensor],
+) -> None:
+    """Step `optimizer` (through the fp16 grad `scaler` when there is one), skipping an update
+    whose gradients are non-finite and noting it in `g`; `grad_norm` is the clip's total norm
+    (None: computed here when needed). Unguarded (`g` None, the LR probe): a plain step."""
+    if scaler is not None:
+        # The scaler steps only when its unscale found the gradients finite, except a fused
+        # optimizer, which it steps every time with its found_inf (the kernel skips on the device).
+        scaler.step(optimizer)
+        if g is not None:
+            found = scaler._found_inf_per_device(optimizer)  # read before update() clears it
+            if g.on_device:
+                bad = sum(t.to(g.counts.device, non_blocking=True) for t in found.values())
+                g.flags.append((bad > 0).float().reshape(()))
+                g.stepped = True
+            elif not sum(v.item() for v in found.values()):  # the scaler's own host check
+                g.stepped = True
+        scaler.update()
+        return
+    if g is None:
+        optimizer.step()
+        return
+    norm = grad_norm if grad_norm is not None else total_grad_norm(params)
+    if g.on_device:
+        bad = torch.zeros((), device=g.counts.device) if norm is None else (~torch.isfinite(norm)).float()
+        g.flags.append(bad.reshape(()))
+        g.stepped = True
+        # The protocol torch's GradScaler uses with fused optimizers: they read these two
+        # attributes during step() and leave weights and moments alone when found_inf is set.
+        optimizer.found_inf, optimizer.grad_scale = bad, None  # type: ignore[attr-defined]
         try:
-            loss = self._train(batch)
-        except torch.OutOfMemoryError as err:
-            loss = self._handle_oom(batch, err)
-        self._count(loss)
-        return loss
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+        return
+    if norm is not None and not bool(torch.isfinite(norm)):  # one host read
+        return
+    g.stepped = True
+    optimizer.step()
 
-    def _train(self, batch: Batch) -> torch.Tensor:
-        tr = self.trainer
-        self._stepped = False
-        self._flags = []
-        if not self.split_batches or len(batch.items) < 2:
-            return tr.train_step(batch)
-        from lib_lora.training.data import Batch as B
 
-        # Halves of the batch, their gradients accumulated into one optimizer step: the same
-        # update as the whole batch (each half's loss weighted by its share), at half the memory.
-        n, half = len(batch.items), (len(batch.items) + 1) // 2
-        parts = [B(batch.epoch, batch.items[:half], batch.captions[:half]),
-                 B(batch.epoch, batch.items[half:], batch.captions[half:])]  # fmt: skip
-        loss = sum(tr.backward(tr.step_inputs(p), len(p.items) / n) * (len(p.items) / n) for p in parts)
-        tr.optimizer_step()
-        return loss
+# ------------------------------------------------------------ one step
+def run_step(
+    rs: RunState,
+    cfg: TrainConfig,
+    batch: Batch,
+    train_whole: Callable[[Batch], torch.Tensor],
+    train_halves: Callable[[Batch], torch.Tensor],
+    phase: Callable[[str], None],
+) -> torch.Tensor:
+    """One train step of `batch` with the non-finite count and the out-of-memory handling:
+    `train_whole(batch)` (the loop's step), or after an out-of-memory retry turned the split
+    on, `train_halves(batch)` (two halves, one optimizer step). `phase` reports a retry."""
+    try:
+        loss = _train(rs.guard, batch, train_whole, train_halves)
+    except torch.OutOfMemoryError as err:
+        loss = _handle_oom(rs, cfg, batch, err, train_whole, train_halves, phase)
+    _count(rs, cfg, loss)
+    return loss
 
-    def _count(self, loss: torch.Tensor) -> None:
-        tr = self.trainer
-        if self.on_device:
-            self._count_on_device(loss)
-            return
-        if self._stepped:
-            self.in_a_row = 0
-            return
-        self.in_a_row += 1
-        self.skipped_total += 1
-        if self.first_bad_step is None:
-            self.first_bad_step = tr.step + 1
-        limit = getattr(tr.cfg, "max_nonfinite_steps", 0)
-        if limit and self.in_a_row >= limit:
-            self._stop(loss, self.in_a_row, tr.step + 1)
 
-    def _count_on_device(self, loss: torch.Tensor) -> None:
-        """The same counting as `_count`, as device arithmetic (a handful of tiny kernels, no sync)."""
-        c = self._counts
-        # Skipped = every optimizer step of this train step was skipped (or none ran).
-        bad = torch.stack(self._flags).prod() if self._flags else torch.ones((), device=c.device)
-        run = (c[0] + bad) * bad
-        first = torch.where((c[3] < 0) & (bad > 0), torch.full_like(c[3], self.trainer.step + 1), c[3])
-        self._counts = torch.stack([run, c[1] + bad, torch.maximum(c[2], run), first])
-        self._last_loss = loss
+def _train(g: GuardCounters, batch: Batch, train_whole: Callable[[Batch], torch.Tensor],
+           train_halves: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
+    g.stepped = False
+    g.flags = []
+    if not g.split_batches or len(batch.items) < 2:
+        return train_whole(batch)
+    return train_halves(batch)
 
-    def settle(self) -> None:
-        """Read the device counters (one host read; the loop calls this where it reads the loss)
-        and stop the run if the limit of skipped steps in a row was reached since the last read."""
-        if not self.on_device:
-            return
-        run, total, longest, first = (int(v) for v in self._counts.tolist())
-        self.in_a_row, self.skipped_total = run, total
-        self.first_bad_step = first if first >= 0 else None
-        self._counts[2] = self._counts[0]
-        limit = getattr(self.trainer.cfg, "max_nonfinite_steps", 0)
-        if limit and longest >= limit:
-            # Called after the loop counted the step, so trainer.step is the step just done.
-            self._stop(getattr(self, "_last_loss", torch.tensor(float("nan"))), longest, self.trainer.step)
 
-    def _stop(self, loss: torch.Tensor, in_a_row: int, at_step: int) -> None:
-        value = float(loss)
-        what = f"the loss was {value}" if not math.isfinite(value) else "the gradients were NaN/inf"
-        fp16 = self.trainer.precision == "fp16"
-        advice = (
-            "set --mixed-precision to bf16 or no (fp32), lower the learning rate, or lower alpha"
-            if fp16 else "lower the learning rate, lower alpha, or turn max_grad_norm on"
-        )  # fmt: skip
-        raise NonFiniteError(
-            f"Training stopped at step {at_step}: {in_a_row} steps in a row were skipped because "
-            f"{what}. {advice[0].upper() + advice[1:]}. The last good state and checkpoints in "
-            f"{self.trainer.run_dir} were kept."
-        )
+def _count(rs: RunState, cfg: TrainConfig, loss: torch.Tensor) -> None:
+    g = rs.guard
+    if g.on_device:
+        _count_on_device(g, loss, rs.step)
+        return
+    if g.stepped:
+        g.in_a_row = 0
+        return
+    g.in_a_row += 1
+    g.skipped_total += 1
+    if g.first_bad_step is None:
+        g.first_bad_step = rs.step + 1
+    limit = cfg.max_nonfinite_steps
+    if limit and g.in_a_row >= limit:
+        _stop(rs, loss, g.in_a_row, rs.step + 1)
 
-    def check_final_loss(self, loss: float) -> None:
-        """A run whose last logged loss is NaN/inf has diverged, even if too few steps in a row
-        were skipped to stop it: its weights are not a LoRA anyone should load."""
-        if math.isfinite(loss):
-            return
-        tr = self.trainer
-        raise NonFiniteError(
-            f"Training ended at step {tr.step} with a non-finite loss ({loss}), so no LoRA was saved and the state "
-            f"of that step was not kept; lower the learning rate or alpha (or turn max_grad_norm on) and start the "
-            "run over."
-        )
 
-    # ------------------------------------------------------------ out of memory
-    def _describe(self, batch: Batch) -> str:
-        tr = self.trainer
-        w, h = batch.items[0].bucket if batch.items else (tr.cfg.resolution, tr.cfg.resolution)
-        return f"batch {len(batch.items)} at {w}x{h}, {memory_text(tr.device)}"
+def _count_on_device(g: GuardCounters, loss: torch.Tensor, step: int) -> None:
+    """The same counting as `_count`, as device arithmetic (a handful of tiny kernels, no sync)."""
+    c = g.counts
+    # Skipped = every optimizer step of this train step was skipped (or none ran).
+    bad = torch.stack(g.flags).prod() if g.flags else torch.ones((), device=c.device)
+    run = (c[0] + bad) * bad
+    first = torch.where((c[3] < 0) & (bad > 0), torch.full_like(c[3], step + 1), c[3])
+    g.counts = torch.stack([run, c[1] + bad, torch.maximum(c[2], run), first])
+    g.last_loss = loss
 
-    def _handle_oom(self, batch: Batch, err: BaseException) -> torch.Tensor:
-        tr = self.trainer
-        first = self._describe(batch)
-        release_memory(tr)
-        if not getattr(tr.cfg, "oom_retry", False):
+
+def settle(rs: RunState, cfg: TrainConfig) -> None:
+    """Read the device counters (one host read; the loop calls this where it reads the loss)
+    and stop the run if the limit of skipped steps in a row was reached since the last read."""
+    g = rs.guard
+    if not g.on_device:
+        return
+    run, total, longest, first = (int(v) for v in g.counts.tolist())
+    g.in_a_row, g.skipped_total = run, total
+    g.first_bad_step = first if first >= 0 else None
+    g.counts[2] = g.counts[0]
+    limit = cfg.max_nonfinite_steps
+    if limit and longest >= limit:
+        # Called after the loop counted the step, so rs.step is the step just done.
+        _stop(rs, g.last_loss if g.last_loss is not None else torch.tensor(float("nan")), longest, rs.step)
+
+
+def _stop(rs: RunState, loss: torch.Tensor, in_a_row: int, at_step: int) -> None:
+    value = float(loss)
+    what = f"the loss was {value}" if not math.isfinite(value) else "the gradients were NaN/inf"
+    fp16 = rs.precision == "fp16"
+    advice = (
+        "set --mixed-precision to bf16 or no (fp32), lower the learning rate, or lower alpha"
+        if fp16 else "lower the learning rate, lower alpha, or turn max_grad_norm on"
+    )  # fmt: skip
+    raise NonFiniteError(
+        f"Training stopped at step {at_step}: {in_a_row} steps in a row were skipped because "
+        f"{what}. {advice[0].upper() + advice[1:]}. The last good state and checkpoints in "
+        f"{rs.run_dir} were kept."
+    )
+
+
+def check_final_loss(step: int, loss: float) -> None:
+    """A run whose last logged loss is NaN/inf has diverged, even if too few steps in a row
+    were skipped to stop it: its weights are not a LoRA anyone should load."""
+    if math.isfinite(loss):
+        return
+    raise NonFiniteError(
+        f"Training ended at step {step} with a non-finite loss ({loss}), so no LoRA was saved and the state "
+        f"of that step was not kept; lower the learning rate or alpha (or turn max_grad_norm on) and start the "
+        "run over."
+    )
+
+
+# ------------------------------------------------------------ out of memory
+def _describe(rs: RunState, cfg: TrainConfig, batch: Batch) -> str:
+    w, h = batch.items[0].bucket if batch.items else (cfg.resolution, cfg.resolution)
+    return f"batch {len(batch.items)} at {w}x{h}, {memory_text(rs.device)}"
+
+
+def _handle_oom(rs: RunState, cfg: TrainConfig, batch: Batch, err: BaseException,
+                train_whole: Callable[[Batch], torch.Tensor], train_halves: Callable[[Batch], torch.Tensor],
+                phase: Callable[[str], None]) -> torch.Tensor:  # fmt: skip
+    g = rs.guard
+    first = _describe(rs, cfg, batch)
+    release_memory(rs.optimizer)
+    if not cfg.oom_retry:
+        raise OutOfMemory(
+            f"The GPU ran out of memory at step {rs.step + 1} ({first}). Lower the batch size or resolution, "
+            "turn on gradient checkpointing, or allow automatic retries with --oom-retry."
+        ) from err
+    while True:
+        if not rs.gradient_checkpointing and "checkpointing" not in g.oom_retries:
+            g.oom_retries.append("checkpointing")
+            enable_gradient_checkpointing(rs)
+            phase(f"Out of GPU memory ({first}); retrying with gradient checkpointing.")
+        elif not g.split_batches and len(batch.items) >= 2:
+            g.oom_retries.append("split")
+            g.split_batches = True
+            phase(f"Out of GPU memory ({first}); retrying with the batch split in halves.")
+        else:
             raise OutOfMemory(
-                f"The GPU ran out of memory at step {tr.step + 1} ({first}). Lower the batch size or resolution, "
-                "turn on gradient checkpointing, or allow automatic retries with --oom-retry."
+                f"The GPU ran out of memory at step {rs.step + 1} ({first}) even after retrying with "
+                f"{' and '.join(g.oom_retries) or 'nothing left to try'}. Lower the resolution or batch size, "
+                "or close other programs using the GPU."
             ) from err
-        while True:
-            if not tr.cfg.gradient_checkpointing and "checkpointing" not in self.oom_retries:
-                self.oom_retries.append("checkpointing")
-                enable_gradient_checkpointing(tr)
-                tr.phase(f"Out of GPU memory ({first}); retrying with gradient checkpointing.")
-            elif not self.split_batches and len(batch.items) >= 2:
-                self.oom_retries.append("split")
-                self.split_batches = True
-                tr.phase(f"Out of GPU memory ({first}); retrying with the batch split in halves.")
-            else:
-                raise OutOfMemory(
-                    f"The GPU ran out of memory at step {tr.step + 1} ({first}) even after retrying with "
-                    f"{' and '.join(self.oom_retries) or 'nothing left to try'}. Lower the resolution or batch size, "
-                    "or close other programs using the GPU."
-                ) from err
-            try:
-                return self._train(batch)
-            except torch.OutOfMemoryError as again:
-                err = again
-                first = self._describe(batch)
-                release_memory(tr)
+        try:
+            return _train(g, batch, train_whole, train_halves)
+        except torch.OutOfMemoryError as again:
+            err = again
+            first = _describe(rs, cfg, batch)
+            release_memory(rs.optimizer)
 
 
 def memory_text(device: torch.device) -> str:
@@ -247,11 +267,10 @@ def memory_text(device: torch.device) -> str:
     return "free memory unknown (not a CUDA device)"
 
 
-def release_memory(trainer: Trainer) -> None:
+def release_memory(optimizer: torch.optim.Optimizer | None) -> None:
     """Drop the failed step's gradients and cached blocks so the retry (or the host) gets them back."""
-    opt = getattr(trainer, "optimizer", None)
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
@@ -271,13 +290,13 @@ def return_freed_memory() -> None:
             pass
 
 
-def enable_gradient_checkpointing(trainer: Trainer) -> None:
-    import dataclasses
-
+def enable_gradient_checkpointing(rs: RunState) -> None:
+    """The out-of-memory retry's first remedy; the run's metadata and step-time record say it
+    trained with checkpointing from here on (rs.gradient_checkpointing)."""
     from lib_lora.training.speed import enable_gradient_checkpointing as enable
 
-    enable(trainer.backbone, bool(trainer.te_params))
-    trainer.cfg = dataclasses.replace(trainer.cfg, gradient_checkpointing=True)
+    enable(rs.backbone, bool(rs.te_params))
+    rs.gradient_checkpointing = True
 
 
 def write_error(err: BaseException, path: Path) -> UserError:

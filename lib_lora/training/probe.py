@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,13 @@ from lib_lora.training.optim import group_lrs
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
-    from lib_lora.training.run import Trainer
+    from lib_lora.training.data import Batch
+    from lib_lora.training.run_state import RunEvents, RunState
+
+# build_optimizer(cfg, unet_lr, te_lr): the loop's optimizer, schedule and noise generator,
+# made from these settings into the run state (run.Trainer.build_optimizer).
+BuildOptimizer = Callable[["TrainConfig", float, float], None]
+TrainStep = Callable[["Batch"], torch.Tensor]  # the loop's train step on the run state
 
 log = logging.getLogger(__name__)
 
@@ -110,63 +116,66 @@ class ProbeResult:
         return f"Learning rate found: {self.lr:.3g} (U-Net), {how}."
 
 
-def _snapshot(trainer: Trainer) -> dict[str, Any]:
-    state = {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
+def _snapshot(rs: RunState) -> dict[str, Any]:
+    state = {k: v.detach().clone() for k, v in rs.network.state_dict().items()}
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"state": state, "rng": rng}
 
 
-def _restore(trainer: Trainer, snap: dict[str, Any]) -> None:
+def _restore(rs: RunState, snap: dict[str, Any]) -> None:
     with torch.no_grad():
-        for k, v in trainer.network.state_dict().items():
+        for k, v in rs.network.state_dict().items():
             v.copy_(snap["state"][k])
-    for p in trainer.network.parameters():
+    for p in rs.network.parameters():
         p.grad = None
     torch.set_rng_state(snap["rng"]["cpu"])
     if "cuda" in snap["rng"]:
         torch.cuda.set_rng_state_all(snap["rng"]["cuda"])
 
 
-def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
-    """Probe on a Trainer past `build_network()`; returns the result and the probe's optimizer.
+def probe_config(cfg: TrainConfig) -> TrainConfig:
+    """The settings the probe trains with: the run's, with the adaptive optimizer at a constant LR."""
+    return dataclasses.replace(cfg, optimizer=cfg.probe_optimizer, lr_scheduler="constant")
 
-    The trainer's own `build_optimizer` and `train_step` do the work (with the adaptive optimizer
-    and a constant schedule swapped into its config), so the probe trains exactly as the loop
-    does. Afterwards the LoRA weights and torch's RNG are back at their initial state; the
-    trainer's optimizer attributes are left for `build_optimizer` to replace.
+
+def run_probe(
+    rs: RunState, cfg: TrainConfig, events: RunEvents, build_optimizer: BuildOptimizer, train_step: TrainStep
+) -> tuple[ProbeResult, torch.optim.Optimizer]:
+    """Probe on a run past `build_network()`; returns the result and the probe's optimizer.
+
+    The loop's own `build_optimizer` (given `probe_config(cfg)` and the probe's lrs) and
+    `train_step` do the work, so the probe trains exactly as the loop does. Afterwards the LoRA
+    weights and torch's RNG are back at their initial state; the run state's optimizer fields
+    are left for the loop's next `build_optimizer` to replace.
     """
     import time
 
     from lib_lora.training import data as data_mod
 
-    cfg: TrainConfig = trainer.cfg
-    budget = probe_budget(trainer.plan.total_steps, cfg.probe_fraction, cfg.probe_min_steps, cfg.probe_max_steps)
-    trainer.phase(
+    budget = probe_budget(rs.plan.total_steps, cfg.probe_fraction, cfg.probe_min_steps, cfg.probe_max_steps)
+    events.phase(
         f"Finding the learning rate: {cfg.probe_optimizer} at lr {PROBE_UNET_LR:g} (text encoder "
         f"{PROBE_TE_LR:g}), up to {budget} steps"
     )
-    snap = _snapshot(trainer)
-    saved = (trainer.cfg, getattr(trainer, "unet_lr", None), getattr(trainer, "te_lr", None))
+    snap = _snapshot(rs)
     t0 = time.time()
-    writer = _writer(trainer.run_dir / "logs" / "probe")
+    writer = _writer(rs.run_dir / "logs" / "probe")
     curves: dict[str, list[float]] = {}
     losses: list[float] = []
     settled = False
     try:
-        trainer.cfg = dataclasses.replace(cfg, optimizer=cfg.probe_optimizer, lr_scheduler="constant")
-        trainer.unet_lr, trainer.te_lr = PROBE_UNET_LR, PROBE_UNET_LR
-        trainer.build_optimizer()
-        opt = trainer.optimizer
+        build_optimizer(probe_config(cfg), PROBE_UNET_LR, PROBE_UNET_LR)
+        opt = rs.optimizer
         for g in opt.param_groups:
             if g.get("name") == "textencoder" and "layer_scale" in g:
                 g["layer_scale"] = PROBE_TE_LR / PROBE_UNET_LR
-        key = "unet" if trainer.unet_params else "textencoder"
+        key = "unet" if rs.unet_params else "textencoder"
         step = 0
-        for batch in data_mod.iter_batches(trainer.dataset.items, cfg, budget, cfg.seed):
-            check_cancel(trainer.progress)
-            loss = float(trainer.train_step(batch))  # one host sync per probe step: the probe is short
+        for batch in data_mod.iter_batches(rs.dataset.items, cfg, budget, cfg.seed):
+            check_cancel(events.progress)
+            loss = float(train_step(batch))  # one host sync per probe step: the probe is short
             step += 1
             lrs = group_lrs(opt)
             for name in ("unet", "textencoder"):
@@ -182,17 +191,16 @@ def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
                 )
             dlr = curves[key][-1]
             _log_step(writer, step, lrs, loss, sum(losses) / len(losses))
-            trainer.emit("probe", step=step, dlr=dlr, loss=loss, budget=budget)
-            if trainer.progress is not None:
-                trainer.progress.update(step, budget, PROBE_LABEL)  # d*lr itself is in the 'probe' event
+            events.emit("probe", step=step, dlr=dlr, loss=loss, budget=budget)
+            if events.progress is not None:
+                events.progress.update(step, budget, PROBE_LABEL)  # d*lr itself is in the 'probe' event
             if is_settled(curves[key], cfg.probe_window, cfg.probe_tolerance):
                 settled = True
                 break
     finally:
         if writer is not None:
             writer.close()
-        trainer.cfg, trainer.unet_lr, trainer.te_lr = saved
-        _restore(trainer, snap)
+        _restore(rs, snap)
     found = curves[key][-1]
     if not found > curves[key][0]:
         from lib_lora.errors import UserError
@@ -209,11 +217,11 @@ def run_probe(trainer: Trainer) -> tuple[ProbeResult, torch.optim.Optimizer]:
         lr=lr, te_lr=te_lr, steps=step, budget=budget, settled=settled, optimizer=cfg.probe_optimizer,
         curves=curves, losses=losses, seconds=time.time() - t0,
     )  # fmt: skip
-    atomic_write_json(trainer.run_dir / CURVE_NAME, dataclasses.asdict(result) | {"plot_path": None})
+    atomic_write_json(rs.run_dir / CURVE_NAME, dataclasses.asdict(result) | {"plot_path": None})
     try:
-        result.plot_path = plot_probe(result, trainer.run_dir / PLOT_NAME)
+        result.plot_path = plot_probe(result, rs.run_dir / PLOT_NAME)
     except Exception as err:  # noqa: BLE001 - the plot is for people; the value stands without it
-        trainer.phase(f"The learning-rate plot could not be drawn ({type(err).__name__}: {err}).")
+        events.phase(f"The learning-rate plot could not be drawn ({type(err).__name__}: {err}).")
     return result, opt
 
 
@@ -266,8 +274,10 @@ def plot_probe(result: ProbeResult, path: Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------ the Trainer hook
-def auto_lr(trainer: Trainer) -> tuple[float, float | None]:
+# ------------------------------------------------------------------------------ what the loop calls
+def auto_lr(
+    rs: RunState, cfg: TrainConfig, events: RunEvents, build_optimizer: BuildOptimizer, train_step: TrainStep
+) -> tuple[float, float | None]:
     """(U-Net lr, text-encoder lr or None) for `lr = auto`.
 
     An adaptive optimizer (prodigy, dadaptation) needs no probe: it adapts all the way, at the
@@ -275,19 +285,16 @@ def auto_lr(trainer: Trainer) -> tuple[float, float | None]:
     text_encoder_lr to override). Otherwise the probe runs and the real optimizer gets
     lr = found, text encoder = found x te_lr_ratio.
     """
-    cfg = trainer.cfg
     if cfg.optimizer in ADAPTIVE:
-        trainer.phase(f"{cfg.optimizer} adapts its own step size: no probe, lr {PROBE_UNET_LR:g} (d x lr is logged).")
+        events.phase(f"{cfg.optimizer} adapts its own step size: no probe, lr {PROBE_UNET_LR:g} (d x lr is logged).")
         return PROBE_UNET_LR, PROBE_UNET_LR
-    result, _ = run_probe(trainer)
-    trainer.probe_result = result
-    extra = getattr(trainer, "extra_metadata", None)
-    if isinstance(extra, dict):
-        extra.update(result.to_metadata())
+    result, _ = run_probe(rs, cfg, events, build_optimizer, train_step)
+    rs.probe_result = result
+    rs.extra_metadata.update(result.to_metadata())
     where = f" Plot: {result.plot_path}" if result.plot_path else ""
     # An unsettled probe is a warning: its value is less certain (the CLI prints it either way).
-    (trainer.phase if result.settled else getattr(trainer, "warn", trainer.phase))(result.describe() + where)
-    trainer.emit(
+    (events.phase if result.settled else events.warn)(result.describe() + where)
+    events.emit(
         "probe_done", lr=result.lr, te_lr=result.te_lr, steps=result.steps, budget=result.budget,
         settled=result.settled, plot=str(result.plot_path) if result.plot_path else None,
     )  # fmt: skip

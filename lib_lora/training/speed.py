@@ -12,7 +12,7 @@
   fused AdamW also lets fp16's GradScaler skip its per-step `found_inf.item()` sync.
 - `apply_memory_format`, `compile_predict`: the opt-in channels_last and torch.compile.
 - `enable_gradient_checkpointing`: what `gradient_checkpointing` turns on. Out-of-memory
-  during a step is handled by issue 5's `guards.StepGuard` (`--oom-retry`: checkpointing,
+  during a step is handled by issue 5's `guards.run_step` (`--oom-retry`: checkpointing,
   then a split batch), so the speed code adds no second OOM path.
 """
 

@@ -11,6 +11,9 @@ tensors and containers only, never arbitrary pickled objects.
 Starting the same command again resumes at the saved step and says so; `--restart` discards
 the state and starts over; a state whose config or data no longer match is refused with a
 message, never silently mixed with a different run.
+
+Functions over the run's state (`run_state.RunState`) and its config, passed in by the loop;
+nothing here imports the loop.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from lib_lora.config import to_dict
 from lib_lora.errors import UserError, file_error, is_file_error
 
 if TYPE_CHECKING:
-    from lib_lora.training.run import Trainer
+    from lib_lora.config import TrainConfig
+    from lib_lora.training.run_state import RunEvents, RunState
 
 STATE_DIR = "state"
 STATE_FILE = "state.pt"
@@ -63,14 +67,14 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in NEUTRAL_FIELDS}
 
 
-def data_digest(trainer: Trainer) -> str:
+def data_digest(rs: RunState, cfg: TrainConfig) -> str:
     """Digest of the data order's inputs: images (content), captions, buckets, repeats, seed.
 
     The order itself is a pure function of these (`data.epoch_batches` seeds per epoch), so
     equal digests mean the resumed run walks the same batches from the saved step on."""
     h = hashlib.sha256()
-    h.update(str(trainer.cfg.seed).encode())
-    for it in trainer.dataset.items:
+    h.update(str(cfg.seed).encode())
+    for it in rs.dataset.items:
         h.update(json.dumps([it.digest, it.caption, it.repeats, list(it.bucket), it.subset]).encode())
     return h.hexdigest()
 
@@ -95,35 +99,34 @@ def _set_python_state(s: list[Any]) -> None:
     random.setstate((s[0], tuple(s[1]), s[2]))
 
 
-def capture(trainer: Trainer) -> dict[str, Any]:
-    """The state of `trainer` as plain tensors and containers (loadable with weights_only)."""
-    tr = trainer
-    spe = max(1, tr.plan.steps_per_epoch)
+def capture(rs: RunState, cfg: TrainConfig) -> dict[str, Any]:
+    """The run's state as plain tensors and containers (loadable with weights_only)."""
+    spe = max(1, rs.plan.steps_per_epoch)
     rng: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": _numpy_state(),
         "python": _python_state(),
-        "noise": tr.noise_gen.get_state(),
+        "noise": rs.noise_gen.get_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
         "format": FORMAT,
         "saved_at": time.time(),
-        "step": tr.step,
-        "epoch": tr.step // spe,
-        "total_steps": tr.total_steps,
-        "started_at": tr.started_at,
-        "session_id": getattr(tr, "session_id", ""),
-        "final_loss": float(tr.final_loss),
-        "config": json.dumps(fingerprint(tr.cfg), sort_keys=True, default=str),
-        "data": data_digest(tr),
-        "probe": {"unet_lr": float(tr.unet_lr), "te_lr": float(tr.te_lr)},
-        "extra_metadata": dict(getattr(tr, "extra_metadata", {})),
-        "network": {k: v.detach().to("cpu").clone() for k, v in tr.network.state_dict().items()},
-        "optimizer": tr.optimizer.state_dict(),
-        "scheduler": tr.scheduler.state_dict(),
-        "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
+        "step": rs.step,
+        "epoch": rs.step // spe,
+        "total_steps": rs.total_steps,
+        "started_at": rs.started_at,
+        "session_id": rs.session_id,
+        "final_loss": float(rs.final_loss),
+        "config": json.dumps(fingerprint(cfg), sort_keys=True, default=str),
+        "data": data_digest(rs, cfg),
+        "probe": {"unet_lr": float(rs.unet_lr), "te_lr": float(rs.te_lr)},
+        "extra_metadata": dict(rs.extra_metadata),
+        "network": {k: v.detach().to("cpu").clone() for k, v in rs.network.state_dict().items()},
+        "optimizer": rs.optimizer.state_dict(),
+        "scheduler": rs.scheduler.state_dict(),
+        "scaler": rs.scaler.state_dict() if rs.scaler is not None else None,
         "rng": rng,
     }
 
@@ -139,19 +142,19 @@ def nonfinite_tensors(obj: Any, where: str = "") -> list[str]:
     return []
 
 
-def save_state(trainer: Trainer) -> Path:
+def save_state(rs: RunState, cfg: TrainConfig, events: RunEvents) -> Path:
     """Write the resumable state atomically; the previous state stays intact if this fails.
     A state whose weights or optimizer moments hold NaN/inf is never written: resuming it could
     only give a broken LoRA, and it would replace the last good one."""
-    path = state_path(trainer.run_dir)
-    obj = capture(trainer)
+    path = state_path(rs.run_dir)
+    obj = capture(rs, cfg)
     bad = nonfinite_tensors({"network": obj["network"], "optimizer": obj["optimizer"]})
     if bad:
         from lib_lora.training.guards import NonFiniteError
 
         kept = f"the last good state in {path.parent} was kept" if path.is_file() else "no state was saved"
         raise NonFiniteError(
-            f"The LoRA's weights or optimizer state became NaN/inf by step {trainer.step} ({len(bad)} tensors, "
+            f"The LoRA's weights or optimizer state became NaN/inf by step {rs.step} ({len(bad)} tensors, "
             f"e.g. {bad[0]}), so {kept} and no LoRA was written; lower the learning rate or alpha, or turn "
             "max_grad_norm on, and start the run over."
         )
@@ -163,7 +166,7 @@ def save_state(trainer: Trainer) -> Path:
             raise
         raise file_error(err, path, "save the run's state to", then="then start the same training again: it "
                          "resumes from the previous state, which is intact") from None
-    trainer.emit("state", path=str(path), step=trainer.step)
+    events.emit("state", path=str(path), step=rs.step)
     return path
 
 
@@ -185,64 +188,62 @@ def _config_diff(saved: str, now: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
 
 
-def check_compatible(trainer: Trainer, st: dict[str, Any], path: Path) -> None:
-    diff = _config_diff(st["config"], fingerprint(trainer.cfg))
+def check_compatible(rs: RunState, cfg: TrainConfig, st: dict[str, Any], path: Path) -> None:
+    diff = _config_diff(st["config"], fingerprint(cfg))
     if diff:
         raise ResumeError(
-            f"The run folder {trainer.run_dir} holds a stopped run with different settings "
+            f"The run folder {rs.run_dir} holds a stopped run with different settings "
             f"({', '.join(diff[:6])}). Start it with the same settings to resume, start over with --restart, "
             "or give another name."
         )
-    if st["data"] != data_digest(trainer):
+    if st["data"] != data_digest(rs, cfg):
         raise ResumeError(
-            f"The dataset changed since the run in {trainer.run_dir} stopped (images, captions or repeats). "
+            f"The dataset changed since the run in {rs.run_dir} stopped (images, captions or repeats). "
             "Start over with --restart to use the new data, or restore the old files to resume."
         )
-    if st["total_steps"] != trainer.total_steps:
+    if st["total_steps"] != rs.total_steps:
         raise ResumeError(f"The saved state in {path} plans a different number of steps; start over with --restart.")
 
 
-def restore(trainer: Trainer, st: dict[str, Any]) -> None:
-    """Put the saved state back into a set-up trainer (network, optimizer... already built)."""
-    tr = trainer
-    tr.network.load_state_dict(st["network"])
-    tr.optimizer.load_state_dict(st["optimizer"])
-    tr.scheduler.load_state_dict(st["scheduler"])
-    if tr.scaler is not None and st["scaler"]:
-        tr.scaler.load_state_dict(st["scaler"])
+def restore(rs: RunState, st: dict[str, Any]) -> None:
+    """Put the saved state back into a set-up run (network, optimizer... already built)."""
+    rs.network.load_state_dict(st["network"])
+    rs.optimizer.load_state_dict(st["optimizer"])
+    rs.scheduler.load_state_dict(st["scheduler"])
+    if rs.scaler is not None and st["scaler"]:
+        rs.scaler.load_state_dict(st["scaler"])
     rng = st["rng"]
     torch.set_rng_state(rng["torch"])
     _set_numpy_state(rng["numpy"])
     _set_python_state(rng["python"])
-    tr.noise_gen.set_state(rng["noise"])
+    rs.noise_gen.set_state(rng["noise"])
     if "cuda" in rng and torch.cuda.is_available():
         with contextlib.suppress(RuntimeError):  # a different GPU count: CUDA RNG starts fresh
             torch.cuda.set_rng_state_all(rng["cuda"])
-    tr.step = int(st["step"])
-    tr.started_at = float(st["started_at"])
-    tr.final_loss = float(st["final_loss"])
-    tr.extra_metadata.update(st.get("extra_metadata", {}))
+    rs.step = int(st["step"])
+    rs.started_at = float(st["started_at"])
+    rs.final_loss = float(st["final_loss"])
+    rs.extra_metadata.update(st.get("extra_metadata", {}))
     if st.get("session_id"):
-        tr.session_id = st["session_id"]
+        rs.session_id = st["session_id"]
 
 
-# ---------------------------------------------------------------- hooks called by run.Trainer
+# ---------------------------------------------------------------- what the loop calls
 
 
-def load_for_resume(trainer: Trainer) -> dict[str, Any] | None:
+def load_for_resume(rs: RunState, cfg: TrainConfig, events: RunEvents) -> dict[str, Any] | None:
     """Before the LR is resolved: clean leftovers of a killed run, honour --restart, and read
     the saved state (if any) so a resumed run reuses the probe's value instead of probing again."""
-    tr = trainer
-    removed = [p for folder in (tr.run_dir, Path(tr.cfg.output_dir))
+    removed = [p for folder in (rs.run_dir, Path(cfg.output_dir))
                for p in cleanup_stale_temps(folder, recursive=True)]
     if removed:
-        tr.phase(f"Removed {len(removed)} temporary file(s) left by an interrupted run.")
-    path = state_path(tr.run_dir)
+        events.phase(f"Removed {len(removed)} temporary file(s) left by an interrupted run.")
+    path = state_path(rs.run_dir)
     if not path.is_file():
         return None
-    if getattr(tr.cfg, "restart", False):
+    if cfg.restart:
         path.unlink()
-        tr.phase(f"Starting over at step 0 (--restart): discarded the saved state in {path.parent}.")
+        events.phase(f"Starting over at step 0 (--restart): discarded the saved state in {path.parent}.")
         return None
     return load_state(path)
 
@@ -254,35 +255,34 @@ def saved_lrs(st: dict[str, Any] | None) -> tuple[float, float] | None:
     return float(st["probe"]["unet_lr"]), float(st["probe"]["te_lr"])
 
 
-def begin(trainer: Trainer) -> None:
+def begin(rs: RunState, cfg: TrainConfig, events: RunEvents) -> None:
     """After set-up: resume from the state `load_for_resume` read, or start at step 0."""
-    tr = trainer
-    st = getattr(tr, "resume_state", None)
+    st = rs.resume_state
     if st is None:
         return
-    path = state_path(tr.run_dir)
-    check_compatible(tr, st, path)
-    restore(tr, st)
-    tr.resume_state = None  # the tensors are in the trainer now; let the copy go
+    path = state_path(rs.run_dir)
+    check_compatible(rs, cfg, st, path)
+    restore(rs, st)
+    rs.resume_state = None  # the tensors are in the run now; let the copy go
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["saved_at"]))
-    tr.phase(f"Resuming at step {tr.step} of {tr.total_steps} from the state saved {when} ({path}).")
+    events.phase(f"Resuming at step {rs.step} of {rs.total_steps} from the state saved {when} ({path}).")
 
 
-def after_step(trainer: Trainer) -> None:
+def after_step(rs: RunState, cfg: TrainConfig, events: RunEvents) -> None:
     """Save the state every cfg.state_every_n_steps steps and after the last step (so a kill
     during the export resumes straight into the export)."""
-    n = getattr(trainer.cfg, "state_every_n_steps", 0)
-    if (n and trainer.step % n == 0) or trainer.step == trainer.total_steps:
-        save_state(trainer)
+    n = cfg.state_every_n_steps
+    if (n and rs.step % n == 0) or rs.step == rs.total_steps:
+        save_state(rs, cfg, events)
 
 
-def on_stop(trainer: Trainer) -> None:
+def on_stop(rs: RunState, cfg: TrainConfig, events: RunEvents) -> None:
     """On a user's stop: keep the current state so the same command resumes here."""
-    if getattr(trainer, "optimizer", None) is not None and trainer.step > 0:
-        save_state(trainer)
+    if rs.optimizer is not None and rs.step > 0:
+        save_state(rs, cfg, events)
 
 
-def written_export(trainer: Trainer, lora_path: Path) -> dict[str, Any] | None:
+def written_export(run_dir: Path, cfg: TrainConfig, lora_path: Path) -> dict[str, Any] | None:
     """The saved state of a run that already wrote `lora_path` and was stopped before it
     finished the export (card files, state clean-up); None for any other file there.
 
@@ -291,8 +291,8 @@ def written_export(trainer: Trainer, lora_path: Path) -> dict[str, Any] | None:
     run's when its header carries the state's session id, the state is at its last step and
     the settings are the same; then the same command completes the export instead of refusing
     a file it wrote itself."""
-    path = state_path(trainer.run_dir)
-    if getattr(trainer.cfg, "restart", False) or not (lora_path.is_file() and path.is_file()):
+    path = state_path(run_dir)
+    if cfg.restart or not (lora_path.is_file() and path.is_file()):
         return None
     from lib_lora.training.export import read_metadata
 
@@ -303,12 +303,12 @@ def written_export(trainer: Trainer, lora_path: Path) -> dict[str, Any] | None:
         return None  # unreadable either way: not provably ours, so the usual refusal applies
     if not session or st.get("session_id") != session or st.get("step") != st.get("total_steps"):
         return None
-    if _config_diff(st["config"], fingerprint(trainer.cfg)):
+    if _config_diff(st["config"], fingerprint(cfg)):
         return None
     return st
 
 
-def finish(trainer: Trainer) -> None:
+def finish(run_dir: Path) -> None:
     """After the final LoRA and its card files are written: the state has served its purpose."""
     with contextlib.suppress(FileNotFoundError):
-        state_path(trainer.run_dir).unlink()
+        state_path(run_dir).unlink()

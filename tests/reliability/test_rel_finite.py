@@ -129,9 +129,9 @@ class CorruptAfter(Trainer):
 
     def optimizer_step(self):
         super().optimizer_step()
-        if self.step == self.at:  # (self.step counts the steps done before this one)
+        if self.state.step == self.at:  # (state.step counts the steps done before this one)
             with torch.no_grad():
-                self.params[0].view(-1)[0] = float("nan")
+                self.state.params[0].view(-1)[0] = float("nan")
 
 
 def test_a_state_with_nonfinite_weights_is_never_written(tmp_path, bb):
@@ -149,9 +149,9 @@ class HugeAtTheEnd(Trainer):
 
     def optimizer_step(self):
         super().optimizer_step()
-        if self.step + 1 == self.total_steps:
+        if self.state.step + 1 == self.state.total_steps:
             with torch.no_grad():
-                self.params[0].view(-1)[0] = 1e5
+                self.state.params[0].view(-1)[0] = 1e5
 
 
 def test_the_fp16_overflow_advice_resumes_with_another_save_precision(tmp_path, bb):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import safetensors.torch
 import torch
@@ -50,7 +52,7 @@ def test_out_of_memory_message_and_retries(tmp_path):
     def on_event(ev):
         seen.append(ev)
         if ev["kind"] == "saved":
-            schedule.append(tr.scheduler.last_epoch)
+            schedule.append(tr.state.scheduler.last_epoch)
 
     tr = OOMTrainer(cfg2, on_event=on_event)
     res = tr.run()
@@ -58,6 +60,9 @@ def test_out_of_memory_message_and_retries(tmp_path):
     assert any("retrying with gradient checkpointing" in t for t in texts)
     assert any("retrying with the batch split in halves" in t for t in texts)
     assert res.lora_path.is_file() and res.steps == 3
+    # The LoRA says how it was trained: with the checkpointing the retry turned on.
+    assert res.metadata["ss_gradient_checkpointing"] == "True"
+    assert json.loads(res.metadata["fastlora_config"])["gradient_checkpointing"] is True
     # The halves make one optimizer step between them: the LR schedule advanced once per step.
     assert schedule == [3]
 
@@ -75,22 +80,22 @@ def test_split_batch_gradient_is_the_whole_batch_gradient(tmp_path, bb, float32_
     try:
         from lib_lora.training import data as data_mod
 
-        for name, p in tr.network.named_parameters():  # a trained-looking LoRA: with up = 0 the
+        for name, p in tr.state.network.named_parameters():  # a trained-looking LoRA: with up = 0 the
             if "lora_up" in name:  # down weights get no gradient
                 torch.nn.init.normal_(p, std=0.02)
-        batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, tr.cfg.seed)))
+        batch = next(iter(data_mod.iter_batches(tr.state.dataset.items, tr.cfg, 1, tr.cfg.seed)))
         assert len(batch.items) == 3
         d = tr.step_inputs(batch)
 
         def gradients(parts_and_weights):
-            for p in tr.params:
+            for p in tr.state.params:
                 p.grad = None
             loss = 0.0
             for sl, w in parts_and_weights:
                 part = type(d)(d.latents[sl], d.noise[sl], d.timesteps[sl], d.ids[sl],
                                None if d.cond is None else d.cond[sl])  # fmt: skip
                 loss = loss + tr.backward(part, w) * w
-            return [p.grad.clone() for p in tr.params], loss
+            return [p.grad.clone() for p in tr.state.params], loss
 
         whole, whole_loss = gradients([(slice(0, 3), 1.0)])
         split, loss = gradients([(slice(0, 2), 2 / 3), (slice(2, 3), 1 / 3)])

@@ -56,9 +56,9 @@ def ready_trainer() -> Callable[[TrainConfig, object], Trainer]:
 
     def make(cfg: TrainConfig, backbone) -> Trainer:
         tr = Trainer(cfg, backbone)
-        tr.started_at, tr.name = time.time(), cfg.name
+        tr.state.started_at, tr.state.name = time.time(), cfg.name
         tr.load_all()
-        tr.tb = None
+        tr.state.tb = None
         return tr
 
     return make

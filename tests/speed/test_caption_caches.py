@@ -28,11 +28,11 @@ class Counting:
 
 def _run_steps(tr, monkeypatch) -> tuple[Counting, Counting]:
     """Prepare STEPS steps' inputs; (tokenizer calls, text-encoder calls)."""
-    tokenize = Counting(tr.tokens.tokenizer)
-    encode = Counting(tr.backbone.encode_text)
-    monkeypatch.setattr(tr.tokens, "tokenizer", tokenize)
-    monkeypatch.setattr(tr.backbone, "encode_text", encode)
-    for batch in data_mod.iter_batches(tr.dataset.items, tr.cfg, STEPS, tr.cfg.seed):
+    tokenize = Counting(tr.state.tokens.tokenizer)
+    encode = Counting(tr.state.backbone.encode_text)
+    monkeypatch.setattr(tr.state.tokens, "tokenizer", tokenize)
+    monkeypatch.setattr(tr.state.backbone, "encode_text", encode)
+    for batch in data_mod.iter_batches(tr.state.dataset.items, tr.cfg, STEPS, tr.cfg.seed):
         tr.step_inputs(batch)
     return tokenize, encode
 
@@ -41,10 +41,10 @@ def test_fixed_captions_are_tokenized_and_encoded_once(tmp_path, bb, speed_cfg, 
     tr = ready_trainer(speed_cfg(tmp_path, train_text_encoder=False, max_steps=STEPS), bb)
     try:
         tokenize, encode = _run_steps(tr, monkeypatch)
-        n = len({it.caption for it in tr.dataset.items})  # two of the three images share one
+        n = len({it.caption for it in tr.state.dataset.items})  # two of the three images share one
         assert n >= 2
         assert tokenize.calls == n and encode.calls == n  # once per caption, then hits
-        assert len(tr.feeder._ids) == len(tr.feeder._cond) == len(tr.tokens._cache) == n
+        assert len(tr.state.feeder._ids) == len(tr.state.feeder._cond) == len(tr.state.tokens._cache) == n
     finally:
         tr.close()
 
@@ -56,7 +56,7 @@ def test_shuffled_captions_fill_no_cache(tmp_path, bb, speed_cfg, ready_trainer,
         assert tokenize.calls == STEPS  # a shuffled caption is tokenized when it is used
         # before: an entry per new shuffle in each (here up to 72 distinct ones), never bounded
         # by the dataset; now nothing is kept
-        assert tr.feeder._ids == {} and tr.feeder._cond == {} and tr.tokens._cache == {}
+        assert tr.state.feeder._ids == {} and tr.state.feeder._cond == {} and tr.state.tokens._cache == {}
     finally:
         tr.close()
 
@@ -67,10 +67,10 @@ def test_a_long_shuffled_caption_counts_as_one_cut_caption(tmp_path, bb, speed_c
     (Path(cfg.dataset) / "2_zhang" / "0.txt").write_text(long, encoding="utf-8")
     tr = ready_trainer(cfg, bb)
     try:
-        for batch in data_mod.iter_batches(tr.dataset.items, tr.cfg, STEPS, tr.cfg.seed):
+        for batch in data_mod.iter_batches(tr.state.dataset.items, tr.cfg, STEPS, tr.cfg.seed):
             tr.step_inputs(batch)
         # before: one per distinct shuffle of it (the run's end message counted ~20 captions)
-        assert len(tr.tokens.truncated) == 1
+        assert len(tr.state.tokens.truncated) == 1
     finally:
         tr.close()
 
@@ -86,11 +86,11 @@ def test_batches_of_fixed_captions_hit_per_caption(tmp_path, bb, speed_cfg, read
     cfg = speed_cfg(tmp_path, dataset=str(tmp_path / "eight"), batch_size=4, train_text_encoder=False, max_steps=STEPS)
     tr = ready_trainer(cfg, bb)
     try:
-        made = Counting(tr.tokens.batch)
-        monkeypatch.setattr(tr.tokens, "batch", made)
-        for batch in data_mod.iter_batches(tr.dataset.items, tr.cfg, STEPS, tr.cfg.seed):
+        made = Counting(tr.state.tokens.batch)
+        monkeypatch.setattr(tr.state.tokens, "batch", made)
+        for batch in data_mod.iter_batches(tr.state.dataset.items, tr.cfg, STEPS, tr.cfg.seed):
             tr.step_inputs(batch)
-        assert made.calls == 8 and len(tr.feeder._ids) == 8  # before: once per batch, 59 of 60
+        assert made.calls == 8 and len(tr.state.feeder._ids) == 8  # before: once per batch, 59 of 60
     finally:
         tr.close()
 
@@ -102,13 +102,13 @@ def test_cached_or_not_the_inputs_are_the_captions(tmp_path, bb, speed_cfg, read
     (Path(cfg.dataset) / "2_zhang" / "0.txt").write_text(long, encoding="utf-8")
     tr = ready_trainer(cfg, bb)
     try:
-        for batch in data_mod.iter_batches(tr.dataset.items, tr.cfg, 12, tr.cfg.seed):
+        for batch in data_mod.iter_batches(tr.state.dataset.items, tr.cfg, 12, tr.cfg.seed):
             d = tr.step_inputs(batch)
             plain = data_mod.CaptionTokens(bb.tokenizer).batch(batch.captions)
             assert d.ids.equal(plain)
             if d.cond is not None:
                 with torch.no_grad():
                     torch.testing.assert_close(d.cond, bb.encode_text(plain), atol=1e-5, rtol=1e-5)
-        assert shuffle or tr.feeder._cond  # fixed captions: the text-encoder cache was used
+        assert shuffle or tr.state.feeder._cond  # fixed captions: the text-encoder cache was used
     finally:
         tr.close()

@@ -6,6 +6,7 @@ method that does (`item`, `bool`, `float`, `tolist`, ...), which on a GPU is a s
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from lib_lora.config import TrainConfig
 from lib_lora.training import data as data_mod
 from lib_lora.training import guards
 from lib_lora.training.run import Trainer, train
+from lib_lora.training.run_state import RunState
 
 # Tensor methods that copy a value to the host (a device sync on CUDA).
 HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
@@ -41,57 +43,57 @@ def _ready(ready_trainer, cfg: TrainConfig, backbone) -> Trainer:
 
 
 def _batches(tr: Trainer, n: int) -> list[data_mod.Batch]:
-    it = data_mod.iter_batches(tr.dataset.items, tr.cfg, n, tr.cfg.seed)
+    it = data_mod.iter_batches(tr.state.dataset.items, tr.cfg, n, tr.cfg.seed)
     return [next(it) for _ in range(n)]
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
 def test_a_guarded_step_reads_nothing_back_from_the_device(tmp_path, bb, max_grad_norm, speed_cfg, ready_trainer):
     tr = _ready(ready_trainer, speed_cfg(tmp_path, **GUARD, max_grad_norm=max_grad_norm), bb)
-    assert tr.guard.on_device  # torch's fused AdamW takes the device-side skip flag
+    assert tr.state.guard.on_device  # torch's fused AdamW takes the device-side skip flag
     batches = _batches(tr, 3)
     # A first pass fills the feeder's caches; on a cache miss it reads *host* token tensors,
     # which the spy cannot tell from device tensors on a CPU-only machine.
     for b in batches:
-        tr.guard.run_step(b)
+        tr.guarded_step(b)
     with HostReadSpy() as spy:
         for b in batches:
-            tr.guard.run_step(b)
+            tr.guarded_step(b)
     assert spy.calls == []
 
     # The spy does see the host check the other optimizers need (it can fail).
-    tr.guard.on_device = False
+    tr.state.guard.on_device = False
     with HostReadSpy() as spy:
-        tr.guard.run_step(batches[0])
+        tr.guarded_step(batches[0])
     assert "__bool__" in spy.calls
 
 
 def test_a_nonfinite_step_leaves_weights_and_moments_alone_and_is_counted(tmp_path, bb, speed_cfg, ready_trainer):
     tr = _ready(ready_trainer, speed_cfg(tmp_path, **GUARD), bb)
     b1, b2, b3 = _batches(tr, 3)
-    tr.guard.run_step(b1)
-    tr.step = 1
-    before = {k: v.clone() for k, v in tr.network.state_dict().items()}
-    p0 = tr.params[0]
-    moments = tr.optimizer.state[p0]["exp_avg"].clone()
-    steps_before = float(tr.optimizer.state[p0]["step"])
+    tr.guarded_step(b1)
+    tr.state.step = 1
+    before = {k: v.clone() for k, v in tr.state.network.state_dict().items()}
+    p0 = tr.state.params[0]
+    moments = tr.state.optimizer.state[p0]["exp_avg"].clone()
+    steps_before = float(tr.state.optimizer.state[p0]["step"])
 
     hook = p0.register_hook(lambda g: g * float("nan"))  # one parameter's gradient turns NaN
-    tr.guard.run_step(b2)
+    tr.guarded_step(b2)
     hook.remove()
-    tr.step = 2
-    for k, v in tr.network.state_dict().items():
+    tr.state.step = 2
+    for k, v in tr.state.network.state_dict().items():
         assert torch.equal(v, before[k]), k  # no parameter moved, not even the finite ones
-    assert torch.equal(tr.optimizer.state[p0]["exp_avg"], moments)
-    assert float(tr.optimizer.state[p0]["step"]) == steps_before
-    tr.guard.settle()
-    assert (tr.guard.in_a_row, tr.guard.skipped_total, tr.guard.first_bad_step) == (1, 1, 2)
+    assert torch.equal(tr.state.optimizer.state[p0]["exp_avg"], moments)
+    assert float(tr.state.optimizer.state[p0]["step"]) == steps_before
+    guards.settle(tr.state, tr.cfg)
+    assert (tr.state.guard.in_a_row, tr.state.guard.skipped_total, tr.state.guard.first_bad_step) == (1, 1, 2)
 
-    tr.guard.run_step(b3)
-    tr.step = 3
-    tr.guard.settle()
-    assert (tr.guard.in_a_row, tr.guard.skipped_total) == (0, 1)
-    assert any(not torch.equal(v, before[k]) for k, v in tr.network.state_dict().items())
+    tr.guarded_step(b3)
+    tr.state.step = 3
+    guards.settle(tr.state, tr.cfg)
+    assert (tr.state.guard.in_a_row, tr.state.guard.skipped_total) == (0, 1)
+    assert any(not torch.equal(v, before[k]) for k, v in tr.state.network.state_dict().items())
 
 
 @pytest.mark.parametrize("optimizer,log_every", [("adamw", 4), ("prodigy", 1)])
@@ -115,32 +117,33 @@ def test_fp16_grad_scaler_skips_are_counted_with_a_fused_optimizer():
     lin = torch.nn.Linear(4, 1)
     opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    state = {"poison": False}
+    poison = {"on": False}
+    rs = RunState(optimizer=opt, scaler=scaler, params=list(lin.parameters()), precision="fp16", run_dir=Path("run"),
+                  guard=guards.new_counters(opt, torch.device("cpu")))  # fmt: skip
+    cfg = TrainConfig(max_nonfinite_steps=2)
 
-    def train_step(batch):
-        loss = lin(torch.ones(2, 4)).pow(2).mean() * (float("inf") if state["poison"] else 1.0)
+    def train_step(batch):  # the loop's optimizer_step, reduced to what the scaler path needs
+        loss = lin(torch.ones(2, 4)).pow(2).mean() * (float("inf") if poison["on"] else 1.0)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        scaler.step(opt)
-        scaler.update()
+        guards.step_optimizer(rs.guard, opt, scaler, None, rs.params)
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    tr = SimpleNamespace(optimizer=opt, scaler=scaler, params=list(lin.parameters()), device=torch.device("cpu"),
-                         cfg=SimpleNamespace(max_nonfinite_steps=2), precision="fp16", run_dir="run", step=0,
-                         train_step=train_step)  # fmt: skip
-    guard = guards.StepGuard(tr)
-    assert guard.on_device
+    def step(batch):
+        return guards.run_step(rs, cfg, batch, train_step, train_step, lambda text: None)
+
+    assert rs.guard.on_device
     batch = SimpleNamespace(items=[1])
-    guard.run_step(batch)
+    step(batch)
     weight = lin.weight.detach().clone()
-    state["poison"] = True
-    guard.run_step(batch)
+    poison["on"] = True
+    step(batch)
     assert torch.equal(lin.weight, weight)
-    tr.step = 2
-    guard.settle()
-    assert (guard.in_a_row, guard.skipped_total) == (1, 1)
-    guard.run_step(batch)
-    tr.step = 3
+    rs.step = 2
+    guards.settle(rs, cfg)
+    assert (rs.guard.in_a_row, rs.guard.skipped_total) == (1, 1)
+    step(batch)
+    rs.step = 3
     with pytest.raises(guards.NonFiniteError, match="2 steps in a row.*bf16"):
-        guard.settle()
+        guards.settle(rs, cfg)

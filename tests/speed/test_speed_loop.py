@@ -41,15 +41,15 @@ def test_chunk_cache_matches_the_text_encoder_for_mixed_lengths(tmp_path, bb, sp
         long = ", ".join(f"tag{i} word{i}" for i in range(60))  # > 75 tokens: two chunks
         captions = ["zhang, 1girl, smile", long]
         feeder = speed.StepFeeder(
-            tr.latent_of, tr.tokens, tr.device, torch.Generator().manual_seed(0), 1000,
-            encode_chunks=speed.text_chunk_encoder(tr.backbone, 1, tr.device, None),
+            tr.state.latent_of, tr.state.tokens, tr.state.device, torch.Generator().manual_seed(0), 1000,
+            encode_chunks=speed.text_chunk_encoder(tr.state.backbone, 1, tr.state.device, None),
         )  # fmt: skip
         ids, keys = feeder.ids(captions)
         n = ids.shape[1] // 77
         assert ids.shape == (2, n * 77) and n >= 2  # the long caption takes n chunks
         got = feeder.cond(ids, keys)
         with torch.no_grad():
-            want = tr.backbone.encode_text(ids)
+            want = tr.state.backbone.encode_text(ids)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         # n chunks of the long caption, 1 of the short one, and its empty padding chunk once
         assert len(feeder._cond) == n + 2
@@ -63,10 +63,10 @@ def test_chunk_cache_matches_the_text_encoder_for_mixed_lengths(tmp_path, bb, sp
 def test_feeder_draws_the_loops_noise_recipe(tmp_path, bb, speed_cfg, ready_trainer):
     tr = ready_trainer(speed_cfg(tmp_path, noise_offset=0.1), bb)
     try:
-        batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, 0)))
+        batch = next(iter(data_mod.iter_batches(tr.state.dataset.items, tr.cfg, 1, 0)))
         d = tr.step_inputs(batch)
         gen = torch.Generator().manual_seed(tr.cfg.seed)
-        lat = torch.stack([tr.latent_of[id(it)] for it in batch.items])
+        lat = torch.stack([tr.state.latent_of[id(it)] for it in batch.items])
         noise = torch.randn(lat.shape, generator=gen)
         noise = noise + 0.1 * torch.randn((lat.shape[0], lat.shape[1], 1, 1), generator=gen)
         t = torch.randint(0, 1000, (lat.shape[0],), generator=gen)
@@ -74,7 +74,7 @@ def test_feeder_draws_the_loops_noise_recipe(tmp_path, bb, speed_cfg, ready_trai
         torch.testing.assert_close(d.noise, noise)
         assert torch.equal(d.timesteps, t)
         assert d.cond is None  # the text encoder is trained: it must run every step
-        assert torch.equal(d.ids, tr.tokens.batch(batch.captions))
+        assert torch.equal(d.ids, tr.state.tokens.batch(batch.captions))
     finally:
         tr.close()
 
@@ -99,7 +99,7 @@ def test_feeder_follows_a_reseeded_noise_generator(tmp_path, bb, speed_cfg, read
     """The LR probe runs steps, then build_optimizer re-seeds the noise: training must use the new one."""
     tr = ready_trainer(speed_cfg(tmp_path), bb)
     try:
-        batch = next(iter(data_mod.iter_batches(tr.dataset.items, tr.cfg, 1, 0)))
+        batch = next(iter(data_mod.iter_batches(tr.state.dataset.items, tr.cfg, 1, 0)))
         first = tr.step_inputs(batch)
         tr.step_inputs(batch)  # advance the generator, as probe steps would
         tr.build_optimizer()  # a fresh seeded generator

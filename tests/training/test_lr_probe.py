@@ -67,17 +67,17 @@ def test_budget_is_a_fraction_with_floor_and_cap():
 def test_reported_value_is_the_optimizers_d_lr_and_weights_are_reset(dataset, tmp_path, tiny_backbone):
     cfg = _cfg(dataset, tmp_path, "reset", probe_max_steps=5, probe_min_steps=5)
     tr = Trainer(cfg, backbone=tiny_backbone)
-    tr.started_at = 0.0
-    tr.name = cfg.name
+    tr.state.started_at = 0.0
+    tr.state.name = cfg.name
     tr.prepare_run_dir()
     tr.load_data()
     tr.load_model()
     tr.cache_latents()
     try:
         tr.build_network()
-        initial = {k: v.clone() for k, v in tr.network.state_dict().items()}
+        initial = {k: v.clone() for k, v in tr.state.network.state_dict().items()}
         rng = torch.get_rng_state()
-        result, opt = probe.run_probe(tr)
+        result, opt = probe.run_probe(tr.state, tr.cfg, tr.events, tr.build_optimizer, tr.train_step)
         group = opt.param_groups[0]
         assert group["name"] == "unet"
         assert result.lr == group["d"] * group["lr"]  # read from the optimizer's own state
@@ -87,10 +87,10 @@ def test_reported_value_is_the_optimizers_d_lr_and_weights_are_reset(dataset, tm
         # The probe did move the weights (its optimizer holds non-zero state) ...
         assert any(s["exp_avg"].abs().sum() > 0 for s in opt.state.values())
         # ... and they are back to their initial values, bit for bit, with the RNG.
-        after = tr.network.state_dict()
+        after = tr.state.network.state_dict()
         assert all(torch.equal(initial[k], after[k]) for k in initial)
         assert torch.equal(rng, torch.get_rng_state())
-        assert all(p.grad is None for p in tr.network.parameters())
+        assert all(p.grad is None for p in tr.state.network.parameters())
         png = (tmp_path / "reset" / probe.PLOT_NAME).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         curve = json.loads((tmp_path / "reset" / probe.CURVE_NAME).read_text())

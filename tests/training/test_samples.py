@@ -98,13 +98,13 @@ def test_a_run_with_samples_trains_exactly_like_one_without(tmp_path, tiny_backb
 
 def test_sampling_restores_every_module_mode(tmp_path, tiny_backbone, drawn_dataset):
     tr = Trainer(_cfg(tmp_path, drawn_dataset, "modes", sample_images=1, sample_steps=2), tiny_backbone)
-    tr.started_at, tr.name = time.time(), "modes"
+    tr.state.started_at, tr.state.name = time.time(), "modes"
     tr.load_all()
-    tr.network.train()  # as in the loop: LoRA dropout on
-    roots = (tiny_backbone.unet, tiny_backbone.text_encoder, tr.network)
+    tr.state.network.train()  # as in the loop: LoRA dropout on
+    roots = (tiny_backbone.unet, tiny_backbone.text_encoder, tr.state.network)
     before = [m.training for r in roots for m in r.modules()]
     events: list[dict] = []
-    tr.on_event = events.append
+    tr.events.on_event = events.append
     tr.make_samples()
     assert [m.training for r in roots for m in r.modules()] == before
     assert [e["kind"] for e in events] == ["phase", "sample"]

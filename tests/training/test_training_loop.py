@@ -29,7 +29,7 @@ def _cfg(tmp_path, dataset, **kw) -> TrainConfig:
 def test_loss_on_fixed_pairs_falls(tmp_path, drawn_dataset, tiny_backbone):
     # Measured (tiny model, 4 images at 64 px, 40 steps, lr 1e-3): 1.297 -> 1.057 (ratio 0.815).
     tr = Trainer(_cfg(tmp_path, drawn_dataset, max_steps=40), backbone=tiny_backbone)
-    tr.session_id = "test"
+    tr.state.session_id = "test"
     tr.setup()
     try:
         before = tr.fixed_loss()
@@ -40,7 +40,7 @@ def test_loss_on_fixed_pairs_falls(tmp_path, drawn_dataset, tiny_backbone):
     assert after < 0.9 * before, (before, after)
     # close() removed the LoRA: the model predicts exactly what it did before training.
     tr2 = Trainer(_cfg(tmp_path, drawn_dataset, run_dir=str(tmp_path / "run2")), backbone=tiny_backbone)
-    tr2.session_id = "test"
+    tr2.state.session_id = "test"
     tr2.setup()
     try:
         assert tr2.fixed_loss() == pytest.approx(before, rel=1e-6)

@@ -42,10 +42,10 @@ def test_the_runs_big_objects_are_freed_while_the_trainer_is_kept(tmp_path, draw
         if ev["kind"] == "loss" and stop_at is not None and ev["step"] >= stop_at:
             progress.pressed = True
         if ev["kind"] == "loss" and not refs:
-            state = next(iter(tr.optimizer.state.values()))
-            refs.update(optimizer=weakref.ref(tr.optimizer), network=weakref.ref(tr.network),
-                        latent=weakref.ref(next(iter(tr.latent_of.values()))), exp_avg=weakref.ref(state["exp_avg"]),
-                        feeder=weakref.ref(tr.feeder), lora_weight=weakref.ref(next(tr.network.parameters())))
+            state = next(iter(tr.state.optimizer.state.values()))
+            refs.update(optimizer=weakref.ref(tr.state.optimizer), network=weakref.ref(tr.state.network),
+                        latent=weakref.ref(next(iter(tr.state.latent_of.values()))), exp_avg=weakref.ref(state["exp_avg"]),
+                        feeder=weakref.ref(tr.state.feeder), lora_weight=weakref.ref(next(tr.state.network.parameters())))
 
     progress = StopAt(stop_at)
     tr = Trainer(_cfg(tmp_path, drawn_dataset), backbone=tiny_backbone, progress=progress, on_event=grab)
@@ -60,4 +60,4 @@ def test_the_runs_big_objects_are_freed_while_the_trainer_is_kept(tmp_path, draw
     assert set(refs) == {"optimizer", "network", "latent", "exp_avg", "feeder", "lora_weight"}
     alive = sorted(name for name, ref in refs.items() if ref() is not None)
     assert not alive, f"still held after the run: {alive}"
-    assert tr.step == (4 if stop_at is None else 2)  # what a caller reads afterwards stays
+    assert tr.state.step == (4 if stop_at is None else 2)  # what a caller reads afterwards stays
