@@ -225,5 +225,6 @@ def ensure_tiny_checkpoint(folder: Path | None = None, family: str = "sd15") -> 
         return path
     sd = {k: v.contiguous() for k, v in build_tiny_state_dict(family=family).items()}
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"fastlora_tiny": str(TINY_VERSION), "fastlora_tiny_family": family})
+        # one metadata entry: safetensors writes several in hash-map order, which varies per run
+        save_file(sd, str(tmp), metadata={"fastlora_tiny": f"{family} v{TINY_VERSION}"})
     return path

@@ -191,9 +191,10 @@ def test_ensure_tiny_checkpoint_names_family_and_version_and_writes_once(tmp_pat
     assert path.name == f"tiny_{family}_v{TINY_VERSION}.safetensors"
     mtime = path.stat().st_mtime_ns
     assert ensure_tiny_checkpoint(tmp_path, family=family) == path and path.stat().st_mtime_ns == mtime
+    assert ensure_tiny_checkpoint(tmp_path / "again", family=family).read_bytes() == path.read_bytes()
     with safe_open(str(path), "pt") as fh:
         keys = set(fh.keys())
-        assert fh.metadata()["fastlora_tiny_family"] == family
+        assert fh.metadata() == {"fastlora_tiny": f"{family} v{TINY_VERSION}"}
     te = "cond_stage_model.transformer." if family == "sd15" else "conditioner.embedders.0.transformer."
     assert any(k.startswith(te + "text_model.") for k in keys)
     assert (family == "sdxl") == any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.") for k in keys)
