@@ -64,7 +64,9 @@ TINY_SDXL_TE2_HIDDEN = 128
 TINY_SDXL_TIME_DIM = 16
 TINY_SDXL_UNET = {
     "block_out_channels": [32, 64, 64],
-    "attention_head_dim": [1, 2, 2],
+    # A file cannot say its head count: loaders (ours, the WebUI's, ComfyUI's) take SDXL's 64
+    # channels per head, at least one; so does the tiny model, or it would compute otherwise.
+    "attention_head_dim": [1, 1, 1],
     "transformer_layers_per_block": [1, 2, 2],
     "cross_attention_dim": TINY_SDXL_TE1_HIDDEN + TINY_SDXL_TE2_HIDDEN,
     "addition_time_embed_dim": TINY_SDXL_TIME_DIM,
