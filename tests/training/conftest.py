@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-import torch
+from lora_helpers import randomize_lora
 
 
 @pytest.fixture(scope="session")
@@ -19,14 +19,6 @@ def tiny_checkpoint():
     from lib_lora.training.tiny_model import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
-
-
-def randomize_lora(network, seed: int = 0, scale: float = 0.05) -> None:
-    """Give every LoRA non-zero up weights, so its effect on the outputs is visible."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in network.loras.values():
-            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=gen) * scale)
 
 
 @pytest.fixture

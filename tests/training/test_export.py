@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lora_helpers import merge_diffusers_lora
 
 from lib_lora.errors import UserError
 from lib_lora.training.export import addnet_hashes, read_lora, read_metadata, write_lora
@@ -48,37 +49,6 @@ def test_non_finite_weights_are_never_exported(tmp_path, network):
     assert not any(tmp_path.iterdir())
 
 
-_TE_ATTN = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
-
-
-def _merge_diffusers_lora(unet, text_encoder, state_dict, alphas):
-    """Merge a LoRA, as diffusers' converter names it, into the weights: W += up @ down * alpha / rank.
-
-    diffusers 0.31 needs its PEFT backend (transformers > 4.33) to *apply* a LoRA, and the
-    WebUI pins transformers 4.30.2, so we apply the standard merge ourselves; the reading of
-    the kohya file, the key conversion and the alphas are diffusers' own.
-    """
-    for key, down in state_dict.items():
-        if not key.endswith("down.weight"):
-            continue
-        up = state_dict[key.replace("down.weight", "up.weight")]
-        alpha = alphas.get(key + ".alpha", alphas.get(key.replace(".lora.down.weight", ".alpha")))
-        assert alpha is not None, f"diffusers found no alpha for {key}"
-        if key.startswith("unet."):
-            root, path = unet, key[len("unet."):].replace(".lora.down.weight", "")
-            for proj in ("q", "k", "v"):  # attention-processor style names
-                path = path.replace(f".processor.to_{proj}_lora.down.weight", f".to_{proj}")
-            path = path.replace(".processor.to_out_lora.down.weight", ".to_out.0")
-        else:
-            root, path = text_encoder, key[len("text_encoder."):].replace(".lora_linear_layer.down.weight", "")
-            for old, new in _TE_ATTN.items():
-                path = path.replace(f"{old}.down.weight", new)
-        module = root.get_submodule(path)
-        delta = (up.flatten(1).float() @ down.flatten(1).float()).reshape(module.weight.shape)
-        with torch.no_grad():
-            module.weight += delta * (alpha / down.shape[0])
-
-
 @pytest.mark.parametrize("conv_dim", [0, 2])
 def test_diffusers_reads_our_file_like_a_kohya_lora(tmp_path, tiny_backbone, randomize, conv_dim):
     """Read the file with diffusers' own non-diffusers (kohya) LoRA conversion and compare outputs."""
@@ -91,7 +61,7 @@ def test_diffusers_reads_our_file_like_a_kohya_lora(tmp_path, tiny_backbone, ran
     state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(tmp_path), weight_name=path.name)
     assert len(state_dict) == 2 * len(network.loras)  # every module was recognised
     fresh = load_backbone("tiny")
-    _merge_diffusers_lora(fresh.unet, fresh.text_encoder, state_dict, alphas)
+    assert merge_diffusers_lora({"unet": fresh.unet, "text_encoder": fresh.text_encoder}, state_dict, alphas) == len(network.loras)
 
     gen = torch.Generator().manual_seed(3)
     ids = tiny_backbone.tokenizer(["zhangnaying, 1girl, smile"], padding="max_length", max_length=77, return_tensors="pt").input_ids

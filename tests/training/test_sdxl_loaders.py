@@ -1,0 +1,357 @@
+"""An SDXL LoRA file of ours loads with every key matched in the loaders people use.
+
+The file is built as export builds it: a LoRANetwork over the tiny-sdxl backbone's targets,
+non-zero up weights, written by `export.write_lora` with `build_metadata(family=SDXL)`.
+Each loader's key matching is checked against its public source (commit named per test):
+diffusers is run itself; the WebUI's, ComfyUI's/Forge's and kohya's matching is reimplemented
+here, step by step, over the module names of the real layouts (the tiny-sdxl single file's keys
+are sgm's module tree; ComfyUI and Forge hold the text encoders in the HF layout).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from lora_helpers import merge_diffusers_lora, randomize_lora
+from PIL import Image
+
+from lib_lora.config import TrainConfig
+from lib_lora.training import data
+from lib_lora.training.export import read_lora, write_lora
+from lib_lora.training.family import SDXL
+from lib_lora.training.lora import LoRANetwork
+from lib_lora.training.metadata import RunInfo, build_metadata
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    from lib_lora.training.models_sdxl import load_backbone
+
+    return load_backbone("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sgm_shapes() -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the tiny-sdxl single file (the sgm DiffusionEngine's state dict)."""
+    from safetensors import safe_open
+
+    from lib_lora.training.tiny_model import ensure_tiny_checkpoint
+
+    with safe_open(str(ensure_tiny_checkpoint(family="sdxl")), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _metadata(tmp_path: Path, conv_dim: int) -> dict[str, str]:
+    sub = tmp_path / "ds" / "2_tok"
+    sub.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (120, 60, 30)).save(sub / "a.png")
+    (sub / "a.txt").write_text("tok", encoding="utf-8")
+    cfg = TrainConfig(name="sdxl_lora", dataset=str(tmp_path / "ds"), output_dir=str(tmp_path / "out"),
+                      run_dir=str(tmp_path / "run"), resolution=64, min_bucket_reso=64, max_bucket_reso=128,
+                      dim=4, alpha=2.0, conv_dim=conv_dim, conv_alpha=1.0, device="cpu", max_steps=1,
+                      train_text_encoder=True)
+    plan = data.scan_dataset(tmp_path / "ds", cfg).plan
+    run = RunInfo(started_at=1_700_000_000.0, unet_lr=1e-4, text_encoder_lr=1e-5, optimizer="torch.optim.adamw.AdamW",
+                  optimizer_args="", mixed_precision="no", model_name="tiny-sdxl", model_hash="", session_id="1")
+    return build_metadata(cfg, plan, run, family=SDXL)
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["linear", "conv"])
+def lora(request, sdxl, tmp_path_factory):
+    """(network, path of its file): the U-Net and both text encoders, 3x3 convs too with conv_dim 2."""
+    conv_dim = request.param
+    torch.manual_seed(0)
+    network = LoRANetwork(sdxl.lora_targets(conv=bool(conv_dim)), dim=4, alpha=2, conv_dim=conv_dim, conv_alpha=1)
+    randomize_lora(network)
+    tmp = tmp_path_factory.mktemp("sdxl_lora")
+    path = write_lora(tmp / "sdxl_lora.safetensors", network.state_dict_kohya(), _metadata(tmp, conv_dim), dtype=torch.float32)
+    return network, path
+
+
+def _lora_names(path: Path) -> set[str]:
+    tensors, _ = read_lora(path)
+    names = {k.split(".", 1)[0] for k in tensors}
+    for name in names:  # a kohya LoRA module is exactly these three tensors
+        assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= tensors.keys()
+    assert len(tensors) == 3 * len(names)
+    return names
+
+
+def _modules(shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, str]:
+    """Module path (under `prefix`) -> torch class, as the layout's state dict implies it:
+    a 2-d `.weight` is a Linear, 4-d a Conv2d, `in_proj_weight` an nn.MultiheadAttention,
+    every parent path a container."""
+    out: dict[str, str] = {}
+    for key, shape in shapes.items():
+        if not key.startswith(prefix):
+            continue
+        path, _, param = key[len(prefix):].rpartition(".")
+        if param == "in_proj_weight":
+            out[path] = "MultiheadAttention"
+        elif param == "weight" and len(shape) in (2, 4):
+            out[path] = "Linear" if len(shape) == 2 else "Conv2d"
+        elif param == "weight":
+            out.setdefault(path, "Norm")
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            out.setdefault(".".join(parts[:i]), "Module")
+    out.setdefault("", "Module")
+    return out
+
+
+# ---- diffusers ------------------------------------------------------------------------------
+
+def test_diffusers_reads_our_sdxl_file_and_the_unet_changes_as_ours(lora, sdxl):
+    """diffusers 0.31 `StableDiffusionXLLoraLoaderMixin.lora_state_dict` with the U-Net config, as
+    `load_lora_weights` calls it (sgm blocks -> diffusers blocks, then the kohya conversion in
+    loaders/lora_conversion_utils.py, which raises for any key it could not rename). Applying
+    needs diffusers' PEFT backend (transformers > 4.33; the WebUI pins 4.30.2), so the converted
+    weights are merged by the standard rule W += up @ down * alpha / rank."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lib_lora.training.models_sdxl import load_backbone
+
+    network, path = lora
+    state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
+                                                                unet_config=sdxl.unet.config)
+    assert len(state_dict) == 2 * len(network.loras)  # every module renamed, none dropped
+    fresh = load_backbone("tiny-sdxl")
+    merged = merge_diffusers_lora({"unet": fresh.unet, "text_encoder": fresh.text_encoder,
+                                   "text_encoder_2": fresh.text_encoder_2}, state_dict, alphas)
+    assert merged == len(network.loras)
+
+    gen = torch.Generator().manual_seed(3)
+    ids = sdxl.tokenizer(["zhangnaying, 1girl, smile"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    lat = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 900])
+    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)
+
+    def eps(backbone):
+        cond = backbone.encode_text(ids)
+        added = {"text_embeds": cond.pooled.expand(2, -1), "time_ids": time_ids}
+        return cond.cond, backbone.predict_noise(lat, t, cond.cond.expand(2, -1, -1), added)
+
+    with torch.no_grad():
+        base_cond, base_eps = eps(sdxl)
+        network.apply()
+        try:
+            ours_cond, ours_eps = eps(sdxl)
+        finally:
+            network.remove()
+        theirs_cond, theirs_eps = eps(fresh)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(ours_cond, base_cond) > 1e-2 and rel(ours_eps, base_eps) > 1e-2  # the LoRA does something
+    # Merged (W + dW) x vs. ours W x + up(down x): the same sums in another order, in float32
+    # (eps 1.2e-7) over a few dozen layers of tiny width; each layer's rounding is ~1e-6
+    # relative, so 1e-4 leaves two orders of magnitude and still fails on any wrong key or scale.
+    assert rel(theirs_cond, ours_cond) <= 1e-4
+    assert rel(theirs_eps, ours_eps) <= 1e-4
+
+
+# ---- the WebUI v1.10.1's Lora extension -------------------------------------------------------
+# AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 82a973c04367123ae98bd9abdf80d9eda9b910e2),
+# extensions-builtin/Lora/networks.py: `assign_network_names_to_compvis_modules` names sgm's
+# modules `diffusion_model_<path>` (sd_model.model.named_modules) and `<i>_<path>` for each
+# conditioner embedder's `wrapped` model (modules/sd_hijack.py wraps embedders 0 and 1, and the
+# wrapped model is sgm's FrozenCLIPEmbedder / FrozenOpenCLIPEmbedder2); `load_network` tries
+# `convert_diffusers_name_to_compvis`, then a `_[qkv]_proj` suffix stripped (re_x_proj), then
+# lora_unet -> diffusion_model and lora_te1_text_model -> 0_transformer_text_model.
+# network_lora.py accepts Linear, Conv2d and MultiheadAttention modules, and networks.py
+# `network_apply_weights` applies a MultiheadAttention's LoRA only when q, k, v and out are all there.
+
+_WEBUI_PREFIXES = {"model.diffusion_model.": "diffusion_model_", "conditioner.embedders.0.": "0_",
+                   "conditioner.embedders.1.": "1_"}
+
+
+def _webui_layer_mapping(sgm_shapes) -> dict[str, str]:
+    mapping = {}
+    for prefix, name_prefix in _WEBUI_PREFIXES.items():
+        for path, cls in _modules(sgm_shapes, prefix).items():
+            mapping[name_prefix + path.replace(".", "_")] = cls
+    return mapping
+
+
+def _webui_convert_diffusers_name_to_compvis(key: str) -> str:
+    """The branches of networks.py `convert_diffusers_name_to_compvis` an SDXL file can reach:
+    the SD1.5 diffusers-name patterns (none of which an sgm-named key matches: checked) and TE2's."""
+    sd15 = (r"lora_unet_conv_in(.*)", r"lora_unet_conv_out(.*)", r"lora_unet_time_embedding_linear_(\d+)(.*)",
+            r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+            r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+            r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+            r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+            r"lora_te_text_model_encoder_layers_(\d+)_(.+)")
+    assert not any(re.match(p, key) for p in sd15), f"{key} would be read as an SD1.5 diffusers name"
+    m = re.match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", key)
+    if m:
+        layer, rest = m[1], m[2]
+        if "mlp_fc1" in rest:
+            return f"1_model_transformer_resblocks_{layer}_{rest.replace('mlp_fc1', 'mlp_c_fc')}"
+        if "mlp_fc2" in rest:
+            return f"1_model_transformer_resblocks_{layer}_{rest.replace('mlp_fc2', 'mlp_c_proj')}"
+        return f"1_model_transformer_resblocks_{layer}_{rest.replace('self_attn', 'attn')}"
+    return key
+
+
+def _webui_load_network(names, mapping) -> tuple[dict[str, str], dict[str, str]]:
+    """networks.py `load_network`'s matching: (lora name -> matched module's class, unmatched)."""
+    matched, failed = {}, {}
+    for name in names:
+        key = _webui_convert_diffusers_name_to_compvis(name)
+        cls = mapping.get(key)
+        if cls is None and (m := re.match(r"(.*)_([qkv]_proj)$", key)):
+            cls = mapping.get(m[1])
+        if cls is None and "lora_unet" in name:
+            key = name.replace("lora_unet", "diffusion_model")
+            cls = mapping.get(key)
+        elif cls is None and "lora_te1_text_model" in name:
+            key = name.replace("lora_te1_text_model", "0_transformer_text_model")
+            cls = mapping.get(key)
+        if cls is None:
+            failed[name] = key
+        else:
+            matched[key] = cls
+    return matched, failed
+
+
+def test_the_webui_lora_extension_matches_every_key(lora, sgm_shapes):
+    _, path = lora
+    names = _lora_names(path)
+    mapping = _webui_layer_mapping(sgm_shapes)
+    matched, failed = _webui_load_network(names, mapping)
+    assert failed == {}
+    assert len(matched) == len(names)
+    # network_lora.py: a LoRA on any other module type raises "unsupported type"
+    assert {cls for cls in matched.values()} <= {"Linear", "Conv2d", "MultiheadAttention"}
+    # TE2's fused attention: the WebUI applies it only with all four of q, k, v and out
+    attns = {k.rsplit("_", 2)[0] for k, cls in matched.items() if cls == "MultiheadAttention"}
+    te2_layers = {p for p, c in mapping.items() if c == "MultiheadAttention"}
+    assert attns == te2_layers  # the file trains TE2 here: every OpenCLIP attention is hit
+    for attn in attns:
+        assert {f"{attn}_{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")} <= matched.keys()
+
+
+# ---- ComfyUI and Forge --------------------------------------------------------------------
+# ComfyUI comfy/lora.py (commit 00728eb20fce05955f89ef1ccf5f6167416e94cf): `model_lora_keys_unet`
+# maps `lora_unet_<path _-joined>` for every `diffusion_model.<path>.weight` of its (ldm-layout)
+# U-Net; `model_lora_keys_clip` maps `lora_te1_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}`
+# to `clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight` and, when clip_l is present,
+# `lora_te2_…` to `clip_g.…` (ComfyUI holds both encoders in the HF layout; `load_lora` warns
+# "lora key not loaded" for the rest). Forge (lllyasviel/stable-diffusion-webui-forge commit
+# dfdcbab685e57677014f05a3309b48cc87383167) backend/patcher/lora.py calls the same functions,
+# copied in packages_3rdparty/comfyui_lora_collection/lora.py: the kohya mapping is the same
+# (Forge adds generic and lycoris_ names and OneTrainer's text_projection keys, none of which we
+# write), over its IntegratedUNet2DConditionModel (ldm names) and HF CLIP encoders.
+
+_LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                  "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                  "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def _comfy_key_map(unet_keys, clip_keys) -> dict[str, str]:
+    key_map = {}
+    for k in unet_keys:
+        if k.startswith("diffusion_model.") and k.endswith(".weight"):
+            key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
+    clip_l_present = False
+    for b in range(32):
+        for c, lora_c in _LORA_CLIP_MAP.items():
+            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in clip_keys:
+                key_map[f"lora_te1_text_model_encoder_layers_{b}_{lora_c}"] = k
+                clip_l_present = True
+            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in clip_keys and clip_l_present:
+                key_map[f"lora_te2_text_model_encoder_layers_{b}_{lora_c}"] = k
+    return key_map
+
+
+def test_comfyui_and_forge_match_every_key(lora, sdxl, sgm_shapes):
+    _, path = lora
+    names = _lora_names(path)
+    unet_keys = {k[len("model."):] for k in sgm_shapes if k.startswith("model.diffusion_model.")}
+    clip_keys = {f"clip_l.transformer.{k}" for k in sdxl.text_encoder.state_dict()}
+    clip_keys |= {f"clip_g.transformer.{k}" for k in sdxl.text_encoder_2.state_dict()}
+    key_map = _comfy_key_map(unet_keys, clip_keys)
+    assert sorted(names - key_map.keys()) == []  # load_lora: "lora key not loaded" for each of these
+    # every LoRA lands on a weight of its own shape's rank (a Linear or a conv)
+    for name in names:
+        target = key_map[name]
+        shape = sgm_shapes.get("model." + target) if target.startswith("diffusion_model.") else None
+        assert shape is None or len(shape) in (2, 4), target
+
+
+# ---- kohya's sd-scripts ---------------------------------------------------------------------
+# kohya-ss/sd-scripts (commit 48d368fa557731ad0488c07304dfeba8c07910eb) networks/lora.py
+# `create_network_from_weights` -> LoRANetwork.create_modules: inside every module whose class is
+# in UNET_TARGET_REPLACE_MODULE ("Transformer2DModel") or, with conv LoRA,
+# UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 ("ResnetBlock2D", "Downsample2D", "Upsample2D"), each
+# Linear/Conv2d child is `lora_unet_<path>` with . -> _; text encoders (HF CLIPTextModel /
+# CLIPTextModelWithProjection) `lora_te1_` / `lora_te2_` inside CLIPAttention/CLIPSdpaAttention/
+# CLIPMLP. The U-Net is library/sdxl_original_unet.py, whose module tree is sgm's: its
+# Transformer2DModel is sgm's SpatialTransformer (`<block>.<i>` holding proj_in / proj_out /
+# transformer_blocks), ResnetBlock2D sgm's ResBlock (in_layers, emb_layers, out_layers,
+# skip_connection), Downsample2D holds `op`, Upsample2D `conv`. load_weights then loads with
+# strict=False: a file name it did not create is silently unused.
+
+
+def _kohya_unet_container(path: str) -> str | None:
+    m = re.match(r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+\.(\w+)", path)
+    if not m:
+        return None
+    if m[2] in ("norm", "proj_in", "proj_out", "transformer_blocks"):
+        return "Transformer2DModel"
+    if m[2] in ("in_layers", "emb_layers", "out_layers", "skip_connection"):
+        return "ResnetBlock2D"
+    if m[2] == "op":
+        return "Downsample2D"
+    if m[2] == "conv":
+        return "Upsample2D"
+    return None
+
+
+def _kohya_names(sgm_shapes, te_modules) -> dict[str, str]:
+    """kohya name -> container class, of every module kohya's SDXL LoRANetwork can create."""
+    names = {}
+    for path, cls in _modules(sgm_shapes, "model.diffusion_model.").items():
+        container = _kohya_unet_container(path)
+        if container and cls in ("Linear", "Conv2d"):
+            names["lora_unet_" + path.replace(".", "_")] = container
+    for prefix, te in te_modules.items():
+        for cpath, container in te.named_modules():
+            if type(container).__name__ not in ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"):
+                continue
+            for child_path, child in container.named_modules():
+                if type(child).__name__ in ("Linear", "Conv2d"):
+                    names[f"{prefix}_{cpath}.{child_path}".replace(".", "_")] = type(container).__name__
+    return names
+
+
+def test_kohyas_sdxl_loader_creates_every_module_and_reads_the_metadata(lora, sdxl, sgm_shapes):
+    _, path = lora
+    names = _lora_names(path)
+    kohya = _kohya_names(sgm_shapes, {"lora_te1": sdxl.text_encoder, "lora_te2": sdxl.text_encoder_2})
+    assert sorted(names - kohya.keys()) == []
+    # kohya names sgm-space U-Net paths: no diffusers-style name can slip in
+    assert not [n for n in names if re.match(r"lora_unet_(down|up|mid)_block", n)]
+    _, md = read_lora(path)
+    # a conv LoRA exactly on kohya's conv candidates; without conv_dim, no ResNet/sampler module
+    if "ss_network_args" not in md:
+        assert {kohya[n] for n in names if n.startswith("lora_unet_")} == {"Transformer2DModel"}
+    else:
+        unet = {n for n in names if n.startswith("lora_unet_")}
+        assert unet == {n for n in kohya if n.startswith("lora_unet_")}
+
+    # library/sdxl_model_util.py MODEL_VERSION_SDXL_BASE_V1_0; library/sai_model_spec.py:
+    # ARCH_SD_XL_V1_BASE + "/lora", IMPL_STABILITY_AI for `lora and sdxl`
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert md["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert md["ss_network_module"] == "networks.lora"
+    assert md["ss_v2"] == "False"
+    assert md["ss_text_encoder_lr"] == "1e-05"  # one value for both encoders, as kohya writes it
