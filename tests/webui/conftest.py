@@ -294,3 +294,9 @@ def tiny_sdxl_checkpoint() -> Path:
 @pytest.fixture
 def sgm_model(tiny_sdxl_checkpoint):
     return build_sgm_model(tiny_sdxl_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def sgm_model_read_only(tiny_sdxl_checkpoint):
+    """One stand-in per module, for tests that only read it."""
+    return build_sgm_model(tiny_sdxl_checkpoint)
