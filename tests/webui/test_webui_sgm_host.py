@@ -13,8 +13,11 @@ from lib_lora.training.backbone_sdxl import added_conditions, bucket_time_ids
 
 @pytest.fixture
 def host(webui, sgm_model):
+    import fake_sgm
+
     from lib_lora.hosts import webui as host_module
 
+    fake_sgm.hijack_text_embedders(sgm_model)  # as the WebUI holds it
     webui.shared.sd_model = sgm_model
     return host_module.WebUIHost()
 

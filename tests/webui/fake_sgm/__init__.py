@@ -298,3 +298,23 @@ class DiffusionEngine(nn.Module):
 
     def get_learned_conditioning(self, batch):
         raise AssertionError("training must encode captions itself, not through the prompt parser")
+
+
+class EmbedderWithCustomWords(nn.Module):
+    """What A1111's sd_hijack puts in `conditioner.embedders[0/1]` (sd_hijack_clip's
+    FrozenCLIPEmbedderForSDXLWithCustomWords, sd_hijack_open_clip's
+    FrozenOpenCLIPEmbedder2WithCustomWords): `.wrapped`, and a forward that parses prompt emphasis."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+        self.input_key = wrapped.input_key
+
+    def forward(self, texts):
+        raise AssertionError("training must tokenize captions itself, not call the hijacked embedder")
+
+
+def hijack_text_embedders(model: DiffusionEngine) -> None:
+    """A1111's sd_hijack on an SDXL model: both text embedders wrapped."""
+    for i in (0, 1):
+        model.conditioner.embedders[i] = EmbedderWithCustomWords(model.conditioner.embedders[i])
