@@ -1,6 +1,7 @@
 """The AUTOMATIC1111 host: the only module that imports the WebUI's `modules` (and `networks`).
 
-It trains on the checkpoint the WebUI has loaded, in place (`LdmBackbone`), one job at a time
+It trains on the checkpoint the WebUI has loaded, in place (`LdmBackbone` for SD1.5's ldm
+model, `SgmBackbone` for SDXL's sgm model), one job at a time
 under the WebUI's queue lock, reports to the page's progress bar, obeys its Interrupt button,
 and writes the LoRA where `<lora:name:1>` finds it at once. The WebUI's model is left exactly
 as it was found, also after an error or an interrupt (`training_state`).
@@ -29,6 +30,7 @@ import torch
 
 from lib_lora.errors import Cancelled, UserError
 from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state
+from lib_lora.hosts.sgm_backbone import TE2_NOT_TRAINED, SgmBackbone, is_sgm_sdxl
 from lib_lora.names import validate_name
 from lib_lora.training.card import write_card, write_preview  # noqa: F401 - also this module's API
 
@@ -105,14 +107,21 @@ def check_trainable(sd_model: Any) -> None:
             "restart the WebUI without it, or with --medvram."
         )
     if sd_model is None:
-        raise UserError("No checkpoint is loaded: choose an SD1.5 checkpoint at the top of the page first.")
+        raise UserError("No checkpoint is loaded: choose an SD1.5 or SDXL checkpoint at the top of the page first.")
     if hasattr(sd_model, "forge_objects"):
         raise UserError(
             "Training on Forge's model object is not implemented yet: use AUTOMATIC1111 v1.10, "
             "or the standalone app (python -m lib_lora ui) with this checkpoint's file."
         )
-    if getattr(sd_model, "is_sdxl", False) or getattr(sd_model, "is_sd2", False) or getattr(sd_model, "is_sd3", False):
-        raise UserError("The loaded checkpoint is not SD1.5; Fast LoRA trains SD1.5 LoRAs: load an SD1.5 checkpoint.")
+    if getattr(sd_model, "is_sd2", False) or getattr(sd_model, "is_sd3", False):
+        raise UserError("The loaded checkpoint is SD2 or SD3; Fast LoRA trains SD1.5 and SDXL LoRAs: load one of those.")
+    if getattr(sd_model, "is_sdxl_inpaint", False):
+        raise UserError("The loaded checkpoint is an SDXL inpainting model; load an SDXL base model (or an SD1.5 one).")
+    if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
+        if not is_sgm_sdxl(sd_model) or not hasattr(getattr(sd_model, "model", None), "diffusion_model"):
+            raise UserError("The loaded checkpoint is an SDXL refiner or another SDXL variant without SDXL base's "
+                            "two text encoders; load an SDXL base model (or an SD1.5 one).")
+        return
     if not hasattr(getattr(sd_model, "model", None), "diffusion_model"):
         raise UserError("The loaded checkpoint has no SD1.5 U-Net; load an SD1.5 checkpoint.")
 
@@ -179,7 +188,7 @@ class Placement:
         self.sd_model = sd_model
         self.device = device
         self.medvram = bool(getattr(sd_model, "lowvram", False))
-        self.devices = {p: _device_of(getattr(sd_model, p)) for p in self.PARTS}
+        self.devices = {p: _device_of(getattr(sd_model, p, None)) for p in self.PARTS}
 
     def for_training(self) -> None:
         if not self.medvram:
@@ -194,7 +203,7 @@ class Placement:
         if self.medvram:
             a1111("lowvram").send_everything_to_cpu()
         for part, dev in self.devices.items():
-            module = getattr(self.sd_model, part)
+            module = getattr(self.sd_model, part, None)
             if dev is not None and _device_of(module) != dev:
                 module.to(dev)
 
@@ -397,7 +406,7 @@ class WebUIHost:
         return self._policy
 
     # -- the model ---------------------------------------------------------------------------
-    def backbone(self, base_model: str | None = None) -> LdmBackbone:
+    def backbone(self, base_model: str | None = None) -> LdmBackbone | SgmBackbone:
         """The WebUI's loaded checkpoint, trained in place (`base_model` is ignored).
 
         Inside a job, the first call also readies the model for training (`training_state`)
@@ -408,7 +417,8 @@ class WebUIHost:
         name, sha = checkpoint_identity(sd_model)
         # The WebUI's CheckpointInfo.hash is its old 8-hex model hash, the one kohya writes as ss_sd_model_hash.
         legacy = str(getattr(getattr(sd_model, "sd_checkpoint_info", None), "hash", "") or "")
-        backbone = LdmBackbone(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device,
+        kind = SgmBackbone if is_sgm_sdxl(sd_model) else LdmBackbone
+        backbone = kind(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device,
                                model_legacy_hash="" if legacy == "NOFILE" else legacy)
         stack = getattr(self._local, "stack", None)
         if stack is None:
@@ -577,10 +587,12 @@ class WebUIHost:
         from lib_lora.training.run_config import prepare_train_config
 
         validate_name(cfg.name, "LoRA name")  # before the model is touched
-        backbone = self.backbone()  # refusals (Forge, --lowvram, not SD1.5) come first
+        backbone = self.backbone()  # refusals (Forge, --lowvram, not SD1.5 or SDXL base) come first
         from lib_lora.training.run import train
 
         cfg = prepare_train_config(self, cfg, backbone)
+        if isinstance(backbone, SgmBackbone) and cfg.train_text_encoder:
+            log.info("Fast LoRA: %s", TE2_NOT_TRAINED)
         name = cfg.name
         shared = a1111("shared")
         events: list[dict] = []

@@ -227,3 +227,76 @@ def webui(tmp_path):
             hijack.undo_optimizations()  # ldm's class is shared by every test
         sys.path.remove(str(FAKE_ROOT))
         _drop_fake_modules()
+
+
+# --------------------------------------------------------------------------------------------
+# The SDXL model object A1111 holds (an sgm DiffusionEngine), from the stand-in in fake_sgm.
+
+
+def _load_fake_sgm():
+    import importlib.util
+
+    if "fake_sgm" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fake_sgm", Path(__file__).parent / "fake_sgm" / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fake_sgm"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fake_sgm"]
+
+
+fake_sgm = _load_fake_sgm()
+
+
+def build_sgm_model(checkpoint: Path, dtype: torch.dtype = torch.float32):
+    """The WebUI-shaped SDXL model with exactly the weights of the tiny-sdxl single file."""
+    from transformers import CLIPTextModel
+
+    from lib_lora.training.models import read_state_dict
+    from lib_lora.training.tiny_model import sdxl_configs
+    from lib_lora.training.tokenizer import load_clip_tokenizer
+
+    sd = read_state_dict(checkpoint)
+    _, _, te1_cfg, te2_cfg = sdxl_configs()
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    unet = fake_sgm.UNetModel(**fake_sgm.TINY_SGM_UNET_KWARGS)
+    unet.load_state_dict(part("model.diffusion_model."))
+    vae = AutoencoderKLShape(TINY_LDM_VAE_KWARGS)
+    vae.load_state_dict(part("first_stage_model."))
+    clip = CLIPTextModel(te1_cfg)
+    te = part("conditioner.embedders.0.transformer.")
+    te.pop("text_model.embeddings.position_ids", None)
+    missing, unexpected = clip.load_state_dict(te, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing)
+    tower = fake_sgm.OpenCLIPTextTower(te2_cfg.hidden_size, te2_cfg.num_hidden_layers, te2_cfg.num_attention_heads)
+    tower.load_state_dict(part("conditioner.embedders.1.model."))
+    time_dim = (unet.label_emb[0][0].in_features - te2_cfg.hidden_size) // 6
+    embedders = [fake_sgm.FrozenCLIPEmbedder(clip, load_clip_tokenizer()), fake_sgm.FrozenOpenCLIPEmbedder2(tower),
+                 *(fake_sgm.ConcatTimestepEmbedderND(time_dim, key) for key in
+                   ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"))]
+    model = fake_sgm.DiffusionEngine(unet, vae, fake_sgm.GeneralConditioner(embedders)).to(dtype)
+    assert not [k for k in sd if not k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner."))]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)  # as A1111 leaves them
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint() -> Path:
+    from lib_lora.training.tiny_model import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(family="sdxl")
+
+
+@pytest.fixture
+def sgm_model(tiny_sdxl_checkpoint):
+    return build_sgm_model(tiny_sdxl_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def sgm_model_read_only(tiny_sdxl_checkpoint):
+    """One stand-in per module, for tests that only read it."""
+    return build_sgm_model(tiny_sdxl_checkpoint)

@@ -157,7 +157,8 @@ def test_medvram_placement_is_handled_and_restored(host, webui, webui_model, dat
     [
         (lambda w, m: setattr(w.shared.cmd_opts, "lowvram", True), "--lowvram"),
         (lambda w, m: setattr(m, "forge_objects", object()), "Forge"),
-        (lambda w, m: setattr(m, "is_sdxl", True), "not SD1.5"),
+        (lambda w, m: setattr(m, "is_sdxl", True), "SDXL refiner"),  # sgm-flagged, without SDXL base's encoders
+        (lambda w, m: setattr(m, "is_sd2", True), "SD2 or SD3"),
         (lambda w, m: setattr(w.shared, "sd_model", None), "No checkpoint is loaded"),
     ],
 )
