@@ -244,7 +244,7 @@ class Trainer:
         self.latent_of = {id(it): latents[data_mod.latent_key(it, self.vae_id)] for it in self.dataset.items}
 
     def build_network(self) -> None:
-        from lib_lora.training.lora import LoRANetwork
+        from lib_lora.training.lycoris_net import make_network
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from torch's global RNG
@@ -256,10 +256,7 @@ class Trainer:
             name = _target_name(t)
             if (name.startswith("lora_unet") and cfg.train_unet) or (name.startswith("lora_te") and cfg.train_text_encoder):
                 keep.append(t)
-        self.network = LoRANetwork(
-            keep, dim=cfg.dim, alpha=cfg.alpha, conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha,
-            dropout=cfg.network_dropout, multiplier=1.0,
-        )  # fmt: skip
+        self.network = make_network(keep, cfg)  # plain LoRA, or a LyCORIS type (training/lycoris_net.py)
         self.network.to(self.device, torch.float32)  # LoRA weights stay fp32 under mixed precision
         self.network.apply()
         self.network.train()
