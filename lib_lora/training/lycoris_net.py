@@ -12,6 +12,7 @@ and its file carries the kohya key names the WebUI's Lora extension, ComfyUI and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -182,6 +183,39 @@ class LycorisKohyaNetwork(_base_network_class()):  # type: ignore[misc]
         for key, value in own.items():
             if key in tensors:
                 value.copy_(tensors[key].to(value.dtype))
+
+
+def network_from_file(targets: Iterable[Target], tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str]) -> LycorisKohyaNetwork:
+    """The network of a `lycoris.kohya` file (ours or kohya's), its weights loaded.
+
+    The layout of each module (LoKr's factors, full or decomposed parts) follows from the
+    type and arguments the metadata records, as it did when the file was trained."""
+    from lib_lora.errors import UserError
+
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+        algo = str(args.get("algo", "lora")).lower()
+        dora = str(args.get("dora_wd", "False")).lower() == "true"
+        kind = "dora" if dora and algo in ("lora", "locon") else {"lora": "locon"}.get(algo, algo)
+        dim, alpha = int(metadata["ss_network_dim"]), float(metadata["ss_network_alpha"])
+        conv_dim, conv_alpha = int(args.get("conv_dim", 0)), float(args.get("conv_alpha", 1.0))
+        factor = int(args.get("factor", -1))
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError):
+        raise UserError("This LyCORIS file does not say its network dim, alpha and arguments in its metadata; "
+                        "it cannot be rebuilt here.") from None
+    if kind not in LYCORIS_TYPES or (dora and str(args.get("wd_on_output", "True")).lower() != "false"):
+        raise UserError(f"This LyCORIS file's type ({algo}{' with DoRA' if dora else ''}) is not one this tab can "
+                        "apply; test it in the WebUI.")
+    present = {k.partition(".")[0] for k in tensors}
+    wanted = [t for t in targets if t.name in present]
+    net = LycorisKohyaNetwork(wanted, kind, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
+                              factor=factor)
+    try:
+        net.load_kohya(tensors, strict=True)
+    except (KeyError, RuntimeError):
+        raise UserError("This LyCORIS file's weights do not fit the model's layers; is it for this base model?") from None
+    return net
 
 
 def make_network(targets: Iterable[Target], cfg: Any) -> nn.Module:
