@@ -344,7 +344,7 @@ class TrainConfig:
     alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha/dim", min=0, group="basic")
     conv_dim: int = opt(0, "rank of the optional 3x3 conv LoRA (0 = off)", min=0, max=1024)
     conv_alpha: float = opt(1.0, "alpha of the conv LoRA", min=0)
-    network_dropout: float = opt(0.0, "dropout on the LoRA's hidden units (lora type; LyCORIS's types train without it)",
+    network_dropout: float = opt(0.0, "dropout on the LoRA's hidden units (LoCon, LoHa: on the module's output; LoKr, DoRA: none)",
                                  min=0, max=1)
     network_type: str = opt(
         "lora", "lora: kohya's LoRA; through LyCORIS: locon (LoRA that also trains the 3x3 convs at the conv dim), "

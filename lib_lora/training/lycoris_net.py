@@ -26,6 +26,7 @@ LYCORIS_TYPES = NETWORK_TYPES[1:]
 # The LyCORIS algorithm behind each type (DoRA is LyCORIS's LoRA with weight decomposition).
 ALGO = {"locon": "locon", "loha": "loha", "lokr": "lokr", "dora": "locon"}
 LYCORIS_REQUIREMENT = "lycoris-lora==3.4.0"
+BYPASS_TYPES = ("locon", "loha")  # see lycoris_kwargs
 
 
 def missing_lycoris_message(network_type: str) -> str:
@@ -47,7 +48,12 @@ def _module_class(network_type: str) -> type:
 
 def lycoris_kwargs(network_type: str, factor: int = -1) -> dict[str, Any]:
     """Extra arguments of the LyCORIS module class for a type (beyond dim, alpha, dropout)."""
-    kw: dict[str, Any] = {}
+    # Bypass mode adds the module's output to the layer's (W x + dW x): LoCon then costs what
+    # LoRA does, where LyCORIS's rebuild mode forms W + dW and keeps it for every layer (3.2x
+    # the step's CPU time and +3 GB at the seed recipe, docs/BENCHMARKS.md). DoRA needs the
+    # rebuilt weight (its norm; LyCORIS's bypass forward skips the decomposition), and LoKr's
+    # bypass forward in 3.4.0 is wrong (Linear: another output; 3x3 conv: a shape error).
+    kw: dict[str, Any] = {"bypass_mode": network_type in BYPASS_TYPES}
     if network_type == "lokr":
         kw["factor"] = int(factor)
     if network_type == "dora":
