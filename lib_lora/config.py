@@ -495,7 +495,15 @@ class TrainConfig:
     alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha/dim", min=0, group="basic")
     conv_dim: int = opt(0, "rank of the optional 3x3 conv LoRA (0 = off)", min=0, max=1024)
     conv_alpha: float = opt(1.0, "alpha of the conv LoRA", min=0)
-    network_dropout: float = opt(0.0, "dropout on the LoRA's hidden units", min=0, max=1)
+    network_dropout: float = opt(0.0, "dropout on the LoRA's hidden units (LoCon, LoHa: on the module's output; LoKr, DoRA: none)",
+                                 min=0, max=1)
+    network_type: str = opt(
+        "lora", "lora: kohya's LoRA; through LyCORIS: locon (LoRA that also trains the 3x3 convs at the conv dim), "
+        "loha (Hadamard product), lokr (Kronecker product), dora (weight-decomposed LoRA)",
+        choices=["lora", "locon", "loha", "lokr", "dora"],
+    )
+    lokr_factor: int = opt(-1, "LoKr: the factor its Kronecker product splits each layer by (-1: as even as possible)",
+                           min=-1, max=1024)
     train_unet: bool = opt(True, "train the U-Net LoRA")
     train_text_encoder: bool = opt(True, "train the text-encoder LoRA")
     # Optimisation

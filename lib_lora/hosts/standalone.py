@@ -232,11 +232,16 @@ class LoadedLoras:
             from lib_lora.training.export import read_lora
             from lib_lora.training.lora import LoRANetwork
 
-            tensors, _meta = read_lora(path)
-            dim, alpha, conv_dim, conv_alpha = lora_shape(tensors)
-            targets = self.backbone.lora_targets(conv=conv_dim > 0)
-            net = LoRANetwork(targets, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha)
-            net.load_kohya(tensors)
+            tensors, meta = read_lora(path)
+            if meta.get("ss_network_module") == "lycoris.kohya":  # LoCon, LoHa, LoKr, DoRA
+                from lib_lora.training.lycoris_net import network_from_file
+
+                net = network_from_file(self.backbone.lora_targets(conv=True), tensors, meta)
+            else:
+                dim, alpha, conv_dim, conv_alpha = lora_shape(tensors)
+                targets = self.backbone.lora_targets(conv=conv_dim > 0)
+                net = LoRANetwork(targets, dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha)
+                net.load_kohya(tensors)
             if hasattr(net, "to"):  # the LoRA weights on the model's device and dtype
                 net.to(device=self.backbone.device, dtype=self.backbone.dtype)
             self._networks[path] = net

@@ -55,6 +55,10 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("rembg", "rembg==2.0.69", lo="2.0.60", hi="2.1", no_deps=True, why="background removal"),
     *(Requirement(name, name, why="what rembg needs") for name in REMBG_DEPENDENCIES),
     Requirement("prodigyopt", "prodigyopt==1.1.2", why="the Prodigy optimizer"),
+    # 3.4 is the last line for torch 2.1 (4.x registers torch.library custom ops, torch >= 2.4);
+    # its requirements are torch (the host's), einops, toml and tqdm.
+    Requirement("lycoris-lora", "lycoris-lora==3.4.0", lo="3.4", hi="4",
+                why="the LoCon, LoHa, LoKr and DoRA network types"),
     Requirement("dadaptation", "dadaptation==3.2", why="the D-Adaptation optimizer (learning-rate probe)"),
     Requirement("bitsandbytes", "bitsandbytes", why="the AdamW8bit optimizer"),
     Requirement("tensorboard", "tensorboard", why="training logs"),

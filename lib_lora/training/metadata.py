@@ -67,10 +67,18 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
     """Every metadata key, as strings; the base-model and modelspec values are the family's."""
     dataset_dirs = {s["folder"]: {"n_repeats": s["repeats"], "img_count": s["images"]} for s in plan.subsets}
     network_args = {}
-    if cfg.conv_dim:
-        network_args = {"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_alpha)}
-    if cfg.network_dropout:
-        network_args["dropout"] = str(cfg.network_dropout)
+    network_module = "networks.lora"
+    if cfg.network_type != "lora":
+        from lib_lora.training.lycoris_net import network_args as lycoris_network_args
+
+        network_module = "lycoris.kohya"
+        network_args = lycoris_network_args(cfg.network_type, cfg.conv_dim, cfg.conv_alpha,
+                                            cfg.network_dropout, cfg.lokr_factor)
+    else:
+        if cfg.conv_dim:
+            network_args = {"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_alpha)}
+        if cfg.network_dropout:
+            network_args["dropout"] = str(cfg.network_dropout)
     finished = run.finished_at
     # kohya's modelspec.date: local time to the second, ISO 8601 without an offset.
     date = dt.datetime.fromtimestamp(int(finished or run.started_at))
@@ -84,7 +92,7 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         "ss_new_sd_model_hash": run.model_hash,
         "ss_base_model_version": family.base_model_version,
         "ss_v2": False,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": cfg.dim,
         "ss_network_alpha": cfg.alpha,
         "ss_network_dropout": cfg.network_dropout,

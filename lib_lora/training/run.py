@@ -234,7 +234,7 @@ class Trainer:
         s.latent_of = {id(it): latents[data_mod.latent_key(it, s.vae_id)] for it in s.dataset.items}
 
     def build_network(self) -> None:
-        from lib_lora.training.lora import LoRANetwork
+        from lib_lora.training.lycoris_net import make_network
 
         cfg, s = self.cfg, self.state
         torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from torch's global RNG
@@ -247,10 +247,7 @@ class Trainer:
             is_unet = _target_name(t).startswith(unet_prefix + "_")
             if (is_unet and cfg.train_unet) or (not is_unet and cfg.train_text_encoder):
                 keep.append(t)
-        s.network = LoRANetwork(
-            keep, dim=cfg.dim, alpha=cfg.alpha, conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha,
-            dropout=cfg.network_dropout, multiplier=1.0,
-        )  # fmt: skip
+        s.network = make_network(keep, cfg)  # plain LoRA, or a LyCORIS type (training/lycoris_net.py)
         s.network.to(s.device, torch.float32)  # LoRA weights stay fp32 under mixed precision
         s.network.apply()
         s.network.train()

@@ -31,7 +31,7 @@ LABELS = {
     "tags_file": "Tags file", "general_threshold": "General threshold", "score_floor": "Score floor",
     "max_tags": "Max tags", "existing": "Existing captions", "batch_size": "Batch size",
     "upscale": "Upscale small images", "recursive": "Include sub-folders", "oom_retry": "Retry on out-of-memory",
-    "lr": "Learning rate",
+    "lr": "Learning rate", "network_type": "Network type", "lokr_factor": "LoKr factor",
 }
 
 

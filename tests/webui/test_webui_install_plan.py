@@ -30,13 +30,17 @@ def test_fresh_a1111_venv_plans_exactly_the_missing_packages():
     steps = reqs.plan(A1111_VENV)
     assert planned_names(steps) == {
         "diffusers", "onnxruntime", "rembg", "prodigyopt", "dadaptation", "bitsandbytes", "tensorboard",
-        "matplotlib", "deepdanbooru-onnx", "jsonschema", "pooch", "pymatting", "scipy", "tqdm",
+        "matplotlib", "deepdanbooru-onnx", "jsonschema", "pooch", "pymatting", "scipy", "tqdm", "lycoris-lora",
     }
     with_deps, no_deps = steps
     assert not with_deps.no_deps and no_deps.no_deps
     assert no_deps.names == ("rembg", "deepdanbooru-onnx")
     assert no_deps.pip_args("c.txt") == ["install", "--no-deps", "-c", "c.txt", "rembg==2.0.69", "deepdanbooru-onnx==0.0.8"]
     assert "diffusers==0.31.0" in with_deps.specs
+    # lycoris-lora 3.4.0 requires torch (the host's, held by the constraints), einops, toml and tqdm;
+    # 4.x needs torch >= 2.4 (torch.library.custom_op), above A1111 v1.10's torch 2.1.2.
+    assert "lycoris-lora==3.4.0" in with_deps.specs
+    assert not reqs.satisfied(next(r for r in reqs.REQUIREMENTS if r.name == "lycoris-lora"), "4.1.3")
 
 
 def test_no_second_opencv_beside_the_webuis():
