@@ -52,7 +52,7 @@ def training_precision(requested: str, device: torch.device, weights: torch.dtyp
     return requested
 
 
-def family_defaults(cfg: TrainConfig, family: ModelFamily) -> TrainConfig:
+def apply_family_defaults(cfg: TrainConfig, family: ModelFamily) -> TrainConfig:
     """`cfg` with the family's resolution, bucket range and U-Net-only default where it holds
     the config's own default (TrainConfig's defaults are SD1.5's: a value equal to one is taken
     as not given). SD1.5 configs come back unchanged."""
@@ -80,12 +80,14 @@ def family_note(cfg: TrainConfig, family: ModelFamily) -> str:
     return f"Model family: {family.label}; resolution {cfg.resolution}, buckets {lo}-{hi} px, training the {trains}."
 
 
-def prepare_train_config(host: RunPlaces | None, cfg: TrainConfig, backbone: Any | None = None) -> TrainConfig:
+def prepare_train_config(host: RunPlaces | None, cfg: TrainConfig, backbone: Any | None = None,
+                         family_defaults: bool = True) -> TrainConfig:
     """`cfg` as the run trains it, validated:
 
     - the LoRA name checked (it names files and folders);
-    - the model family's defaults (`family_defaults`: SDXL's 1024 resolution, its buckets and
-      U-Net only) where the request left the config's (SD1.5's) defaults;
+    - the model family's defaults (`apply_family_defaults`: SDXL's 1024 resolution, its buckets
+      and U-Net only) where the request left the config's (SD1.5's) defaults; the CLI, which
+      knows which flags were given, applies them itself (family_defaults=False);
     - with a host: the LoRA goes to the host's LoRA folder and the run folder defaults to
       <work folder>/runs/<name>; without one (the CLI) both stay as given;
     - with the backbone the host gave: the device it is on; a host that trains its own
@@ -93,7 +95,8 @@ def prepare_train_config(host: RunPlaces | None, cfg: TrainConfig, backbone: Any
       weights becomes their precision (`training_precision`), so the run folder's config
       says what ran and a resume on weights of another precision is refused."""
     name = validate_name(cfg.name, "LoRA name")
-    cfg = family_defaults(cfg, config_family(cfg, backbone))
+    if family_defaults:
+        cfg = apply_family_defaults(cfg, config_family(cfg, backbone))
     changes: dict[str, Any] = {"name": name}
     if host is not None:
         changes["output_dir"] = str(host.lora_dir())

@@ -145,10 +145,58 @@ def test_lr_probe_runs(tmp_path, sdxl_dataset, tiny_sdxl):
 
 
 def test_config_defaults_are_the_familys(tmp_path):
-    from lib_lora.training.run_config import family_defaults
+    from lib_lora.training.cli import config_from_args
+    from lib_lora.training.family import SD15
+    from lib_lora.training.run_config import apply_family_defaults, prepare_train_config
 
-    cfg = family_defaults(TrainConfig(name="x", base_model="tiny-sdxl"), SDXL)
+    cfg = prepare_train_config(None, TrainConfig(name="x", base_model="tiny-sdxl"))
     assert (cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso) == (1024, 512, 2048)
     assert cfg.train_text_encoder is False
-    kept = family_defaults(dataclasses.replace(cfg, resolution=768, train_text_encoder=True), SDXL)
+    kept = apply_family_defaults(dataclasses.replace(cfg, resolution=768), SDXL)
     assert kept.resolution == 768  # a value the user gave stays
+    sd15 = TrainConfig(name="x")
+    assert apply_family_defaults(sd15, SD15) == sd15 == prepare_train_config(None, sd15)
+    # The CLI knows which flags were given: --train-text-encoder keeps SDXL's encoders on.
+    from lib_lora.cli import build_parser
+
+    def parsed(*flags):
+        return config_from_args(build_parser().parse_args(["train", str(tmp_path), "--base-model", "tiny-sdxl", *flags]))
+
+    assert parsed().train_text_encoder is False and parsed().resolution == 1024
+    assert parsed("--train-text-encoder").train_text_encoder is True
+    assert parsed("--resolution", "512").resolution == 512
+
+
+def _cli(*args: str, timeout: int = 900):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "lib_lora", *args], capture_output=True, text=True, cwd=root,
+                          timeout=timeout)
+
+
+def test_cli_plan_shows_the_sdxl_defaults(drawn_dataset):
+    proc = _cli("train", str(drawn_dataset), "--base-model", "tiny-sdxl", "--plan-only", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Model family: SDXL; resolution 1024, buckets 512-2048 px, training the U-Net only." in proc.stdout
+    assert "the text encoder is not trained" in proc.stdout
+
+
+def test_cli_train_and_demo_write_the_backbones_unet_targets(tmp_path, drawn_dataset, tiny_sdxl):
+    names = {t.name for t in tiny_sdxl.lora_targets() if t.name.startswith("lora_unet_")}
+    out = tmp_path / "lora"
+    proc = _cli("train", str(drawn_dataset), "--name", "xl", "--base-model", "tiny-sdxl", "--output-dir", str(out),
+                "--run-dir", str(tmp_path / "run"), "--max-steps", "2", "--resolution", "64", "--dim", "4",
+                "--lr", "1e-3", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    tensors, md = read_lora(out / "xl.safetensors")
+    assert {k.split(".")[0] for k in tensors} == names and md["ss_base_model_version"] == "sdxl_base_v1-0"
+
+    proc = _cli("demo", "--family", "sdxl", "--out", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr
+    tensors, md = read_lora(tmp_path / "demo" / "lora" / "fastlora_chan.safetensors")
+    assert {k.split(".")[0] for k in tensors} == names
+    assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert list((tmp_path / "demo" / "runs" / "fastlora_chan" / "samples").glob("*.png"))  # SDXL sampling ran
