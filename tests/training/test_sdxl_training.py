@@ -200,3 +200,15 @@ def test_cli_train_and_demo_write_the_backbones_unet_targets(tmp_path, drawn_dat
     assert {k.split(".")[0] for k in tensors} == names
     assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert list((tmp_path / "demo" / "runs" / "fastlora_chan" / "samples").glob("*.png"))  # SDXL sampling ran
+
+
+def test_standalone_host_gives_the_train_tab_an_sdxl_backbone_and_its_defaults(tmp_path):
+    from lib_lora.hosts.standalone import StandaloneHost
+    from lib_lora.training.backbone_sdxl import SDXLBackbone
+    from lib_lora.training.run_config import prepare_train_config
+
+    host = StandaloneHost(base_model="tiny-sdxl", output_dir=tmp_path / "out", work_dir=tmp_path / "work", device="cpu")
+    bb = host.backbone("tiny-sdxl")  # what the Train tab asks for, then prepare_train_config as there
+    assert isinstance(bb, SDXLBackbone)
+    cfg = prepare_train_config(host, TrainConfig(name="x", base_model="tiny-sdxl"), bb)
+    assert (cfg.resolution, cfg.train_text_encoder) == (1024, False)
