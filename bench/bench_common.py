@@ -75,3 +75,23 @@ def sd15_random_backbone(device: str = "cpu", dtype=None):
     sched = DDPMScheduler.from_config(models.sd15_scheduler_config())
     bb = DiffusersBackbone(unet, vae, te, load_clip_tokenizer(), sched, model_name="sd15-random")
     return bb.to(device, dtype)
+
+
+def sdxl_random_backbone(device: str = "cpu", dtype=None, full_size: bool = True):
+    """An SDXL backbone with random weights: the full-size SDXL base 1.0 architecture
+    (full_size) or tiny-sdxl's, built from tiny_model's configs with torch's default init
+    (the compute of a real SDXL without a model file)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from lib_lora.training import models
+    from lib_lora.training.backbone_sdxl import SDXLBackbone
+    from lib_lora.training.tiny_model import build_sdxl_modules
+    from lib_lora.training.tokenizer import load_clip_tokenizer, load_clip_tokenizer_2
+
+    torch.manual_seed(0)
+    unet, vae, te1, te2 = build_sdxl_modules(full_size, device="cpu")
+    sched = DDPMScheduler.from_config(models.sd15_scheduler_config())
+    bb = SDXLBackbone(unet, vae, te1, te2, load_clip_tokenizer(), load_clip_tokenizer_2(), sched,
+                      model_name="sdxl-random" if full_size else "tiny-sdxl-random")
+    return bb.to(device, dtype)

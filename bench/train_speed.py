@@ -10,6 +10,12 @@ fraction of a matmul peak measured in the same run (bf16 on CUDA, fp32 on the CP
     python bench/train_speed.py --cpu                # CPU: fp32, batch 1 at 128² (development)
     python bench/train_speed.py --cpu --resolution 256 --batches 1   # kohya's CPU figure's shape
     python bench/train_speed.py --json out.json
+    python bench/train_speed.py --family sdxl        # CUDA: full-size SDXL, batch 1 at 1024², U-Net LoRA
+                                                     # dim 32, gradient checkpointing, AdamW8bit
+    python bench/train_speed.py --family sdxl --cpu --tiny   # CPU: tiny-sdxl's architecture at 128²
+
+With --family sdxl the recipe is the SDXL one (U-Net only, dim 32, alpha 16, cached text-encoder
+outputs, gradient checkpointing on unless --no-gradient-checkpointing).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import bench_common  # noqa: F401 - puts the checkout's lib_lora first on sys.path
 import torch
-from bench_common import make_dataset, median_ms, sd15_random_backbone, table
+from bench_common import make_dataset, median_ms, sd15_random_backbone, sdxl_random_backbone, table
 
 FLOOR_TFLOP_512 = 1.6  # one training sample at 512²: forward 0.80 + backward to the inputs
 
@@ -67,10 +73,13 @@ def make_trainer(bb, dataset: Path, work: Path, resolution: int, batch: int, pre
     from lib_lora.config import TrainConfig
     from lib_lora.training.run import Trainer
 
+    recipe = {"dim": 128, "alpha": 64.0}
+    if getattr(bb, "family", None) is not None and bb.family.name == "sdxl":
+        recipe = {"dim": 32, "alpha": 16.0, "train_text_encoder": False}
     cfg = TrainConfig(
         name="speed", dataset=str(dataset), output_dir=str(work / "out"), run_dir=str(work / "run"), overwrite=True,
-        resolution=resolution, batch_size=batch, mixed_precision=precision, device=str(bb.device), dim=128, alpha=64.0,
-        optimizer=optimizer, lr="1e-4", log_every_n_steps=10**6, cache_latents_to_disk=False, **extra,
+        resolution=resolution, batch_size=batch, mixed_precision=precision, device=str(bb.device),
+        optimizer=optimizer, lr="1e-4", log_every_n_steps=10**6, cache_latents_to_disk=False, **recipe, **extra,
     )  # fmt: skip
     tr = Trainer(cfg, bb)
     tr.state.started_at, tr.state.name = time.time(), "speed"
@@ -159,14 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optimizer", default="adamw8bit")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    ap.add_argument("--tiny", action="store_true", help="--family sdxl: tiny-sdxl's architecture (no full-size)")
     ap.add_argument("--sync-debug", action="store_true", help="CUDA: warn on every host sync in the timed steps")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this file ('-' = stdout)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu
     dev = torch.device("cuda" if cuda else "cpu")
-    args.resolution = args.resolution or (512 if cuda else 128)
+    xl = args.family == "sdxl"
+    args.resolution = args.resolution or ((1024 if xl else 512) if cuda else 128)
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = xl  # SDXL's 12 GB recipe; SD1.5's measured figures are without
+    if xl and cuda and args.batches is None:
+        args.batches = [1]
     args.batches = args.batches or ([1, 4, 8] if cuda else [1])
     args.precisions = args.precisions or (["fp16", "bf16"] if cuda else ["no"])
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
@@ -175,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     peak, peak_what = matmul_peak_tflops(dev)
     machine = torch.cuda.get_device_name(dev) if cuda else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"# {machine}; torch {torch.__version__}; {args.resolution}²; matmul peak {peak:.2f} TFLOP/s ({peak_what});"
+    print(f"# {machine}; torch {torch.__version__}; {args.family}{' tiny' if args.tiny else ''}; {args.resolution}²; matmul peak {peak:.2f} TFLOP/s ({peak_what});"
           f" load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
-    bb = sd15_random_backbone(dev)
+    bb = sdxl_random_backbone(dev, full_size=not args.tiny) if xl else sd15_random_backbone(dev)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -191,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, cols))
     if args.resolution == 512:
         print(f"# floor: {FLOOR_TFLOP_512} TFLOP per sample at 512²")
-    out = {"machine": machine, "torch": torch.__version__, "resolution": args.resolution,
+    out = {"machine": machine, "torch": torch.__version__, "resolution": args.resolution, "family": args.family,
            "matmul_peak_tflops": peak, "matmul_peak_what": peak_what, "rows": rows,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv[1:]}  # fmt: skip
     if args.json == "-":

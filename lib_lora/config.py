@@ -465,8 +465,9 @@ class TrainConfig:
     name: str = opt("", "LoRA name: the output file's name and the trigger word (Unicode allowed)", group="basic")
     dataset: str = opt("", "the folder of training images (the one Prepare made)", group="basic",
                        path="folder")
-    base_model: str = opt("tiny", "SD1.5 single-file checkpoint, diffusers folder, or 'tiny' (built-in)", group="basic",
-                          path="model", names=("tiny",))
+    base_model: str = opt("tiny", "SD1.5 or SDXL single-file checkpoint, diffusers folder, or 'tiny' / 'tiny-sdxl' (built-in)",
+                          group="basic",
+                          path="model", names=("tiny", "tiny-sdxl"))
     output_dir: str = opt("output", "where the final LoRA (.safetensors) is written", group="basic", path="folder")
     run_dir: str = opt("", "folder for the run's config, logs, checkpoints and state (default: runs/<name>)",
                        path="folder")

@@ -105,12 +105,16 @@ def make_dataset(folder: Path, count: int = 16, size: int = 128, seed: int = 0, 
     return folder
 
 
-def demo_config(out: Path) -> TrainConfig:
-    return validate(
+def demo_config(out: Path, family: str = "sd15") -> TrainConfig:
+    """The demo's run on the built-in tiny model of `family` ("sd15": `tiny`, "sdxl":
+    `tiny-sdxl`, U-Net only by the SDXL family's default)."""
+    from lib_lora.training.run_config import prepare_train_config
+
+    cfg = validate(
         TrainConfig(
             name=DEMO_NAME,
             dataset=str(out / "dataset"),
-            base_model="tiny",
+            base_model="tiny-sdxl" if family == "sdxl" else "tiny",
             output_dir=str(out / "lora"),
             run_dir=str(out / "runs" / DEMO_NAME),
             overwrite=True,
@@ -124,14 +128,17 @@ def demo_config(out: Path) -> TrainConfig:
             device="cpu",
             log_every_n_steps=10,
             sample_images=2,  # half-way and at the end, into <run folder>/samples
-            comment="Fast LoRA demo: tiny model, drawn dataset",
+            comment=f"Fast LoRA demo: tiny {'SDXL ' if family == 'sdxl' else ''}model, drawn dataset",
         )
     )
+    return prepare_train_config(None, cfg)  # the family's defaults where the demo sets none
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="draw a sample dataset, train the tiny model on it (CPU, < 2 min)")
     p.add_argument("--out", default="output/demo", help="folder for the dataset, run and LoRA (default: output/demo)")
+    p.add_argument("--family", choices=("sd15", "sdxl"), default="sd15",
+                   help="which built-in tiny model to train: sd15 (tiny) or sdxl (tiny-sdxl); default sd15")
     p.set_defaults(func=run_demo)
 
 
@@ -147,7 +154,7 @@ def run_demo(args: argparse.Namespace) -> int:
     bar = TqdmProgress(desc="demo", unit="step")
 
     try:
-        result = train(demo_config(out), progress=bar, on_event=bar_events(bar))
+        result = train(demo_config(out, args.family), progress=bar, on_event=bar_events(bar))
     finally:
         bar.close()
     print(f"LoRA written: {result.lora_path}")

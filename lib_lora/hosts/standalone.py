@@ -125,7 +125,7 @@ class StandaloneHost:
             if key not in self._backbones:
                 import torch
 
-                from lib_lora.training.models import load_backbone
+                from lib_lora.training.models_sdxl import load_backbone  # SD1.5 or SDXL, by the file
 
                 device = self._torch_device()
                 dtype = torch.float16 if device.startswith("cuda") else torch.float32

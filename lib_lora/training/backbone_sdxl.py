@@ -137,7 +137,19 @@ class SDXLBackbone(DiffusersBackbone):
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> SDXLBackbone:
         super().to(device, dtype)
         self.text_encoder_2.to(self.device, self.dtype)
+        # SDXL's VAE overflows in fp16 (diffusers' `force_upcast` in its config): it stays fp32.
+        self.vae.to(self.device, torch.float32)
         return self
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, enabled=False):  # fp32 also under a caller's autocast
+            return super().encode_images(pixels.float())
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, enabled=False):
+            return super().decode_latents(latents.float())
 
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1,
                     input_ids_2: torch.Tensor | None = None) -> TextConditioning:

@@ -27,7 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = apply_preset(TrainConfig(), args.preset) if args.preset else TrainConfig()
+    """The flags given over the base model's family defaults (and the family's preset): here,
+    unlike a form, a flag not given is known, so `--train-text-encoder` keeps SDXL's encoders on."""
+    from lib_lora.training.run_config import apply_family_defaults, config_family
+
+    family = config_family(from_args(TrainConfig, args))
+    base = apply_family_defaults(TrainConfig(), family)
+    base = apply_preset(base, args.preset, family) if args.preset else base
     cfg = from_args(TrainConfig, args, base=base)
     cfg = dataclasses.replace(cfg, dataset=args.dataset)
     if not cfg.name:
@@ -59,11 +65,16 @@ def bar_events(bar: Any) -> Callable[[dict], None]:
 def print_plan(cfg: TrainConfig, plan: Any) -> None:
     """The step plan, the LR probe's steps before it, and the time a measured run predicts."""
     from lib_lora.training import timing
+    from lib_lora.training.family import SD15
     from lib_lora.training.optim import lr_plan
     from lib_lora.training.probe import probe_budget
+    from lib_lora.training.run_config import config_family, family_note
 
     print(plan.describe())
     print(lr_plan(cfg))
+    family = config_family(cfg)
+    if family is not SD15:
+        print(family_note(cfg, family))
     total = plan.total_steps
     if cfg.lr == "auto":
         budget = probe_budget(total, cfg.probe_fraction, cfg.probe_min_steps, cfg.probe_max_steps)
@@ -85,7 +96,8 @@ def run_train(args: argparse.Namespace) -> int:
     from lib_lora.training.run import train
     from lib_lora.training.run_config import prepare_train_config
 
-    cfg = prepare_train_config(None, config_from_args(args))  # the CLI's host decides nothing: its flags do
+    # The CLI's host decides nothing: its flags do (the family's defaults are in config_from_args).
+    cfg = prepare_train_config(None, config_from_args(args), family_defaults=False)
     if args.plan_only:
         print_plan(cfg, plan_steps(cfg.dataset, cfg))
         return 0

@@ -95,6 +95,8 @@ class ModelFamily:
     # The module naming kohya's U-Net keys use: diffusers paths (SD1.5 LoRAs) or compvis/sgm
     # paths (SDXL LoRAs: sd-scripts trains SDXL on library/sdxl_original_unet.py, sgm's layout).
     unet_key_space: str = "diffusers"
+    # Whether a run trains the text encoders unless told otherwise (kohya: U-Net only for SDXL).
+    default_train_text_encoder: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "presets", _frozen(self.presets))
@@ -189,6 +191,7 @@ SDXL = ModelFamily(
     presets=SDXL_PRESETS,
     extra_conditioning=("text_embeds", "time_ids"),
     unet_key_space="compvis",
+    default_train_text_encoder=False,
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL)}

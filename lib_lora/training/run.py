@@ -40,7 +40,7 @@ from lib_lora.training import guards, probe, speed
 from lib_lora.training import sample as sample_mod
 from lib_lora.training import state as state_mod
 from lib_lora.training.backbone import Backbone
-from lib_lora.training.family import family_of
+from lib_lora.training.family import SD15, family_of
 from lib_lora.training.metadata import RunInfo, build_metadata
 from lib_lora.training.optim import (
     group_lrs,
@@ -51,7 +51,7 @@ from lib_lora.training.optim import (
     text_encoder_lr,
     warmup_steps,
 )
-from lib_lora.training.run_config import training_precision
+from lib_lora.training.run_config import config_family, family_note, training_precision
 from lib_lora.training.run_state import RunEvents, RunState, release_run_only
 from lib_lora.training.schedule import noise_schedule
 
@@ -93,6 +93,25 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 def run_folder(cfg: TrainConfig, name: str) -> Path:
     """Where a run keeps its config, logs, checkpoints and resumable state."""
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / name
+
+
+def sample_time_ids(items: list[data_mod.Item]) -> torch.Tensor:
+    """(B, 6) SDXL time ids of a batch from one bucket: each image's original size, its crop's
+    top-left and the bucket (backbone_sdxl.bucket_time_ids, as kohya computes them)."""
+    from lib_lora.training.backbone_sdxl import bucket_time_ids
+
+    return bucket_time_ids([it.size for it in items], items[0].bucket)
+
+
+def predict_with(predict: Callable, bb: Backbone, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                 pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
+    """The U-Net's prediction in the backbone's dtype; with the added conditioning (pooled text
+    embedding and time ids) for a family that has it (SDXL)."""
+    if time_ids is None:
+        return predict(noisy.to(bb.dtype), t, cond.to(bb.dtype))
+    from lib_lora.training.backbone_sdxl import added_conditions
+
+    return predict(noisy.to(bb.dtype), t, cond.to(bb.dtype), added_conditions(pooled.to(bb.dtype), time_ids))
 
 
 def _target_name(t: Any) -> str:
@@ -179,7 +198,11 @@ class Trainer:
         self.phase(f"Reading the dataset {cfg.dataset}")
         s.dataset = data_mod.scan_dataset(cfg.dataset, cfg)
         s.plan = s.dataset.plan
-        self.emit("plan", text=s.plan.describe() + "\n" + lr_plan(cfg), **s.plan.to_dict())
+        text = s.plan.describe() + "\n" + lr_plan(cfg)
+        family = config_family(cfg, s.backbone)
+        if family is not SD15:
+            text += "\n" + family_note(cfg, family)
+        self.emit("plan", text=text, **s.plan.to_dict())
 
     def load_model(self) -> None:
         cfg, s = self.cfg, self.state
@@ -187,7 +210,7 @@ class Trainer:
         s.precision = training_precision(cfg.mixed_precision, s.device, getattr(s.backbone, "dtype", None))
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[s.precision]
         if s.backbone is None:
-            from lib_lora.training.models import load_backbone
+            from lib_lora.training.models_sdxl import load_backbone  # of whichever family the model is
 
             self.phase(f"Loading the base model {cfg.base_model} on {s.device}")
             s.backbone = load_backbone(cfg.base_model, device=str(s.device), dtype=weight_dtype)
@@ -344,6 +367,7 @@ class Trainer:
             s.feeder = speed.StepFeeder(
                 s.latent_of, s.tokens, s.device, s.noise_gen, timesteps,
                 cfg.noise_offset, encode if cache_te else None, fmt, fixed_captions=not cfg.shuffle_caption,
+                time_ids=sample_time_ids if "time_ids" in family_of(s.backbone).extra_conditioning else None,
             )  # fmt: skip
             s.predict = speed.compile_predict(s.backbone.predict_noise, cfg.compile_unet)
         s.feeder.gen = s.noise_gen  # build_optimizer (re)seeds it, e.g. after the LR probe
@@ -368,11 +392,11 @@ class Trainer:
 
         amp = s.amp_dtype is not None
         with torch.autocast(s.device.type, dtype=s.amp_dtype or torch.float32, enabled=amp):
-            cond = d.cond
+            cond, pooled = d.cond, d.pooled
             if cond is None:
                 with torch.set_grad_enabled(bool(s.te_params)):
-                    cond = bb.encode_text(d.ids, clip_skip=cfg.clip_skip)
-            pred = s.predict(noisy.to(bb.dtype), t, cond.to(bb.dtype))
+                    cond, pooled = speed.split_conditioning(bb.encode_text(d.ids, clip_skip=cfg.clip_skip))
+            pred = predict_with(s.predict, bb, noisy, t, cond, pooled, d.time_ids)
         loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
             snr = s.snr[t]
@@ -407,16 +431,18 @@ class Trainer:
         was_training = s.network.training
         s.network.eval()  # no dropout while measuring
         try:
+            extra = "time_ids" in family_of(s.backbone).extra_conditioning
             for it in s.dataset.items:
                 lat = s.latent_of[id(it)].unsqueeze(0).to(s.device)
                 ids = s.tokens.batch([it.caption]).to(s.device)
+                tids = sample_time_ids([it]).to(s.device) if extra else None
                 for ts in timesteps:
                     noise = torch.randn(lat.shape, generator=gen).to(s.device)
                     t = torch.tensor([ts], device=s.device)
                     noisy = s.sqrt_ac[t].view(1, 1, 1, 1) * lat + s.sqrt_1mac[t].view(1, 1, 1, 1) * noise
                     with torch.autocast(s.device.type, dtype=s.amp_dtype or torch.float32, enabled=s.amp_dtype is not None):
-                        cond = s.backbone.encode_text(ids, clip_skip=self.cfg.clip_skip)
-                        pred = s.backbone.predict_noise(noisy.to(s.backbone.dtype), t, cond.to(s.backbone.dtype))
+                        cond, pooled = speed.split_conditioning(s.backbone.encode_text(ids, clip_skip=self.cfg.clip_skip))
+                        pred = predict_with(s.backbone.predict_noise, s.backbone, noisy, t, cond, pooled, tids)
                     total += F.mse_loss(pred.float(), noise).item()
                     n += 1
         finally:

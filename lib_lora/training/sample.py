@@ -97,6 +97,20 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def added_predict(backbone: Backbone, pooled: torch.Tensor, size_hw: tuple[int, int]) -> Callable:
+    """SDXL's noise prediction for `denoise`: the (uncond, cond) pooled embeddings and the time
+    ids of an uncropped image of the sample's size (original = target, crop 0, 0), as the
+    WebUI and diffusers sample SDXL by default."""
+    from lib_lora.training.backbone_sdxl import added_conditions, time_ids
+
+    ids = time_ids(size_hw, (0, 0), size_hw).to(pooled.device).expand(pooled.shape[0], -1)
+
+    def predict(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return backbone.predict_noise(x, t, cond, added_conditions(pooled, ids))
+
+    return predict
+
+
 def make_samples(
     backbone: Backbone,
     tokens: CaptionTokens,
@@ -127,8 +141,13 @@ def make_samples(
             noise = torch.randn((1, family.latent_channels, h // down, w // down), generator=gen).to(dev)
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 ids = tokens.batch([negative, prompt]).to(dev)
-                uncond, cond = backbone.encode_text(ids, clip_skip=clip_skip).to(backbone.dtype).chunk(2)
-                latents = denoise(backbone.predict_noise, cond, uncond, noise.to(backbone.dtype), steps, cfg_scale,
+                encoded = backbone.encode_text(ids, clip_skip=clip_skip)
+                predict = backbone.predict_noise
+                if isinstance(encoded, tuple):  # SDXL: (cond, pooled), and the size conditioning
+                    encoded, pooled = encoded
+                    predict = added_predict(backbone, pooled.to(backbone.dtype), (h, w))
+                uncond, cond = encoded.to(backbone.dtype).chunk(2)
+                latents = denoise(predict, cond, uncond, noise.to(backbone.dtype), steps, cfg_scale,
                                   progress, family)  # fmt: skip
                 pixels = backbone.decode_latents(latents)
             buf = io.BytesIO()

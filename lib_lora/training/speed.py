@@ -43,6 +43,10 @@ class StepData:
     timesteps: torch.Tensor  # (B,) long
     ids: torch.Tensor  # (B, n*77) long
     cond: torch.Tensor | None  # (B, n*77, 768) in the backbone's dtype, or None: run the text encoder
+    # Families with extra U-Net conditioning (SDXL): the pooled text embedding (cached with
+    # `cond`, None when the text encoder runs) and each sample's size/crop time ids.
+    pooled: torch.Tensor | None = None  # (B, pooled width) in the backbone's dtype
+    time_ids: torch.Tensor | None = None  # (B, 6) fp32
 
 
 class StepFeeder:
@@ -59,6 +63,7 @@ class StepFeeder:
         encode_chunks: Callable[[torch.Tensor], torch.Tensor] | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
         fixed_captions: bool = True,
+        time_ids: Callable[[Sequence[Any]], torch.Tensor] | None = None,
     ) -> None:
         self.device = device
         self.tokens = tokens
@@ -71,6 +76,7 @@ class StepFeeder:
         # or its text-encoder outputs would only grow the caches (and hash the keys) for nothing.
         self.fixed_captions = fixed_captions
         self.memory_format = memory_format
+        self.time_ids = time_ids  # items of one bucket -> (B, 6) time ids (SDXL), None for SD1.5
         self.pin = device.type == "cuda"
         total = sum(t.numel() * t.element_size() for t in latent_of.values())
         on_device = device.type != "cpu" and total <= DEVICE_LATENT_BUDGET
@@ -80,6 +86,7 @@ class StepFeeder:
         # rarely comes back (20 images at batch 4: 14 hits in 2000 steps); a caption always does.
         self._ids: dict[str, tuple[torch.Tensor, list[tuple[int, ...]]]] = {}
         self._cond: dict[tuple[int, ...], torch.Tensor] = {}
+        self._pooled: dict[tuple[int, ...], torch.Tensor] = {}  # per chunk, beside _cond (SDXL)
 
     def _place(self, t: torch.Tensor, on_device: bool) -> torch.Tensor:
         if on_device:
@@ -103,8 +110,9 @@ class StepFeeder:
             latents = latents.contiguous(memory_format=self.memory_format)
             noise = noise.contiguous(memory_format=self.memory_format)
         ids, keys = self.ids(batch.captions)
-        cond = self.cond(ids, keys) if self.encode_chunks is not None else None
-        return StepData(latents, noise, t, ids, cond)
+        cond, pooled = self.conditioning(ids, keys) if self.encode_chunks is not None else (None, None)
+        tids = self.time_ids(batch.items).to(dev, non_blocking=True) if self.time_ids is not None else None
+        return StepData(latents, noise, t, ids, cond, pooled, tids)
 
     def ids(self, captions: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
         """(B, n*77) ids on the device, and each 77-id chunk as a host tuple (the cond cache
@@ -137,31 +145,57 @@ class StepFeeder:
         return host.to(self.device), keys
 
     def cond(self, ids: torch.Tensor, keys: list[tuple[int, ...]]) -> torch.Tensor:
-        """Text-encoder output of (B, n*77) ids, assembled from cached per-chunk outputs.
+        """Text-encoder output of (B, n*77) ids, assembled from cached per-chunk outputs."""
+        return self.conditioning(ids, keys)[0]
+
+    def conditioning(self, ids: torch.Tensor, keys: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(text-encoder output of (B, n*77) ids, pooled embedding per row or None), assembled
+        from cached per-chunk outputs.
 
         The loop encodes 77-token chunks independently, so a chunk's output depends only on
-        its ids: caching per chunk is exact, and captions of any length share entries."""
+        its ids: caching per chunk is exact, and captions of any length share entries. A pooled
+        embedding (SDXL) is the first chunk's, so it is cached per chunk too."""
         rows, width = ids.shape
         missing = list(dict.fromkeys(k for k in keys if k not in self._cond))
         fresh: dict[tuple[int, ...], torch.Tensor] = {}
+        fresh_pooled: dict[tuple[int, ...], torch.Tensor] = {}
         if missing:
             with torch.no_grad():
-                out = self.encode_chunks(torch.tensor(missing, dtype=torch.long, device=self.device))
+                out, pooled = split_conditioning(self.encode_chunks(torch.tensor(missing, dtype=torch.long, device=self.device)))
             fresh = dict(zip(missing, out, strict=True))
+            if pooled is not None:
+                fresh_pooled = dict(zip(missing, pooled, strict=True))
             if self.fixed_captions and len(self._cond) + len(missing) <= COND_CACHE_LIMIT:
                 self._cond.update(fresh)
+                self._pooled.update(fresh_pooled)
         parts = [self._cond.get(k, fresh.get(k)) for k in keys]
-        return torch.stack(parts).view(rows, width, -1)
+        cond = torch.stack(parts).view(rows, width, -1)
+        if not (fresh_pooled or self._pooled):
+            return cond, None
+        firsts = keys[:: width // self.chunk]  # each row's first chunk
+        return cond, torch.stack([self._pooled.get(k, fresh_pooled.get(k)) for k in firsts])
+
+
+def split_conditioning(encoded: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, pooled or None) of what a backbone's `encode_text` returns: a tensor (SD1.5)
+    or a (cond, pooled) pair (SDXL's TextConditioning)."""
+    if isinstance(encoded, tuple):
+        return encoded[0], encoded[1]
+    return encoded, None
 
 
 def text_chunk_encoder(
     backbone: Any, clip_skip: int, device: torch.device, amp_dtype: torch.dtype | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(k, 77) ids -> (k, 77, 768) conditioning in the backbone's dtype, as the loop computes it."""
+    """(k, 77) ids -> (k, 77, 768) conditioning in the backbone's dtype, as the loop computes it
+    (SDXL: a (cond, pooled) pair, both in the backbone's dtype)."""
 
-    def encode(chunk_ids: torch.Tensor) -> torch.Tensor:
+    def encode(chunk_ids: torch.Tensor) -> Any:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            return backbone.encode_text(chunk_ids, clip_skip=clip_skip).to(backbone.dtype)
+            out = backbone.encode_text(chunk_ids, clip_skip=clip_skip)
+            if isinstance(out, tuple):
+                return type(out)(*(o.to(backbone.dtype) for o in out))
+            return out.to(backbone.dtype)
 
     return encode
 

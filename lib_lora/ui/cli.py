@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ui", help="start the web UI (all seven steps in the browser)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=7861, help="port (default: 7861)")
-    p.add_argument("--base-model", default="tiny", help="SD1.5 checkpoint, diffusers folder, or 'tiny'")
+    p.add_argument("--base-model", default="tiny", help="SD1.5 or SDXL checkpoint, diffusers folder, 'tiny' or 'tiny-sdxl'")
     p.add_argument("--output-dir", default="output", help="where finished LoRAs go (default: ./output)")
     p.add_argument("--work-dir", default="work", help="where datasets and runs go (default: ./work)")
     p.add_argument("--root", action="append", default=[],
