@@ -177,6 +177,9 @@ class StandaloneHost:
         from diffusers import StableDiffusionPipeline
 
         backbone = self.backbone(kw.get("base_model"))
+        if family_of(backbone).extra_conditioning:
+            raise UserError(f"The Test tab makes {family_of(backbone).label} images only in the WebUI so far; "
+                            "try this LoRA there (or in ComfyUI).")
         vae = getattr(backbone, "vae", None)
         if vae is None:
             raise ModelLoadError("This base model was loaded without its VAE, so it cannot make test images.")

@@ -182,7 +182,7 @@ def give_back_applied_loras(state: AppliedLoras | None) -> None:
 class Placement:
     """Device placement of the model's three parts, and the --medvram hooks' bookkeeping."""
 
-    PARTS = ("model", "cond_stage_model", "first_stage_model")
+    PARTS = ("model", "cond_stage_model", "conditioner", "first_stage_model")  # conditioner: sgm (SDXL)
 
     def __init__(self, sd_model: Any, device: torch.device):
         self.sd_model = sd_model
@@ -198,6 +198,11 @@ class Placement:
         # hooks still move them in when they run (latents are cached before the first step).
         a1111("lowvram").send_everything_to_cpu()
         self.sd_model.model.to(self.device)
+        # SDXL: the hook sits on the whole conditioner, while SgmBackbone calls its embedders'
+        # parts directly, so the hook never fires: place the text encoders too.
+        conditioner = getattr(self.sd_model, "conditioner", None)
+        if conditioner is not None:
+            conditioner.to(self.device)
 
     def restore(self) -> None:
         if self.medvram:

@@ -219,10 +219,10 @@ class Trainer:
         if cfg.mixed_precision == "no" and s.precision != "no":
             self.phase(f"The host's model is {bb.dtype}; training with {s.precision} mixed precision.")
         s.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}[s.precision]
-        bb.unet.requires_grad_(False)
-        bb.text_encoder.requires_grad_(False)
-        bb.unet.eval()
-        bb.text_encoder.eval()
+        for part in (bb.unet, bb.text_encoder, getattr(bb, "text_encoder_2", None)):  # SDXL: two encoders
+            if part is not None:
+                part.requires_grad_(False)
+                part.eval()
         s.gradient_checkpointing = cfg.gradient_checkpointing
         if cfg.gradient_checkpointing:
             speed.enable_gradient_checkpointing(bb, cfg.train_text_encoder)

@@ -270,10 +270,10 @@ def enable_gradient_checkpointing(backbone: Any, text_encoder_too: bool) -> bool
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers only checkpoints in training mode; SD's U-Net has no dropout
         on = True
-    te = backbone.text_encoder
-    if text_encoder_too and hasattr(te, "gradient_checkpointing_enable"):
-        te.gradient_checkpointing_enable()
-        te.train()
-        if hasattr(te, "enable_input_require_grads"):
-            te.enable_input_require_grads()
+    for te in (backbone.text_encoder, getattr(backbone, "text_encoder_2", None)):  # SDXL has two
+        if text_encoder_too and hasattr(te, "gradient_checkpointing_enable"):
+            te.gradient_checkpointing_enable()
+            te.train()
+            if hasattr(te, "enable_input_require_grads"):
+                te.enable_input_require_grads()
     return on

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lib_lora.config import TrainConfig
-from lib_lora.errors import Cancelled
+from lib_lora.errors import Cancelled, UserError
 from lib_lora.progress import NullProgress
 from lib_lora.training.export import read_lora
 from lib_lora.training.family import SDXL
@@ -212,3 +212,6 @@ def test_standalone_host_gives_the_train_tab_an_sdxl_backbone_and_its_defaults(t
     assert isinstance(bb, SDXLBackbone)
     cfg = prepare_train_config(host, TrainConfig(name="x", base_model="tiny-sdxl"), bb)
     assert (cfg.resolution, cfg.train_text_encoder) == (1024, False)
+    # The standalone Test tab's pipeline is SD1.5's: on SDXL it says so in one sentence.
+    with pytest.raises(UserError, match="only in the WebUI"):
+        host.generate(["a photo"], seed=1, base_model="tiny-sdxl")
