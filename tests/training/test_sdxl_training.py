@@ -89,14 +89,20 @@ def test_each_samples_time_ids_reach_the_unet(tmp_path, sdxl_dataset, tiny_sdxl)
     assert all(len({tuple(it.size) for it in b.items}) == 2 for b in batches)
 
 
-def test_cached_text_encoder_equals_uncached(tmp_path, sdxl_dataset, tiny_sdxl, float32_rounding):
+def test_cached_text_encoder_equals_uncached(tmp_path, sdxl_dataset, float32_rounding):
+    from lib_lora.training.models_sdxl import load_backbone
+
+    tiny_sdxl = load_backbone("tiny-sdxl")  # its own: the two runs compared start from the same model state
     cached = train(_cfg(tmp_path / "c", sdxl_dataset), backbone=tiny_sdxl)
     plain = train(_cfg(tmp_path / "p", sdxl_dataset, cache_text_encoder_outputs=False), backbone=tiny_sdxl)
     a, b = read_lora(cached.lora_path)[0], read_lora(plain.lora_path)[0]
     tol = float32_rounding(tiny_sdxl.unet, tiny_sdxl.text_encoder, tiny_sdxl.text_encoder_2) * 6  # 6 steps
     assert a.keys() == b.keys()
+    # Normwise per tensor: AdamW divides each element's step by its own gradient size, so an
+    # element whose gradient is near zero can move by up to lr on rounding alone; only the
+    # tensor as a whole is bounded by the rounding of the computation.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol * a[k].abs().max().item())
+        assert (a[k] - b[k]).norm() <= tol * a[k].norm(), k
 
 
 def test_lora_keys_are_the_unet_targets_and_metadata_says_sdxl(tmp_path, sdxl_dataset, tiny_sdxl):
