@@ -42,6 +42,18 @@ def text_parts(cond_stage_model: nn.Module) -> tuple[nn.Module, Any]:
     return transformer, tokenizer
 
 
+def weights_hash(tag: str, module: nn.Module) -> str:
+    """sha256 of `tag` and every tensor of `module`'s state dict (names and bytes, sorted)."""
+    import hashlib
+
+    h = hashlib.sha256(tag.encode())
+    with torch.no_grad():
+        for name, t in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class LdmBackbone:
     """`lib_lora.training.backbone.Backbone` over an ldm LatentDiffusion, its weights used in place."""
 
@@ -64,14 +76,7 @@ class LdmBackbone:
     def vae_identity(self) -> str:
         """Which VAE makes our latents (the WebUI lets users swap it): a hash of its weights.
         Part of the latent cache's key, and of the seed each latent is sampled with."""
-        import hashlib
-
-        h = hashlib.sha256(f"ldm-vae|{self.vae_dtype()}".encode())
-        with torch.no_grad():
-            for name, t in sorted(self.sd_model.first_stage_model.state_dict().items()):
-                h.update(name.encode())
-                h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return weights_hash(f"ldm-vae|{self.vae_dtype()}", self.sd_model.first_stage_model)
 
     # -- encoding ---------------------------------------------------------------------------
     def vae_dtype(self) -> torch.dtype:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_lora.hosts.ldm_backbone import _checkpointed, preserve_model_state
+from lib_lora.hosts.ldm_backbone import _checkpointed, preserve_model_state, weights_hash
 from lib_lora.training import naming
 from lib_lora.training.backbone_sdxl import TextConditioning, te2_input_ids
 from lib_lora.training.family import SDXL, ModelFamily
@@ -88,14 +88,7 @@ class SgmBackbone:
 
     @functools.cached_property
     def vae_identity(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256(f"sgm-vae|{self.vae_dtype()}|{self.sd_model.scale_factor}".encode())
-        with torch.no_grad():
-            for name, t in sorted(self.sd_model.first_stage_model.state_dict().items()):
-                h.update(name.encode())
-                h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return weights_hash(f"sgm-vae|{self.vae_dtype()}|{self.sd_model.scale_factor}", self.sd_model.first_stage_model)
 
     # -- images ------------------------------------------------------------------------------
     def vae_dtype(self) -> torch.dtype:
