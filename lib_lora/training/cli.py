@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lib_lora.config import PRESETS, TrainConfig, add_arguments, apply_preset, from_args
 from lib_lora.training.data import SUBSET_RE
+from lib_lora.user_presets import FOLDER
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,26 +21,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train an SD1.5 LoRA. DATASET is a folder of <repeats>_<name> subfolders "
         "or a plain folder of images (with --repeats).",
     )
-    p.add_argument("dataset", metavar="DATASET", help="dataset folder")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a recipe; other flags override it")
+    p.add_argument("dataset", metavar="DATASET", nargs="?", default=None,
+                   help="dataset folder (may come from --config instead)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="read the options from FILE: ours (.toml, or a run folder's config.json), a kohya_ss "
+                        ".json, or sd-scripts' --config_file / --dataset_config .toml; repeatable, later files "
+                        "win; flags given here override them")
+    p.add_argument("--save-config", metavar="FILE",
+                   help="write the options (files, preset and flags together) to FILE (.toml or .json) and stop "
+                        "without training")
+    p.add_argument("--preset", help=f"start from a recipe: {', '.join(PRESETS)} or one saved with --save-preset; "
+                                    "other flags override it")
+    p.add_argument("--save-preset", metavar="NAME",
+                   help="save the recipe (all options but the name, data and folders) as preset NAME and stop")
+    p.add_argument("--presets-dir", default=str(Path("work") / FOLDER), metavar="DIR",
+                   help="where user presets are kept (default: work/presets, the ui command's)")
     p.add_argument("--plan-only", action="store_true", help="print the step plan and stop")
     add_arguments(p, TrainConfig, skip=("dataset",))
     p.set_defaults(func=run_train)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The flags given over the base model's family defaults (and the family's preset): here,
-    unlike a form, a flag not given is known, so `--train-text-encoder` keeps SDXL's encoders on."""
+def config_from_args(args: argparse.Namespace, reports: list[str] | None = None) -> TrainConfig:
+    """The options in order, each over the one before: the base model's family defaults, the
+    config files (`--config`), the preset, then the flags given. Here, unlike a form, a flag not
+    given is known, so `--train-text-encoder` keeps SDXL's encoders on. What the files or the
+    preset held that is not used is appended to `reports` (one message per file)."""
+    from lib_lora.config_files import file_config, read_config_file
     from lib_lora.training.run_config import apply_family_defaults, config_family
 
-    family = config_family(from_args(TrainConfig, args))
-    base = apply_family_defaults(TrainConfig(), family)
-    base = apply_preset(base, args.preset, family) if args.preset else base
+    files = [read_config_file(p) for p in getattr(args, "config", None) or []]
+    user_preset = None
+    if args.preset and args.preset not in PRESETS:
+        from lib_lora.user_presets import read_preset
+
+        user_preset = read_preset(getattr(args, "presets_dir", Path("work") / FOLDER), args.preset)
+    layers = files + ([user_preset] if user_preset else [])
+    for cf in layers:
+        if reports is not None and cf.report():
+            reports.append(cf.report())
+    family = config_family(from_args(TrainConfig, args, base=file_config(layers, TrainConfig())))
+    base = file_config(files, apply_family_defaults(TrainConfig(), family))
+    if user_preset is not None:
+        base = file_config([user_preset], base)
+    elif args.preset:
+        base = apply_preset(base, args.preset, family)
     cfg = from_args(TrainConfig, args, base=base)
-    cfg = dataclasses.replace(cfg, dataset=args.dataset)
-    if not cfg.name:
+    if args.dataset:
+        cfg = dataclasses.replace(cfg, dataset=args.dataset)
+    if not cfg.name and cfg.dataset:
         # Default to the dataset's name, without a kohya '<repeats>_' prefix.
-        folder = Path(args.dataset).resolve().name
+        folder = Path(cfg.dataset).resolve().name
         m = SUBSET_RE.match(folder)
         cfg = dataclasses.replace(cfg, name=m[2] if m else folder)
     return cfg
@@ -97,7 +129,21 @@ def run_train(args: argparse.Namespace) -> int:
     from lib_lora.training.run_config import prepare_train_config
 
     # The CLI's host decides nothing: its flags do (the family's defaults are in config_from_args).
-    cfg = prepare_train_config(None, config_from_args(args), family_defaults=False)
+    reports: list[str] = []
+    cfg = config_from_args(args, reports)
+    for text in reports:
+        print(f"note: {text}", file=sys.stderr)
+    if args.save_preset:
+        from lib_lora.user_presets import save_preset
+
+        print(f"preset saved: {save_preset(args.presets_dir, args.save_preset, cfg)}")
+        return 0
+    if args.save_config:
+        from lib_lora.config_files import save_config_file
+
+        print(f"config written: {save_config_file(cfg, args.save_config)}")
+        return 0
+    cfg = prepare_train_config(None, cfg, family_defaults=False)
     if args.plan_only:
         print_plan(cfg, plan_steps(cfg.dataset, cfg))
         return 0
