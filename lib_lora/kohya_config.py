@@ -255,10 +255,6 @@ class Import:
             self.unsupported.append(entry)
 
 
-def _shown(v: Any) -> str:
-    # As the file writes it (true, not True).
-    return "true" if v is True else "false" if v is False else shown(v)
-
     def use(self, key: str, raw: Any, table: Mapping[str, Key]) -> None:
         """A plain key through `table`."""
         rule = table.get(key)
@@ -273,6 +269,11 @@ def _shown(v: Any) -> str:
             return
         if value is not UNSET:
             self.assign(rule.target, value, key, raw)
+
+
+def _shown(v: Any) -> str:
+    # As the file writes it (true, not True).
+    return "true" if v is True else "false" if v is False else shown(v)
 
 
 def flatten(data: Mapping[str, Any]) -> dict[str, Any]:
