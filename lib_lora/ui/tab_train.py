@@ -305,11 +305,42 @@ def follow_train(job: Any) -> Iterator[tuple]:
            live.sample_items() or gr.update(), text, rows, lora_name, idle)
 
 
-def preset_values(form: TrainForm, preset: str, *values: Any) -> list[Any]:
-    """Fill the recipe from a preset: controls take the preset's values, the rest stay as they are."""
-    if not isinstance(preset, str) or preset not in config.PRESETS:
-        return [gr.update() for _ in range(len(form.names) + 2)]
-    recipe = config.PRESETS[preset]
+def presets_folder(ctx: UIContext) -> Path:
+    """Where the tab keeps user presets: <work folder>/presets (through the path policy)."""
+    from lib_lora.user_presets import presets_dir
+
+    return ctx.policy.place(presets_dir(ctx.host.work_dir()), "presets folder")
+
+
+def preset_choices(ctx: UIContext | None) -> list[str]:
+    """The built-in presets, then the user's."""
+    from lib_lora.user_presets import list_presets
+
+    users: list[str] = []
+    if ctx is not None:
+        try:
+            users = list_presets(presets_folder(ctx))
+        except UserError:  # a work folder outside the allowed ones: the built-in presets only
+            users = []
+    return [*config.PRESETS, *users]
+
+
+def _recipe_of(ctx: UIContext | None, preset: str) -> tuple[dict[str, Any], str]:
+    """(field -> value, a note) for a built-in or user preset."""
+    if preset in config.PRESETS:
+        return dict(config.PRESETS[preset]), ""
+    if ctx is None:
+        raise UserError(f"Unknown preset {preset!r}.")
+    from lib_lora.config_files import file_config
+    from lib_lora.user_presets import read_preset
+
+    cf = read_preset(presets_folder(ctx), preset)
+    cfg = file_config([cf], config.TrainConfig())
+    return {k: getattr(cfg, k) for k in cf.values}, cf.report()
+
+
+def fill_values(form: TrainForm, recipe: dict[str, Any], values: tuple[Any, ...] | list[Any]) -> list[Any]:
+    """[lr mode, lr value, *controls]: the recipe's fields filled in, the rest as they are."""
     out = []
     for n, v in zip(form.names, values, strict=True):
         out.append(forms.values_of(dataclasses.replace(config.TrainConfig(), **{n: recipe[n]}), [n])[0]
@@ -318,6 +349,76 @@ def preset_values(form: TrainForm, preset: str, *values: Any) -> list[Any]:
     lr_mode = gr.update() if lr is None else ("auto" if lr == "auto" else "manual")
     lr_value = gr.update() if lr is None or lr == "auto" else str(lr)
     return [lr_mode, lr_value, *out]
+
+
+def preset_values(form: TrainForm, preset: str, *values: Any, ctx: UIContext | None = None) -> list[Any]:
+    """Fill the recipe from a preset (built-in or the user's): controls take the preset's values,
+    the rest stay as they are."""
+    if not isinstance(preset, str) or not preset:
+        return [gr.update() for _ in range(len(form.names) + 2)]
+    try:
+        recipe, _ = _recipe_of(ctx, preset)
+    except UserError:
+        return [gr.update() for _ in range(len(form.names) + 2)]
+    return fill_values(form, recipe, values)
+
+
+def save_preset(ctx: UIContext, form: TrainForm, preset_name: str, lr_mode: str, lr_value: str,
+                *values: Any) -> tuple[str, Any]:
+    """Save the form's recipe as a user preset: (status, the preset list with it chosen)."""
+    from lib_lora.user_presets import save_preset as write
+
+    try:
+        lr = "auto" if lr_mode == "auto" else str(lr_value or "").strip()
+        cfg = forms.collect(config.TrainConfig, form.names, list(values), policy=ctx.policy, lr=lr or "1e-4")
+        path = write(presets_folder(ctx), preset_name, cfg)
+    except UserError as err:
+        return widgets.message_html(str(err), "error"), gr.update()
+    name = path.stem
+    return (widgets.message_html(f"Saved the preset “{name}” ({path}).", "ok"),
+            gr.update(choices=preset_choices(ctx), value=name))
+
+
+def save_config(ctx: UIContext, form: TrainForm, path: str, name: str, dataset: str, lr_mode: str, lr_value: str,
+                *values: Any) -> str:
+    """Save config: the whole form as our TOML (or .json) at `path`, a path the policy allows."""
+    from lib_lora.config_files import save_config_file
+
+    try:
+        target = ctx.policy.check(path, "config file", must_exist=False, kind="file")
+        cfg = form.config(ctx, name, dataset, lr_mode, lr_value, list(values))
+        written = save_config_file(cfg, target)
+    except UserError as err:
+        return widgets.message_html(str(err), "error")
+    return widgets.message_html(f"Saved the config to {written}.", "ok")
+
+
+def load_config(ctx: UIContext, form: TrainForm, path: str, *values: Any) -> list[Any]:
+    """Load config: our file, a run folder's config.json or a kohya file into the form:
+    [status, name, dataset, lr mode, lr value, *controls]. What it held that the tab cannot use
+    (kohya's unsupported keys, options the host decides) is named in the status."""
+    from lib_lora.config_files import file_config, read_config_file
+
+    keep = [gr.update() for _ in range(len(form.names) + 4)]
+    try:
+        source = ctx.policy.check(path, "config file", kind="file")
+        cf = read_config_file(source)
+        cfg = file_config([cf], config.TrainConfig())
+    except UserError as err:
+        return [widgets.message_html(str(err), "error"), *keep]
+    shown = set(form.names) | {"name", "dataset", "lr"}
+    # The host's choices (the LoRA folder; the base model in the WebUI): said when the file wants another.
+    host_values = {"output_dir": str(ctx.host.lora_dir())}
+    elsewhere = [k for k in cf.values if k not in shown
+                 and getattr(cfg, k) not in (host_values.get(k), getattr(config.TrainConfig(), k))]
+    recipe = {k: getattr(cfg, k) for k in cf.values if k in shown}
+    notes = [cf.report()] if cf.report() else []
+    if elsewhere:
+        notes.append(f"Set by this page, not the file: {', '.join(elsewhere)}.")
+    text = " ".join([f"Loaded {source.name}.", *" ".join(notes).splitlines()])
+    name = recipe.get("name", gr.update()) if "name" in cf.values else gr.update()
+    dataset = recipe.get("dataset", gr.update()) if "dataset" in cf.values else gr.update()
+    return [widgets.message_html(text, "info" if notes else "ok"), name, dataset, *fill_values(form, recipe, values)]
 
 
 def build(ctx: UIContext) -> dict[str, Any]:
@@ -340,8 +441,13 @@ def build(ctx: UIContext) -> dict[str, Any]:
         gr.HTML(widgets.message_html(missing[0].message(), "missing"))
     with gr.Row():
         with gr.Column(scale=2):
-            preset = gr.Radio(list(config.PRESETS), value=chosen, label="Preset",
-                              info="fills the recipe for a kind of LoRA", elem_id=ID + "preset")
+            preset = gr.Radio(preset_choices(ctx), value=chosen, label="Preset",
+                              info="fills the recipe for a kind of LoRA; yours are listed after the built-in ones",
+                              elem_id=ID + "preset")
+            with gr.Row():
+                preset_name = gr.Textbox(label="Preset name", info="save the form's recipe under this name",
+                                         elem_id=ID + "preset_name")
+                save_preset_btn = gr.Button("Save preset", elem_id=ID + "save_preset")
             name = gr.Textbox(label="LoRA name", info="file name and trigger word; any language",
                               elem_id=ID + "name")
             dataset = gr.Textbox(label="Dataset folder", info="the folder of training images; Prepare fills it in",
@@ -366,6 +472,11 @@ def build(ctx: UIContext) -> dict[str, Any]:
             steps_md = gr.Markdown("Choose a dataset folder to see the step count.", elem_id=ID + "steps")
             with gr.Accordion("Advanced", open=False, elem_id=ID + "advanced"):
                 controls.update(forms.build(cls, advanced, defaults, ID))
+            with gr.Row():
+                config_path = gr.Textbox(label="Config file", elem_id=ID + "config_path",
+                                         info="a .toml or .json: ours, a run folder's config.json, or kohya's")
+                load_config_btn = gr.Button("Load config", elem_id=ID + "load_config")
+                save_config_btn = gr.Button("Save config", elem_id=ID + "save_config")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id=ID + "start")
                 stop = gr.Button("Stop", variant="stop", elem_id=ID + "stop")
@@ -392,7 +503,13 @@ def build(ctx: UIContext) -> dict[str, Any]:
         "probe_fraction", "probe_min_steps", "probe_max_steps") if n in controls)]
     for comp in dict.fromkeys(plan_inputs):
         comp.change(_steps, [dataset, lr_mode, *inputs], plan_outputs, **compat.event_kwargs())
-    preset.change(lambda p, *v: preset_values(form, p, *v), [preset, *inputs], [lr_mode, lr_value, *inputs])
+    preset.change(lambda p, *v: preset_values(form, p, *v, ctx=ctx), [preset, *inputs], [lr_mode, lr_value, *inputs])
+    save_preset_btn.click(lambda *a: save_preset(ctx, form, *a), [preset_name, lr_mode, lr_value, *inputs],
+                          [status, preset])
+    save_config_btn.click(lambda *a: save_config(ctx, form, *a), [config_path, name, dataset, lr_mode, lr_value,
+                                                                 *inputs], [status])
+    load_config_btn.click(lambda *a: load_config(ctx, form, *a), [config_path, *inputs],
+                          [status, name, dataset, lr_mode, lr_value, *inputs])
 
     def _run(n: str, ds: str, mode: str, lrv: str, *vals: Any) -> Iterator[tuple]:
         yield from run_train(ctx, form, n, ds, mode, lrv, *vals)
@@ -407,7 +524,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
     outputs = [status, loss, probe, samples, result, meta, lora_name, start]
     event = start.click(_run_kept, run_inputs, outputs, **compat.event_kwargs())
     stop.click(stop_handler(ctx.runner, TAB, STOPPED), None, [status], **compat.event_kwargs())
-    return dict(form=form, preset=preset, name=name, dataset=dataset, lr_mode=lr_mode, lr_value=lr_value,
+    return dict(form=form, preset=preset, preset_name=preset_name, save_preset=save_preset_btn,
+                config_path=config_path, load_config=load_config_btn, save_config=save_config_btn, name=name, dataset=dataset, lr_mode=lr_mode, lr_value=lr_value,
                 controls=controls, steps=steps_md, repeats_note=repeats_md, start=start, stop=stop, status=status,
                 loss=loss, probe=probe, samples=samples, result=result, meta=meta, lora_name=lora_name, event=event,
                 outputs=outputs, reattach=functools.partial(reattach, ctx))

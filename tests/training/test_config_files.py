@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import json
 import typing
-from pathlib import Path
 
 import pytest
 
