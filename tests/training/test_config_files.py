@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -45,14 +46,14 @@ def other_value(f: dataclasses.Field) -> typing.Any:
         return not default
     if typing.get_origin(typ) is list:
         return ["a", 'b "c"']
-    if typ is int:
+    if typ in (int, float):
         lo, hi = meta.get("min"), meta.get("max")
-        value = (default if default is not None else (lo or 1)) + 1
-        return min(value, hi) if hi is not None else value
-    if typ is float:
-        lo, hi = meta.get("min"), meta.get("max")
-        value = (default if default is not None else (lo or 0.0)) + 0.25
-        return min(value, hi) if hi is not None else value
+        step = 1 if typ is int else 0.25
+        start = default if default is not None else (lo or 0) + step
+        value = start + step
+        return typ(start - step if hi is not None and value > hi else value)
+    if meta.get("path"):  # a path a later check may look at: one that exists
+        return str(Path(__file__).parent) if meta["path"] != "file" else __file__
     return f'{f.name} "quoted" \\ tab\t ünïcode'
 
 
@@ -76,7 +77,7 @@ def test_every_field_round_trips_through_our_toml(tmp_path, backend):
     text = path.read_text(encoding="utf-8")
     assert "# LoRA rank (network dim)" in text  # each field with its help text
     data = config_files.toml_loads(text, backend)  # Python 3.10's reader (lycoris-lora's toml) too
-    assert set(data) == {f.name for f in dataclasses.fields(TrainConfig)} - {"subsets"}
+    assert set(data) == {f.name for f in dataclasses.fields(TrainConfig)}
     loaded = config_files.file_config([config_files.ConfigFile(path, "fastlora", data)], TrainConfig())
     assert to_dict(loaded) == to_dict(cfg)
 
@@ -168,3 +169,21 @@ def test_config_file_cannot_be_a_folder_or_an_odd_suffix(tmp_path):
     with pytest.raises(UserError, match=r"\.toml \(or \.json\)"):
         config_files.save_config_file(TrainConfig(), tmp_path / "run.yaml")
     assert not (tmp_path / "run.yaml").exists()
+
+
+def test_cli_user_presets(tmp_path, drawn_dataset, capsys):
+    presets = tmp_path / "presets"
+    base = ["train", str(drawn_dataset), "--presets-dir", str(presets)]
+    assert main([*base, "--preset", "style", "--dim", "24", "--lr", "2e-4", "--save-preset", "my style"]) == 0
+    assert "preset saved" in capsys.readouterr().out and (presets / "my style.toml").is_file()
+    text = (presets / "my style.toml").read_text(encoding="utf-8")
+    assert "\ndim = 24\n" in text and "\ndataset = " not in text and "\nname = " not in text  # the recipe only
+    cfg = cli_config([str(drawn_dataset), "--presets-dir", str(presets), "--preset", "my style", "--alpha", "3"])
+    style = cli_config([str(drawn_dataset), "--preset", "style"])
+    assert (cfg.dim, cfg.lr, cfg.alpha, cfg.lr_scheduler) == (24, "2e-4", 3.0, style.lr_scheduler)
+    for argv, words in (([*base, "--preset", "nope", "--plan-only"], "There is no preset 'nope'; choose one of person"),
+                        ([*base, "--save-preset", "Person"], "Person is a built-in preset; give yours another name."),
+                        ([*base, "--save-preset", "a/b"], "which could leave the output folder")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
