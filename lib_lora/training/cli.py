@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_lora.config import PRESETS, TrainConfig, add_arguments, apply_preset, from_args
+from lib_lora.errors import UserError
 from lib_lora.training.data import SUBSET_RE
 from lib_lora.user_presets import FOLDER
 
@@ -143,6 +144,8 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(f"config written: {save_config_file(cfg, args.save_config)}")
         return 0
+    if not cfg.dataset and not getattr(cfg, "subsets", None):
+        raise UserError("No dataset folder given: pass DATASET, or a --config file that names one.")
     cfg = prepare_train_config(None, cfg, family_defaults=False)
     if args.plan_only:
         print_plan(cfg, plan_steps(cfg.dataset, cfg))

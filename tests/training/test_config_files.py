@@ -108,6 +108,8 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path, drawn
 
 
 def test_a_bad_file_gets_one_sentence(tmp_path, capsys):
+    assert main(["train", "--plan-only"]) == 2
+    assert "No dataset folder given: pass DATASET, or a --config file that names one." in capsys.readouterr().err
     cases = {
         "typo.toml": ('dimm = 4\nalphaa = 2\nlr = "1e-4"\n', "has options Fast LoRA does not know: dimm, alphaa;"),
         "value.toml": ('dim = "many"\n', "In value.toml: dim = 'many' is not a whole number."),
