@@ -133,8 +133,6 @@ TABLE: dict[str, Key] = {
     "min_bucket_reso": Key("min_bucket_reso", to_int),
     "max_bucket_reso": Key("max_bucket_reso", to_int),
     "cache_latents_to_disk": Key("cache_latents_to_disk"),
-    "cache_text_encoder_outputs": Key("cache_text_encoder_outputs"),
-    "sdxl_cache_text_encoder_outputs": Key("cache_text_encoder_outputs"),
     "num_repeats": Key("repeats", to_int),
     "dataset_repeats": Key("repeats", to_int),
     # steps
@@ -198,6 +196,9 @@ NO_EFFECT = frozenset({
     "sdxl", "sdxl_no_half_vae", "no_half_vae", "log_config", "wandb_api_key", "wandb_run_name", "log_tracker_name",
     "log_tracker_config", "log_with", "log_prefix", "save_state", "save_state_on_train_end", "skip_cache_check",
     "async_upload", "cache_info",
+    # Ours caches text-encoder outputs whenever that gives the same result (the encoder frozen):
+    # kohya's switch (off by default) would only slow a run here.
+    "cache_text_encoder_outputs", "sdxl_cache_text_encoder_outputs",
 })  # fmt: skip
 KOHYA_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "save_model_as": ("safetensors",), "lr_scheduler_num_cycles": (1, "1"), "lr_scheduler_power": (1, 1.0, "1"),
