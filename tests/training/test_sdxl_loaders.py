@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_helpers import model_lora_keys_clip, model_lora_keys_unet, unet_config_from_keys
 from lora_helpers import merge_diffusers_lora, randomize_lora
 from PIL import Image
 
@@ -237,39 +238,13 @@ def test_the_webui_lora_extension_matches_every_key(lora, sgm_shapes):
 
 
 # ---- ComfyUI and Forge --------------------------------------------------------------------
-# ComfyUI comfy/lora.py (commit 00728eb20fce05955f89ef1ccf5f6167416e94cf): `model_lora_keys_unet`
-# maps `lora_unet_<path _-joined>` for every `diffusion_model.<path>.weight` of its (ldm-layout)
-# U-Net; `model_lora_keys_clip` maps `lora_te1_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}`
-# to `clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight` and, when clip_l is present,
-# `lora_te2_…` to `clip_g.…` (ComfyUI holds both encoders in the HF layout; `load_lora` warns
-# "lora key not loaded" for the rest). Forge (lllyasviel/stable-diffusion-webui-forge commit
-# dfdcbab685e57677014f05a3309b48cc87383167) backend/patcher/lora.py calls the same functions,
-# copied in packages_3rdparty/comfyui_lora_collection/lora.py: the kohya mapping is the same
-# (Forge adds generic and lycoris_ names and OneTrainer's text_projection keys, none of which we
-# write), over its IntegratedUNet2DConditionModel (ldm names) and HF CLIP encoders.
-
-_LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
-                  "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
-                  "self_attn.out_proj": "self_attn_out_proj"}
-
-
-def _comfy_key_map(unet_keys, clip_keys) -> dict[str, str]:
-    key_map = {}
-    for k in unet_keys:
-        if k.startswith("diffusion_model.") and k.endswith(".weight"):
-            key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
-    clip_l_present = False
-    for b in range(32):
-        for c, lora_c in _LORA_CLIP_MAP.items():
-            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
-            if k in clip_keys:
-                key_map[f"lora_te1_text_model_encoder_layers_{b}_{lora_c}"] = k
-                clip_l_present = True
-            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{c}.weight"
-            if k in clip_keys and clip_l_present:
-                key_map[f"lora_te2_text_model_encoder_layers_{b}_{lora_c}"] = k
-    return key_map
-
+# Their key mapping is re-written in tests/comfy_helpers.py (sources and commits there):
+# `model_lora_keys_unet` maps `lora_unet_<path _-joined>` for every `diffusion_model.<path>.weight`
+# of the (ldm-layout) U-Net; `model_lora_keys_clip` maps `lora_te1_…` to `clip_l.transformer.…`
+# and, when clip_l is present, `lora_te2_…` to `clip_g.…` (both encoders in the HF layout;
+# `load_lora` warns "lora key not loaded" for the rest). Forge calls the same functions, copied in
+# packages_3rdparty/comfyui_lora_collection/lora.py, over its IntegratedUNet2DConditionModel (ldm
+# names) and HF CLIP encoders.
 
 def test_comfyui_and_forge_match_every_key(lora, sdxl, sgm_shapes):
     _, path = lora
@@ -277,7 +252,7 @@ def test_comfyui_and_forge_match_every_key(lora, sdxl, sgm_shapes):
     unet_keys = {k[len("model."):] for k in sgm_shapes if k.startswith("model.diffusion_model.")}
     clip_keys = {f"clip_l.transformer.{k}" for k in sdxl.text_encoder.state_dict()}
     clip_keys |= {f"clip_g.transformer.{k}" for k in sdxl.text_encoder_2.state_dict()}
-    key_map = _comfy_key_map(unet_keys, clip_keys)
+    key_map = model_lora_keys_clip(clip_keys, model_lora_keys_unet(unet_keys, unet_config_from_keys(unet_keys)))
     assert sorted(names - key_map.keys()) == []  # load_lora: "lora key not loaded" for each of these
     # every LoRA lands on a weight of its own shape's rank (a Linear or a conv)
     for name in names:
