@@ -4,6 +4,11 @@ LoRA, AdamW, batch 1. Each type runs in its own process, so each peak RSS is its
 
     python bench/lycoris_types.py --resolution 128 --steps 2 --warmup 1 --threads 1
     python bench/lycoris_types.py --device cuda --resolution 512 --steps 20 --warmup 3   # GPU
+    python bench/lycoris_types.py --family sdxl --device cuda --resolution 1024          # GPU: full-size SDXL
+    python bench/lycoris_types.py --family sdxl --tiny --resolution 128                  # CPU: tiny-sdxl's architecture
+
+With --family sdxl the recipe is SDXL's (U-Net only, dim 32 / alpha 16, cached text-encoder
+outputs), on the full-size SDXL base architecture or, with --tiny, on tiny-sdxl's (random weights).
 
 Prints a Markdown table (wall and CPU seconds per step, median of the timed steps; peak RSS,
 and on a GPU torch.cuda.max_memory_allocated).
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import bench_common  # noqa: F401 - puts the checkout first on sys.path
 import torch
-from bench_common import sd15_random_backbone
+from bench_common import sd15_random_backbone, sdxl_random_backbone
 
 TYPES = ["lora", "locon", "loha", "lokr", "dora"]
 
@@ -39,11 +44,16 @@ def one(kind: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ds = make_dataset(Path(tmp) / "ds", count=2, size=args.resolution, repeats=10)
-        bb = sd15_random_backbone(args.device, torch.float32)
+        if args.family == "sdxl":
+            bb = sdxl_random_backbone(args.device, torch.float32, full_size=not args.tiny)
+            recipe = {"dim": 32, "alpha": 16.0, "train_text_encoder": False}
+        else:
+            bb = sd15_random_backbone(args.device, torch.float32)
+            recipe = {"dim": 128, "alpha": 64.0}
         cfg = TrainConfig(
             name="bench", dataset=str(ds), output_dir=f"{tmp}/out", run_dir=f"{tmp}/run", resolution=args.resolution,
-            max_steps=args.steps + args.warmup, device=args.device, optimizer="adamw", lr="1e-4", dim=128, alpha=64.0,
-            network_type=kind, cache_latents_to_disk=False,
+            max_steps=args.steps + args.warmup, device=args.device, optimizer="adamw", lr="1e-4",
+            network_type=kind, cache_latents_to_disk=False, **recipe,
         )  # fmt: skip
         tr = Trainer(cfg, backbone=bb)
         tr.state.session_id = "bench"
@@ -74,6 +84,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    ap.add_argument("--tiny", action="store_true", help="--family sdxl: tiny-sdxl's architecture (no full-size)")
     ap.add_argument("--one", choices=TYPES, help=argparse.SUPPRESS)  # the child process's type
     args = ap.parse_args()
     if args.one:
@@ -82,13 +94,14 @@ def main() -> int:
     rows = []
     for kind in args.types:
         cmd = [sys.executable, __file__, "--one", kind, "--resolution", str(args.resolution), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
+               "--family", args.family] + (["--tiny"] if args.tiny else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], file=sys.stderr)
     base = next((r for r in rows if r["type"] == "lora"), None)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} threads, {args.device}, {args.resolution}², load average {os.getloadavg()[0]:.1f}, "
+          f"{args.threads} threads, {args.device}, {args.family}{' tiny' if args.tiny else ''}, {args.resolution}², load average {os.getloadavg()[0]:.1f}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     keys = [k for k in rows[0] if not (k == "GPU peak GiB" and rows[0][k] is None)] + (["CPU vs lora"] if base else [])
     print("| " + " | ".join(keys) + " |")

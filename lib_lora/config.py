@@ -498,6 +498,10 @@ class TrainConfig:
     conv_alpha: float = opt(1.0, "alpha of the conv LoRA", min=0)
     network_dropout: float = opt(0.0, "dropout on the LoRA's hidden units (LoCon, LoHa: on the module's output; LoKr, DoRA: none)",
                                  min=0, max=1)
+    rank_dropout: float = opt(0.0, "rank dropout while training: LoRA drops each rank per image with this "
+                              "probability and scales the rest up (kohya's); LyCORIS types use LyCORIS's own", min=0, max=1)
+    module_dropout: float = opt(0.0, "module dropout while training: each LoRA module sits a step out with this "
+                                "probability", min=0, max=1)
     network_type: str = opt(
         "lora", "lora: kohya's LoRA; through LyCORIS: locon (LoRA that also trains the 3x3 convs at the conv dim), "
         "loha (Hadamard product), lokr (Kronecker product), dora (weight-decomposed LoRA)",
@@ -572,6 +576,8 @@ class TrainConfig:
                 raise UserError(not_finite("lr", self.lr, "1e-4"))
             if value <= 0:
                 raise UserError(f"lr = {self.lr}: the learning rate must be positive.")
+        if self.rank_dropout >= 1:
+            raise UserError(f"rank_dropout = {self.rank_dropout}: that drops every rank; give a value below 1 (0.1 is common).")
         if self.min_bucket_reso > self.max_bucket_reso:
             raise UserError("min_bucket_reso is larger than max_bucket_reso.")
         if not (self.train_unet or self.train_text_encoder):

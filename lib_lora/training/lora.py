@@ -18,7 +18,8 @@ from lib_lora.training.naming import Target
 
 
 class LoRAModule(nn.Module):
-    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float, dropout: float = 0.0, multiplier: float = 1.0):
+    def __init__(self, name: str, org: nn.Module, dim: int, alpha: float, dropout: float = 0.0, multiplier: float = 1.0,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0):
         super().__init__()
         self.lora_name = name
         if isinstance(org, nn.Conv2d):
@@ -34,6 +35,8 @@ class LoRAModule(nn.Module):
         self.register_buffer("alpha", torch.tensor(alpha))
         self.scale = alpha / dim
         self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
         self.multiplier = multiplier
         # kohya's init: down Kaiming-uniform (a=sqrt(5)), up zero, so training starts at W.
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
@@ -78,11 +81,26 @@ class LoRAModule(nn.Module):
         out = self._org_forward(x, *args, **kwargs)
         if self.multiplier == 0:
             return out
+        # kohya's module dropout: the whole module sits this step out. The draw comes from torch's
+        # global RNG (seeded by the run, saved in its state), so a resumed run draws the same.
+        if self.module_dropout and self.training and torch.rand(1) < self.module_dropout:
+            return out
         h = self.lora_down(x.to(self.lora_down.weight.dtype) if not torch.is_autocast_enabled() else x)
         if self.dropout and self.training:
             h = nn.functional.dropout(h, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout and self.training:
+            # kohya's rank dropout: each sample keeps each rank with probability 1 - p (one mask
+            # over all tokens or pixels), and the kept ranks count 1 / (1 - p) as much.
+            mask = torch.rand((h.size(0), self.dim), device=h.device) > self.rank_dropout
+            if h.dim() == 3:  # (batch, tokens, rank)
+                mask = mask.unsqueeze(1)
+            elif h.dim() == 4:  # (batch, rank, h, w)
+                mask = mask.unsqueeze(-1).unsqueeze(-1)
+            h = h * mask.to(h.dtype)
+            scale = scale / (1.0 - self.rank_dropout)
         # Scale the rank-wide hidden units, not the full-width output: same result, a smaller pass.
-        delta = self.lora_up(h * (self.multiplier * self.scale))
+        delta = self.lora_up(h * (self.multiplier * scale))
         return out + delta.to(out.dtype)
 
 
@@ -98,16 +116,19 @@ class LoRANetwork(nn.Module):
         conv_alpha: float = 1.0,
         dropout: float = 0.0,
         multiplier: float = 1.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
     ):
         super().__init__()
         mods = {}
+        drops = {"rank_dropout": rank_dropout, "module_dropout": module_dropout}
         for t in targets:
             if t.conv3x3:
                 if not conv_dim:
                     continue
-                mods[t.name] = LoRAModule(t.name, t.module, conv_dim, conv_alpha, dropout, multiplier)
+                mods[t.name] = LoRAModule(t.name, t.module, conv_dim, conv_alpha, dropout, multiplier, **drops)
             else:
-                mods[t.name] = LoRAModule(t.name, t.module, dim, alpha, dropout, multiplier)
+                mods[t.name] = LoRAModule(t.name, t.module, dim, alpha, dropout, multiplier, **drops)
         if not mods:
             raise ValueError("no LoRA targets found in the model")
         self.loras = nn.ModuleDict(mods)

@@ -107,6 +107,8 @@ class LycorisKohyaNetwork(_base_network_class()):  # type: ignore[misc]
         dropout: float = 0.0,
         factor: int = -1,
         multiplier: float = 1.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
     ):
         module_class = _module_class(network_type)
         # LycorisNetwork's own constructor walks a model by class names; init_only gives an
@@ -120,7 +122,9 @@ class LycorisKohyaNetwork(_base_network_class()):  # type: ignore[misc]
             if t.conv3x3 and not conv_dim:
                 continue
             d, a = (conv_dim, conv_alpha) if t.conv3x3 else (dim, alpha)
-            lora = module_class(t.name, t.module, multiplier, d, a, dropout, 0.0, 0.0, False, **kw)
+            # LyCORIS's own rank and module dropout (training only); rank_dropout_scale off, as
+            # lycoris.kohya leaves it for sd-scripts users (it reads no such network arg).
+            lora = module_class(t.name, t.module, multiplier, d, a, dropout, rank_dropout, module_dropout, False, **kw)
             loras.append(lora)
             self.add_module(t.name, lora)
         if not loras:
@@ -235,8 +239,10 @@ def make_network(targets: Iterable[Target], cfg: Any) -> nn.Module:
         return LoRANetwork(
             targets, dim=cfg.dim, alpha=cfg.alpha, conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha,
             dropout=cfg.network_dropout, multiplier=1.0,
+            rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
         )  # fmt: skip
     return LycorisKohyaNetwork(
         targets, kind, dim=cfg.dim, alpha=cfg.alpha, conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha,
         dropout=cfg.network_dropout, factor=cfg.lokr_factor,
+        rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
     )  # fmt: skip

@@ -79,6 +79,12 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
             network_args = {"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_alpha)}
         if cfg.network_dropout:
             network_args["dropout"] = str(cfg.network_dropout)
+    # sd-scripts takes both as --network_args (for networks.lora and lycoris.kohya alike) and
+    # records them there, only when given.
+    if cfg.rank_dropout:
+        network_args["rank_dropout"] = str(cfg.rank_dropout)
+    if cfg.module_dropout:
+        network_args["module_dropout"] = str(cfg.module_dropout)
     finished = run.finished_at
     # kohya's modelspec.date: local time to the second, ISO 8601 without an offset.
     date = dt.datetime.fromtimestamp(int(finished or run.started_at))

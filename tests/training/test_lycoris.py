@@ -151,3 +151,32 @@ def test_trainer_optimises_the_lycoris_parameters(tmp_path, drawn_dataset, tiny_
         assert all(n.startswith("lora_unet_") for n in tr.state.network.names())
     finally:
         tr.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    from lib_lora.training.models_sdxl import load_backbone
+
+    return load_backbone("tiny-sdxl")
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_each_type_trains_on_sdxl_under_kohyas_names(kind, tmp_path, drawn_dataset, tiny_sdxl):
+    """Both text encoders and the U-Net, 3x3 convs too: lora_unet_ / lora_te1_ / lora_te2_ names."""
+    parts = (tiny_sdxl.unet, tiny_sdxl.text_encoder, tiny_sdxl.text_encoder_2)
+    before = [{k: v.clone() for k, v in p.state_dict().items()} for p in parts]
+    targets = tiny_sdxl.lora_targets(conv=True)
+    cfg = _cfg(tmp_path, drawn_dataset, kind, base_model="tiny-sdxl", max_steps=2, train_text_encoder=True,
+               min_bucket_reso=64, max_bucket_reso=128)
+    res = train(cfg, backbone=tiny_sdxl)
+    tensors, md = read_lora(res.lora_path)
+    assert {k.partition(".")[0] for k in tensors} == {t.name for t in targets}
+    assert {t.name.split("_")[1] for t in targets} == {"unet", "te1", "te2"}
+    moved = [k for k in tensors if k.partition(".")[2] in ZERO_AT_START[kind]]
+    assert any(tensors[k].abs().sum() > 0 for k in moved if k.startswith("lora_unet_")), "the U-Net did not train"
+    assert any(tensors[k].abs().sum() > 0 for k in moved if k.startswith("lora_te2_")), "text encoder 2 did not train"
+    assert md["ss_network_module"] == "lycoris.kohya" and md["ss_base_model_version"] == "sdxl_base_v1-0"
+    for part, ref in zip(parts, before, strict=True):  # the backbone's weights: the same bytes
+        assert all(torch.equal(v, ref[k]) for k, v in part.state_dict().items())
+    for t in targets:
+        assert not [k for k in vars(t.module) if k == "forward" or k.startswith("_lycoris")], t.name

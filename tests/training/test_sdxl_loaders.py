@@ -10,11 +10,13 @@ are sgm's module tree; ComfyUI and Forge hold the text encoders in the HF layout
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from comfy_helpers import model_lora_keys_clip, model_lora_keys_unet, unet_config_from_keys
 from lora_helpers import merge_diffusers_lora, randomize_lora
 from PIL import Image
 
@@ -44,7 +46,7 @@ def sgm_shapes() -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def _metadata(tmp_path: Path, conv_dim: int) -> dict[str, str]:
+def _metadata(tmp_path: Path, conv_dim: int, **kw) -> dict[str, str]:
     sub = tmp_path / "ds" / "2_tok"
     sub.mkdir(parents=True)
     Image.new("RGB", (64, 64), (120, 60, 30)).save(sub / "a.png")
@@ -52,7 +54,7 @@ def _metadata(tmp_path: Path, conv_dim: int) -> dict[str, str]:
     cfg = TrainConfig(name="sdxl_lora", dataset=str(tmp_path / "ds"), output_dir=str(tmp_path / "out"),
                       run_dir=str(tmp_path / "run"), resolution=64, min_bucket_reso=64, max_bucket_reso=128,
                       dim=4, alpha=2.0, conv_dim=conv_dim, conv_alpha=1.0, device="cpu", max_steps=1,
-                      train_text_encoder=True)
+                      train_text_encoder=True, **kw)
     plan = data.scan_dataset(tmp_path / "ds", cfg).plan
     run = RunInfo(started_at=1_700_000_000.0, unet_lr=1e-4, text_encoder_lr=1e-5, optimizer="torch.optim.adamw.AdamW",
                   optimizer_args="", mixed_precision="no", model_name="tiny-sdxl", model_hash="", session_id="1")
@@ -237,39 +239,13 @@ def test_the_webui_lora_extension_matches_every_key(lora, sgm_shapes):
 
 
 # ---- ComfyUI and Forge --------------------------------------------------------------------
-# ComfyUI comfy/lora.py (commit 00728eb20fce05955f89ef1ccf5f6167416e94cf): `model_lora_keys_unet`
-# maps `lora_unet_<path _-joined>` for every `diffusion_model.<path>.weight` of its (ldm-layout)
-# U-Net; `model_lora_keys_clip` maps `lora_te1_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}`
-# to `clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight` and, when clip_l is present,
-# `lora_te2_…` to `clip_g.…` (ComfyUI holds both encoders in the HF layout; `load_lora` warns
-# "lora key not loaded" for the rest). Forge (lllyasviel/stable-diffusion-webui-forge commit
-# dfdcbab685e57677014f05a3309b48cc87383167) backend/patcher/lora.py calls the same functions,
-# copied in packages_3rdparty/comfyui_lora_collection/lora.py: the kohya mapping is the same
-# (Forge adds generic and lycoris_ names and OneTrainer's text_projection keys, none of which we
-# write), over its IntegratedUNet2DConditionModel (ldm names) and HF CLIP encoders.
-
-_LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
-                  "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
-                  "self_attn.out_proj": "self_attn_out_proj"}
-
-
-def _comfy_key_map(unet_keys, clip_keys) -> dict[str, str]:
-    key_map = {}
-    for k in unet_keys:
-        if k.startswith("diffusion_model.") and k.endswith(".weight"):
-            key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
-    clip_l_present = False
-    for b in range(32):
-        for c, lora_c in _LORA_CLIP_MAP.items():
-            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
-            if k in clip_keys:
-                key_map[f"lora_te1_text_model_encoder_layers_{b}_{lora_c}"] = k
-                clip_l_present = True
-            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{c}.weight"
-            if k in clip_keys and clip_l_present:
-                key_map[f"lora_te2_text_model_encoder_layers_{b}_{lora_c}"] = k
-    return key_map
-
+# Their key mapping is re-written in tests/comfy_helpers.py (sources and commits there):
+# `model_lora_keys_unet` maps `lora_unet_<path _-joined>` for every `diffusion_model.<path>.weight`
+# of the (ldm-layout) U-Net; `model_lora_keys_clip` maps `lora_te1_…` to `clip_l.transformer.…`
+# and, when clip_l is present, `lora_te2_…` to `clip_g.…` (both encoders in the HF layout;
+# `load_lora` warns "lora key not loaded" for the rest). Forge calls the same functions, copied in
+# packages_3rdparty/comfyui_lora_collection/lora.py, over its IntegratedUNet2DConditionModel (ldm
+# names) and HF CLIP encoders.
 
 def test_comfyui_and_forge_match_every_key(lora, sdxl, sgm_shapes):
     _, path = lora
@@ -277,7 +253,7 @@ def test_comfyui_and_forge_match_every_key(lora, sdxl, sgm_shapes):
     unet_keys = {k[len("model."):] for k in sgm_shapes if k.startswith("model.diffusion_model.")}
     clip_keys = {f"clip_l.transformer.{k}" for k in sdxl.text_encoder.state_dict()}
     clip_keys |= {f"clip_g.transformer.{k}" for k in sdxl.text_encoder_2.state_dict()}
-    key_map = _comfy_key_map(unet_keys, clip_keys)
+    key_map = model_lora_keys_clip(clip_keys, model_lora_keys_unet(unet_keys, unet_config_from_keys(unet_keys)))
     assert sorted(names - key_map.keys()) == []  # load_lora: "lora key not loaded" for each of these
     # every LoRA lands on a weight of its own shape's rank (a Linear or a conv)
     for name in names:
@@ -355,3 +331,111 @@ def test_kohyas_sdxl_loader_creates_every_module_and_reads_the_metadata(lora, sd
     assert md["ss_network_module"] == "networks.lora"
     assert md["ss_v2"] == "False"
     assert md["ss_text_encoder_lr"] == "1e-05"  # one value for both encoders, as kohya writes it
+
+
+# ---- LyCORIS types (LoCon, LoHa, LoKr, DoRA) on SDXL ---------------------------------------------
+# The same loaders over a `lycoris.kohya` file of each type: the WebUI's name lookup above (its
+# module types for LyCORIS keys: network_lora/hada/lokr.py accept Linear and Conv2d, and
+# MultiheadAttention through the same q/k/v/out rule); ComfyUI's and Forge's whole load (key
+# maps, load_lora, calculate_weight; tests/comfy_helpers.py), whose patched weight on each layer
+# of the single file must give our in-training output.
+
+LYCO_TYPES = ["locon", "loha", "lokr", "dora"]
+_PATCH_TYPE = {"locon": "lora", "dora": "lora", "loha": "loha", "lokr": "lokr"}
+
+
+@pytest.fixture(scope="module", params=LYCO_TYPES)
+def lyco(request, sdxl, tmp_path_factory):
+    """(type, network, targets, path): every U-Net target (3x3 convs at conv dim 2) and both text encoders."""
+    from lib_lora.training.lycoris_net import LycorisKohyaNetwork
+
+    pytest.importorskip("lycoris")
+    kind = request.param
+    targets = sdxl.lora_targets(conv=True)
+    torch.manual_seed(0)
+    net = LycorisKohyaNetwork(targets, kind, dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, factor=-1)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking weights: a fresh network's up/w2 parts are zero
+        for module in net.loras:
+            for name, p in module.named_parameters():
+                noise = torch.randn(p.shape, generator=gen)
+                p.copy_(p * (1 + 0.1 * noise) if name == "dora_scale" else noise * (0.5 if name.startswith("hada") else 0.1))
+    tmp = tmp_path_factory.mktemp(f"sdxl_{kind}")
+    path = write_lora(tmp / f"sdxl_{kind}.safetensors", net.state_dict_kohya(), _metadata(tmp, conv_dim=2, network_type=kind),
+                      dtype=torch.float32)
+    return kind, net, targets, path
+
+
+def test_lycoris_files_have_kohyas_sdxl_names_and_metadata(lyco, sdxl, sgm_shapes):
+    kind, _, targets, path = lyco
+    tensors, md = read_lora(path)
+    names = {k.partition(".")[0] for k in tensors}
+    assert names == {t.name for t in targets}
+    assert {n.split("_")[1] for n in names} == {"unet", "te1", "te2"}
+    kohya = _kohya_names(sgm_shapes, {"lora_te1": sdxl.text_encoder, "lora_te2": sdxl.text_encoder_2})
+    assert sorted(names - kohya.keys()) == []  # the modules kohya's SDXL network makes, LoCon's convs included
+    # sd-scripts train_network.py with --network_module lycoris.kohya: the modelspec of any LoRA-like
+    # network on SDXL (get_sai_model_spec(..., lora=True)), the module and the --network_args given.
+    assert md["ss_network_module"] == "lycoris.kohya"
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert md["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    args = json.loads(md["ss_network_args"])
+    assert args["algo"] == {"dora": "locon"}.get(kind, kind) and args["conv_dim"] == "2"
+
+
+def test_the_webui_matches_every_lycoris_key(lyco, sgm_shapes):
+    kind, _, _, path = lyco
+    names = {k.partition(".")[0] for k in read_lora(path)[0]}
+    matched, failed = _webui_load_network(names, _webui_layer_mapping(sgm_shapes))
+    assert failed == {}
+    assert len(matched) == len(names)
+    assert {cls for cls in matched.values()} <= {"Linear", "Conv2d", "MultiheadAttention"}
+
+
+@pytest.mark.parametrize("loader", ["comfyui", "forge"])
+def test_comfyui_and_forge_read_every_lycoris_key_and_patch_as_we_train(loader, lyco, sdxl, sgm_shapes):
+    from comfy_helpers import calculate_weight, comfy_load, forge_load
+    from torch import nn
+    from torch.nn import functional as F
+
+    from lib_lora.training.models import read_state_dict
+    from lib_lora.training.tiny_model import ensure_tiny_checkpoint
+
+    kind, net, targets, path = lyco
+    sd = read_lora(path)[0]
+    single = read_state_dict(ensure_tiny_checkpoint(family="sdxl"))
+    unet = {k[len("model."):]: v for k, v in single.items() if k.startswith("model.diffusion_model.")}
+    # ComfyUI/Forge hold both encoders in the HF layout (clip_l / clip_g), as our backbone does
+    clip = {f"clip_l.transformer.{k}": v for k, v in sdxl.text_encoder.state_dict().items()}
+    clip |= {f"clip_g.transformer.{k}": v for k, v in sdxl.text_encoder_2.state_dict().items()}
+    load = {"comfyui": comfy_load, "forge": forge_load}[loader]
+    config = unet_config_from_keys(unet)
+    patches, unread = load(sd, set(unet), config, set(clip))
+    assert list(unread) == []
+    assert len(patches) == len(targets) and {p[0] for p in patches.values()} == {_PATCH_TYPE[kind]}
+
+    key_map = model_lora_keys_clip(set(clip), model_lora_keys_unet(set(unet), config))
+    weights = {**unet, **clip}
+    gen = torch.Generator().manual_seed(2)
+    net.eval()
+    net.apply()
+    try:
+        for t in targets:
+            ours, key = t.module, key_map[t.name]
+            assert torch.equal(weights[key], ours.weight), (t.name, key)  # the very layer
+            if isinstance(ours, nn.Conv2d):
+                x = torch.randn(2, ours.in_channels, 8, 8, generator=gen)
+                op = lambda inp, w, m=ours: F.conv2d(inp, w, m.bias, m.stride, m.padding)  # noqa: E731
+            else:
+                x = torch.randn(3, ours.in_features, generator=gen)
+                op = lambda inp, w, m=ours: F.linear(inp, w, m.bias)  # noqa: E731
+            with torch.no_grad():
+                base = op(x, ours.weight)
+                delta_theirs = op(x, calculate_weight(patches[key], weights[key])) - base
+                delta_ours = ours(x) - base
+            assert delta_theirs.norm() > 1e-3 * base.norm(), t.name
+            # fp32 merge vs. LyCORIS's forward: ~1e-6 relative rounding per layer
+            assert (delta_ours - delta_theirs).norm() <= 1e-3 * delta_theirs.norm(), t.name
+    finally:
+        net.remove()

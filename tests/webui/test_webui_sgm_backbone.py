@@ -135,3 +135,27 @@ def test_an_exception_or_interrupt_mid_step_gives_the_model_back(sgm_model, stat
     assert all("forward" not in m.__dict__ for m in sgm_model.modules())
     assert not any(getattr(m, "gradient_checkpointing", False) for m in bb.text_encoder.modules())
     assert all(p.grad is None for p in sgm_model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["locon", "loha", "lokr", "dora"])
+def test_lycoris_types_train_in_place_and_give_the_model_back(kind, sgm_model, sdxl_backbone, state_hash, grad_flags):
+    """Each LyCORIS type on the WebUI's loaded SDXL, under the standalone backbone's kohya names."""
+    pytest.importorskip("lycoris")
+    from lib_lora.training.lycoris_net import LycorisKohyaNetwork
+
+    bb = SgmBackbone(sgm_model)
+    before, flags = state_hash(sgm_model), grad_flags(sgm_model)
+    targets = bb.lora_targets(conv=True)
+    ref = [t.name for t in sdxl_backbone.lora_targets(conv=True) if not t.name.startswith("lora_te2_")]
+    with preserve_model_state(sgm_model):
+        torch.manual_seed(0)
+        net = LycorisKohyaNetwork(targets, kind, dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0).apply()
+        assert sorted(net.names()) == sorted(ref)
+        first = {k: v.clone() for k, v in net.state_dict().items()}
+        _step(bb, net, torch.Generator().manual_seed(3))
+        assert any(not torch.equal(first[k], v) for k, v in net.state_dict().items() if k.startswith("lora_unet_"))
+        net.remove()
+    assert state_hash(sgm_model) == before and grad_flags(sgm_model) == flags
+    assert all(p.grad is None for p in sgm_model.parameters())
+    for t in targets:
+        assert not [k for k in vars(t.module) if k == "forward" or k.startswith("_lycoris")], t.name

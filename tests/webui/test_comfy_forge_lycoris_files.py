@@ -1,0 +1,113 @@
+"""LyCORIS files (LoCon, LoHa, LoKr, DoRA) as ComfyUI and Forge load them (SD1.5).
+
+Their key mapping, per-name reading and weight math are re-written in tests/comfy_helpers.py from
+their public source (files and commits there). The model's keys are those ComfyUI and Forge see:
+the single file's `diffusion_model.*` (ldm layout) and `clip_l.transformer.*` (the HF text encoder,
+Forge's IntegratedCLIP). Every key of our file must be read (0 "lora key not loaded" in ComfyUI,
+0 `lora_unmatch` in Forge), and the patched weight they compute must give our in-training output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from comfy_helpers import (
+    calculate_weight,
+    comfy_load,
+    forge_load,
+    model_lora_keys_clip,
+    model_lora_keys_unet,
+    unet_config_from_keys,
+)
+from torch import nn
+
+from lib_lora.training.export import read_lora, write_lora
+from lib_lora.training.lycoris_net import LycorisKohyaNetwork
+from lib_lora.training.models import load_backbone, read_state_dict
+
+pytest.importorskip("lycoris")
+
+TYPES = ["locon", "loha", "lokr", "dora"]
+PATCH_TYPE = {"locon": "lora", "dora": "lora", "loha": "loha", "lokr": "lokr"}
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("tiny")
+
+
+@pytest.fixture(scope="module")
+def model_keys(backbone):
+    """(U-Net keys, U-Net config, text-encoder keys, key -> tensor) as ComfyUI/Forge name the tiny model."""
+    from lib_lora.training.tiny_model import ensure_tiny_checkpoint
+
+    sd = read_state_dict(ensure_tiny_checkpoint())
+    unet = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    # comfy/supported_models.py SD15: cond_stage_model.transformer. -> clip_l.transformer.
+    clip = {"clip_l." + k[len("cond_stage_model."):]: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
+    return set(unet), unet_config_from_keys(unet), set(clip), {**unet, **clip}
+
+
+def _randomize(net: LycorisKohyaNetwork, seed: int) -> None:
+    """Trained-looking weights everywhere (a fresh network adds nothing: its up/w2 parts are zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lora in net.loras:
+            for name, p in lora.named_parameters():
+                noise = torch.randn(p.shape, generator=gen)
+                if name == "dora_scale":
+                    p.mul_(1 + 0.1 * noise)
+                else:
+                    p.copy_(noise * (0.5 if name.startswith("hada") else 0.1))
+
+
+@pytest.fixture(scope="module", params=TYPES)
+def lyco_file(request, backbone, tmp_path_factory):
+    kind = request.param
+    targets = backbone.lora_targets(conv=True)
+    torch.manual_seed(0)
+    net = LycorisKohyaNetwork(targets, kind, dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, factor=-1)
+    _randomize(net, seed=1)
+    path = write_lora(tmp_path_factory.mktemp(kind) / f"{kind}.safetensors", net.state_dict_kohya(),
+                      {"ss_network_module": "lycoris.kohya"}, dtype=torch.float32)
+    return kind, net, targets, read_lora(path)[0]
+
+
+@pytest.mark.parametrize("loader", [comfy_load, forge_load], ids=["comfyui", "forge"])
+def test_every_key_is_read_and_the_patched_weights_give_our_outputs(loader, lyco_file, model_keys):
+    kind, net, targets, sd = lyco_file
+    unet_keys, unet_config, clip_keys, tensors = model_keys
+    patches, unread = loader(sd, unet_keys, unet_config, clip_keys)
+    assert list(unread) == []
+    assert len(patches) == len(targets)  # one patched weight per module of ours
+    assert {p[0] for p in patches.values()} == {PATCH_TYPE[kind]}
+    if kind == "dora":
+        assert all(p[1][4] is not None for p in patches.values())  # dora_scale read into the patch
+
+    key_map = model_lora_keys_clip(clip_keys, model_lora_keys_unet(unet_keys, unet_config))
+    gen = torch.Generator().manual_seed(2)
+    net.eval()
+    net.apply()
+    try:
+        for t in targets:
+            name, ours, key = t.name, t.module, key_map[t.name]
+            patch = patches[key]
+            assert torch.equal(tensors[key], ours.weight), (name, key)  # mapped onto the very layer
+            if isinstance(ours, nn.Conv2d):
+                x = torch.randn(2, ours.in_channels, 8, 8, generator=gen)
+                op = lambda inp, w, m=ours: F.conv2d(inp, w, m.bias, m.stride, m.padding)  # noqa: E731
+            else:
+                x = torch.randn(3, ours.in_features, generator=gen)
+                op = lambda inp, w, m=ours: F.linear(inp, w, m.bias)  # noqa: E731
+            with torch.no_grad():
+                base = op(x, ours.weight)
+                theirs = op(x, calculate_weight(patch, tensors[key]))
+                trained = ours(x)
+            delta_theirs, delta_ours = theirs - base, trained - base
+            assert delta_theirs.norm() > 1e-3 * base.norm(), name  # the file changes this layer visibly
+            # fp32 merge vs. LyCORIS's own forward: rounding ~1e-6 relative per layer
+            rel = (delta_ours - delta_theirs).norm() / delta_theirs.norm()
+            assert rel <= 1e-3, (name, float(rel))
+    finally:
+        net.remove()
