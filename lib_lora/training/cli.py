@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lib_lora.config import PRESETS, TrainConfig, add_arguments, apply_preset, from_args
+from lib_lora.config import PRESETS, TrainConfig, add_arguments, from_args
 from lib_lora.training.data import SUBSET_RE
 
 
@@ -16,32 +16,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a LoRA on a folder of images",
-        description="Train an SD1.5 LoRA. DATASET is a folder of <repeats>_<name> subfolders "
-        "or a plain folder of images (with --repeats).",
+        description="Train an SD1.5 or SDXL LoRA (the family of --base-model, whose defaults fill the flags "
+        "not given). DATASET is a folder of <repeats>_<name> subfolders or a plain folder of images (with --repeats).",
     )
     p.add_argument("dataset", metavar="DATASET", help="dataset folder")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a recipe; other flags override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a recipe (the base model's family's); other flags override it")
     p.add_argument("--plan-only", action="store_true", help="print the step plan and stop")
     add_arguments(p, TrainConfig, skip=("dataset",))
     p.set_defaults(func=run_train)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The flags given over the base model's family defaults (and the family's preset): here,
-    unlike a form, a flag not given is known, so `--train-text-encoder` keeps SDXL's encoders on."""
-    from lib_lora.training.run_config import apply_family_defaults, config_family
+def given_flags(args: argparse.Namespace) -> frozenset[str]:
+    """The TrainConfig fields the command line gave (a flag not given parses as None)."""
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None)
 
-    family = config_family(from_args(TrainConfig, args))
-    base = apply_family_defaults(TrainConfig(), family)
-    base = apply_preset(base, args.preset, family) if args.preset else base
-    cfg = from_args(TrainConfig, args, base=base)
-    cfg = dataclasses.replace(cfg, dataset=args.dataset)
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The flags given over the base model's family defaults and the family's preset
+    (`prepare_train_config`): a flag not given is known here, so `--resolution 512` stays
+    512 on SDXL and `--train-text-encoder` turns SDXL's encoders on."""
+    from lib_lora.training.run_config import prepare_train_config
+
+    cfg = dataclasses.replace(from_args(TrainConfig, args), dataset=args.dataset)
+    given = given_flags(args) | {"dataset"}
     if not cfg.name:
         # Default to the dataset's name, without a kohya '<repeats>_' prefix.
         folder = Path(args.dataset).resolve().name
         m = SUBSET_RE.match(folder)
         cfg = dataclasses.replace(cfg, name=m[2] if m else folder)
-    return cfg
+        given |= {"name"}
+    return prepare_train_config(None, cfg, given=given, preset=args.preset)
 
 
 def bar_events(bar: Any) -> Callable[[dict], None]:
@@ -94,10 +98,9 @@ def run_train(args: argparse.Namespace) -> int:
     from lib_lora.training.data import plan_steps
     from lib_lora.training.metadata import summary
     from lib_lora.training.run import train
-    from lib_lora.training.run_config import prepare_train_config
 
-    # The CLI's host decides nothing: its flags do (the family's defaults are in config_from_args).
-    cfg = prepare_train_config(None, config_from_args(args), family_defaults=False)
+    # The CLI's host decides nothing: its flags do, over the family's defaults (config_from_args).
+    cfg = config_from_args(args)
     if args.plan_only:
         print_plan(cfg, plan_steps(cfg.dataset, cfg))
         return 0
