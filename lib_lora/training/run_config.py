@@ -68,7 +68,10 @@ def family_note(cfg: TrainConfig, family: ModelFamily) -> str:
     lo, hi = cfg.min_bucket_reso, cfg.max_bucket_reso
     trains = "U-Net and text encoders" if cfg.train_text_encoder and cfg.train_unet else \
         "U-Net only" if cfg.train_unet else "text encoders only"
-    return f"Model family: {family.label}; resolution {cfg.resolution}, buckets {lo}-{hi} px, training the {trains}."
+    note = f"Model family: {family.label}; resolution {cfg.resolution}, buckets {lo}-{hi} px, training the {trains}."
+    if cfg.clip_skip > 1 and not family.clip_skip_applies:
+        note += f" CLIP skip {cfg.clip_skip} is ignored: {family.label}'s text encoders give their penultimate layer."
+    return note
 
 
 def prepare_train_config(host: RunPlaces | None, cfg: TrainConfig, backbone: Any | None = None, *,
