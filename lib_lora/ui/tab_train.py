@@ -94,7 +94,7 @@ def family_text(family: ModelFamily) -> str:
     """The line under the preset: which family the fields are filled for, and its defaults."""
     cfg = filled(family, None)
     trains = "the U-Net and text encoder" if cfg.train_text_encoder else "the U-Net only"
-    return (f"Model family: **{family.label}**. Its defaults: {cfg.resolution} px, buckets "
+    return (f"Model family: {family.label}. Its defaults: {cfg.resolution} px, buckets "
             f"{cfg.min_bucket_reso}-{cfg.max_bucket_reso} px, training {trains}; the presets are its recipes.")
 
 
