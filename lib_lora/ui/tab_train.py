@@ -30,6 +30,7 @@ SPECIAL = {"lr", "output_dir", "dataset", "name"}
 ROWS = (("repeats", "epochs", "batch_size", "max_steps"), ("dim", "alpha", "optimizer"), ("resolution", "base_model"))
 STEP_FIELDS = ("repeats", "epochs", "batch_size", "max_steps")
 FIXED = ("name", "dataset", "lr", "output_dir", "run_dir")  # set by the tab's own controls or the host
+TAB_CHOICES = ("sample_images",)  # values the tab itself fills in, whatever the family (`filled`)
 UI_SAMPLE_IMAGES = 4  # sample points in a run started from the tab
 DEFAULT_PRESET = "person"  # the tutorial's recipe; a host may name another (`host.default_preset`)
 METADATA_SHOWN = ("ss_output_name", "ss_network_dim", "ss_network_alpha", "ss_optimizer", "ss_learning_rate",
@@ -61,18 +62,20 @@ class TrainForm:
 
     def given(self, cfg: Any, family: ModelFamily, preset: str | None) -> frozenset[str]:
         """The fields the user gave: the fixed ones (name, dataset, learning rate, folders, the
-        chosen base model) and every control whose value is not the one the tab filled in for
-        `family` and `preset` (`filled`). The run's family fills the others."""
+        chosen base model), the tab's own choices (sample images) and every control whose value
+        is not the one the tab filled in for `family` and `preset` (`filled`). The run's family
+        fills the others."""
         shown = filled(family, preset)
         changed = {n for n in self.names if n != "base_model" and getattr(cfg, n) != getattr(shown, n)}
-        return frozenset(changed | set(FIXED) | ({"base_model"} if self.has_base_model else set()))
+        own = {n for n in TAB_CHOICES if n in self.names} | ({"base_model"} if self.has_base_model else set())
+        return frozenset(changed | set(FIXED) | own)
 
 
 def filled(family: ModelFamily, preset: str | None) -> Any:
     """The values the tab fills in for a model of `family`: the family's defaults, its recipe
     `preset`, and the tab's own sample images."""
     ui = dataclasses.replace(config.TrainConfig(), sample_images=UI_SAMPLE_IMAGES)
-    return config.for_family(ui, family, given={"sample_images"}, preset=preset if preset in family.presets else None)
+    return config.for_family(ui, family, given=TAB_CHOICES, preset=preset if preset in family.presets else None)
 
 
 def model_family(ctx: UIContext, base_model: str | None) -> ModelFamily:

@@ -90,6 +90,9 @@ def test_a_value_the_user_set_to_sd15s_default_is_kept_on_sdxl(tmp_path: Path) -
     given = form.given(form.config(ctx, "xl", str(sub.parent), "manual", "1e-3", list(values.values())), SDXL,
                        "person")
     assert {"resolution", "train_text_encoder", "dim"} <= given and "min_bucket_reso" not in given
+    # The tab's own sample images stay the tab's though left as filled (the schema's default is off).
+    left = form.config(ctx, "xl", str(sub.parent), "manual", "1e-3", [parts["controls"][n].value for n in form.names])
+    assert "sample_images" in form.given(left, SDXL, "person")
     out = list(tab_train.run_train(ctx, form, "xl", str(sub.parent), "manual", "1e-3", *values.values(),
                                    preset="person", shown="sdxl"))
     assert "fast-lora-msg-ok" in out[-1][0], out[-1][0]
