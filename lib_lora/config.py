@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Itera
         typ, _ = field_type(cls, f)
         flag = flag_of(f.name)
         default = _default(f)
-        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        help_text = f.metadata.get("help", "") + f" (default: {_family_default_text(f.name, default)})"
         if typ is bool:
             parser.add_argument(flag, nargs="?", const=True, default=None, help=help_text, metavar="true|false")
         elif typing.get_origin(typ) is list:
@@ -90,6 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Itera
             choices = f.metadata.get("choices")
             choices = [str(c) for c in choices] if choices else None
             parser.add_argument(flag, default=None, choices=choices, help=help_text)
+
+
+def _family_default_text(name: str, default: Any) -> str:
+    """A field's default as help text: per family where the families' defaults differ."""
+    from lib_lora.training.family import FAMILIES
+
+    values = {fam.label: fam.config_defaults().get(name, default) for fam in FAMILIES.values()}
+    if len(set(map(str, values.values()))) == 1:
+        return str(default)
+    return ", ".join(f"{v} on {label}" for label, v in values.items()) + ": the base model's family decides"
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,7 +520,7 @@ class TrainConfig:
     lokr_factor: int = opt(-1, "LoKr: the factor its Kronecker product splits each layer by (-1: as even as possible)",
                            min=-1, max=1024)
     train_unet: bool = opt(True, "train the U-Net LoRA")
-    train_text_encoder: bool = opt(True, "train the text-encoder LoRA")
+    train_text_encoder: bool = opt(True, "train the text-encoder LoRA (SDXL: both encoders)")
     # Optimisation
     lr: str = opt("1e-4", "U-Net learning rate: a number, or 'auto' to probe it first", group="basic")
     text_encoder_lr: float | None = opt(None, "text-encoder learning rate (default: lr x te_lr_ratio)", min=0)
@@ -600,3 +610,26 @@ def apply_preset(cfg: TrainConfig, preset: str, family: ModelFamily = SD15) -> T
     if preset not in presets:
         raise UserError(f"Unknown preset {shown(preset)}; choose one of {', '.join(presets)}.")
     return validate(dataclasses.replace(cfg, **presets[preset]))
+
+
+def changed_fields(cfg: TrainConfig) -> frozenset[str]:
+    """The fields where `cfg` differs from TrainConfig's defaults: what a config built in code
+    tells of the values its caller chose (a front end knows them: `for_family`'s `given`)."""
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != _default(f))
+
+
+def for_family(cfg: TrainConfig, family: ModelFamily, given: typing.Iterable[str] | None = None,
+               preset: str | None = None) -> TrainConfig:
+    """The config a request trains on a model of `family`: the family's defaults (SDXL: 1024 px,
+    its buckets, U-Net only), then the family's recipe `preset`, then the fields the user gave
+    (`given`, their values taken from `cfg`), so a value the user chose is kept even where it
+    equals SD1.5's default (512 px on SDXL). `given` None: the fields where `cfg` differs from
+    TrainConfig's defaults (`changed_fields`). On SD1.5 with no preset, `cfg` comes back as it is."""
+    names = changed_fields(cfg) if given is None else frozenset(given)
+    unknown = names - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise UserError(f"Unknown training option(s): {', '.join(sorted(unknown))}.")
+    base = dataclasses.replace(TrainConfig(), **family.config_defaults())
+    if preset:
+        base = apply_preset(base, preset, family)
+    return validate(dataclasses.replace(base, **{n: getattr(cfg, n) for n in names}))

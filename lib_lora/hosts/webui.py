@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state
 from lib_lora.hosts.sgm_backbone import TE2_NOT_TRAINED, SgmBackbone, is_sgm_sdxl
 from lib_lora.names import validate_name
 from lib_lora.training.card import write_card, write_preview  # noqa: F401 - also this module's API
+from lib_lora.training.family import SD15, SDXL, ModelFamily
 
 if TYPE_CHECKING:
     from lib_lora.ui.paths import FolderPolicy
@@ -411,6 +412,15 @@ class WebUIHost:
         return self._policy
 
     # -- the model ---------------------------------------------------------------------------
+    def model_family(self) -> ModelFamily:
+        """The family of the loaded checkpoint, read without loading or touching it: SDXL for
+        an sgm SDXL base model, else SD1.5 (no model yet, or one `backbone()` refuses)."""
+        try:
+            sd_model = a1111("sd_models").model_data.sd_model  # never loads one (shared.sd_model may)
+        except (ImportError, AttributeError):
+            sd_model = getattr(a1111("shared"), "sd_model", None)
+        return SDXL if sd_model is not None and is_sgm_sdxl(sd_model) else SD15
+
     def backbone(self, base_model: str | None = None) -> LdmBackbone | SgmBackbone:
         """The WebUI's loaded checkpoint, trained in place (`base_model` is ignored).
 
@@ -587,15 +597,18 @@ class WebUIHost:
         return list(processed.images[-n:])
 
     # -- the two jobs the tab and the API start ----------------------------------------------
-    def train(self, progress: StateProgress, cfg: Any, on_event: Callable[[dict], None] | None = None) -> dict:
-        """Train `cfg` (a TrainConfig) on the loaded checkpoint; run inside `run_job`/`job`."""
+    def train(self, progress: StateProgress, cfg: Any, on_event: Callable[[dict], None] | None = None, *,
+              given: Iterable[str] | None = None, preset: str | None = None) -> dict:
+        """Train `cfg` (a TrainConfig) on the loaded checkpoint; run inside `run_job`/`job`.
+        `given` and `preset`: the fields the request gave and its recipe, so the loaded model's
+        family fills the rest (`prepare_train_config`)."""
         from lib_lora.training.run_config import prepare_train_config
 
         validate_name(cfg.name, "LoRA name")  # before the model is touched
         backbone = self.backbone()  # refusals (Forge, --lowvram, not SD1.5 or SDXL base) come first
         from lib_lora.training.run import train
 
-        cfg = prepare_train_config(self, cfg, backbone)
+        cfg = prepare_train_config(self, cfg, backbone, given=given, preset=preset)
         if isinstance(backbone, SgmBackbone) and cfg.train_text_encoder:
             log.info("Fast LoRA: %s", TE2_NOT_TRAINED)
         name = cfg.name

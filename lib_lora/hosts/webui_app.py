@@ -22,6 +22,7 @@ from lib_lora.config import (
     api_phrase,
     apply_preset,
     coerce_fields,
+    for_family,
     phrase_options,
     validate,
 )
@@ -79,11 +80,24 @@ def add_settings() -> None:
 # Jobs started from the API (or the fallback tab): one at a time, in a thread
 
 
+def request_preset(body: dict[str, Any] | None) -> str:
+    """The recipe a JSON body asks for: its "preset", else the setting "Default training preset"."""
+    return str((body or {}).get("preset") or webui.opt("fast_lora_preset", "") or "")
+
+
+def request_fields(body: dict[str, Any] | None) -> frozenset[str]:
+    """The TrainConfig fields a JSON body gives: the loaded model's family fills the others."""
+    return frozenset(body or {}) - {"preset"}
+
+
 def config_from_request(body: dict[str, Any], policy: FolderPolicy | None = None) -> TrainConfig:
     """A validated TrainConfig from a JSON body: the preset (or the default preset), then the
-    fields; every path in it through the host's path `policy` before anything looks at it."""
+    fields; every path in it through the host's path `policy` before anything looks at it.
+    The preset's values here are SD1.5's: the run itself takes the loaded model's family's
+    (`start_training` passes `request_fields` and the preset on)."""
     body = dict(body or {})
-    preset = body.pop("preset", None) or webui.opt("fast_lora_preset", "")
+    preset = request_preset(body)
+    body.pop("preset", None)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(body) - names)
     if unknown:
@@ -97,14 +111,16 @@ def config_from_request(body: dict[str, Any], policy: FolderPolicy | None = None
     return validate((policy or FolderPolicy()).check_config(cfg))
 
 
-def start_training(host: webui.WebUIHost, cfg: TrainConfig) -> str:
-    """Queue a training job in a thread; it waits for the WebUI's queue lock. Returns its id."""
+def start_training(host: webui.WebUIHost, cfg: TrainConfig, given: frozenset[str] | None = None,
+                   preset: str | None = None) -> str:
+    """Queue a training job in a thread; it waits for the WebUI's queue lock. Returns its id.
+    `given`/`preset`: the request's fields and recipe (the loaded model's family fills the rest)."""
     with host._record_lock:
         if host.record.status in ACTIVE:
             raise JobBusy("A Fast LoRA training job is already queued or running; stop it or wait for it to end.")
         job_id = uuid.uuid4().hex[:12]
         host.record = webui.JobRecord(job_id=job_id, status="queued", title=f"Training {cfg.name}")
-    threading.Thread(target=_run_training, args=(host, cfg, job_id), name=f"fast-lora-{job_id}", daemon=True).start()
+    threading.Thread(target=_run_training, args=(host, cfg, job_id, given, preset), name=f"fast-lora-{job_id}", daemon=True).start()
     return job_id
 
 
@@ -112,14 +128,15 @@ class JobBusy(UserError):
     pass
 
 
-def _run_training(host: webui.WebUIHost, cfg: TrainConfig, job_id: str) -> None:
+def _run_training(host: webui.WebUIHost, cfg: TrainConfig, job_id: str, given: frozenset[str] | None = None,
+                  preset: str | None = None) -> None:
     record = host.record
 
     def body(progress: webui.StateProgress) -> dict:
         if record.status == "stopping":  # stopped while it waited for the lock
             return {"interrupted": True, "lora_path": ""}
         record.status = "running"
-        return host.train(progress, cfg)
+        return host.train(progress, cfg, given=given, preset=preset or None)
 
     try:
         summary = host.run_job(record.title, body)
@@ -179,7 +196,7 @@ def mount_api(app: Any, host: webui.WebUIHost) -> None:
     def api_train(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's idiom
         try:
             cfg = config_from_request(body, host.path_policy())
-            job_id = start_training(host, cfg)
+            job_id = start_training(host, cfg, request_fields(body), request_preset(body))
         except JobBusy as err:
             raise HTTPException(status_code=409, detail=phrase_options(str(err), api_phrase)) from None
         except UserError as err:
@@ -264,6 +281,11 @@ def form_values_to_config(fields: list[dataclasses.Field], values: list[Any],
     return validate((policy or FolderPolicy()).check_config(dataclasses.replace(TrainConfig(), **kwargs)))
 
 
+def changed_from(cfg: TrainConfig, shown: TrainConfig, names: list[str]) -> frozenset[str]:
+    """The fields of `names` the user changed: `cfg`'s value is not the one the form showed."""
+    return frozenset(n for n in names if getattr(cfg, n) != getattr(shown, n))
+
+
 def build_minimal_tab(host: webui.WebUIHost) -> None:
     """Train on the loaded checkpoint, then a test grid: the fields come from TrainConfig."""
     import gradio as gr
@@ -272,11 +294,13 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
         return phrase_options(text, api_phrase)
 
     preset = webui.opt("fast_lora_preset", "person")
-    base = apply_preset(TrainConfig(), preset) if preset in PRESETS else TrainConfig()
+    preset = preset if preset in PRESETS else None
+    family = host.model_family()  # the fields show its defaults and recipe; the run takes the model's own
+    base = for_family(TrainConfig(), family, given=(), preset=preset)
     skip = {"base_model", "output_dir", "device"}  # the WebUI decides these
     fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in skip]
-    gr.Markdown("Trains an SD1.5 LoRA on the checkpoint loaded at the top of the page; the result "
-                "appears under Lora at once (`<lora:name:1>`).")
+    gr.Markdown(f"Trains a LoRA on the checkpoint loaded at the top of the page ({family.label} when this page "
+                "was made: the fields show its defaults); the result appears under Lora at once (`<lora:name:1>`).")
     comps = []
     with gr.Row():
         with gr.Column():
@@ -305,7 +329,8 @@ def build_minimal_tab(host: webui.WebUIHost) -> None:
     def on_train(*values: Any) -> str:
         try:
             cfg = form_values_to_config(ordered, list(values), host.path_policy())
-            summary = host.run_job(f"Training {cfg.name}", host.train, cfg)
+            given = changed_from(cfg, base, [f.name for f in ordered]) | {"name", "dataset"}
+            summary = host.run_job(f"Training {cfg.name}", host.train, cfg, given=given, preset=preset)
         except UserError as err:
             return f"**{ui_text(str(err))}**"
         if summary.get("interrupted"):

@@ -14,13 +14,16 @@ from lib_lora.errors import UserError
 from lib_lora.training.data import SUBSET_RE
 from lib_lora.user_presets import FOLDER
 
+# config_from_args has layered every field (family defaults, files, preset, flags): all count as given.
+ALL_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a LoRA on a folder of images",
-        description="Train an SD1.5 LoRA. DATASET is a folder of <repeats>_<name> subfolders "
-        "or a plain folder of images (with --repeats).",
+        description="Train an SD1.5 or SDXL LoRA (the family of --base-model, whose defaults fill the flags "
+        "not given). DATASET is a folder of <repeats>_<name> subfolders or a plain folder of images (with --repeats).",
     )
     p.add_argument("dataset", metavar="DATASET", nargs="?", default=None,
                    help="dataset folder (may come from --config instead)")
@@ -31,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-config", metavar="FILE",
                    help="write the options (files, preset and flags together) to FILE (.toml or .json) and stop "
                         "without training")
-    p.add_argument("--preset", help=f"start from a recipe: {', '.join(PRESETS)} or one saved with --save-preset; "
+    p.add_argument("--preset", help=f"start from a recipe (the base model's family's): {', '.join(PRESETS)} or one saved with --save-preset; "
                                     "other flags override it")
     p.add_argument("--save-preset", metavar="NAME",
                    help="save the recipe (all options but the name, data and folders) as preset NAME and stop")
@@ -48,7 +51,7 @@ def config_from_args(args: argparse.Namespace, reports: list[str] | None = None)
     given is known, so `--train-text-encoder` keeps SDXL's encoders on. What the files or the
     preset held that is not used is appended to `reports` (one message per file)."""
     from lib_lora.config_files import file_config, read_config_file
-    from lib_lora.training.run_config import apply_family_defaults, config_family
+    from lib_lora.training.run_config import config_family
 
     files = [read_config_file(p) for p in getattr(args, "config", None) or []]
     user_preset = None
@@ -61,7 +64,7 @@ def config_from_args(args: argparse.Namespace, reports: list[str] | None = None)
         if reports is not None and cf.report():
             reports.append(cf.report())
     family = config_family(from_args(TrainConfig, args, base=file_config(layers, TrainConfig())))
-    base = file_config(files, apply_family_defaults(TrainConfig(), family))
+    base = file_config(files, dataclasses.replace(TrainConfig(), **family.config_defaults()))
     if user_preset is not None:
         base = file_config([user_preset], base)
     elif args.preset:
@@ -146,7 +149,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if not cfg.dataset and not getattr(cfg, "subsets", None):
         raise UserError("No dataset folder given: pass DATASET, or a --config file that names one.")
-    cfg = prepare_train_config(None, cfg, family_defaults=False)
+    cfg = prepare_train_config(None, cfg, given=ALL_FIELDS)
     if args.plan_only:
         print_plan(cfg, plan_steps(cfg.dataset, cfg))
         return 0

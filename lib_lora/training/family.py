@@ -119,6 +119,16 @@ class ModelFamily:
         lo, hi = self.bucket_range
         return {"resolution": self.default_resolution, "min_bucket_reso": lo, "max_bucket_reso": hi}
 
+    def config_defaults(self) -> dict[str, Any]:
+        """The TrainConfig fields whose default is this family's (resolution, buckets, whether
+        the text encoders train), with its values."""
+        return {**self.bucket_defaults(), "train_text_encoder": self.default_train_text_encoder}
+
+    @property
+    def clip_skip_applies(self) -> bool:
+        """Whether a run's clip_skip changes what the text encoders give (SD1.5: yes; SDXL: no)."""
+        return any(te.clip_skip_applies for te in self.text_encoders)
+
     def replace(self, **changes: Any) -> ModelFamily:
         """A copy with some facts changed (tests, and a variant of a family)."""
         return dataclasses.replace(self, **changes)

@@ -86,6 +86,12 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
     if cfg.module_dropout:
         network_args["module_dropout"] = str(cfg.module_dropout)
     finished = run.finished_at
+    # kohya writes its --clip_skip as given ("None" by default) and modelspec.encoder_layer only
+    # for one given. Its SDXL training ignores the value (library/sdxl_train_util.py warns "clip_skip
+    # will be unexpected"; strategy_sdxl.py always takes the penultimate layers), and its SDXL
+    # recipe gives none: so an SDXL LoRA of ours says "None" and no encoder layer, what kohya
+    # writes for the SDXL LoRAs trained as it advises, and what the run did whatever the field said.
+    clip_skip = cfg.clip_skip if family.clip_skip_applies and cfg.clip_skip > 1 else None
     # kohya's modelspec.date: local time to the second, ISO 8601 without an offset.
     date = dt.datetime.fromtimestamp(int(finished or run.started_at))
     md: dict[str, Any] = {
@@ -133,7 +139,7 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         "ss_mixed_precision": run.mixed_precision,
         "ss_full_fp16": False,
         # kohya writes None for no skip (its default), and the WebUI's card shows no "Clip skip" then.
-        "ss_clip_skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
+        "ss_clip_skip": clip_skip,
         "ss_seed": cfg.seed,
         "ss_shuffle_caption": cfg.shuffle_caption,
         "ss_keep_tokens": cfg.keep_tokens,
@@ -162,8 +168,8 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         md["ss_network_args"] = json.dumps(network_args)
     if run.model_legacy_hash:  # kohya writes it only for a model file it could read
         md["ss_sd_model_hash"] = run.model_legacy_hash
-    if cfg.clip_skip > 1:
-        md["modelspec.encoder_layer"] = str(cfg.clip_skip)
+    if clip_skip is not None:
+        md["modelspec.encoder_layer"] = str(clip_skip)
     if cfg.comment:
         md["modelspec.description"] = cfg.comment
     md.update(run.extra)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -18,9 +20,9 @@ import torch
 from lib_lora.errors import ModelLoadError
 from lib_lora.training import models
 from lib_lora.training.backbone_sdxl import SDXLBackbone
-from lib_lora.training.family import SDXL
+from lib_lora.training.family import SD15, SDXL
 
-# ---- SDXL family facts (one block, for the model-family object to take over) ---------------
+# ---- SDXL checkpoint layout (the family's own facts are in family.SDXL) -----------------------
 # Single-file (sgm DiffusionEngine) prefixes, from generative-models' sd_xl_base.yaml
 # conditioner: embedder 0 is FrozenCLIPEmbedder (a transformers CLIPTextModel under
 # `transformer.`), embedder 1 FrozenOpenCLIPEmbedder2 (an open_clip model under `model.`).
@@ -37,7 +39,7 @@ SDXL_UNET_BASE = {  # diffusers' SDXL U-Net config values that shapes do not tel
     "sample_size": 128,
 }
 TINY_SDXL = "tiny-sdxl"
-FAMILY_SDXL, FAMILY_SD15 = "sdxl", "sd15"
+FAMILY_SDXL, FAMILY_SD15 = SDXL.name, SD15.name  # what the kind functions return for the two families
 # --------------------------------------------------------------------------------------------
 
 _MESSAGES = {
@@ -55,8 +57,10 @@ _MESSAGES = {
 
 
 def _shapes_of_file(path: Path) -> Mapping[str, tuple[int, ...]] | None:
-    """Key -> shape without reading the tensors (safetensors header; a zip .ckpt memory-mapped,
-    weights only). None when the file cannot be read that way (`read_state_dict` then says why)."""
+    """Key -> shape: from a safetensors header, or a zip .ckpt memory-mapped, without reading the
+    tensors; a legacy (pre-zip pickle) .ckpt, which cannot be memory-mapped, read whole through
+    `models.read_state_dict` (weights only: a pickle that holds anything but tensors is refused).
+    None when the file cannot be read that way (the full read then gives the user's sentence)."""
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
@@ -64,6 +68,8 @@ def _shapes_of_file(path: Path) -> Mapping[str, tuple[int, ...]] | None:
             with safe_open(str(path), "pt") as fh:
                 return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
         if path.suffix.lower() in {".ckpt", ".pt", ".pth", ".bin"}:
+            if not zipfile.is_zipfile(path):
+                return {k: tuple(v.shape) for k, v in models.read_state_dict(path).items()}
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
                 obj = obj["state_dict"]
@@ -72,6 +78,13 @@ def _shapes_of_file(path: Path) -> Mapping[str, tuple[int, ...]] | None:
     except Exception:  # noqa: BLE001 - unreadable here; the full read gives the user's sentence
         return None
     return None
+
+
+@lru_cache(maxsize=16)
+def _file_kind(path: str, size: int, mtime: float) -> str:
+    # Per file version: a legacy .ckpt is read whole to learn its kind, and a run asks more than once.
+    shapes = _shapes_of_file(Path(path))
+    return single_file_kind(shapes) if shapes is not None else FAMILY_SD15
 
 
 def single_file_kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -128,9 +141,11 @@ def model_family(base_model: str) -> str:
     path = Path(base_model).expanduser()
     if path.is_dir():
         kind = folder_kind(path)
+    elif path.is_file():
+        st = path.stat()
+        kind = _file_kind(str(path.resolve()), st.st_size, st.st_mtime)
     else:
-        shapes = _shapes_of_file(path) if path.is_file() else None
-        kind = single_file_kind(shapes) if shapes is not None else FAMILY_SD15
+        kind = FAMILY_SD15  # the SD1.5 loader says it is missing
     if kind in _MESSAGES:
         refuse(kind, path.name)
     return kind
@@ -209,7 +224,7 @@ def infer_open_clip_config(sd: Mapping[str, torch.Tensor], prefix: str = TE2):
 def check_sdxl(sd: Mapping[str, torch.Tensor], name: str) -> None:
     """Refuse anything that is not an SDXL base text-to-image checkpoint, saying what it is."""
     keys = sd.keys()
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if any(k.startswith(models.LORA_KEY_PREFIXES) for k in keys):
         raise ModelLoadError(f"{name} is a LoRA, not a base model. Choose an SDXL checkpoint as the base model.")
     refuse(single_file_kind({k: tuple(v.shape) for k, v in sd.items()}), name)
     for prefix, what in ((UNET, "U-Net (model.diffusion_model.*)"), (TE1, "CLIP ViT-L text encoder (conditioner.embedders.0.*)"),
@@ -260,10 +275,10 @@ def sdxl_modules_from_state_dict(sd: dict[str, torch.Tensor], name: str):
     pos = text_encoder_2.text_model.embeddings.position_ids
     with torch.no_grad():
         pos.copy_(torch.arange(pos.shape[-1]).expand_as(pos))
-    models._load_into(unet, unet_w, "U-Net", family="SDXL")
-    models._load_into(vae, vae_w, "VAE", family="SDXL")
-    models._load_into(text_encoder, te1_weights, "CLIP ViT-L text encoder", ignore=("position_ids",), family="SDXL")
-    models._load_into(text_encoder_2, te2_w, "OpenCLIP bigG text encoder", ignore=("position_ids",), family="SDXL")
+    models._load_into(unet, unet_w, "U-Net", family=SDXL.label)
+    models._load_into(vae, vae_w, "VAE", family=SDXL.label)
+    models._load_into(text_encoder, te1_weights, "CLIP ViT-L text encoder", ignore=("position_ids",), family=SDXL.label)
+    models._load_into(text_encoder_2, te2_w, "OpenCLIP bigG text encoder", ignore=("position_ids",), family=SDXL.label)
     return unet, vae, text_encoder, text_encoder_2
 
 
@@ -313,11 +328,11 @@ def _load_sdxl_folder(folder: Path):
     if missing:
         raise ModelLoadError(f"{folder} is not a complete diffusers SDXL folder: it lacks {', '.join(p + '/' for p in missing)}.")
     try:
-        unet = models._load_part(folder / "unet", UNet2DConditionModel, "U-Net", family="SDXL")
-        vae = models._load_part(folder / "vae", AutoencoderKL, "VAE", family="SDXL")
-        te1 = models._load_part(folder / "text_encoder", CLIPTextModel, "CLIP ViT-L text encoder", family="SDXL")
+        unet = models._load_part(folder / "unet", UNet2DConditionModel, "U-Net", family=SDXL.label)
+        vae = models._load_part(folder / "vae", AutoencoderKL, "VAE", family=SDXL.label)
+        te1 = models._load_part(folder / "text_encoder", CLIPTextModel, "CLIP ViT-L text encoder", family=SDXL.label)
         te2 = models._load_part(folder / "text_encoder_2", CLIPTextModelWithProjection, "OpenCLIP bigG text encoder",
-                                family="SDXL")
+                                family=SDXL.label)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         raise ModelLoadError(f"{folder} could not be loaded as a diffusers SDXL model: {err}") from None
     tok1_dir, tok2_dir = folder / "tokenizer", folder / "tokenizer_2"

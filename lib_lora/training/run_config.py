@@ -9,12 +9,13 @@ it too, once it knows the device and the weights.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from lib_lora.config import TrainConfig, validate
+from lib_lora.config import TrainConfig, for_family, validate
 from lib_lora.errors import UserError
 from lib_lora.names import validate_name
 from lib_lora.training.family import ModelFamily, family_by_name, family_of
@@ -52,16 +53,6 @@ def training_precision(requested: str, device: torch.device, weights: torch.dtyp
     return requested
 
 
-def apply_family_defaults(cfg: TrainConfig, family: ModelFamily) -> TrainConfig:
-    """`cfg` with the family's resolution, bucket range and U-Net-only default where it holds
-    the config's own default (TrainConfig's defaults are SD1.5's: a value equal to one is taken
-    as not given). SD1.5 configs come back unchanged."""
-    wanted: dict[str, Any] = {**family.bucket_defaults(), "train_text_encoder": family.default_train_text_encoder}
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    changes = {k: v for k, v in wanted.items() if getattr(cfg, k) == defaults[k] and v != defaults[k]}
-    return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
 def config_family(cfg: TrainConfig, backbone: Any | None = None) -> ModelFamily:
     """The family of the model a config trains: the backbone's, else read from the base-model
     setting (a file's header or a folder's configs; no weights are loaded)."""
@@ -77,17 +68,22 @@ def family_note(cfg: TrainConfig, family: ModelFamily) -> str:
     lo, hi = cfg.min_bucket_reso, cfg.max_bucket_reso
     trains = "U-Net and text encoders" if cfg.train_text_encoder and cfg.train_unet else \
         "U-Net only" if cfg.train_unet else "text encoders only"
-    return f"Model family: {family.label}; resolution {cfg.resolution}, buckets {lo}-{hi} px, training the {trains}."
+    note = f"Model family: {family.label}; resolution {cfg.resolution}, buckets {lo}-{hi} px, training the {trains}."
+    if cfg.clip_skip > 1 and not family.clip_skip_applies:
+        note += f" CLIP skip {cfg.clip_skip} is ignored: {family.label}'s text encoders give their penultimate layer."
+    return note
 
 
-def prepare_train_config(host: RunPlaces | None, cfg: TrainConfig, backbone: Any | None = None,
-                         family_defaults: bool = True) -> TrainConfig:
+def prepare_train_config(host: RunPlaces | None, cfg: TrainConfig, backbone: Any | None = None, *,
+                         given: Iterable[str] | None = None, preset: str | None = None) -> TrainConfig:
     """`cfg` as the run trains it, validated:
 
     - the LoRA name checked (it names files and folders);
-    - the model family's defaults (`apply_family_defaults`: SDXL's 1024 resolution, its buckets
-      and U-Net only) where the request left the config's (SD1.5's) defaults; the CLI, which
-      knows which flags were given, applies them itself (family_defaults=False);
+    - the model family's defaults and its recipe `preset` (`config.for_family`: SDXL's 1024
+      resolution, its buckets and U-Net only) in every field the user did not give: `given`
+      names the fields the user gave (the CLI's flags, a REST body's keys, the Train tab's
+      changed controls); None, for a config built in code: the fields that differ from
+      TrainConfig's defaults;
     - with a host: the LoRA goes to the host's LoRA folder and the run folder defaults to
       <work folder>/runs/<name>; without one (the CLI) both stay as given;
     - with the backbone the host gave: the device it is on; a host that trains its own
@@ -95,8 +91,7 @@ def prepare_train_config(host: RunPlaces | None, cfg: TrainConfig, backbone: Any
       weights becomes their precision (`training_precision`), so the run folder's config
       says what ran and a resume on weights of another precision is refused."""
     name = validate_name(cfg.name, "LoRA name")
-    if family_defaults:
-        cfg = apply_family_defaults(cfg, config_family(cfg, backbone))
+    cfg = for_family(cfg, config_family(cfg, backbone), given, preset)
     changes: dict[str, Any] = {"name": name}
     if host is not None:
         changes["output_dir"] = str(host.lora_dir())

@@ -117,6 +117,10 @@ def _on_load(blocks: gr.Blocks, ctx: UIContext) -> None:
         blocks.load(lambda: restore_values(ctx), None, fields)
     test = ctx.parts["test"]
     blocks.load(test["remembered_lora"], None, [test["lora"]])
+    train = ctx.parts["train"]
+    if "base_model" not in train["controls"]:  # the host's loaded checkpoint: its family may have changed
+        fn, inputs, outputs = train["refresh"]
+        blocks.load(fn, inputs, outputs)
     for key in ("prepare", "tag", "train", "test"):
         part = ctx.parts[key]
         attached = blocks.load(part["reattach"], None, part["outputs"], **compat.event_kwargs())

@@ -17,6 +17,7 @@ from lib_lora import config
 from lib_lora.errors import UserError
 from lib_lora.filememo import FileMemo
 from lib_lora.names import SUBSET_RE, validate_name
+from lib_lora.training.family import SD15, ModelFamily, family_by_name
 from lib_lora.ui import compat, forms, steps, widgets
 from lib_lora.ui.context import UIContext
 from lib_lora.ui.jobs import job_updates, stop_handler
@@ -28,6 +29,8 @@ SPECIAL = {"lr", "output_dir", "dataset", "name"}
 # Basic controls shown side by side; any other basic field follows, one per line.
 ROWS = (("repeats", "epochs", "batch_size", "max_steps"), ("dim", "alpha", "optimizer"), ("resolution", "base_model"))
 STEP_FIELDS = ("repeats", "epochs", "batch_size", "max_steps")
+FIXED = ("name", "dataset", "lr", "output_dir", "run_dir")  # set by the tab's own controls or the host
+TAB_CHOICES = ("sample_images",)  # values the tab itself fills in, whatever the family (`filled`)
 UI_SAMPLE_IMAGES = 4  # sample points in a run started from the tab
 DEFAULT_PRESET = "person"  # the tutorial's recipe; a host may name another (`host.default_preset`)
 METADATA_SHOWN = ("ss_output_name", "ss_network_dim", "ss_network_alpha", "ss_optimizer", "ss_learning_rate",
@@ -57,6 +60,65 @@ class TrainForm:
         run_dir = cfg.run_dir or str(ctx.host.work_dir() / "runs" / name)
         return dataclasses.replace(cfg, run_dir=str(ctx.policy.check(run_dir, "run folder", must_exist=False)))
 
+    def given(self, cfg: Any, family: ModelFamily, preset: str | None) -> frozenset[str]:
+        """The fields the user gave: the fixed ones (name, dataset, learning rate, folders, the
+        chosen base model), the tab's own choices (sample images) and every control whose value
+        is not the one the tab filled in for `family` and `preset` (`filled`). The run's family
+        fills the others."""
+        shown = filled(family, preset)
+        changed = {n for n in self.names if n != "base_model" and getattr(cfg, n) != getattr(shown, n)}
+        own = {n for n in TAB_CHOICES if n in self.names} | ({"base_model"} if self.has_base_model else set())
+        return frozenset(changed | set(FIXED) | own)
+
+
+def filled(family: ModelFamily, preset: str | None) -> Any:
+    """The values the tab fills in for a model of `family`: the family's defaults, its recipe
+    `preset`, and the tab's own sample images."""
+    ui = dataclasses.replace(config.TrainConfig(), sample_images=UI_SAMPLE_IMAGES)
+    return config.for_family(ui, family, given=TAB_CHOICES, preset=preset if preset in family.presets else None)
+
+
+def model_family(ctx: UIContext, base_model: str | None) -> ModelFamily:
+    """The family of the model a run would train: the chosen base model's (read from its file's
+    header or folder), or the host's loaded checkpoint's; SD1.5 where it cannot tell (the run's
+    loading then says what is wrong with the model)."""
+    try:
+        if hasattr(ctx.host, "base_model"):
+            from lib_lora.training.models_sdxl import model_family as family_name
+
+            return family_by_name(family_name(str(base_model or ctx.host.base_model)))
+        of_host = getattr(ctx.host, "model_family", None)
+        return of_host() if callable(of_host) else SD15
+    except (UserError, ImportError, OSError):
+        return SD15
+
+
+def family_text(family: ModelFamily) -> str:
+    """The line under the preset: which family the fields are filled for, and its defaults."""
+    cfg = filled(family, None)
+    trains = "the U-Net and text encoder" if cfg.train_text_encoder else "the U-Net only"
+    return (f"Model family: {family.label}. Its defaults: {cfg.resolution} px, buckets "
+            f"{cfg.min_bucket_reso}-{cfg.max_bucket_reso} px, training {trains}; the presets are its recipes.")
+
+
+def family_values(ctx: UIContext, form: TrainForm, shown: str, preset: str, base_model: str | None,
+                  *values: Any) -> list[Any]:
+    """(family state, family line, controls) when the model's family changes: each control the
+    user left as the tab filled it takes the new family's value; changed ones stay."""
+    new = model_family(ctx, base_model if form.has_base_model else None)
+    old = family_by_name(shown) if shown else SD15
+    if new is old:
+        return [gr.update(), family_text(new), *(gr.update() for _ in form.names)]
+    before, after = filled(old, preset), filled(new, preset)
+    out = []
+    for n, v in zip(form.names, values, strict=True):
+        try:
+            left = config.coerce(config.TrainConfig, n, v) == getattr(before, n)
+        except UserError:
+            left = False
+        out.append(forms.values_of(after, [n])[0] if left and n != "base_model" else gr.update())
+    return [new.name, family_text(new), *out]
+
 
 def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any], lr_mode: str = "manual") -> str:
     """The live step count: images x repeats x epochs / batch, as the tutorial computes 35 x 30 = 1050;
@@ -65,8 +127,9 @@ def step_count(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any],
 
 
 def plan_texts(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any],
-               lr_mode: str = "manual") -> tuple[str, str]:
-    """(the step count with the probe and the time estimate, the note beside Repeats)."""
+               lr_mode: str = "manual", family: ModelFamily = SD15) -> tuple[str, str]:
+    """(the step count with the probe and the time estimate, the note beside Repeats); for a
+    model of another family than SD1.5, with the family line the CLI's plan has."""
     data = steps.training_data()
     if isinstance(data, steps.Missing):
         return data.message(), ""
@@ -85,6 +148,10 @@ def plan_texts(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any],
 
     # The U-Net's learning rate is the control beside the plan: the text encoder's is said relative to it.
     text = describe_plan(plan, cfg.max_steps) + "  \n" + forms.ui_text(lr_plan(cfg, with_unet=False))
+    if family is not SD15:
+        from lib_lora.training.run_config import family_note
+
+        text += "  \n" + family_note(cfg, family)
     total = plan.total_steps
     if lr_mode == "auto":
         from lib_lora.training.probe import probe_budget
@@ -224,9 +291,11 @@ STOPPED = "Stopped: the run's state is kept in its run folder; start again to re
 
 
 def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode: str, lr_value: str,
-              *values: Any) -> Iterator[tuple]:
+              *values: Any, preset: str | None = None, shown: str | None = None) -> Iterator[tuple]:
     """Generator handler: (progress, loss chart, probe plot, samples, result text, metadata rows,
-    lora name, Start button)."""
+    lora name, Start button). `shown`: the family the tab filled the controls for, and `preset`
+    its recipe: the controls left as filled take the run's model's family's values; without
+    `shown` every control is taken as given."""
     keep = (gr.update(),) * 6
     idle = gr.update(interactive=True)
     run = steps.training_run()
@@ -235,13 +304,16 @@ def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode:
         return
     try:
         cfg = form.config(ctx, name, dataset, lr_mode, lr_value, list(values))
+        given = form.names + list(FIXED) if shown is None else form.given(cfg, family_by_name(shown), preset)
+        recipe = preset if shown is not None else None
 
         def work(p: Any) -> Any:
             from lib_lora.training.run_config import prepare_train_config
 
             p.update(0, 1, "loading the base model")
             backbone = ctx.host.backbone(cfg.base_model if form.has_base_model else None)
-            train_cfg = prepare_train_config(ctx.host, cfg, backbone)  # as the REST route and the CLI do
+            # as the REST route and the CLI do: the model's family fills what the user did not give
+            train_cfg = prepare_train_config(ctx.host, cfg, backbone, given=given, preset=recipe)
             result = run.train(train_cfg, backbone=backbone, progress=p, on_event=p.event)
             ctx.host.after_save(Path(result.lora_path), p)
             return result
@@ -322,13 +394,13 @@ def preset_choices(ctx: UIContext | None) -> list[str]:
             users = list_presets(presets_folder(ctx))
         except UserError:  # a work folder outside the allowed ones: the built-in presets only
             users = []
-    return [*config.PRESETS, *users]
+    return [*config.PRESETS, *users]  # the built-in names are the same in every family
 
 
-def _recipe_of(ctx: UIContext | None, preset: str) -> tuple[dict[str, Any], str]:
-    """(field -> value, a note) for a built-in or user preset."""
-    if preset in config.PRESETS:
-        return dict(config.PRESETS[preset]), ""
+def _recipe_of(ctx: UIContext | None, preset: str, family: ModelFamily = SD15) -> tuple[dict[str, Any], str]:
+    """(field -> value, a note) for a built-in preset (the family's recipe) or a user preset."""
+    if preset in family.presets:
+        return dict(family.presets[preset]), ""
     if ctx is None:
         raise UserError(f"Unknown preset {preset!r}.")
     from lib_lora.config_files import file_config
@@ -351,13 +423,14 @@ def fill_values(form: TrainForm, recipe: dict[str, Any], values: tuple[Any, ...]
     return [lr_mode, lr_value, *out]
 
 
-def preset_values(form: TrainForm, preset: str, *values: Any, ctx: UIContext | None = None) -> list[Any]:
-    """Fill the recipe from a preset (built-in or the user's): controls take the preset's values,
-    the rest stay as they are."""
+def preset_values(form: TrainForm, preset: str, *values: Any, ctx: UIContext | None = None,
+                  family: ModelFamily = SD15) -> list[Any]:
+    """Fill the recipe from a preset (the family's built-in one or the user's): controls take the
+    preset's values, the rest stay as they are."""
     if not isinstance(preset, str) or not preset:
         return [gr.update() for _ in range(len(form.names) + 2)]
     try:
-        recipe, _ = _recipe_of(ctx, preset)
+        recipe, _ = _recipe_of(ctx, preset, family)
     except UserError:
         return [gr.update() for _ in range(len(form.names) + 2)]
     return fill_values(form, recipe, values)
@@ -428,14 +501,16 @@ def build(ctx: UIContext) -> dict[str, Any]:
     basic = [f.name for f in forms.fields(cls, "basic", skip=skip)]
     advanced = [f.name for f in forms.fields(cls, "advanced", skip=skip)]
     form = TrainForm(basic + advanced, has_base_model)
-    # The tab shows samples as they are made, so it turns them on (the CLI and library keep kohya's "off").
-    defaults = {"base_model": getattr(ctx.host, "base_model", None), "sample_images": UI_SAMPLE_IMAGES}
-    # The page opens on a preset, and the fields hold that preset's recipe (not the schema's plain defaults).
+    # The page opens on a preset, and the fields hold that preset's recipe for the model's family
+    # (SDXL: 1024 px, its buckets, U-Net only), not the schema's plain (SD1.5) defaults; the tab
+    # shows samples as they are made, so it turns them on (the CLI and library keep kohya's "off").
+    family = model_family(ctx, getattr(ctx.host, "base_model", None))
     chosen = getattr(ctx.host, "default_preset", None) or DEFAULT_PRESET
-    chosen = chosen if chosen in config.PRESETS else DEFAULT_PRESET
-    recipe = config.apply_preset(config.TrainConfig(), chosen)
-    defaults.update({n: getattr(recipe, n) for n in config.PRESETS[chosen] if n in form.names})
-    start_lr = config.PRESETS[chosen].get("lr")
+    chosen = chosen if chosen in family.presets else DEFAULT_PRESET
+    recipe = filled(family, chosen)
+    defaults = {n: getattr(recipe, n) for n in form.names}
+    defaults["base_model"] = getattr(ctx.host, "base_model", None)
+    start_lr = family.presets[chosen].get("lr")
     missing = [m for m in (steps.training_run(), steps.training_data()) if isinstance(m, steps.Missing)]
     if missing:
         gr.HTML(widgets.message_html(missing[0].message(), "missing"))
@@ -444,6 +519,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
             preset = gr.Radio(preset_choices(ctx), value=chosen, label="Preset",
                               info="fills the recipe for a kind of LoRA; yours are listed after the built-in ones",
                               elem_id=ID + "preset")
+            shown = gr.State(family.name)  # the family the controls were filled for
+            family_md = gr.Markdown(family_text(family), elem_id=ID + "family")
             with gr.Row():
                 preset_name = gr.Textbox(label="Preset name", info="save the form's recipe under this name",
                                          elem_id=ID + "preset_name")
@@ -494,16 +571,17 @@ def build(ctx: UIContext) -> dict[str, Any]:
 
     plan_outputs = [steps_md] + ([repeats_md] if repeats_md is not None else [])
 
-    def _steps(ds: str, mode: str, *vals: Any) -> Any:
-        texts = plan_texts(ctx, form, ds, list(vals), mode)
+    def _steps(ds: str, mode: str, fam: str, *vals: Any) -> Any:
+        texts = plan_texts(ctx, form, ds, list(vals), mode, family_by_name(fam) if fam else SD15)
         return list(texts[:len(plan_outputs)])
 
     plan_inputs = [dataset, lr_mode, *(controls[n] for n in STEP_FIELDS if n in controls), *(controls[n] for n in (
         "resolution", "enable_buckets", "bucket_no_upscale", "batch_size", "base_model", "device",
         "probe_fraction", "probe_min_steps", "probe_max_steps") if n in controls)]
     for comp in dict.fromkeys(plan_inputs):
-        comp.change(_steps, [dataset, lr_mode, *inputs], plan_outputs, **compat.event_kwargs())
-    preset.change(lambda p, *v: preset_values(form, p, *v, ctx=ctx), [preset, *inputs], [lr_mode, lr_value, *inputs])
+        comp.change(_steps, [dataset, lr_mode, shown, *inputs], plan_outputs, **compat.event_kwargs())
+    preset.change(lambda p, fam, *v: preset_values(form, p, *v, ctx=ctx, family=family_by_name(fam) if fam else SD15),
+                  [preset, shown, *inputs], [lr_mode, lr_value, *inputs])
     save_preset_btn.click(lambda *a: save_preset(ctx, form, *a), [preset_name, lr_mode, lr_value, *inputs],
                           [status, preset])
     save_config_btn.click(lambda *a: save_config(ctx, form, *a), [config_path, name, dataset, lr_mode, lr_value,
@@ -511,21 +589,30 @@ def build(ctx: UIContext) -> dict[str, Any]:
     load_config_btn.click(lambda *a: load_config(ctx, form, *a), [config_path, *inputs],
                           [status, name, dataset, lr_mode, lr_value, *inputs])
 
-    def _run(n: str, ds: str, mode: str, lrv: str, *vals: Any) -> Iterator[tuple]:
-        yield from run_train(ctx, form, n, ds, mode, lrv, *vals)
+    def _family(fam: str, p: str, *vals: Any) -> list[Any]:
+        base_model = vals[form.names.index("base_model")] if form.has_base_model else None
+        return family_values(ctx, form, fam, p, base_model, *vals)
+
+    family_io = ([shown, preset, *inputs], [shown, family_md, *inputs])
+    if "base_model" in controls:  # a chosen model of another family refills what the user left as filled
+        controls["base_model"].change(_family, *family_io, **compat.event_kwargs())
 
     run_inputs = [name, dataset, lr_mode, lr_value, *inputs]
     ctx.remember(*run_inputs)
 
     def _run_kept(*args: Any) -> Iterator[tuple]:
-        ctx.keep(run_inputs, args)
-        yield from _run(*args)
+        kept, (p, fam) = args[:-2], args[-2:]
+        ctx.keep(run_inputs, kept)
+        yield from run_train(ctx, form, *kept, preset=p, shown=fam)
 
     outputs = [status, loss, probe, samples, result, meta, lora_name, start]
-    event = start.click(_run_kept, run_inputs, outputs, **compat.event_kwargs())
+    event = start.click(_run_kept, [*run_inputs, preset, shown], outputs, **compat.event_kwargs())
     stop.click(stop_handler(ctx.runner, TAB, STOPPED), None, [status], **compat.event_kwargs())
-    return dict(form=form, preset=preset, preset_name=preset_name, save_preset=save_preset_btn,
-                config_path=config_path, load_config=load_config_btn, save_config=save_config_btn, name=name, dataset=dataset, lr_mode=lr_mode, lr_value=lr_value,
+    return dict(form=form, preset=preset, shown=shown, family=family_md, preset_name=preset_name,
+                save_preset=save_preset_btn, config_path=config_path, load_config=load_config_btn,
+                save_config=save_config_btn, name=name, dataset=dataset, lr_mode=lr_mode, lr_value=lr_value,
                 controls=controls, steps=steps_md, repeats_note=repeats_md, start=start, stop=stop, status=status,
                 loss=loss, probe=probe, samples=samples, result=result, meta=meta, lora_name=lora_name, event=event,
-                outputs=outputs, reattach=functools.partial(reattach, ctx))
+                outputs=outputs, reattach=functools.partial(reattach, ctx),
+                # on page load: the host's loaded checkpoint may be of another family than at the page's making
+                refresh=(_family, *family_io))

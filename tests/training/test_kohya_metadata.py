@@ -109,6 +109,13 @@ def test_given_options_are_written_as_kohya_writes_them(tmp_path):
                                              optimizer_args="weight_decay=0.01,decouple=True",
                                              model_legacy_hash="0123abcd"))
     assert md["ss_clip_skip"] == "2" and md["modelspec.encoder_layer"] == "2"
+    # SDXL's text encoding ignores clip skip (kohya: sdxl_train_util.verify_sdxl_training_args warns
+    # "clip_skip will be unexpected", strategy_sdxl takes the penultimate layers): "None" and no
+    # encoder layer, what kohya's sdxl_train_network.py writes for a run without --clip_skip.
+    from lib_lora.training.family import SDXL
+
+    xl = build_metadata(cfg, plan, _run_info(), SDXL)
+    assert xl["ss_clip_skip"] == "None" and "modelspec.encoder_layer" not in xl
     assert json.loads(md["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     assert md["ss_optimizer"] == "dadaptation.dadapt_adam.DAdaptAdam(weight_decay=0.01,decouple=True)"
     assert md["ss_max_token_length"] == "150"

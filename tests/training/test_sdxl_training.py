@@ -151,17 +151,26 @@ def test_lr_probe_runs(tmp_path, sdxl_dataset, tiny_sdxl):
 
 
 def test_config_defaults_are_the_familys(tmp_path):
+    from lib_lora.config import for_family
     from lib_lora.training.cli import config_from_args
     from lib_lora.training.family import SD15
-    from lib_lora.training.run_config import apply_family_defaults, prepare_train_config
+    from lib_lora.training.run_config import prepare_train_config
 
     cfg = prepare_train_config(None, TrainConfig(name="x", base_model="tiny-sdxl"))
     assert (cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso) == (1024, 512, 2048)
     assert cfg.train_text_encoder is False
-    kept = apply_family_defaults(dataclasses.replace(cfg, resolution=768), SDXL)
+    kept = for_family(dataclasses.replace(cfg, resolution=768), SDXL)
     assert kept.resolution == 768  # a value the user gave stays
     sd15 = TrainConfig(name="x")
-    assert apply_family_defaults(sd15, SD15) == sd15 == prepare_train_config(None, sd15)
+    assert for_family(sd15, SD15) == sd15 == prepare_train_config(None, sd15)
+    # Given fields are kept even where they equal SD1.5's defaults (512 px, text encoder on);
+    # the fields not given take SDXL's.
+    chosen = TrainConfig(name="x", base_model="tiny-sdxl", resolution=512, train_text_encoder=True)
+    given = prepare_train_config(None, chosen, given={"name", "base_model", "resolution", "train_text_encoder"})
+    assert (given.resolution, given.train_text_encoder, given.min_bucket_reso) == (512, True, 512)
+    # ...and a preset is the family's recipe under them.
+    styled = prepare_train_config(None, chosen, given={"name", "base_model", "resolution"}, preset="style")
+    assert (styled.resolution, styled.dim, styled.train_text_encoder) == (512, SDXL.presets["style"]["dim"], False)
     # The CLI knows which flags were given: --train-text-encoder keeps SDXL's encoders on.
     from lib_lora.cli import build_parser
 
@@ -194,11 +203,13 @@ def test_cli_train_and_demo_write_the_backbones_unet_targets(tmp_path, drawn_dat
     names = {t.name for t in tiny_sdxl.lora_targets() if t.name.startswith("lora_unet_")}
     out = tmp_path / "lora"
     proc = _cli("train", str(drawn_dataset), "--name", "xl", "--base-model", "tiny-sdxl", "--output-dir", str(out),
-                "--run-dir", str(tmp_path / "run"), "--max-steps", "2", "--resolution", "64", "--dim", "4",
+                "--run-dir", str(tmp_path / "run"), "--max-steps", "2", "--resolution", "512", "--dim", "4",
                 "--lr", "1e-3", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     tensors, md = read_lora(out / "xl.safetensors")
     assert {k.split(".")[0] for k in tensors} == names and md["ss_base_model_version"] == "sdxl_base_v1-0"
+    # --resolution 512 is SD1.5's default, given here on SDXL: kept (the 64 px images keep their own bucket).
+    assert md["ss_resolution"] == "(512, 512)" and md["ss_min_bucket_reso"] == "512"
 
     proc = _cli("demo", "--family", "sdxl", "--out", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr
@@ -221,3 +232,36 @@ def test_standalone_host_gives_the_train_tab_an_sdxl_backbone_and_its_defaults(t
     # The standalone Test tab's pipeline is SD1.5's: on SDXL it says so in one sentence.
     with pytest.raises(UserError, match="only in the WebUI"):
         host.generate(["a photo"], seed=1, base_model="tiny-sdxl")
+
+
+def test_a_legacy_pickle_sdxl_ckpt_is_told_sdxl_and_loads(tmp_path):
+    """A pre-zip (legacy pickle) .ckpt cannot be memory-mapped: its family is read through the
+    weights-only read (never the SD1.5 loader's refusal), and a pickle of anything but tensors
+    is still refused before any code in it runs."""
+    import pickle
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    from lib_lora.errors import ModelLoadError
+    from lib_lora.training.backbone_sdxl import SDXLBackbone
+    from lib_lora.training.models_sdxl import load_backbone, model_family
+    from lib_lora.training.tiny_model import ensure_tiny_checkpoint
+
+    sd = load_file(str(ensure_tiny_checkpoint(family="sdxl")))
+    legacy = tmp_path / "tiny_sdxl_legacy.ckpt"
+    torch.save({"state_dict": sd, "global_step": 1}, legacy, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(legacy)
+    assert model_family(str(legacy)) == SDXL.name
+    bb = load_backbone(str(legacy))
+    assert isinstance(bb, SDXLBackbone)
+    assert torch.equal(bb.unet.conv_in.weight, load_backbone("tiny-sdxl").unet.conv_in.weight)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would run on load",))
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": {"conditioner.embedders.0.transformer.x": Evil()}}))
+    with pytest.raises(ModelLoadError, match="refused"):
+        load_backbone(str(evil))

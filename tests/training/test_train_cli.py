@@ -63,3 +63,24 @@ def test_preset_then_flags_override(drawn_dataset):
     cfg = config_from_args(args)
     assert (cfg.dim, cfg.alpha, cfg.lr_scheduler, cfg.shuffle_caption) == (8, 16.0, "cosine", True)
     assert cfg.name == "fastlora_chan"  # no --name: the folder's name without its repeats
+
+
+def test_help_says_which_defaults_are_the_familys(drawn_dataset):
+    """`train --help` gives the defaults that depend on the base model's family per family, and
+    the flags behave so: no --train-text-encoder is on for SD1.5 and off for SDXL."""
+    import argparse
+
+    from lib_lora.training.cli import config_from_args, register
+    from lib_lora.training.family import SD15, SDXL
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    help_text = " ".join(sub.format_help().split())
+    assert "(default: True on SD1.5, False on SDXL: the base model's family decides)" in help_text
+    assert "(default: 512 on SD1.5, 1024 on SDXL: the base model's family decides)" in help_text
+    folder = str(drawn_dataset / "2_fastlora_chan")
+    sd15 = config_from_args(parser.parse_args(["train", folder]))
+    xl = config_from_args(parser.parse_args(["train", folder, "--base-model", "tiny-sdxl"]))
+    assert sd15.train_text_encoder is SD15.default_train_text_encoder is True
+    assert xl.train_text_encoder is SDXL.default_train_text_encoder is False

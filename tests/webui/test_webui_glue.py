@@ -200,8 +200,10 @@ def test_rest_routes_start_report_and_refuse_a_second_job(webui, host, monkeypat
     from lib_lora.hosts import webui_app
 
     release = threading.Event()
+    requests = []
 
-    def fake_train(progress, cfg, on_event=None):  # the loop is tested elsewhere; here: the route plumbing
+    def fake_train(progress, cfg, on_event=None, given=None, preset=None):  # the loop is tested elsewhere
+        requests.append((set(given), preset))  # the route passes on what the body gave, for the family's defaults
         progress.update(1, 10, "loss 0.1")
         release.wait(5)
         if progress.cancelled():
@@ -215,6 +217,11 @@ def test_rest_routes_start_report_and_refuse_a_second_job(webui, host, monkeypat
     assert client.post("/fastlora/v1/train", json={"name": "a"}).status_code == 400  # no dataset
     assert "Unknown training option" in client.post("/fastlora/v1/train", json={"name": "a", "dataset": "d", "bogus": 1}).json()["detail"]
     r = client.post("/fastlora/v1/train", json={"name": "sks", "dataset": "/data", "max_steps": 10})
+    for _ in range(100):
+        if requests:
+            break
+        time.sleep(0.02)
+    assert requests[0][0] == {"name", "dataset", "max_steps"}
     assert r.status_code == 200 and r.json()["status"] == "queued"
     assert client.post("/fastlora/v1/train", json={"name": "b", "dataset": "/d"}).status_code == 409
     for _ in range(100):

@@ -72,3 +72,52 @@ def test_sdxl_variants_we_cannot_train_are_refused_in_one_sentence(host, sgm_mod
         with host.job("Train") as _:
             host.backbone()
     assert all(p.requires_grad for p in sgm_model.parameters())  # refused before anything was touched
+
+
+def _rest_train(host, body):
+    import time
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_lora.hosts import webui_app
+
+    app = FastAPI()
+    webui_app.mount_api(app, host)
+    client = TestClient(app)
+    response = client.post("/fastlora/v1/train", json=body)
+    assert response.status_code == 200, response.text
+    for _ in range(2400):
+        record = client.get("/fastlora/v1/progress").json()
+        if record["status"] not in ("queued", "running", "stopping"):
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"the job did not end: {record}")
+
+
+def test_a_rest_body_s_values_are_kept_on_sdxl_even_where_they_are_sd15_s_defaults(host, webui, tmp_path):
+    """{"resolution": 512, "train_text_encoder": true} on the loaded SDXL model trains at 512 with
+    the text encoder; what the body leaves out (the bucket range) is SDXL's."""
+    import json
+
+    from PIL import Image
+
+    from lib_lora.training.export import read_lora
+
+    webui.shared.opts.add_option("fast_lora_preview", webui.shared.OptionInfo(False))
+    webui.shared.opts.fast_lora_preview = False
+    folder = tmp_path / "data" / "1_sks"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(folder / "a.png")
+    (folder / "a.txt").write_text("sks, red", encoding="utf-8")
+    body = {"name": "xl512", "dataset": str(folder.parent), "resolution": 512, "train_text_encoder": True,
+            "max_steps": 1, "dim": 4, "alpha": 2.0, "lr": "1e-3", "optimizer": "adamw", "sample_images": 0,
+            "cache_latents_to_disk": False, "save_precision": "fp32", "log_every_n_steps": 1}
+    record = _rest_train(host, body)
+    assert record["status"] == "done", record
+    saved = json.loads((host.work_dir() / "runs" / "xl512" / "config.json").read_text(encoding="utf-8"))
+    assert (saved["resolution"], saved["train_text_encoder"]) == (512, True)
+    assert (saved["min_bucket_reso"], saved["max_bucket_reso"]) == (512, 2048)  # not given: SDXL's
+    tensors, md = read_lora(record["lora_path"])
+    assert md["ss_resolution"] == "(512, 512)" and md["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_te1_") for k in tensors)  # the text encoder the body asked for
