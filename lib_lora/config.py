@@ -365,7 +365,8 @@ class PrepareConfig:
     remove_bg: str = opt("none", "background removal: none, a rembg model name, or a path to a .onnx file",
                          group="basic", path="file", names=BG_MODELS)
     bg_color: str = opt("white", "colour the cut-out is put on: a name (white, grey) or #rrggbb", group="basic")
-    keep_rgba: bool = opt(False, "also keep transparency: RGBA images plus a mask file in masks/ (training and tagging see them on white)")
+    keep_rgba: bool = opt(False, "also keep transparency: RGBA images plus a mask file in masks/ (training and tagging see them on "
+                             "white; training's --masked-loss reads the masks)")
     repeats: int = opt(10, "how many times each image is seen per epoch (the tutorial: 30 for a person)", min=1, max=10000, group="basic")
     recursive: bool = opt(False, "also import images from sub-folders")
     upscale: bool = opt(False, "enlarge images smaller than the output size (off: small images stay small)")
