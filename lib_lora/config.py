@@ -366,7 +366,7 @@ class PrepareConfig:
                          group="basic", path="file", names=BG_MODELS)
     bg_color: str = opt("white", "colour the cut-out is put on: a name (white, grey) or #rrggbb", group="basic")
     keep_rgba: bool = opt(False, "also keep transparency: RGBA images plus a mask file in masks/ (training and tagging see them on "
-                             "white; training's --masked-loss reads the masks)")
+                             "white; training's masked loss reads the masks)")
     repeats: int = opt(10, "how many times each image is seen per epoch (the tutorial: 30 for a person)", min=1, max=10000, group="basic")
     recursive: bool = opt(False, "also import images from sub-folders")
     upscale: bool = opt(False, "enlarge images smaller than the output size (off: small images stay small)")
@@ -536,9 +536,9 @@ class TrainConfig:
     v_parameterization: bool = opt(False, "the base model predicts v (velocity), as SD2-768-v and v-prediction "
                                    "fine-tunes do: the loss target is v; wrong for an ordinary epsilon model")
     zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero SNR at the last timestep, for "
-                                  "v-prediction fine-tunes trained that way (use with --v-parameterization)")
+                                  "v-prediction fine-tunes trained that way (with v_parameterization on)")
     loss_type: str = opt("l2", "loss: l2 (squared error), l1, huber or smooth_l1 (both less swayed by outliers; "
-                         "see --huber-schedule)", choices=["l2", "l1", "huber", "smooth_l1"])
+                         "see huber_schedule)", choices=["l2", "l1", "huber", "smooth_l1"])
     huber_schedule: str = opt("snr", "huber / smooth_l1 threshold over the timesteps: constant (huber_c), exponential "
                               "(1 down to huber_c) or snr (from the noise level)", choices=["constant", "exponential", "snr"])
     huber_c: float = opt(0.1, "huber / smooth_l1 threshold (the schedules' value at high noise)", min=0, max=1)
@@ -548,7 +548,7 @@ class TrainConfig:
     multires_noise_discount: float = opt(0.3, "weight of each coarser multires octave", min=0, max=1)
     noise_offset_random_strength: bool = opt(False, "draw the noise offset's strength each step, uniform in 0..noise_offset")
     masked_loss: bool = opt(False, "count the loss only where the subject is: the masks Prepare writes into masks/ "
-                            "when it removes backgrounds with --keep-rgba (else an image's own transparency)")
+                            "when it removes backgrounds and keeps transparency (else an image's own alpha)")
     clip_skip: int = opt(1, "use the text encoder's N-th last layer (2 for anime models)", min=1, max=12)
     # Machine
     mixed_precision: str = opt("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=["auto", "fp16", "bf16", "no"])
