@@ -382,3 +382,19 @@ def test_every_option_is_a_cli_flag():
             cfg.noise_offset_random_strength, cfg.masked_loss) == (
         True, True, "huber", "constant", 0.2, 10, 990, 8, 0.4, True, True)  # fmt: skip
     assert np.isclose(cfg.huber_c, 0.2)
+
+
+def test_lr_probe_trains_with_the_same_loss(tmp_path, drawn_dataset, tiny_backbone):
+    """The probe's first step and the training's first step see the same batch, noise and LoRA
+    (the probe puts them back): with v-prediction and huber on, their losses are equal."""
+    from lib_lora.training.run import train
+
+    events = []
+    cfg = TrainConfig(name="probe_v", dataset=str(drawn_dataset), output_dir=str(tmp_path / "o"),
+                      run_dir=str(tmp_path / "r"), resolution=64, dim=4, alpha=4.0, lr="auto", optimizer="adamw",
+                      lr_scheduler="constant", device="cpu", max_steps=2, log_every_n_steps=1, probe_min_steps=10,
+                      probe_max_steps=10, v_parameterization=True, loss_type="huber", min_snr_gamma=5.0)  # fmt: skip
+    train(cfg, backbone=tiny_backbone, on_event=events.append)
+    probe = [e["loss"] for e in events if e["kind"] == "probe"]
+    trained = [e["loss"] for e in events if e["kind"] == "loss"]
+    assert probe and trained and probe[0] == trained[0]
