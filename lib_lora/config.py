@@ -375,7 +375,8 @@ class PrepareConfig:
     remove_bg: str = opt("none", "background removal: none, a rembg model name, or a path to a .onnx file",
                          group="basic", path="file", names=BG_MODELS)
     bg_color: str = opt("white", "colour the cut-out is put on: a name (white, grey) or #rrggbb", group="basic")
-    keep_rgba: bool = opt(False, "also keep transparency: RGBA images plus a mask file in masks/ (training and tagging see them on white)")
+    keep_rgba: bool = opt(False, "also keep transparency: RGBA images plus a mask file in masks/ (training and tagging see them on "
+                             "white; training's masked loss reads the masks)")
     repeats: int = opt(10, "how many times each image is seen per epoch (the tutorial: 30 for a person)", min=1, max=10000, group="basic")
     recursive: bool = opt(False, "also import images from sub-folders")
     upscale: bool = opt(False, "enlarge images smaller than the output size (off: small images stay small)")
@@ -545,6 +546,23 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", min=0)
     noise_offset: float = opt(0.0, "noise offset (0.05-0.1 helps very dark/bright images)", min=0, max=1)
     min_snr_gamma: float | None = opt(None, "min-SNR-gamma loss weighting (5 is common; empty = off)", min=0)
+    # Loss and noise: kohya's options of the same names (training/loss.py, training/noise.py)
+    v_parameterization: bool = opt(False, "the base model predicts v (velocity), as SD2-768-v and v-prediction "
+                                   "fine-tunes do: the loss target is v; wrong for an ordinary epsilon model")
+    zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero SNR at the last timestep, for "
+                                  "v-prediction fine-tunes trained that way (with v_parameterization on)")
+    loss_type: str = opt("l2", "loss: l2 (squared error), l1, huber or smooth_l1 (both less swayed by outliers; "
+                         "see huber_schedule)", choices=["l2", "l1", "huber", "smooth_l1"])
+    huber_schedule: str = opt("snr", "huber / smooth_l1 threshold over the timesteps: constant (huber_c), exponential "
+                              "(1 down to huber_c) or snr (from the noise level)", choices=["constant", "exponential", "snr"])
+    huber_c: float = opt(0.1, "huber / smooth_l1 threshold (the schedules' value at high noise)", min=0, max=1)
+    min_timestep: int = opt(0, "train timesteps from this one (0-999)", min=0, max=999)
+    max_timestep: int = opt(1000, "train timesteps below this one (1-1000)", min=1, max=1000)
+    multires_noise_iterations: int = opt(0, "multires (pyramid) noise octaves (0 = off; 6-10 is usual)", min=0, max=64)
+    multires_noise_discount: float = opt(0.3, "weight of each coarser multires octave", min=0, max=1)
+    noise_offset_random_strength: bool = opt(False, "draw the noise offset's strength each step, uniform in 0..noise_offset")
+    masked_loss: bool = opt(False, "count the loss only where the subject is: the masks Prepare writes into masks/ "
+                            "when it removes backgrounds and keeps transparency (else an image's own alpha)")
     clip_skip: int = opt(1, "use the text encoder's N-th last layer (2 for anime models)", min=1, max=12)
     # Machine
     mixed_precision: str = opt("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=["auto", "fp16", "bf16", "no"])
@@ -592,6 +610,12 @@ class TrainConfig:
             raise UserError("min_bucket_reso is larger than max_bucket_reso.")
         if not (self.train_unet or self.train_text_encoder):
             raise UserError("Nothing to train: enable train_unet or train_text_encoder.")
+        if self.min_timestep > self.max_timestep:
+            raise UserError(f"min_timestep = {self.min_timestep} is above max_timestep = {self.max_timestep}; "
+                            "lower it or raise max_timestep.")
+        if self.loss_type in ("huber", "smooth_l1") and self.huber_c <= 0:
+            raise UserError(f"huber_c = {self.huber_c}: the {self.loss_type} loss needs a positive threshold "
+                            "such as 0.1.")
 
     @property
     def unet_lr_value(self) -> float | None:

@@ -57,8 +57,11 @@ class NoiseSchedule:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
+    prediction_type: str = "epsilon"  # diffusers' name: "epsilon" | "v_prediction"
     steps_offset: int = 1  # what the models' scheduler configs set for inference
+    # Betas rescaled to zero SNR at the last timestep (Lin et al. 2023, "Common Diffusion Noise
+    # Schedules and Sample Steps are Flawed"): a run's zero_terminal_snr (schedule.for_run).
+    zero_terminal_snr: bool = False
 
     def betas(self) -> dict[str, Any]:
         """The keyword arguments every diffusers scheduler takes for this schedule."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import lib_lora
 from lib_lora.config import to_dict
 from lib_lora.training.family import SD15, ModelFamily
+from lib_lora.training.loss import HUBER_SCALE
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
@@ -102,7 +103,8 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         "ss_training_comment": cfg.comment or "None",
         "ss_sd_model_name": run.model_name,
         "ss_new_sd_model_hash": run.model_hash,
-        "ss_base_model_version": family.base_model_version,
+        # kohya's get_model_version_str_for_sd1_sd2 adds "_v" for v-prediction (SD1/SD2 only).
+        "ss_base_model_version": family.base_model_version + ("_v" if cfg.v_parameterization and family.name == "sd15" else ""),
         "ss_v2": False,
         "ss_network_module": network_module,
         "ss_network_dim": cfg.dim,
@@ -146,6 +148,15 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         "ss_caption_dropout_rate": 0.0,
         "ss_noise_offset": cfg.noise_offset if cfg.noise_offset else "None",
         "ss_min_snr_gamma": cfg.min_snr_gamma,
+        # The loss and noise options, as kohya's train_network.py writes them.
+        "ss_zero_terminal_snr": cfg.zero_terminal_snr,
+        "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
+        "ss_multires_noise_discount": cfg.multires_noise_discount,
+        "ss_noise_offset_random_strength": cfg.noise_offset_random_strength,
+        "ss_loss_type": cfg.loss_type,
+        "ss_huber_schedule": cfg.huber_schedule,
+        "ss_huber_scale": HUBER_SCALE,
+        "ss_huber_c": cfg.huber_c,
         # kohya's max_token_length takes 150 or 225; its default (None) is 75 tokens.
         "ss_max_token_length": cfg.max_token_length if cfg.max_token_length > 75 else None,
         "ss_dataset_dirs": json.dumps(dataset_dirs, ensure_ascii=False),
@@ -157,7 +168,7 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         "modelspec.title": cfg.name,
         "modelspec.date": date.isoformat(),
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-        "modelspec.prediction_type": family.schedule.prediction_type,
+        "modelspec.prediction_type": "v" if cfg.v_parameterization else family.schedule.prediction_type,
         "fastlora_version": getattr(lib_lora, "__version__", "0"),
         "fastlora_config": json.dumps(to_dict(cfg), ensure_ascii=False, sort_keys=True),
         "fastlora_plan": json.dumps(
@@ -170,6 +181,8 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         md["ss_sd_model_hash"] = run.model_legacy_hash
     if clip_skip is not None:
         md["modelspec.encoder_layer"] = str(clip_skip)
+    if (cfg.min_timestep, cfg.max_timestep) != (0, family.schedule.num_train_timesteps):  # kohya: when given
+        md["modelspec.timestep_range"] = f"{cfg.min_timestep},{cfg.max_timestep}"
     if cfg.comment:
         md["modelspec.description"] = cfg.comment
     md.update(run.extra)

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lib_lora.atomic import atomic_write_json, writable_folder
 from lib_lora.config import TrainConfig, to_dict, validate
@@ -37,6 +36,8 @@ from lib_lora.names import lora_output_file, validate_name
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.training import data as data_mod
 from lib_lora.training import guards, probe, speed
+from lib_lora.training import loss as loss_mod
+from lib_lora.training import noise as noise_mod
 from lib_lora.training import sample as sample_mod
 from lib_lora.training import state as state_mod
 from lib_lora.training.backbone import Backbone
@@ -53,7 +54,7 @@ from lib_lora.training.optim import (
 )
 from lib_lora.training.run_config import config_family, family_note, training_precision
 from lib_lora.training.run_state import RunEvents, RunState, release_run_only
-from lib_lora.training.schedule import noise_schedule
+from lib_lora.training.schedule import for_run, training_schedule
 
 log = logging.getLogger(__name__)
 
@@ -228,10 +229,11 @@ class Trainer:
             speed.enable_gradient_checkpointing(bb, cfg.train_text_encoder)
         s.tokens = data_mod.CaptionTokens(bb.tokenizer, shuffled=cfg.shuffle_caption, family=family_of(bb),
                                           max_tokens=cfg.max_token_length)
-        ac = noise_schedule(family_of(bb)).to(s.device)
-        s.sqrt_ac = ac.sqrt()
-        s.sqrt_1mac = (1 - ac).sqrt()
-        s.snr = ac / (1 - ac)
+        s.schedule = training_schedule(family_of(bb), cfg.zero_terminal_snr, s.device)
+        s.sqrt_ac, s.sqrt_1mac, s.snr = s.schedule.sqrt_ac, s.schedule.sqrt_1mac, s.schedule.snr
+        if cfg.zero_terminal_snr and not cfg.v_parameterization:  # kohya warns the same
+            self.warn("--zero-terminal-snr without --v-parameterization: the last timestep is pure noise, which "
+                      "a noise-predicting model cannot learn to denoise; training may go wrong.")
 
     def cache_latents(self) -> None:
         cfg, s = self.cfg, self.state
@@ -255,6 +257,24 @@ class Trainer:
             s.dataset.plan = s.plan
             self.emit("plan", text=s.plan.describe(skipped_since=listed), **s.plan.to_dict())
         s.latent_of = {id(it): latents[data_mod.latent_key(it, s.vae_id)] for it in s.dataset.items}
+        if cfg.masked_loss:
+            self.load_masks()
+
+    def load_masks(self) -> None:
+        """The loss masks of masked_loss (training/masks.py), at the latents' sizes."""
+        from lib_lora.training.masks import load_masks
+
+        s = self.state
+        found = load_masks(s.dataset.items, s.dataset.root, s.latent_of)
+        for text in found.problems:
+            self.warn(text)
+        n = len(s.dataset.items)
+        if not found.found:
+            self.warn(f"Masked loss is on, but none of the {n} images has a mask (Prepare writes them into masks/ "
+                      "when it removes backgrounds with --keep-rgba) or transparency: the loss is not masked.")
+        else:
+            self.phase(f"Masked loss: {found.found} of {n} images have a mask; the others count whole.")
+        s.mask_of = found.of or None
 
     def build_network(self) -> None:
         from lib_lora.training.lycoris_net import make_network
@@ -368,6 +388,7 @@ class Trainer:
                 s.latent_of, s.tokens, s.device, s.noise_gen, timesteps,
                 cfg.noise_offset, encode if cache_te else None, fmt, fixed_captions=not cfg.shuffle_caption,
                 time_ids=sample_time_ids if "time_ids" in family_of(s.backbone).extra_conditioning else None,
+                noise=noise_mod.recipe_of(cfg, timesteps), mask_of=s.mask_of,
             )  # fmt: skip
             s.predict = speed.compile_predict(s.backbone.predict_noise, cfg.compile_unet)
         s.feeder.gen = s.noise_gen  # build_optimizer (re)seeds it, e.g. after the LR probe
@@ -397,11 +418,7 @@ class Trainer:
                 with torch.set_grad_enabled(bool(s.te_params)):
                     cond, pooled = speed.split_conditioning(bb.encode_text(d.ids, clip_skip=cfg.clip_skip))
             pred = predict_with(s.predict, bb, noisy, t, cond, pooled, d.time_ids)
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma:
-            snr = s.snr[t]
-            loss = loss * (torch.clamp(snr, max=cfg.min_snr_gamma) / snr)
-        loss = loss.mean()
+        loss = loss_mod.per_sample_loss(pred, latents, noise, t, self.loss_spec(), s.schedule, d.mask).mean()
         scaled = loss * weight if weight != 1.0 else loss
         if s.scaler is not None:
             s.scaler.scale(scaled).backward()
@@ -421,10 +438,14 @@ class Trainer:
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
 
+    def loss_spec(self) -> loss_mod.LossSpec:
+        return loss_mod.loss_spec(self.cfg, family_of(self.state.backbone).schedule.num_train_timesteps)
+
     @torch.no_grad()
     def fixed_loss(self, timesteps: tuple[int, ...] = (50, 200, 400, 600, 800, 950), seed: int = 1234) -> float:
         """Mean loss over fixed (noise, timestep) pairs of every training image, with the LoRA as
-        it is now: a learning signal that does not depend on the step's random draw."""
+        it is now: a learning signal that does not depend on the step's random draw. The loss is
+        the training step's (loss.per_sample_loss: target, loss type, mask, min-SNR weights)."""
         s = self.state
         gen = torch.Generator("cpu").manual_seed(seed)
         total, n = 0.0, 0
@@ -443,7 +464,8 @@ class Trainer:
                     with torch.autocast(s.device.type, dtype=s.amp_dtype or torch.float32, enabled=s.amp_dtype is not None):
                         cond, pooled = speed.split_conditioning(s.backbone.encode_text(ids, clip_skip=self.cfg.clip_skip))
                         pred = predict_with(s.backbone.predict_noise, s.backbone, noisy, t, cond, pooled, tids)
-                    total += F.mse_loss(pred.float(), noise).item()
+                    mask = s.mask_of[id(it)].unsqueeze(0).to(s.device) if s.mask_of else None
+                    total += loss_mod.per_sample_loss(pred, lat, noise, t, self.loss_spec(), s.schedule, mask).item()
                     n += 1
         finally:
             s.network.train(was_training)
@@ -649,6 +671,7 @@ class Trainer:
             size=(cfg.resolution, cfg.resolution), steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
             negative=cfg.sample_negative_prompt, seed=cfg.seed, clip_skip=cfg.clip_skip, amp_dtype=s.amp_dtype,
             network=s.network, progress=self.progress,
+            family=for_run(family_of(bb), cfg.v_parameterization, cfg.zero_terminal_snr),
         )  # fmt: skip
         s.last_samples = [path for path, _ in made]
         for path, prompt in made:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from lib_lora.training.data import CaptionTokens, Dataset, StepPlan
     from lib_lora.training.lora import LoRANetwork
     from lib_lora.training.optim import OptimizerChoice
+    from lib_lora.training.schedule import TrainingSchedule
     from lib_lora.training.speed import StepFeeder
 
 log = logging.getLogger("lib_lora.training.run")
@@ -79,6 +80,8 @@ class RunState:
     sqrt_ac: torch.Tensor | None = None  # the noise schedule's sqrt(alpha_cumprod) per timestep
     sqrt_1mac: torch.Tensor | None = None  # sqrt(1 - alpha_cumprod)
     snr: torch.Tensor | None = None
+    schedule: TrainingSchedule | None = None  # all of the above, and the schedule's alphas_cumprod (loss.py)
+    mask_of: dict[int, torch.Tensor] | None = None  # id(item) -> its loss mask (masked_loss), None: no masks
     restore_memory_format: Callable[[], None] | None = None  # undoes channels_last on the host's U-Net
     # The LoRA and its optimisation.
     network: LoRANetwork | None = None
@@ -114,7 +117,7 @@ class RunState:
 # fields stay for whoever still holds the state).
 RUN_ONLY = ("latent_of", "feeder", "predict", "optimizer", "optim", "scheduler", "scaler", "params",
             "unet_params", "te_params", "network", "guard", "noise_gen", "tokens", "dataset", "backbone",
-            "resume_state", "sqrt_ac", "sqrt_1mac", "snr")  # fmt: skip
+            "resume_state", "sqrt_ac", "sqrt_1mac", "snr", "schedule", "mask_of")  # fmt: skip
 
 
 def release_run_only(rs: RunState) -> None:

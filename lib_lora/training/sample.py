@@ -76,7 +76,8 @@ def denoise(
     progress: Progress | None = None,
     family: ModelFamily = SD15,
 ) -> torch.Tensor:
-    """DDIM (eta 0) from `latents` (unit noise) with guidance: eps = u + s * (c - u)."""
+    """DDIM (eta 0) from `latents` (unit noise) with guidance: out = u + s * (c - u), the model's
+    output read as the family's schedule says (the noise, or v for v-prediction)."""
     sched = ddim(steps, family)
     x = latents * sched.init_noise_sigma
     both = torch.cat([uncond, cond])
@@ -127,11 +128,14 @@ def make_samples(
     amp_dtype: torch.dtype | None,
     network: nn.Module | None = None,
     progress: Progress | None = None,
+    family: ModelFamily | None = None,
 ) -> list[tuple[Path, str]]:
     """One PNG per prompt, each from the same seed (so the images compare across steps);
-    returns (path, prompt) pairs. Written atomically: a stopped run leaves no half image."""
+    returns (path, prompt) pairs. Written atomically: a stopped run leaves no half image.
+    `family`: the run's (schedule.for_run: a v-prediction or zero-terminal-SNR schedule samples
+    as it trained); default the backbone's."""
     dev = backbone.device
-    family = family_of(backbone)
+    family = family or family_of(backbone)
     w, h = size
     down = family.vae_scale_factor
     out = []

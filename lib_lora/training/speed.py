@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_lora.training.noise import NoiseRecipe
+from lib_lora.training.noise import draw as draw_noise
+
 log = logging.getLogger(__name__)
 
 # Latents bigger than this stay in pinned host memory instead of on the GPU (SD1.5 at 512²:
@@ -47,6 +50,7 @@ class StepData:
     # `cond`, None when the text encoder runs) and each sample's size/crop time ids.
     pooled: torch.Tensor | None = None  # (B, pooled width) in the backbone's dtype
     time_ids: torch.Tensor | None = None  # (B, 6) fp32
+    mask: torch.Tensor | None = None  # (B, 1, h, w) fp32 loss mask (masked_loss), None: unmasked
 
 
 class StepFeeder:
@@ -64,6 +68,8 @@ class StepFeeder:
         memory_format: torch.memory_format = torch.contiguous_format,
         fixed_captions: bool = True,
         time_ids: Callable[[Sequence[Any]], torch.Tensor] | None = None,
+        noise: NoiseRecipe | None = None,
+        mask_of: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.device = device
         self.tokens = tokens
@@ -71,6 +77,9 @@ class StepFeeder:
         self.gen = noise_gen
         self.num_timesteps = num_timesteps
         self.noise_offset = noise_offset
+        # noise.py's recipe (offset, its random strength, multires noise, the timestep range);
+        # without one, the offset and the schedule's full range.
+        self.noise = noise if noise is not None else NoiseRecipe(noise_offset, max_timestep=num_timesteps)
         self.encode_chunks = encode_chunks  # None while the text encoder is trained
         # False under shuffle_caption: a caption is new nearly every step, so caching its ids
         # or its text-encoder outputs would only grow the caches (and hash the keys) for nothing.
@@ -82,6 +91,7 @@ class StepFeeder:
         on_device = device.type != "cpu" and total <= DEVICE_LATENT_BUDGET
         self.latents_on_device = on_device
         self.latent_of = {k: self._place(v, on_device) for k, v in latent_of.items()}
+        self.mask_of = {k: self._place(v, on_device) for k, v in mask_of.items()} if mask_of else None
         # Per caption, not per batch: with batches of 2 or more the same list of captions
         # rarely comes back (20 images at batch 4: 14 hits in 2000 steps); a caption always does.
         self._ids: dict[str, tuple[torch.Tensor, list[tuple[int, ...]]]] = {}
@@ -98,21 +108,20 @@ class StepFeeder:
         lat = [self.latent_of[id(it)] for it in batch.items]
         latents = torch.stack(lat) if len(lat) > 1 else lat[0].unsqueeze(0)
         latents = latents.to(dev, non_blocking=True)
-        b = latents.shape[0]
-        # The loop's recipe: noise, then the offset, then timesteps, from one seeded CPU generator.
-        noise = torch.randn(latents.shape, generator=self.gen, pin_memory=self.pin)
-        if self.noise_offset:
-            offset = torch.randn((b, latents.shape[1], 1, 1), generator=self.gen)
-            noise += self.noise_offset * offset  # in place: `noise` is already in pinned memory
-        t = torch.randint(0, self.num_timesteps, (b,), generator=self.gen, pin_memory=self.pin)
+        # The loop's recipe (noise.draw): noise, the offset, timesteps, from one seeded CPU generator.
+        noise, t = draw_noise(self.noise, latents.shape, self.gen, self.pin)
         noise, t = noise.to(dev, non_blocking=True), t.to(dev, non_blocking=True)
+        mask = None
+        if self.mask_of is not None:
+            m = [self.mask_of[id(it)] for it in batch.items]
+            mask = (torch.stack(m) if len(m) > 1 else m[0].unsqueeze(0)).to(dev, non_blocking=True)
         if self.memory_format is not torch.contiguous_format:
             latents = latents.contiguous(memory_format=self.memory_format)
             noise = noise.contiguous(memory_format=self.memory_format)
         ids, keys = self.ids(batch.captions)
         cond, pooled = self.conditioning(ids, keys) if self.encode_chunks is not None else (None, None)
         tids = self.time_ids(batch.items).to(dev, non_blocking=True) if self.time_ids is not None else None
-        return StepData(latents, noise, t, ids, cond, pooled, tids)
+        return StepData(latents, noise, t, ids, cond, pooled, tids, mask)
 
     def ids(self, captions: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
         """(B, n*77) ids on the device, and each 77-id chunk as a host tuple (the cond cache

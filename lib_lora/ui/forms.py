@@ -32,6 +32,8 @@ LABELS = {
     "max_tags": "Max tags", "existing": "Existing captions", "batch_size": "Batch size",
     "upscale": "Upscale small images", "recursive": "Include sub-folders", "oom_retry": "Retry on out-of-memory",
     "lr": "Learning rate", "network_type": "Network type", "lokr_factor": "LoKr factor",
+    "v_parameterization": "V-prediction model", "zero_terminal_snr": "Zero terminal SNR", "huber_c": "Huber c",
+    "multires_noise_iterations": "Multires noise octaves", "multires_noise_discount": "Multires noise discount",
 }
 
 
