@@ -29,6 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lib_lora.errors import Cancelled, UserError
+from lib_lora.hosts.forge_backbone import (
+    ForgeBackbone,
+    check_forge_trainable,
+    forge_training_state,
+    is_forge_model,
+)
 from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state
 from lib_lora.hosts.sgm_backbone import TE2_NOT_TRAINED, SgmBackbone, is_sgm_sdxl
 from lib_lora.names import validate_name
@@ -95,12 +101,17 @@ def api_credentials() -> dict[str, str] | None:
 
 
 def is_forge() -> bool:
-    return hasattr(a1111("shared").sd_model, "forge_objects")
+    """Whether the WebUI is Forge: its `backend` package is loaded (its model objects carry
+    `forge_objects`, also before a checkpoint is loaded the package is there)."""
+    return "backend.memory_management" in sys.modules or is_forge_model(getattr(a1111("shared"), "sd_model", None))
 
 
 def check_trainable(sd_model: Any) -> None:
     """Raise a UserError saying why the loaded model cannot be trained on here, if it cannot."""
     shared = a1111("shared")
+    if sd_model is not None and is_forge_model(sd_model):
+        check_forge_trainable(sd_model)  # Forge's memory manager replaces --lowvram / --medvram
+        return
     if getattr(shared.cmd_opts, "lowvram", False):
         raise UserError(
             "Training is not possible with --lowvram (the WebUI's own training refuses it too); "
@@ -108,11 +119,6 @@ def check_trainable(sd_model: Any) -> None:
         )
     if sd_model is None:
         raise UserError("No checkpoint is loaded: choose an SD1.5 or SDXL checkpoint at the top of the page first.")
-    if hasattr(sd_model, "forge_objects"):
-        raise UserError(
-            "Training on Forge's model object is not implemented yet: use AUTOMATIC1111 v1.10, "
-            "or the standalone app (python -m lib_lora ui) with this checkpoint's file."
-        )
     if getattr(sd_model, "is_sd2", False) or getattr(sd_model, "is_sd3", False):
         raise UserError("The loaded checkpoint is SD2 or SD3; Fast LoRA trains SD1.5 and SDXL LoRAs: load one of those.")
     if getattr(sd_model, "is_sdxl_inpaint", False):
@@ -358,7 +364,8 @@ def interrupt_on_cancel(progress: Any, state: Any, total: int, text: str, poll: 
 
 
 class WebUIHost:
-    """`lib_lora.hosts.base.Host` for AUTOMATIC1111 v1.10."""
+    """`lib_lora.hosts.base.Host` for AUTOMATIC1111 v1.10 and Forge (its loaded model through
+    `ForgeBackbone`; the rest of A1111's `modules` API, which Forge keeps)."""
 
     name = "webui"
 
@@ -411,7 +418,7 @@ class WebUIHost:
         return self._policy
 
     # -- the model ---------------------------------------------------------------------------
-    def backbone(self, base_model: str | None = None) -> LdmBackbone | SgmBackbone:
+    def backbone(self, base_model: str | None = None) -> LdmBackbone | SgmBackbone | ForgeBackbone:
         """The WebUI's loaded checkpoint, trained in place (`base_model` is ignored).
 
         Inside a job, the first call also readies the model for training (`training_state`)
@@ -422,14 +429,19 @@ class WebUIHost:
         name, sha = checkpoint_identity(sd_model)
         # The WebUI's CheckpointInfo.hash is its old 8-hex model hash, the one kohya writes as ss_sd_model_hash.
         legacy = str(getattr(getattr(sd_model, "sd_checkpoint_info", None), "hash", "") or "")
-        kind = SgmBackbone if is_sgm_sdxl(sd_model) else LdmBackbone
-        backbone = kind(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device,
-                               model_legacy_hash="" if legacy == "NOFILE" else legacy)
+        legacy = "" if legacy == "NOFILE" else legacy
+        forge = is_forge_model(sd_model)
+        if forge:  # on Forge's own device (its memory manager's), not modules.devices'
+            backbone = ForgeBackbone(sd_model, model_name=name, model_hash=sha, model_legacy_hash=legacy)
+        else:
+            kind = SgmBackbone if is_sgm_sdxl(sd_model) else LdmBackbone
+            backbone = kind(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device,
+                            model_legacy_hash=legacy)
         stack = getattr(self._local, "stack", None)
         if stack is None:
             log.warning("Fast LoRA: backbone() outside a job; train only inside host.job(...)")
         elif not self._local.guarded:
-            stack.enter_context(training_state(sd_model, backbone.device))
+            stack.enter_context(forge_training_state(sd_model) if forge else training_state(sd_model, backbone.device))
             self._local.guarded = True
         return backbone
 
@@ -596,6 +608,10 @@ class WebUIHost:
         from lib_lora.training.run import train
 
         cfg = prepare_train_config(self, cfg, backbone)
+        if isinstance(backbone, ForgeBackbone) and cfg.network_type != "lora":
+            # LyCORIS wraps torch's nn.Linear only; Forge's layers are its own Linear class
+            raise UserError(f"{cfg.network_type} is not available in Forge yet (LyCORIS does not wrap Forge's "
+                            "layers): choose the network type lora, or train in AUTOMATIC1111 or the standalone app.")
         if isinstance(backbone, SgmBackbone) and cfg.train_text_encoder:
             log.info("Fast LoRA: %s", TE2_NOT_TRAINED)
         name = cfg.name
