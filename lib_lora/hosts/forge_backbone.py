@@ -30,6 +30,7 @@ import functools
 import gc
 import importlib
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -177,6 +178,44 @@ def _no_inference_tensors(root: nn.Module) -> int:
     return count
 
 
+def _copy_input(module: nn.Module, args: tuple) -> tuple | None:
+    if not torch.is_grad_enabled():
+        return None  # sampling: nothing is saved for a backward pass
+    return (args[0].clone(), *args[1:])
+
+
+@contextlib.contextmanager
+def autograd_safe(unet: nn.Module) -> Iterator[None]:
+    """Forge's U-Net is inference code (ComfyUI's port): each BasicTransformerBlock adds its
+    attention outputs to its input in place (`x += n`) after the LayerNorm before it saved that
+    input for the backward pass, so autograd refuses the backward. For the job, each block's
+    norms take a copy of their input (a forward pre-hook, only while grad is on), and the blocks
+    use PyTorch's scaled-dot-product attention (Forge's choice of attention, the sub-quadratic
+    or split kernels on some set-ups, is inference-only code too; A1111's training also undoes
+    its attention optimizations). Both are given back afterwards."""
+    handles = []
+    for block in unet.modules():
+        if type(block).__name__ == "BasicTransformerBlock":
+            for name in ("norm1", "norm2", "norm3"):
+                norm = getattr(block, name, None)
+                if isinstance(norm, nn.Module):
+                    handles.append(norm.register_forward_pre_hook(_copy_input))
+    module = sys.modules.get(type(unet).__module__)
+    attention = sys.modules.get("backend.attention")
+    old = getattr(module, "attention_function", None)
+    sdpa = getattr(attention, "attention_pytorch", None)
+    swap = old is not None and sdpa is not None and old is not sdpa
+    if swap:
+        module.attention_function = sdpa
+    try:
+        yield
+    finally:
+        if swap:
+            module.attention_function = old
+        for handle in handles:
+            handle.remove()
+
+
 def _index_of(models: list, patcher: Any) -> int | None:
     return next((i for i, lm in enumerate(models) if lm.model is patcher), None)
 
@@ -186,8 +225,8 @@ def forge_training_state(sd_model: Any) -> Iterator[None]:
     """Forge's loaded model ready for in-place LoRA training, and given back afterwards.
 
     On entry: the three parts of `forge_objects_original` loaded through Forge's memory manager
-    (which takes the LoRAs the last generation baked in back out), weights made usable by autograd,
-    every parameter frozen, eval mode. On exit, on success, error or interrupt: the patchers that
+    (which takes the LoRAs the last generation baked in back out), weights and U-Net made usable
+    by autograd (`autograd_safe`), every parameter frozen, eval mode. On exit, on success, error or interrupt: the patchers that
     were loaded before are loaded again in their order (Forge re-bakes their LoRAs itself), ours
     that were not are unloaded, and every hook, forward override, flag and requires_grad of the
     module trees is restored."""
@@ -209,6 +248,7 @@ def forge_training_state(sd_model: Any) -> Iterator[None]:
                 log.info("Fast LoRA: %d of Forge's weights were inference tensors; copied for training", copied)
             for root in roots:
                 stack.enter_context(preserve_model_state(root))
+            stack.enter_context(autograd_safe(objs.unet.model.diffusion_model))
             yield
     finally:
         try:

@@ -37,6 +37,7 @@ CLASSES = [
 # Deviations, each with its reason; the checks skip exactly these.
 SIGNATURE_DEVIATIONS = {
     "IntegratedAutoencoderKL.__init__": "built from ldm's AutoencoderKL tree instead of a diffusers config",
+    "IntegratedUNet2DConditionModel.__init__": "ldm's UNetModel constructor (its kwargs), then Forge's in-place blocks",
 }
 # Set on a module by another class: ModelPatcher.__init__ gives the model it wraps a `lora_loader`.
 SET_FROM_OUTSIDE = {"lora_loader": "backend/patcher/base.py:ModelPatcher"}
