@@ -343,6 +343,7 @@ def build_forge_model(checkpoint: Path):
     unet.storage_dtype = unet.computation_dtype = torch.float32
     unet.load_device = unet.offload_device = unet.initial_device = cpu
     te = {f"transformer.{k}": v for k, v in part("cond_stage_model.transformer.").items()}
+    te.pop("transformer.text_model.embeddings.position_ids", None)  # a buffer in transformers 4.30, not in 4.46
     missing, unexpected = clip.load_state_dict(te, strict=False)
     # the keys Forge's loader ignores too: text_projection (SD1.5 has none), position_ids, logit_scale
     assert not unexpected and all(k.endswith(("position_ids", "text_projection.weight", "logit_scale")) for k in missing)
