@@ -1,7 +1,8 @@
-"""A1111 runs this at every WebUI start and after an install from URL (as a subprocess).
+"""A1111 and Forge run this at every WebUI start and after an install from URL (as a subprocess).
 
 Fast and silent when everything is present; otherwise installs only what is missing, never a
-package the WebUI pins (see lib_lora/hosts/webui_requirements.py). A failure prints the
+package the WebUI pins: ours (lib_lora/hosts/webui_requirements.py) and every package the host's
+own requirements_versions.txt names (Forge's gradio 4, transformers 4.46.1, diffusers...). A failure prints the
 package and the command to run by hand, and the WebUI still starts: the tab says what is missing.
 """
 
@@ -28,10 +29,23 @@ def _pip(args: list[str], desc: str) -> None:
         subprocess.run([sys.executable, "-m", "pip", *args], check=True)
 
 
+def host_pinned_names() -> list[str]:
+    """The names the host WebUI's requirements_versions.txt pins (none outside a WebUI)."""
+    path = reqs.host_pins_file(os.path.dirname(os.path.abspath(__file__)))
+    if path is None:
+        return []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return list(reqs.host_pins(fh.read()))
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def main() -> int:
-    installed = reqs.installed_distributions(reqs.relevant_names())
-    steps = reqs.plan(installed)
-    for req, dist, version in reqs.blocked(installed):
+    host = host_pinned_names()
+    installed = reqs.installed_distributions(reqs.relevant_names(host))
+    steps = reqs.plan(installed, host)
+    for req, dist, version in reqs.blocked(installed, host):
         print(f"Fast LoRA: {reqs.blocked_message(req, dist, version)}", file=sys.stderr)
     if not steps:
         return 0
@@ -39,7 +53,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         constraints = os.path.join(tmp, "host-pins.txt")
         with open(constraints, "w", encoding="utf-8") as fh:
-            fh.write(reqs.pin_constraints(installed))
+            fh.write(reqs.pin_constraints(installed, host))
         for step in steps:
             desc = f"Fast LoRA requirement(s): {', '.join(step.names)}"
             try:

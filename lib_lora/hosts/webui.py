@@ -29,6 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lib_lora.errors import Cancelled, UserError
+from lib_lora.hosts.forge_backbone import (
+    ForgeBackbone,
+    check_forge_trainable,
+    forge_training_state,
+    is_forge_model,
+)
 from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state
 from lib_lora.hosts.sgm_backbone import TE2_NOT_TRAINED, SgmBackbone, is_sgm_sdxl
 from lib_lora.names import validate_name
@@ -95,13 +101,12 @@ def api_credentials() -> dict[str, str] | None:
 # What can be trained here
 
 
-def is_forge() -> bool:
-    return hasattr(a1111("shared").sd_model, "forge_objects")
-
-
 def check_trainable(sd_model: Any) -> None:
     """Raise a UserError saying why the loaded model cannot be trained on here, if it cannot."""
     shared = a1111("shared")
+    if sd_model is not None and is_forge_model(sd_model):
+        check_forge_trainable(sd_model)  # Forge's memory manager replaces --lowvram / --medvram
+        return
     if getattr(shared.cmd_opts, "lowvram", False):
         raise UserError(
             "Training is not possible with --lowvram (the WebUI's own training refuses it too); "
@@ -109,11 +114,6 @@ def check_trainable(sd_model: Any) -> None:
         )
     if sd_model is None:
         raise UserError("No checkpoint is loaded: choose an SD1.5 or SDXL checkpoint at the top of the page first.")
-    if hasattr(sd_model, "forge_objects"):
-        raise UserError(
-            "Training on Forge's model object is not implemented yet: use AUTOMATIC1111 v1.10, "
-            "or the standalone app (python -m lib_lora ui) with this checkpoint's file."
-        )
     if getattr(sd_model, "is_sd2", False) or getattr(sd_model, "is_sd3", False):
         raise UserError("The loaded checkpoint is SD2 or SD3; Fast LoRA trains SD1.5 and SDXL LoRAs: load one of those.")
     if getattr(sd_model, "is_sdxl_inpaint", False):
@@ -359,7 +359,8 @@ def interrupt_on_cancel(progress: Any, state: Any, total: int, text: str, poll: 
 
 
 class WebUIHost:
-    """`lib_lora.hosts.base.Host` for AUTOMATIC1111 v1.10."""
+    """`lib_lora.hosts.base.Host` for AUTOMATIC1111 v1.10 and Forge (its loaded model through
+    `ForgeBackbone`; the rest of A1111's `modules` API, which Forge keeps)."""
 
     name = "webui"
 
@@ -421,7 +422,7 @@ class WebUIHost:
             sd_model = getattr(a1111("shared"), "sd_model", None)
         return SDXL if sd_model is not None and is_sgm_sdxl(sd_model) else SD15
 
-    def backbone(self, base_model: str | None = None) -> LdmBackbone | SgmBackbone:
+    def backbone(self, base_model: str | None = None) -> LdmBackbone | SgmBackbone | ForgeBackbone:
         """The WebUI's loaded checkpoint, trained in place (`base_model` is ignored).
 
         Inside a job, the first call also readies the model for training (`training_state`)
@@ -432,14 +433,19 @@ class WebUIHost:
         name, sha = checkpoint_identity(sd_model)
         # The WebUI's CheckpointInfo.hash is its old 8-hex model hash, the one kohya writes as ss_sd_model_hash.
         legacy = str(getattr(getattr(sd_model, "sd_checkpoint_info", None), "hash", "") or "")
-        kind = SgmBackbone if is_sgm_sdxl(sd_model) else LdmBackbone
-        backbone = kind(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device,
-                               model_legacy_hash="" if legacy == "NOFILE" else legacy)
+        legacy = "" if legacy == "NOFILE" else legacy
+        forge = is_forge_model(sd_model)
+        if forge:  # on Forge's own device (its memory manager's), not modules.devices'
+            backbone = ForgeBackbone(sd_model, model_name=name, model_hash=sha, model_legacy_hash=legacy)
+        else:
+            kind = SgmBackbone if is_sgm_sdxl(sd_model) else LdmBackbone
+            backbone = kind(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device,
+                            model_legacy_hash=legacy)
         stack = getattr(self._local, "stack", None)
         if stack is None:
             log.warning("Fast LoRA: backbone() outside a job; train only inside host.job(...)")
         elif not self._local.guarded:
-            stack.enter_context(training_state(sd_model, backbone.device))
+            stack.enter_context(forge_training_state(sd_model) if forge else training_state(sd_model, backbone.device))
             self._local.guarded = True
         return backbone
 

@@ -3,9 +3,11 @@
 Pure standard library: `install.py` imports it at every WebUI start (it must be fast and must
 not import torch), and the tab imports it to explain what is still missing.
 
-A1111 re-installs its own pins at every launch, so we never plan a change to them: the
-packages in `HOST_PINNED` are never installed, upgraded or downgraded, and every pip call gets
-a constraints file holding their installed versions, so pip fails instead of replacing them.
+A1111 and Forge re-install their own pins at every launch, so we never plan a change to them:
+the packages in `HOST_PINNED`, and every package the host's `requirements_versions.txt` names
+(Forge's pins gradio 4.x, transformers 4.46.1, diffusers 0.31.0, peft, pydantic...), are never
+installed, upgraded or downgraded, and every pip call gets a constraints file holding their
+installed versions, so pip fails instead of replacing them.
 """
 
 from __future__ import annotations
@@ -127,13 +129,13 @@ def satisfied(req: Requirement, version: str | None) -> bool:
     return True
 
 
-def blocked(installed: Mapping[str, str]) -> list[tuple[Requirement, str, str]]:
+def blocked(installed: Mapping[str, str], host: Iterable[str] = ()) -> list[tuple[Requirement, str, str]]:
     """(requirement, distribution, version) for each missing exclusive requirement that is not
     installed because a distribution writing the same module is present, at a version that
     does not do (OpenCV 5 has no CascadeClassifier): the user replaces it, we never add a second."""
     have = {canonical(k): v for k, v in installed.items()}
     out = []
-    for req in missing(installed):
+    for req in missing(installed, host):
         if req.exclusive:
             present = [n for n in (req.name, *req.alternatives) if canonical(n) in have]
             if present:
@@ -141,12 +143,42 @@ def blocked(installed: Mapping[str, str]) -> list[tuple[Requirement, str, str]]:
     return out
 
 
-def missing(installed: Mapping[str, str]) -> list[Requirement]:
-    """The requirements not satisfied by `installed` ({distribution name: version})."""
+def host_pins(text: str) -> dict[str, str]:
+    """{canonical name: pinned version, or '' when unversioned} of a WebUI's
+    requirements_versions.txt (Forge lists `torch` without a version: its launcher installs it)."""
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:==\s*([^\s;]+))?", line)
+        if m:
+            pins[canonical(m.group(1))] = m.group(2) or ""
+    return pins
+
+
+def host_pins_file(extension_dir: str) -> str | None:
+    """The host WebUI's requirements_versions.txt for an extension installed under
+    <webui>/extensions/<name> (A1111 and Forge keep it at their root); None elsewhere."""
+    import os
+
+    parent = os.path.dirname(os.path.abspath(extension_dir))
+    if os.path.basename(parent) != "extensions":
+        return None
+    path = os.path.join(os.path.dirname(parent), "requirements_versions.txt")
+    return path if os.path.isfile(path) else None
+
+
+def _host_owned(host: Iterable[str]) -> set[str]:
+    return set(HOST_PINNED) | {canonical(n) for n in host}
+
+
+def missing(installed: Mapping[str, str], host: Iterable[str] = ()) -> list[Requirement]:
+    """The requirements not satisfied by `installed` ({distribution name: version}); `host`: the
+    names the host's requirements file pins (never ours to install either)."""
     have = {canonical(k): v for k, v in installed.items()}
+    owned = _host_owned(host)
     out = []
     for req in REQUIREMENTS:
-        if canonical(req.name) in HOST_PINNED:
+        if canonical(req.name) in owned:
             continue  # never ours to install, whatever the table says
         candidates = [req.name, *req.alternatives]
         if any(satisfied(req, have.get(canonical(n))) for n in candidates):
@@ -155,11 +187,12 @@ def missing(installed: Mapping[str, str]) -> list[Requirement]:
     return out
 
 
-def plan(installed: Mapping[str, str]) -> list[Step]:
+def plan(installed: Mapping[str, str], host: Iterable[str] = ()) -> list[Step]:
     """The pip steps that install exactly what is missing: one call with dependencies, one
-    without (`--no-deps` packages). Empty when everything is present."""
-    held_back = {req.name for req, _, _ in blocked(installed)}
-    todo = [r for r in missing(installed) if r.name not in held_back]
+    without (`--no-deps` packages). Empty when everything is present. `host`: as in `missing`."""
+    host = tuple(host)
+    held_back = {req.name for req, _, _ in blocked(installed, host)}
+    todo = [r for r in missing(installed, host) if r.name not in held_back]
     steps = []
     for no_deps in (False, True):
         group = [r for r in todo if r.no_deps == no_deps]
@@ -175,10 +208,12 @@ def blocked_message(req: Requirement, dist: str, version: str) -> str:
             f"{command_line(['pip', 'install', f'{dist}>={req.lo},<{req.hi}'])}.")
 
 
-def pin_constraints(installed: Mapping[str, str]) -> str:
-    """A pip constraints file's text holding the installed host pins at their exact versions."""
+def pin_constraints(installed: Mapping[str, str], host: Iterable[str] = ()) -> str:
+    """A pip constraints file's text holding the installed host pins (HOST_PINNED, and `host`:
+    the names the host's requirements file pins) at their exact installed versions."""
     have = {canonical(k): v for k, v in installed.items()}
-    lines = [f"{name}=={have[name]}" for name in HOST_PINNED if name in have]
+    names = list(HOST_PINNED) + sorted({canonical(n) for n in host} - set(HOST_PINNED))
+    lines = [f"{name}=={have[name]}" for name in names if name in have]
     return "\n".join(lines) + "\n"
 
 
@@ -193,8 +228,8 @@ def installed_distributions(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def relevant_names() -> set[str]:
-    names = set(HOST_PINNED)
+def relevant_names(host: Iterable[str] = ()) -> set[str]:
+    names = _host_owned(host)
     for req in REQUIREMENTS:
         names.add(canonical(req.name))
         names.update(canonical(a) for a in req.alternatives)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lib_lora.training.family import SD15
-from lib_lora.training.naming import Target
+from lib_lora.training.naming import Target, is_linear
 
 
 class LoRAModule(nn.Module):
@@ -25,7 +25,7 @@ class LoRAModule(nn.Module):
         if isinstance(org, nn.Conv2d):
             self.lora_down = nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False)
             self.lora_up = nn.Conv2d(dim, org.out_channels, 1, 1, bias=False)
-        elif isinstance(org, nn.Linear):
+        elif is_linear(org):  # nn.Linear, or Forge's own Linear (same attributes)
             self.lora_down = nn.Linear(org.in_features, dim, bias=False)
             self.lora_up = nn.Linear(dim, org.out_features, bias=False)
         else:

@@ -35,6 +35,18 @@ class Target:
     conv3x3: bool  # True: uses conv dim/alpha
 
 
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear, or a layer with its interface: Forge builds its U-Net and text encoders from
+    its own `Linear` (a plain nn.Module holding `in_features`, `out_features`, a 2-D `weight`
+    and `bias`, whose forward is `F.linear(x, weight, bias)`), which is not an nn.Linear."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Linear" and isinstance(getattr(module, "in_features", None), int)
+            and isinstance(getattr(module, "out_features", None), int) and isinstance(weight, nn.Parameter)
+            and tuple(weight.shape) == (module.out_features, module.in_features))
+
+
 def kohya_name(prefix: str, path: str) -> str:
     return f"{prefix}_{path.replace('.', '_')}"
 
@@ -55,7 +67,7 @@ def find_targets(
         if cls not in wanted:
             continue
         for child_path, child in container.named_modules():
-            if not isinstance(child, nn.Linear | nn.Conv2d) or id(child) in seen:
+            if not (isinstance(child, nn.Conv2d) or is_linear(child)) or id(child) in seen:
                 continue
             seen.add(id(child))
             full = f"{cpath}.{child_path}" if cpath else child_path

@@ -97,6 +97,9 @@ def prepare_train_config(host: RunPlaces | None, cfg: TrainConfig, backbone: Any
         changes["output_dir"] = str(host.lora_dir())
         changes["run_dir"] = cfg.run_dir or str(host.work_dir() / "runs" / name)
     if backbone is not None:
+        allowed = getattr(backbone, "network_types", None)  # a backbone whose layers not every type wraps
+        if allowed is not None and cfg.network_type not in allowed:
+            raise UserError(backbone.network_refusal.format(type=cfg.network_type))
         device = torch.device(backbone.device)
         changes["device"] = str(device)
         if trains_own_model(host):

@@ -300,3 +300,84 @@ def sgm_model(tiny_sdxl_checkpoint):
 def sgm_model_read_only(tiny_sdxl_checkpoint):
     """One stand-in per module, for tests that only read it."""
     return build_sgm_model(tiny_sdxl_checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# Forge: its `backend` stand-in (tests/webui/fake_forge) next to the fake `modules` package,
+# and the StableDiffusion engine Forge holds in shared.sd_model, with the tiny checkpoint's weights.
+
+FORGE_ROOT = Path(__file__).parent / "fake_forge"
+
+
+def _drop_fake_backend() -> None:
+    for name in list(sys.modules):
+        if name == "backend" or name.startswith("backend."):
+            del sys.modules[name]
+
+
+def build_forge_model(checkpoint: Path):
+    """Forge's SD1.5 engine (backend.diffusion_engine.sd15.StableDiffusion) as its loader builds
+    it: U-Net and CLIP constructed under `using_forge_operations` (Forge's own Linear layers),
+    then the checkpoint's weights loaded."""
+    from backend.diffusion_engine.sd15 import StableDiffusion
+    from backend.nn.clip import IntegratedCLIP
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.operations import using_forge_operations
+    from transformers import CLIPTextModel
+
+    from lib_lora.training.models import read_state_dict
+    from lib_lora.training.tiny_model import tiny_clip_config
+    from lib_lora.training.tokenizer import load_clip_tokenizer
+
+    sd = read_state_dict(checkpoint)
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    cpu = torch.device("cpu")
+    with using_forge_operations(device=cpu, dtype=torch.float32):
+        unet = IntegratedUNet2DConditionModel(**TINY_LDM_UNET_KWARGS)
+        clip = IntegratedCLIP(CLIPTextModel, tiny_clip_config(), add_text_projection=True)
+    unet.load_state_dict(part("model.diffusion_model."))
+    unet.storage_dtype = unet.computation_dtype = torch.float32
+    unet.load_device = unet.offload_device = unet.initial_device = cpu
+    te = {f"transformer.{k}": v for k, v in part("cond_stage_model.transformer.").items()}
+    te.pop("transformer.text_model.embeddings.position_ids", None)  # a buffer in transformers 4.30, not in 4.46
+    missing, unexpected = clip.load_state_dict(te, strict=False)
+    # the keys Forge's loader ignores too: text_projection (SD1.5 has none), position_ids, logit_scale
+    assert not unexpected and all(k.endswith(("position_ids", "text_projection.weight", "logit_scale")) for k in missing)
+    ldm_vae = AutoencoderKLShape(TINY_LDM_VAE_KWARGS)
+    ldm_vae.load_state_dict(part("first_stage_model."))
+    vae = IntegratedAutoencoderKL(ldm_vae)
+    model = StableDiffusion(None, {"unet": unet, "text_encoder": clip, "vae": vae, "tokenizer": load_clip_tokenizer(),
+                                   "scheduler": None})
+    for m in (unet, clip, vae):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(True)  # Forge never freezes them; the host must
+    return model
+
+
+@pytest.fixture
+def forge_backend():
+    """Forge's `backend` stand-in importable (no model built)."""
+    _drop_fake_backend()
+    sys.path.insert(0, str(FORGE_ROOT))
+    try:
+        yield importlib.import_module("backend.memory_management")
+    finally:
+        sys.path.remove(str(FORGE_ROOT))
+        _drop_fake_backend()
+
+
+@pytest.fixture
+def forge(webui, forge_backend, tiny_checkpoint):
+    """The fake WebUI as Forge: `backend` importable and shared.sd_model Forge's SD1.5 engine."""
+    webui.sd_hijack.undo_optimizations()  # A1111's hijack of ldm's classes is no part of Forge
+    webui.backend_mm = forge_backend
+    webui.shared.sd_model = build_forge_model(tiny_checkpoint)
+    try:
+        yield webui
+    finally:
+        webui.shared.sd_model = None

@@ -153,3 +153,52 @@ def test_tab_banner_commands_are_quoted_for_the_shell(monkeypatch):
     assert "opencv-python 5.0.0 is installed" in webui_app.missing_banner()
     monkeypatch.setattr(reqs, "installed_distributions", lambda names: dict(EVERYTHING))
     assert webui_app.missing_banner() == ""
+
+
+# Forge: its requirements_versions.txt (read from Forge's source into forge_facts.json) names
+# what it pins; a Forge venv holds those at their versions, and torch from its launcher.
+FORGE_PINS = __import__("json").loads((Path(__file__).parent / "forge_facts.json").read_text(encoding="utf-8"))[
+    "requirements_versions"]
+FORGE_VENV = {**{name: version for name, version in FORGE_PINS.items() if version}, "torch": "2.3.1+cu121",
+              "torchvision": "0.18.1+cu121", "opencv-python": "4.10.0.84"}
+
+
+def test_forges_pins_are_never_planned_and_are_held_by_the_constraints():
+    host = list(reqs.host_pins("\n".join(f"{n}=={v}" if v else n for n, v in FORGE_PINS.items())))
+    assert {"gradio", "transformers", "diffusers", "peft", "pydantic", "huggingface-hub", "tqdm", "torch"} <= set(host)
+    names = planned_names(reqs.plan(FORGE_VENV, host))
+    assert names and not names & {reqs.canonical(n) for n in host}
+    # Forge's own packages are Forge's even when missing or odd: diffusers (pinned 0.31.0) is never ours to install
+    odd = {k: v for k, v in FORGE_VENV.items() if k not in ("diffusers", "tqdm")}
+    assert not planned_names(reqs.plan(odd, host)) & {"diffusers", "tqdm"}
+    assert "diffusers" in planned_names(reqs.plan(odd))  # (in A1111, which does not pin it, it is ours)
+    lines = set(reqs.pin_constraints(FORGE_VENV, host).split())
+    assert {"gradio==4.40.0", "transformers==4.46.1", "diffusers==0.31.0", "pydantic==2.8.2", "peft==0.13.2",
+            "huggingface-hub==0.26.2", "tqdm==4.66.1", "torch==2.3.1+cu121", "scikit-image==0.21.0"} <= lines
+
+
+def test_install_py_reads_its_hosts_requirements_file(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    ext = tmp_path / "webui" / "extensions" / "sd-fast-lora"
+    ext.mkdir(parents=True)
+    shutil.copy(ROOT / "install.py", ext / "install.py")
+    (tmp_path / "webui" / "requirements_versions.txt").write_text(
+        "\n".join(f"{n}=={v}" if v else n for n, v in FORGE_PINS.items()) + "\n", encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("fast_lora_install_forge", ext / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+
+    def pip(args, desc):
+        constraints = args[args.index("-c") + 1]
+        calls.append((args, Path(constraints).read_text(encoding="utf-8").split()))
+
+    monkeypatch.setattr(module, "_pip", pip)
+    venv = {k: v for k, v in FORGE_VENV.items() if k != "diffusers"}
+    monkeypatch.setattr(module.reqs, "installed_distributions", lambda names: dict(venv))
+    assert module.main() == 0
+    assert calls and not any("diffusers" in " ".join(args) for args, _ in calls)
+    for _, constraints in calls:
+        assert {"gradio==4.40.0", "transformers==4.46.1", "pydantic==2.8.2", "tqdm==4.66.1"} <= set(constraints)

@@ -32,6 +32,23 @@ def _saved_config(host, name):
 
 
 def test_the_train_tab_and_the_rest_route_train_the_same_config(webui, webui_model, tmp_path):
+    webui.shared.sd_model = webui_model
+    _both_entry_points_train_the_same_config(webui, tmp_path)
+
+
+def test_on_forge_the_train_tab_and_the_rest_route_train_its_loaded_model(forge, tmp_path, state_hash):
+    """Forge: the same two entry points, through its queue lock and job bookkeeping, on its own
+    model objects, which are given back bit-identical."""
+    engine = forge.shared.sd_model
+    objs = engine.forge_objects_original
+    parts = [objs.unet.model, objs.clip.cond_stage_model, objs.vae.first_stage_model]
+    before = [state_hash(p) for p in parts]
+    _both_entry_points_train_the_same_config(forge, tmp_path)
+    assert [state_hash(p) for p in parts] == before
+    assert (forge.root / "models" / "Lora" / "sks.safetensors").is_file()
+
+
+def _both_entry_points_train_the_same_config(webui, tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
@@ -42,7 +59,6 @@ def test_the_train_tab_and_the_rest_route_train_the_same_config(webui, webui_mod
     from lib_lora.ui.app import build_tabs
     from lib_lora.ui.tab_train import run_train
 
-    webui.shared.sd_model = webui_model
     webui.shared.opts.add_option("fast_lora_preview", webui.shared.OptionInfo(False))
     webui.shared.opts.fast_lora_preview = False
     host = host_module.WebUIHost()

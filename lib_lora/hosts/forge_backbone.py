@@ -1,0 +1,278 @@
+"""The Backbone over Forge's loaded SD1.5 model, trained in place, and Forge's state given back.
+
+Forge (lllyasviel/stable-diffusion-webui-forge) replaces A1111's ldm model with its own
+`backend`: `shared.sd_model.forge_objects` holds a `UnetPatcher` (its `.model` is a KModel whose
+`diffusion_model` is Forge's U-Net, the ldm module tree under ldm's names), a `CLIP` (its
+`cond_stage_model.clip_l.transformer` is transformers' CLIPTextModel, its `tokenizer.clip_l` the
+tokenizer) and a `VAE` (`first_stage_model`, ldm's encoder/decoder, with `process_in/out` for
+the latent scale). Their Linear layers are Forge's own `ForgeOperations.Linear`, which naming
+and LoRAModule accept (`naming.is_linear`).
+
+Two things differ from A1111, and `forge_training_state` handles both:
+- Forge bakes a prompt's LoRAs into the weights (`LoraLoader.refresh` keeps the originals in
+  its `backup`) when its memory manager loads a patcher carrying LoRA patches. We load the
+  patchers of `forge_objects_original` (which carry none) through Forge's own
+  `memory_management.load_models_gpu`, so Forge restores the original weights itself; at the
+  end the patchers that were loaded before are loaded again, and Forge re-bakes their LoRAs
+  with its own code on the same weights.
+- Forge's memory manager moves and unloads models. The three parts are loaded on Forge's
+  device at the job's start and, during the job, the VAE and text encoder are called directly
+  (not through `VAE.encode` or the text engine, which would ask the manager to make room and
+  could unload the U-Net we train on).
+
+Forge is imported inside functions only: this module imports without Forge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import importlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib_lora.errors import UserError
+from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state, weights_hash
+from lib_lora.training.backbone import encode_text_chunks
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
+NO_LORAS = str([])  # LoraLoader.loaded_hash with nothing baked in
+
+
+def is_forge_model(sd_model: Any) -> bool:
+    return getattr(sd_model, "forge_objects", None) is not None
+
+
+def _objects(sd_model: Any) -> Any:
+    """The ForgeObjects without a generation's LoRA patches (`forge_objects_original`)."""
+    return getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
+
+
+def check_forge_trainable(sd_model: Any) -> None:
+    """Raise a UserError saying why Forge's loaded model cannot be trained on here, if it cannot."""
+    if getattr(sd_model, "is_sdxl", False):
+        raise UserError("Training on Forge's SDXL model is not implemented yet: load an SD1.5 checkpoint in Forge, "
+                        "or train this SDXL checkpoint in AUTOMATIC1111 v1.10 or the standalone app.")
+    if not getattr(sd_model, "is_sd1", False):
+        raise UserError("The loaded checkpoint is not SD1.5 (Forge also loads SD2, SD3, Flux and others); "
+                        "Fast LoRA trains SD1.5 LoRAs in Forge: load an SD1.5 checkpoint.")
+    if getattr(sd_model, "is_inpaint", False):
+        raise UserError("The loaded checkpoint is an inpainting model; load an SD1.5 base model.")
+    objs = _objects(sd_model)
+    unet = getattr(getattr(getattr(objs, "unet", None), "model", None), "diffusion_model", None)
+    clip_l = getattr(getattr(getattr(objs, "clip", None), "cond_stage_model", None), "clip_l", None)
+    if unet is None or getattr(clip_l, "transformer", None) is None or getattr(objs, "vae", None) is None:
+        raise UserError("Forge's loaded model has no SD1.5 U-Net, CLIP text encoder and VAE; load an SD1.5 checkpoint.")
+    storage = getattr(objs.unet.model, "storage_dtype", None)
+    if storage is not None and storage not in TRAINABLE_STORAGE:
+        raise UserError(f"Forge stores the loaded U-Net as {storage} (the 'Diffusion in Low Bits' setting); training "
+                        "needs fp16, bf16 or fp32 weights: set it to Automatic and reload the checkpoint.")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class ForgeBackbone(LdmBackbone):
+    """`lib_lora.training.backbone.Backbone` over Forge's SD1.5 objects, weights used in place.
+
+    The U-Net is ldm's tree, so LoRA targets, kohya names (the same as on A1111's model, the names
+    Forge's LoRA loader maps onto this U-Net), initialisation order and gradient checkpointing
+    are LdmBackbone's."""
+
+    # LyCORIS wraps torch's nn.Linear only; Forge's layers are its own Linear class.
+    network_types = ("lora",)
+    network_refusal = ("{type} is not available in Forge yet (LyCORIS does not wrap Forge's layers): choose the "
+                       "network type lora, or train in AUTOMATIC1111 or the standalone app.")
+
+    def __init__(self, sd_model: Any, model_name: str = "", model_hash: str = "",
+                 device: torch.device | None = None, model_legacy_hash: str = "") -> None:
+        objs = _objects(sd_model)
+        self.sd_model = sd_model
+        self.forge = objs
+        self.unet = objs.unet.model.diffusion_model
+        self.text_encoder = objs.clip.cond_stage_model.clip_l.transformer
+        self.tokenizer = objs.clip.tokenizer.clip_l
+        self.vae = objs.vae.first_stage_model
+        self.device = torch.device(device if device is not None else objs.unet.load_device)
+        self.dtype = next(self.unet.parameters()).dtype
+        self.model_name = model_name
+        self.model_hash = model_hash
+        self.model_legacy_hash = model_legacy_hash
+
+    @functools.cached_property
+    def vae_identity(self) -> str:
+        """LdmBackbone's: Forge's VAE is ldm's tree under ldm's names and makes the same latents
+        (scale applied the same way), so a latent cache is shared with A1111 for the same VAE."""
+        return weights_hash(f"ldm-vae|{self.vae_dtype()}", self.vae)
+
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    # The VAE's own methods, as Forge's StableDiffusion.encode_first_stage / decode_first_stage
+    # use them, without VAE.encode's call into the memory manager (see the module's docstring).
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(_device_of(self.vae), self.vae_dtype())
+        return self.vae.process_in(self.vae.encode(x)).to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        z = self.vae.process_out(latents.to(_device_of(self.vae), self.vae_dtype()))
+        return self.vae.decode(z).to(self.device, torch.float32)
+
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        ids = input_ids.to(_device_of(self.text_encoder))  # Forge may keep the text encoder elsewhere
+        return encode_text_chunks(self.text_encoder, ids, clip_skip, family=self.family).to(self.device)
+
+    def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # a fresh transformer_options: Forge's forward writes into it (its default is a shared dict)
+        return self.unet(noisy_latents, timesteps, context=cond, transformer_options={})
+
+
+# --------------------------------------------------------------------------------------------
+# Forge's state: what the job changes, given back
+
+
+def _memory_management() -> Any:
+    return importlib.import_module("backend.memory_management")
+
+
+def _lora_hash(patcher: Any) -> str:
+    return str(list(patcher.lora_patches.keys()))
+
+
+def _baked(sd_model: Any) -> list[tuple[Any, Any]]:
+    """(LoraLoader, the patcher whose patches it has baked in) for each part with LoRAs in its weights."""
+    sets = [getattr(sd_model, a, None) for a in ("forge_objects", "forge_objects_after_applying_lora",
+                                                 "forge_objects_original")]
+    out = []
+    for part in ("unet", "clip"):
+        patchers = [getattr(getattr(s, part, None), "patcher", getattr(s, part, None)) for s in sets if s is not None]
+        patchers = [p for p in patchers if p is not None and hasattr(p, "lora_loader")]
+        if not patchers:
+            continue
+        loader = patchers[0].lora_loader
+        if loader.loaded_hash == NO_LORAS:
+            continue
+        source = next((p for p in patchers if _lora_hash(p) == loader.loaded_hash), None)
+        out.append((loader, source))
+    return out
+
+
+def _no_inference_tensors(root: nn.Module) -> int:
+    """Replace parameters that are inference tensors by normal copies (same bytes).
+
+    Forge bakes LoRAs and moves weights inside torch.inference_mode, which makes inference
+    tensors; autograd cannot save them for the backward pass, so a LoRA around such a layer
+    could not be trained. Each copy replaces its original at once (memory: one tensor more)."""
+    count = 0
+    for module in root.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_inference():
+                module._parameters[name] = nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+                count += 1
+    return count
+
+
+def _copy_input(module: nn.Module, args: tuple) -> tuple | None:
+    if not torch.is_grad_enabled():
+        return None  # sampling: nothing is saved for a backward pass
+    return (args[0].clone(), *args[1:])
+
+
+@contextlib.contextmanager
+def autograd_safe(unet: nn.Module) -> Iterator[None]:
+    """Forge's U-Net is inference code (ComfyUI's port): each BasicTransformerBlock adds its
+    attention outputs to its input in place (`x += n`) after the LayerNorm before it saved that
+    input for the backward pass, so autograd refuses the backward. For the job, each block's
+    norms take a copy of their input (a forward pre-hook, only while grad is on), and the blocks
+    use PyTorch's scaled-dot-product attention (Forge's choice of attention, the sub-quadratic
+    or split kernels on some set-ups, is inference-only code too; A1111's training also undoes
+    its attention optimizations). Both are given back afterwards."""
+    handles = []
+    for block in unet.modules():
+        if type(block).__name__ == "BasicTransformerBlock":
+            for name in ("norm1", "norm2", "norm3"):
+                norm = getattr(block, name, None)
+                if isinstance(norm, nn.Module):
+                    handles.append(norm.register_forward_pre_hook(_copy_input))
+    module = sys.modules.get(type(unet).__module__)
+    attention = sys.modules.get("backend.attention")
+    old = getattr(module, "attention_function", None)
+    sdpa = getattr(attention, "attention_pytorch", None)
+    swap = old is not None and sdpa is not None and old is not sdpa
+    if swap:
+        module.attention_function = sdpa
+    try:
+        yield
+    finally:
+        if swap:
+            module.attention_function = old
+        for handle in handles:
+            handle.remove()
+
+
+def _index_of(models: list, patcher: Any) -> int | None:
+    return next((i for i, lm in enumerate(models) if lm.model is patcher), None)
+
+
+@contextlib.contextmanager
+def forge_training_state(sd_model: Any) -> Iterator[None]:
+    """Forge's loaded model ready for in-place LoRA training, and given back afterwards.
+
+    On entry: the three parts of `forge_objects_original` loaded through Forge's memory manager
+    (which takes the LoRAs the last generation baked in back out), weights and U-Net made usable
+    by autograd (`autograd_safe`), every parameter frozen, eval mode. On exit, on success, error or interrupt: the patchers that
+    were loaded before are loaded again in their order (Forge re-bakes their LoRAs itself), ours
+    that were not are unloaded, and every hook, forward override, flag and requires_grad of the
+    module trees is restored."""
+    check_forge_trainable(sd_model)
+    mm = _memory_management()
+    objs = _objects(sd_model)
+    ours = [objs.unet, objs.clip.patcher, objs.vae.patcher]
+    loaded_before = [lm.model for lm in mm.current_loaded_models]
+    baked = _baked(sd_model)
+    roots = [objs.unet.model, objs.clip.cond_stage_model, objs.vae.first_stage_model]
+    try:
+        with contextlib.ExitStack() as stack:
+            mm.load_models_gpu(ours)
+            for loader, _ in baked:  # loaded already, or a LoRA baked in by another way: take it out
+                if loader.loaded_hash != NO_LORAS:
+                    loader.refresh(lora_patches={}, offload_device=objs.unet.offload_device)
+            copied = sum(_no_inference_tensors(r) for r in roots)
+            if copied:
+                log.info("Fast LoRA: %d of Forge's weights were inference tensors; copied for training", copied)
+            for root in roots:
+                stack.enter_context(preserve_model_state(root))
+            stack.enter_context(autograd_safe(objs.unet.model.diffusion_model))
+            yield
+    finally:
+        try:
+            _give_back(mm, ours, loaded_before, baked)
+        finally:
+            gc.collect()
+            mm.soft_empty_cache()
+
+
+def _give_back(mm: Any, ours: list, loaded_before: list, baked: list[tuple[Any, Any]]) -> None:
+    if loaded_before:
+        mm.load_models_gpu(loaded_before)  # re-bakes their LoRAs, on the device they were baked on
+    for patcher in ours:
+        if not any(patcher is m for m in loaded_before):
+            i = _index_of(mm.current_loaded_models, patcher)
+            if i is not None:
+                mm.current_loaded_models.pop(i).model_unload()
+    for loader, source in baked:  # a patcher that was not loaded had its LoRAs baked in all the same
+        if source is not None and loader.loaded_hash != _lora_hash(source):
+            loader.refresh(lora_patches=source.lora_patches, offload_device=source.offload_device, force_refresh=True)
+    order = {id(m): i for i, m in enumerate(loaded_before)}
+    mm.current_loaded_models.sort(key=lambda lm: order.get(id(lm.model), len(order)))
