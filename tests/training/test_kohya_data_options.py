@@ -155,13 +155,15 @@ def test_text_encoder_cache_kept_under_caption_dropout_bypassed_under_tag_dropou
         try:
             batch = next(data.iter_batches(tr.state.dataset.items, cfg, 2, cfg.seed))
             tr.step_inputs(batch)
+            if cfg.flip_aug:  # the run caches the mirrored latents and feeds them
+                assert tr.state.feeder.flipped_of.keys() == tr.state.feeder.latent_of.keys() != set()
             return tr.state.feeder.encode_chunks is not None, tr.state.tokens.shuffled
         finally:
             tr.close()
 
     assert feeder_of(caption_dropout_rate=0.5) == (True, False)  # "" is one more cached caption
     assert feeder_of(caption_tag_dropout_rate=0.5) == (False, True)
-    assert feeder_of() == (True, False)
+    assert feeder_of(flip_aug=True) == (True, False)
 
 
 # ---- (b) flip_aug ----------------------------------------------------------------------------
