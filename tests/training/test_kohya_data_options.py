@@ -346,3 +346,14 @@ def test_subsets_from_the_cli_and_bad_entries(tmp_path):
         validate(TrainConfig(subsets=[{"image_dir": "a", "repeats": 0}]))
     with pytest.raises(UserError, match="not JSON"):
         coerce(TrainConfig, "subsets", "{image_dir: a}")
+
+
+def test_a_state_saved_before_these_options_existed_still_resumes():
+    # A state written by a version without these fields trained with their defaults.
+    from lib_lora.training.state import _config_diff, fingerprint
+
+    cfg = TrainConfig(name="x")
+    saved = {k: v for k, v in fingerprint(cfg).items()
+             if k not in ("caption_dropout_rate", "flip_aug", "subsets", "reg_data_dir", "prior_loss_weight")}
+    assert _config_diff(json.dumps(saved), fingerprint(cfg)) == []
+    assert _config_diff(json.dumps(saved), fingerprint(dataclasses.replace(cfg, flip_aug=True))) == ["flip_aug"]
