@@ -83,12 +83,13 @@ class StepFeeder:
         self.time_ids = time_ids  # (items of one bucket, flips) -> (B, 6) time ids (SDXL), None for SD1.5
         self.prior_loss_weight = prior_loss_weight
         self.pin = device.type == "cuda"
-        total = sum(t.numel() * t.element_size() for t in latent_of.values())
+        flipped_of = flipped_of or {}
+        total = sum(t.numel() * t.element_size() for t in (*latent_of.values(), *flipped_of.values()))
         on_device = device.type != "cpu" and total <= DEVICE_LATENT_BUDGET
         self.latents_on_device = on_device
         self.latent_of = {k: self._place(v, on_device) for k, v in latent_of.items()}
         # Mirrored latents (flip_aug), placed like the others.
-        self.flipped_of = {k: self._place(v, on_device) for k, v in (flipped_of or {}).items()}
+        self.flipped_of = {k: self._place(v, on_device) for k, v in flipped_of.items()}
         # Per caption, not per batch: with batches of 2 or more the same list of captions
         # rarely comes back (20 images at batch 4: 14 hits in 2000 steps); a caption always does.
         self._ids: dict[str, tuple[torch.Tensor, list[tuple[int, ...]]]] = {}

@@ -357,3 +357,26 @@ def test_a_state_saved_before_these_options_existed_still_resumes():
              if k not in ("caption_dropout_rate", "flip_aug", "subsets", "reg_data_dir", "prior_loss_weight")}
     assert _config_diff(json.dumps(saved), fingerprint(cfg)) == []
     assert _config_diff(json.dumps(saved), fingerprint(dataclasses.replace(cfg, flip_aug=True))) == ["flip_aug"]
+
+
+def test_a_run_with_every_data_option_trains_and_records_them(tmp_path, tiny_backbone):
+    from lib_lora.training.export import read_lora
+    from lib_lora.training.run import train
+
+    a = _folder(tmp_path, "anna", 2, caption="anna ||| red, blue, hat")
+    b = _folder(tmp_path, "3_style", 1, caption="painted, oil")
+    _folder(tmp_path / "reg", "1_woman", 2, caption=None)
+    cfg = TrainConfig(name="all_opts", dataset=str(a), output_dir=str(tmp_path / "out"), run_dir=str(tmp_path / "run"),
+                      resolution=64, dim=4, alpha=4.0, lr="1e-3", optimizer="adamw", device="cpu", max_steps=3,
+                      subsets=[{"image_dir": str(a), "repeats": 2, "keep_tokens_separator": "|||",
+                                "caption_tag_dropout_rate": 0.5},
+                               {"image_dir": str(b), "flip_aug": True, "caption_prefix": "art"}],
+                      reg_data_dir=str(tmp_path / "reg"), prior_loss_weight=0.5, caption_dropout_rate=0.1,
+                      train_text_encoder=False)
+    res = train(validate(cfg), backbone=tiny_backbone)
+    md = read_lora(res.lora_path)[1]
+    assert md["ss_num_train_images"] == "7" and md["ss_num_reg_images"] == "2"
+    assert json.loads(md["ss_dataset_dirs"]) == {"anna": {"n_repeats": 2, "img_count": 2},
+                                                 "3_style": {"n_repeats": 3, "img_count": 1}}
+    assert json.loads(md["ss_reg_dataset_dirs"]) == {"1_woman": {"n_repeats": 1, "img_count": 2}}
+    assert json.loads(md["fastlora_config"])["subsets"][1]["flip_aug"] is True
