@@ -137,6 +137,8 @@ def coerce(cls: type, name: str, value: Any) -> Any:
         return None
     if typ is bool:
         return _to_bool(flag, value)
+    if is_record_list(typ):
+        return _to_records(flag, value)
     if typing.get_origin(typ) is list:
         return _to_list(flag, value)
     if typ in (int, float):
@@ -174,6 +176,33 @@ def _to_bool(flag: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ON_WORDS | OFF_WORDS:
         return value.strip().lower() in ON_WORDS
     raise UserError(f"{flag} = {shown(value)} is neither on nor off: give true or false.")
+
+
+def is_record_list(typ: Any) -> bool:
+    """A `list[dict]` field (subsets): its value is JSON objects, on the CLI and in a form."""
+    return typing.get_origin(typ) is list and typing.get_args(typ) in ((dict,),)
+
+
+def _to_records(flag: str, value: Any) -> list[dict[str, Any]]:
+    """A list of objects from JSON text (one object or a list of them), a list of such texts
+    (the CLI's words), or the objects themselves."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    items = value if isinstance(value, list | tuple) else [value]
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, str):
+            try:
+                item = json.loads(item)
+            except ValueError:
+                raise UserError(f"{flag} = {shown(value)} is not JSON: give objects such as "
+                                '[{"image_dir": "folder", "repeats": 10}].') from None
+        parts = item if isinstance(item, list) else [item]
+        if not all(isinstance(p, dict) for p in parts):
+            raise UserError(f"{flag} = {shown(value)}: each entry must be an object such as "
+                            '{"image_dir": "folder", "repeats": 10}.')
+        out.extend(dict(p) for p in parts)
+    return out
 
 
 def _to_list(flag: str, value: Any) -> list[str]:
@@ -233,6 +262,8 @@ def type_problem(cls: type, f: dataclasses.Field, value: Any) -> str | None:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     elif typ is str:
         ok = isinstance(value, str)
+    elif is_record_list(typ):
+        ok = isinstance(value, list) and all(isinstance(i, dict) for i in value)
     elif origin is list:
         ok = isinstance(value, list) and all(isinstance(i, str) for i in value)
     else:
@@ -243,6 +274,8 @@ def type_problem(cls: type, f: dataclasses.Field, value: Any) -> str | None:
 
 
 def _type_words(typ: Any) -> str:
+    if is_record_list(typ):
+        return "a list of objects"
     return TYPE_WORDS.get(typing.get_origin(typ) or typ, str(typ))
 
 
@@ -308,15 +341,9 @@ def validate(cfg: Any) -> Any:
             raise UserError(problem)
         if value is None:
             continue
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise UserError(f"{f.name} = {shown(value)} is not one of: {', '.join(map(str, choices))}.")
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if lo is not None and value < lo:
-                raise UserError(f"{f.name} = {value} is below its minimum {lo}.")
-            if hi is not None and value > hi:
-                raise UserError(f"{f.name} = {value} is above its maximum {hi}.")
+        problem = validate_one(type(cfg), f.name, value)
+        if problem:
+            raise UserError(problem)
     check = getattr(cfg, "check", None)
     if callable(check):
         check()
@@ -469,6 +496,12 @@ class TagConfig:
 # --------------------------------------------------------------------------------------------
 # Training
 
+# The keys of one `subsets` entry (kohya's dataset-config subset, `repeats` for num_repeats):
+# image_dir, then the run-level options it may override.
+SUBSET_KEYS = ("image_dir", "repeats", "is_reg", "class_tokens", "caption_extension", "keep_tokens",
+               "keep_tokens_separator", "shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+               "caption_tag_dropout_rate", "caption_prefix", "caption_suffix", "flip_aug")
+
 
 @dataclass
 class TrainConfig:
@@ -495,6 +528,22 @@ class TrainConfig:
     max_bucket_reso: int = opt(SD15.bucket_range[1], "largest bucket side", min=64, max=4096)
     shuffle_caption: bool = opt(False, "shuffle comma-separated tags after the first keep_tokens")
     keep_tokens: int = opt(1, "tags kept in place at the start of the caption (the trigger word)", min=0, max=255)
+    keep_tokens_separator: str = opt("", "text in a caption that ends its kept part (kohya's, e.g. |||), instead of "
+                                     "counting keep_tokens; a second one starts a kept ending")
+    caption_prefix: str = opt("", "text put before every caption (before keep_tokens counts)")
+    caption_suffix: str = opt("", "text put after every caption")
+    caption_dropout_rate: float = opt(0.0, "probability that an image is trained with an empty caption", min=0, max=1)
+    caption_dropout_every_n_epochs: int = opt(0, "train every N-th epoch with empty captions (0 = off)", min=0)
+    caption_tag_dropout_rate: float = opt(0.0, "probability that each tag after the kept ones is left out", min=0, max=1)
+    flip_aug: bool = opt(False, "train each image mirrored left-right half of the time (not for asymmetric "
+                         "subjects: text, a side parting)")
+    reg_data_dir: str = opt("", "folder of regularisation (class) images, in <repeats>_<class> subfolders or plain; "
+                            "repeated to match the training images each epoch", path="folder")
+    prior_loss_weight: float = opt(1.0, "loss weight of the regularisation images", min=0)
+    subsets: list[dict] = opt([], "several image folders, each with its own repeats and caption settings: a JSON "
+                              "list of objects with image_dir and any of " + ", ".join(SUBSET_KEYS[1:]) +
+                              " (a missing key takes the option's value; empty: the dataset folder)",
+                              path="folder")
     max_token_length: int = opt(225, "caption tokens kept (75 per 77-token chunk of the text encoder); "
                                 "longer captions are cut", choices=[75, 150, 225])
     cache_latents_to_disk: bool = opt(True, "also keep cached latents on disk for the next run")
@@ -616,11 +665,55 @@ class TrainConfig:
         if self.loss_type in ("huber", "smooth_l1") and self.huber_c <= 0:
             raise UserError(f"huber_c = {self.huber_c}: the {self.loss_type} loss needs a positive threshold "
                             "such as 0.1.")
+        self.subsets = [subset_entry(self, i, entry) for i, entry in enumerate(self.subsets)]
 
     @property
     def unet_lr_value(self) -> float | None:
         """The U-Net lr as a number, or None while it is still 'auto'."""
         return None if self.lr == "auto" else float(self.lr)
+
+
+def subset_entry(cfg: TrainConfig, index: int, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """One `subsets` entry checked and typed: image_dir required, other keys among SUBSET_KEYS,
+    each value as (and within the bounds of) the run-level option of that name."""
+    where = f"subsets entry {index + 1}"
+    unknown = [k for k in entry if k not in SUBSET_KEYS]
+    if unknown:
+        raise UserError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                        f"use {', '.join(SUBSET_KEYS)}.")
+    image_dir = entry.get("image_dir")
+    if not isinstance(image_dir, str) or not image_dir.strip():
+        raise UserError(f"{where} has no image_dir: give the folder of its images.")
+    out: dict[str, Any] = {"image_dir": image_dir}
+    for key, value in entry.items():
+        if key == "image_dir":
+            continue
+        if key == "is_reg":
+            out[key] = _to_bool(f"{where}: is_reg", value)
+            continue
+        typed = coerce(type(cfg), key, value)
+        single = validate_one(type(cfg), key, typed)
+        if single:
+            raise UserError(f"{where}: {single}")
+        out[key] = typed
+    return out
+
+
+def validate_one(cls: type, name: str, value: Any) -> str | None:
+    """Why `value` breaks field `name`'s choices or bounds (one sentence), or None."""
+    f = schema_field(cls, name)
+    if isinstance(value, float) and not math.isfinite(value):
+        return not_finite(name, value, _default(f))
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        return f"{name} = {shown(value)} is not one of: {', '.join(map(str, choices))}."
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if lo is not None and value < lo:
+            return f"{name} = {value} is below its minimum {lo}."
+        if hi is not None and value > hi:
+            return f"{name} = {value} is above its maximum {hi}."
+    return None
 
 
 # Presets fill the recipe for a kind of LoRA; the tutorial's recipe is `person`. They are

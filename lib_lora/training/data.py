@@ -4,7 +4,9 @@ tokens and cached latents.
 Layout (kohya's): a folder of `<repeats>_<class tokens>` subfolders, or a plain folder of
 images trained `cfg.repeats` times. Each image may have a caption `<stem>.txt` / `.caption`
 (first line); images without one get the class tokens. Bad images or captions are reported
-once and skipped; the run goes on with the rest.
+once and skipped; the run goes on with the rest. `cfg.subsets` lists several such folders,
+each with its own repeats and caption settings; `cfg.reg_data_dir` adds regularisation
+images, repeated as kohya repeats them (`balance_reg`) and weighted by `prior_loss_weight`.
 
 Each image file is read twice at most: its header at the scan (size and EXIF orientation,
 enough to bucket and plan), then its bytes once when its latent is cached (hashed for the
@@ -48,6 +50,43 @@ CAPTION_EXTENSIONS = (".txt", ".caption")
 # Scan
 
 
+# The options a subset may set for itself (config.SUBSET_KEYS less image_dir, repeats, is_reg,
+# class_tokens and caption_extension, which the scan uses): how its captions and images vary.
+CAPTION_FIELDS = ("keep_tokens", "keep_tokens_separator", "shuffle_caption", "caption_dropout_rate",
+                  "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "caption_prefix",
+                  "caption_suffix", "flip_aug")
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """How one subset's captions are processed each time an image is drawn (kohya's
+    `process_caption`) and whether its images are mirrored (`flip_aug`)."""
+
+    keep_tokens: int = 1
+    keep_tokens_separator: str = ""
+    shuffle_caption: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    flip_aug: bool = False
+
+    @property
+    def varies(self) -> bool:
+        """Whether a caption comes out as a new string nearly every time (shuffled or with tags
+        dropped): then caching its tokens or text-encoder outputs would only grow the caches.
+        A dropped caption is one more fixed string (""), so caption dropout keeps the caches."""
+        return self.shuffle_caption or self.caption_tag_dropout_rate > 0
+
+
+def caption_settings(cfg: TrainConfig, overrides: dict[str, Any] | None = None) -> CaptionSettings:
+    """The run's caption settings, with a subset's own values where it gives them."""
+    values = {k: getattr(cfg, k) for k in CAPTION_FIELDS}
+    values.update({k: v for k, v in (overrides or {}).items() if k in CAPTION_FIELDS})
+    return CaptionSettings(**values)
+
+
 @dataclass
 class Item:
     """One training image."""
@@ -59,6 +98,8 @@ class Item:
     size: tuple[int, int]  # (width, height) after EXIF rotation
     bucket: tuple[int, int] = (0, 0)  # (width, height) it is trained at
     digest: str = ""  # sha256 of the file's bytes: the latent cache key (set by cache_latents)
+    is_reg: bool = False  # a regularisation image: its loss is weighted by prior_loss_weight
+    settings: CaptionSettings = CaptionSettings()
 
 
 @dataclass
@@ -66,6 +107,9 @@ class Subset:
     folder: Path
     repeats: int
     class_tokens: str
+    is_reg: bool = False
+    settings: CaptionSettings = CaptionSettings()
+    caption_extension: str = ".txt"
 
 
 @dataclass
@@ -74,21 +118,29 @@ class StepPlan:
 
     dataset_dir: str
     images: int  # distinct usable images
-    images_with_repeats: int  # kohya's ss_num_train_images
-    subsets: list[dict[str, Any]]  # [{folder, repeats, images}]
+    images_with_repeats: int  # kohya's ss_num_train_images (regularisation images not counted)
+    subsets: list[dict[str, Any]]  # [{folder, repeats, images}], is_reg: True for regularisation ones
     buckets: dict[str, int]  # "WxH" -> images in that bucket
     batch_size: int
     steps_per_epoch: int  # sum over buckets of ceil(images x repeats / batch)
     epochs: int
     total_steps: int  # epochs x steps_per_epoch, or max_steps when set
     skipped: list[dict[str, str]]  # [{path, reason}] bad images or captions
+    reg_images: int = 0  # distinct regularisation images (kohya's ss_num_reg_images)
+    reg_images_with_repeats: int = 0  # as balance_reg repeats them: about images_with_repeats
 
     def describe(self, skipped_since: int = 0) -> str:
         """The plan for people; of the skipped files, those after the first `skipped_since` (the
         ones an earlier description did not list yet)."""
         lines = [f"Dataset {self.dataset_dir}: {self.images} images, {self.images_with_repeats} with repeats."]
         for s in self.subsets:
-            lines.append(f"  {s['folder']}: {s['images']} images x {s['repeats']} repeats")
+            if s.get("is_reg"):
+                lines.append(f"  {s['folder']}: {s['images']} regularisation images")
+            else:
+                lines.append(f"  {s['folder']}: {s['images']} images x {s['repeats']} repeats")
+        if self.reg_images:
+            lines.append(f"  regularisation: {self.reg_images} images, repeated to {self.reg_images_with_repeats} "
+                         "per epoch to match the training images")
         lines.append(
             "  buckets: " + ", ".join(f"{k} ({v} image{'s' if v != 1 else ''})" for k, v in self.buckets.items())
         )
@@ -127,10 +179,22 @@ def max_repeats() -> int:
     return next(f for f in dataclasses.fields(TrainConfig) if f.name == "repeats").metadata["max"]
 
 
-def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
-    """The `<repeats>_<name>` subfolders, or the folder itself with cfg.repeats."""
+def find_subsets(dataset_dir: Path, cfg: TrainConfig, entry: dict[str, Any] | None = None,
+                 is_reg: bool = False) -> list[Subset]:
+    """The `<repeats>_<name>` subfolders, or the folder itself with cfg.repeats; `entry` (one
+    of cfg.subsets) gives its own repeats, class tokens and caption settings over the run's."""
+    entry = entry or {}
+    is_reg = bool(entry.get("is_reg", is_reg))
+    what = "regularisation folder" if is_reg else "dataset folder"
     if not dataset_dir.is_dir():
-        raise DatasetError(f"The dataset folder {dataset_dir} does not exist; give a folder of images.")
+        raise DatasetError(f"The {what} {dataset_dir} does not exist; give a folder of images.")
+    settings = caption_settings(cfg, entry)
+    class_tokens = entry.get("class_tokens") or cfg.class_tokens
+    extension = entry.get("caption_extension", cfg.caption_extension)
+
+    def subset(folder: Path, repeats: int, name: str) -> Subset:
+        return Subset(folder, entry.get("repeats", repeats), class_tokens or name, is_reg, settings, extension)
+
     subsets = []
     for sub in sorted(p for p in dataset_dir.iterdir() if p.is_dir()):
         m = SUBSET_RE.match(sub.name)
@@ -141,13 +205,14 @@ def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
             if repeats > (most := max_repeats()):  # the epoch list holds each image `repeats` times
                 raise DatasetError(f"{sub.name}: {repeats} repeats is more than {most}; rename the folder with a "
                                    "smaller number before '_' (10 to 100 is usual).")
-            subsets.append(Subset(sub, repeats, cfg.class_tokens or m[2].strip()))
+            subsets.append(subset(sub, repeats, m[2].strip()))
     if subsets:
         return subsets
     if list_images(dataset_dir):
         name = dataset_dir.name
         m = SUBSET_RE.match(name)
-        return [Subset(dataset_dir, cfg.repeats, cfg.class_tokens or (m[2] if m else name))]
+        repeats = int(m[1]) if m and entry and int(m[1]) >= 1 else (1 if is_reg else cfg.repeats)
+        return [subset(dataset_dir, repeats, m[2] if m else name)]
     others = [p.name for p in dataset_dir.iterdir() if p.is_dir() and list_images(p)]
     hint = (
         f" Its subfolders with images ({', '.join(others[:3])}) need names like '10_{others[0]}' "
@@ -155,7 +220,44 @@ def find_subsets(dataset_dir: Path, cfg: TrainConfig) -> list[Subset]:
         if others
         else f" Put the images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it, or in '<repeats>_<name>' subfolders."
     )
-    raise DatasetError(f"No training images found in {dataset_dir}.{hint}")
+    raise DatasetError(f"No {'regularisation' if is_reg else 'training'} images found in {dataset_dir}.{hint}")
+
+
+def dataset_subsets(cfg: TrainConfig, dataset_dir: str | Path | None = None) -> list[Subset]:
+    """Every subset of the run: cfg.subsets' folders (else the dataset folder), then the
+    regularisation folder's."""
+    if cfg.subsets:
+        subsets = [s for e in cfg.subsets for s in find_subsets(Path(e["image_dir"]).expanduser(), cfg, e)]
+    else:
+        subsets = find_subsets(Path(dataset_dir if dataset_dir is not None else cfg.dataset).expanduser(), cfg)
+    if cfg.reg_data_dir:
+        subsets += find_subsets(Path(cfg.reg_data_dir).expanduser(), cfg, is_reg=True)
+    return subsets
+
+
+def balance_reg(items: list[Item]) -> list[Item]:
+    """kohya's repeats of regularisation images: each in turn is taken with its folder's
+    repeats until they add up to the training images' (with repeats); when all are taken and
+    they still fall short, each in turn gets one repeat more until they match. Images not
+    reached are left out, so an epoch holds about as many class images as training images."""
+    train = sum(it.repeats for it in items if not it.is_reg)
+    reg = [it for it in items if it.is_reg]
+    if not reg:
+        return items
+    used: set[int] = set()
+    n, first = 0, True
+    while n < train:
+        for it in reg:
+            if first:
+                used.add(id(it))
+                n += it.repeats
+            else:
+                it.repeats += 1
+                n += 1
+            if n >= train:
+                break
+        first = False
+    return [it for it in items if not it.is_reg or id(it) in used]
 
 
 def read_caption(image: Path, preferred: str = ".txt") -> str | None:
@@ -218,7 +320,7 @@ def scan_dataset(
     `read` may be a memo of read_image (the UI's live step count keeps one, lib_lora.filememo);
     training always reads the files afresh."""
     root = Path(dataset_dir).expanduser()
-    subsets = find_subsets(root, cfg)
+    subsets = dataset_subsets(cfg, root)
     skipped: list[dict[str, str]] = []
 
     def skip(path: Path, reason: str) -> None:
@@ -229,7 +331,7 @@ def scan_dataset(
     for sub in subsets:
         for img in list_images(sub.folder):
             try:
-                caption = read_caption(img, cfg.caption_extension)
+                caption = read_caption(img, sub.caption_extension)
             except (OSError, ValueError) as err:
                 skip(img, str(err))
                 continue
@@ -238,7 +340,8 @@ def scan_dataset(
                 skip(img, facts.error)
                 continue
             size = facts.size
-            item = Item(img, caption or sub.class_tokens, sub.repeats, sub.folder.name, size)
+            item = Item(img, caption or sub.class_tokens, sub.repeats, sub.folder.name, size,
+                        is_reg=sub.is_reg, settings=sub.settings)
             bucket = choose_bucket(size, cfg)
             if bucket is None:
                 skip(img, f"too small ({size[0]}x{size[1]}) for buckets of {cfg.bucket_reso_steps} px steps")
@@ -247,6 +350,9 @@ def scan_dataset(
             items.append(item)
     if not items:
         raise DatasetError(f"None of the images in {root} could be used (see the messages above); fix or replace them.")
+    if all(it.is_reg for it in items):
+        raise DatasetError("There are only regularisation images; give the training images too.")
+    items = balance_reg(items)
     plan = make_plan(root, subsets, items, cfg, skipped)
     return Dataset(root, subsets, items, plan)
 
@@ -263,7 +369,7 @@ def make_plan(
     per_bucket: dict[tuple[int, int], int] = Counter()
     images: dict[tuple[int, int], int] = Counter()
     # Counted from the items, so images dropped later (an unreadable latent) leave the counts right.
-    per_subset = Counter(it.subset for it in items)
+    per_subset = Counter((it.subset, it.is_reg) for it in items)
     for it in items:
         per_bucket[it.bucket] += it.repeats
         images[it.bucket] += 1
@@ -277,16 +383,19 @@ def make_plan(
     order = sorted(images, key=lambda b: (b[0] * b[1], b))
     return StepPlan(
         dataset_dir=str(root),
-        images=len(items),
-        images_with_repeats=sum(it.repeats for it in items),
-        subsets=[{"folder": s.folder.name, "repeats": s.repeats, "images": per_subset[s.folder.name]}
-                 for s in subsets if per_subset[s.folder.name]],
+        images=sum(1 for it in items if not it.is_reg),
+        images_with_repeats=sum(it.repeats for it in items if not it.is_reg),
+        subsets=[{"folder": s.folder.name, "repeats": s.repeats, "images": per_subset[(s.folder.name, s.is_reg)],
+                  **({"is_reg": True} if s.is_reg else {})}
+                 for s in subsets if per_subset[(s.folder.name, s.is_reg)]],
         buckets={f"{w}x{h}": images[(w, h)] for w, h in order},
         batch_size=cfg.batch_size,
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
         total_steps=total,
         skipped=skipped,
+        reg_images=sum(1 for it in items if it.is_reg),
+        reg_images_with_repeats=sum(it.repeats for it in items if it.is_reg),
     )
 
 
@@ -396,12 +505,54 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 # Captions and tokens
 
 
+def _tags(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def process_caption(caption: str, s: CaptionSettings, epoch: int, rng: random.Random | None) -> str:
+    """The caption an image is trained with this time, as kohya's `process_caption` makes it.
+
+    The prefix and suffix are added first (so keep_tokens counts the prefix's tags). Then the
+    whole caption is dropped ("") with probability caption_dropout_rate, and in every N-th
+    epoch (kohya counts epochs from 1: N = 2 drops the 2nd, 4th, ...). Otherwise the tags split
+    into a kept head (the first keep_tokens, or the text before keep_tokens_separator), the
+    rest, and with a second separator a kept tail; the rest is shuffled (shuffle_caption), then
+    each of its tags dropped with probability caption_tag_dropout_rate. The separator is
+    always taken out (kohya leaves it in a caption neither shuffled nor tag-dropped).
+
+    Draws come from `rng` only for the options that are on, so a run with none of them draws
+    what it drew before they existed. rng=None: nothing random (the caption every draw shares)."""
+    if s.caption_prefix:
+        caption = s.caption_prefix + " " + caption
+    if s.caption_suffix:
+        caption = caption + " " + s.caption_suffix
+    if rng is not None:
+        dropped = s.caption_dropout_rate > 0 and rng.random() < s.caption_dropout_rate
+        every = s.caption_dropout_every_n_epochs
+        if dropped or (every > 0 and (epoch + 1) % every == 0):
+            return ""
+    sep = s.keep_tokens_separator
+    split = bool(sep) and sep in caption
+    randomised = rng is not None and s.varies
+    if not (split or randomised):
+        return caption
+    if split:
+        head, rest = caption.split(sep, 1)
+        rest, _, tail = rest.partition(sep)
+        fixed, flex, fixed_tail = _tags(head), _tags(rest), _tags(tail)
+    else:
+        tags = _tags(caption)
+        fixed, flex, fixed_tail = tags[: s.keep_tokens], tags[s.keep_tokens :], []
+    if rng is not None and s.shuffle_caption:
+        rng.shuffle(flex)
+    if rng is not None and s.caption_tag_dropout_rate > 0:
+        flex = [t for t in flex if rng.random() >= s.caption_tag_dropout_rate]
+    return ", ".join(fixed + flex + fixed_tail)
+
+
 def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
     """Shuffle the comma-separated tags after the first `keep_tokens` (the trigger word stays)."""
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(tail)
-    return ", ".join(head + tail)
+    return process_caption(caption, CaptionSettings(keep_tokens=keep_tokens, shuffle_caption=True), 0, rng)
 
 
 def tag_frequency(dataset: Dataset) -> dict[str, dict[str, int]]:
@@ -502,11 +653,21 @@ class Batch:
     epoch: int
     items: list[Item]
     captions: list[str]
+    flips: list[bool] = dataclasses.field(default_factory=list)  # per item (flip_aug); [] = none flipped
+
+    def part(self, lo: int, hi: int) -> Batch:
+        """Items lo..hi-1 as a batch of their own (the out-of-memory retry's halves)."""
+        return Batch(self.epoch, self.items[lo:hi], self.captions[lo:hi], self.flips[lo:hi])
+
+    def flipped(self, i: int) -> bool:
+        return bool(self.flips) and self.flips[i]
 
 
 def epoch_batches(items: list[Item], cfg: TrainConfig, epoch: int, seed: int) -> list[Batch]:
     """One epoch: every image `repeats` times, grouped per bucket into batches, in a seeded
-    random order. A batch never mixes buckets."""
+    random order. A batch never mixes buckets. Each draw of an image gets its caption from
+    `process_caption` and, under flip_aug, a coin toss for mirroring it (kohya's 50 %), all from
+    the epoch's seeded generator: the same epoch always gives the same batches (exact resume)."""
     rng = random.Random(f"{seed}-{epoch}")
     by_bucket: dict[tuple[int, int], list[Item]] = {}
     for it in items:
@@ -517,8 +678,11 @@ def epoch_batches(items: list[Item], cfg: TrainConfig, epoch: int, seed: int) ->
         rng.shuffle(pool)
         for i in range(0, len(pool), cfg.batch_size):
             chunk = pool[i : i + cfg.batch_size]
-            caps = [shuffle_tags(it.caption, cfg.keep_tokens, rng) if cfg.shuffle_caption else it.caption for it in chunk]
-            batches.append(Batch(epoch, chunk, caps))
+            flips, caps = [], []
+            for it in chunk:
+                flips.append(it.settings.flip_aug and rng.random() < 0.5)
+                caps.append(process_caption(it.caption, it.settings, epoch, rng))
+            batches.append(Batch(epoch, chunk, caps, flips if any(flips) else []))
     rng.shuffle(batches)
     return batches
 
@@ -560,8 +724,10 @@ def vae_identity(backbone: Backbone) -> str:
     return ""
 
 
-def latent_key(item: Item, vae_id: str) -> str:
-    return hashlib.sha256(f"{item.digest}|{item.bucket[0]}x{item.bucket[1]}|{vae_id}".encode()).hexdigest()
+def latent_key(item: Item, vae_id: str, flipped: bool = False) -> str:
+    """The cache key of an image's latent in its bucket (and of its mirrored latent)."""
+    flip = "|flip" if flipped else ""
+    return hashlib.sha256(f"{item.digest}|{item.bucket[0]}x{item.bucket[1]}|{vae_id}{flip}".encode()).hexdigest()
 
 
 def cache_latents(
@@ -577,7 +743,9 @@ def cache_latents(
 
     Each file is read once: its bytes give the item's digest (set here, in place) and, when no
     cached latent matches, are decoded. Images that fail to load now are reported, dropped
-    from `items` (in place) and skipped."""
+    from `items` (in place) and skipped. An image of a flip_aug subset also gets the latent of
+    its mirror image (kohya encodes the flipped pixels too: a VAE latent is not mirrored exactly
+    by flipping it), under its own key (`latent_key(..., flipped=True)`)."""
     from safetensors.torch import load_file, save_file
 
     from lib_lora.atomic import atomic_path
@@ -598,25 +766,30 @@ def cache_latents(
             _report_skip(it.path, _unreadable(err), on_skip)
             continue
         it.digest = hashlib.sha256(data).hexdigest()
-        key = latent_key(it, vae_id)
-        if key not in out and disk is not None and (disk / f"{key}.safetensors").is_file():
-            try:
-                out[key] = load_file(str(disk / f"{key}.safetensors"))["latent"]
-            except Exception:  # noqa: BLE001 - a damaged cache file is simply re-encoded
-                pass
-        if key not in out:
-            try:
-                pixels = to_pixels(fit_to_bucket(load_rgb(it.path, data), it.bucket))
-            except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
-                bad.append(it)
-                _report_skip(it.path, _unreadable(err), on_skip)
+        pixels = None
+        for flipped in (False, True) if it.settings.flip_aug else (False,):
+            key = latent_key(it, vae_id, flipped)
+            if key not in out and disk is not None and (disk / f"{key}.safetensors").is_file():
+                try:
+                    out[key] = load_file(str(disk / f"{key}.safetensors"))["latent"]
+                except Exception:  # noqa: BLE001 - a damaged cache file is simply re-encoded
+                    pass
+            if key in out:
                 continue
+            if pixels is None:
+                try:
+                    pixels = to_pixels(fit_to_bucket(load_rgb(it.path, data), it.bucket))
+                except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
+                    bad.append(it)
+                    _report_skip(it.path, _unreadable(err), on_skip)
+                    break
             # The VAE samples its latent: seed it from the image's key, so a latent never
             # depends on which other images were encoded before it (determinism).
             dev = torch.device(backbone.device)
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
                 torch.manual_seed(int(key[:15], 16))
-                lat = backbone.encode_images(pixels.unsqueeze(0).to(backbone.device, backbone.dtype))
+                source = pixels.flip(-1) if flipped else pixels  # (3, H, W): mirrored left-right
+                lat = backbone.encode_images(source.unsqueeze(0).to(backbone.device, backbone.dtype))
             lat = lat[0].detach().to("cpu", torch.float32).contiguous()
             out[key] = lat
             if disk is not None:

@@ -66,7 +66,10 @@ def _s(v: Any) -> str:
 
 def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: ModelFamily = SD15) -> dict[str, str]:
     """Every metadata key, as strings; the base-model and modelspec values are the family's."""
-    dataset_dirs = {s["folder"]: {"n_repeats": s["repeats"], "img_count": s["images"]} for s in plan.subsets}
+    dataset_dirs = {s["folder"]: {"n_repeats": s["repeats"], "img_count": s["images"]}
+                    for s in plan.subsets if not s.get("is_reg")}
+    reg_dataset_dirs = {s["folder"]: {"n_repeats": s["repeats"], "img_count": s["images"]}
+                        for s in plan.subsets if s.get("is_reg")}
     network_args = {}
     network_module = "networks.lora"
     if cfg.network_type != "lora":
@@ -121,7 +124,7 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         "ss_lr_warmup_steps": run.warmup_steps,
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_num_train_images": plan.images_with_repeats,
-        "ss_num_reg_images": 0,
+        "ss_num_reg_images": plan.reg_images,
         "ss_num_batches_per_epoch": plan.steps_per_epoch,
         "ss_num_epochs": plan.epochs,
         "ss_epoch": run.epoch,
@@ -145,7 +148,13 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         "ss_seed": cfg.seed,
         "ss_shuffle_caption": cfg.shuffle_caption,
         "ss_keep_tokens": cfg.keep_tokens,
-        "ss_caption_dropout_rate": 0.0,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
+        "ss_flip_aug": cfg.flip_aug,
+        "ss_color_aug": False,
+        "ss_random_crop": False,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_noise_offset": cfg.noise_offset if cfg.noise_offset else "None",
         "ss_min_snr_gamma": cfg.min_snr_gamma,
         # The loss and noise options, as kohya's train_network.py writes them.
@@ -160,6 +169,7 @@ def build_metadata(cfg: TrainConfig, plan: StepPlan, run: RunInfo, family: Model
         # kohya's max_token_length takes 150 or 225; its default (None) is 75 tokens.
         "ss_max_token_length": cfg.max_token_length if cfg.max_token_length > 75 else None,
         "ss_dataset_dirs": json.dumps(dataset_dirs, ensure_ascii=False),
+        "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs, ensure_ascii=False),
         "ss_tag_frequency": json.dumps(run.tag_frequency, ensure_ascii=False),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": family.modelspec_architecture,

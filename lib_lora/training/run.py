@@ -96,12 +96,13 @@ def run_folder(cfg: TrainConfig, name: str) -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / name
 
 
-def sample_time_ids(items: list[data_mod.Item]) -> torch.Tensor:
+def sample_time_ids(items: list[data_mod.Item], flips: list[bool] | None = None) -> torch.Tensor:
     """(B, 6) SDXL time ids of a batch from one bucket: each image's original size, its crop's
-    top-left and the bucket (backbone_sdxl.bucket_time_ids, as kohya computes them)."""
+    top-left (of a mirrored sample, measured from the right as kohya does) and the bucket
+    (backbone_sdxl.bucket_time_ids, as kohya computes them)."""
     from lib_lora.training.backbone_sdxl import bucket_time_ids
 
-    return bucket_time_ids([it.size for it in items], items[0].bucket)
+    return bucket_time_ids([it.size for it in items], items[0].bucket, flips or None)
 
 
 def predict_with(predict: Callable, bb: Backbone, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -193,11 +194,12 @@ class Trainer:
 
     def load_data(self) -> None:
         cfg, s = self.cfg, self.state
-        if not cfg.dataset:
+        if not cfg.dataset and not cfg.subsets:
             raise UserError("No dataset folder given; pass the folder of training images.")
+        root = cfg.dataset or cfg.subsets[0]["image_dir"]
         self.label("reading the dataset", 0, 0)
-        self.phase(f"Reading the dataset {cfg.dataset}")
-        s.dataset = data_mod.scan_dataset(cfg.dataset, cfg)
+        self.phase(f"Reading the dataset {root}")
+        s.dataset = data_mod.scan_dataset(root, cfg)
         s.plan = s.dataset.plan
         text = s.plan.describe() + "\n" + lr_plan(cfg)
         family = config_family(cfg, s.backbone)
@@ -227,7 +229,7 @@ class Trainer:
         s.gradient_checkpointing = cfg.gradient_checkpointing
         if cfg.gradient_checkpointing:
             speed.enable_gradient_checkpointing(bb, cfg.train_text_encoder)
-        s.tokens = data_mod.CaptionTokens(bb.tokenizer, shuffled=cfg.shuffle_caption, family=family_of(bb),
+        s.tokens = data_mod.CaptionTokens(bb.tokenizer, shuffled=self.captions_vary(), family=family_of(bb),
                                           max_tokens=cfg.max_token_length)
         s.schedule = training_schedule(family_of(bb), cfg.zero_terminal_snr, s.device)
         s.sqrt_ac, s.sqrt_1mac, s.snr = s.schedule.sqrt_ac, s.schedule.sqrt_1mac, s.schedule.snr
@@ -257,6 +259,8 @@ class Trainer:
             s.dataset.plan = s.plan
             self.emit("plan", text=s.plan.describe(skipped_since=listed), **s.plan.to_dict())
         s.latent_of = {id(it): latents[data_mod.latent_key(it, s.vae_id)] for it in s.dataset.items}
+        s.flipped_of = {id(it): latents[data_mod.latent_key(it, s.vae_id, flipped=True)]
+                        for it in s.dataset.items if it.settings.flip_aug}
         if cfg.masked_loss:
             self.load_masks()
 
@@ -275,6 +279,11 @@ class Trainer:
         else:
             self.phase(f"Masked loss: {found.found} of {n} images have a mask; the others count whole.")
         s.mask_of = found.of or None
+
+    def captions_vary(self) -> bool:
+        """Whether captions come out new nearly every draw (shuffled, tags dropped: see
+        CaptionSettings.varies), so the token and text-encoder caches are bypassed."""
+        return any(it.settings.varies for it in self.state.dataset.items)
 
     def build_network(self) -> None:
         from lib_lora.training.lycoris_net import make_network
@@ -365,8 +374,7 @@ class Trainer:
         """One optimisation step of `batch` in two halves, their gradients accumulated: the same
         update as the whole batch (each half's loss weighted by its share), at half the memory."""
         n, half = len(batch.items), (len(batch.items) + 1) // 2
-        parts = [data_mod.Batch(batch.epoch, batch.items[:half], batch.captions[:half]),
-                 data_mod.Batch(batch.epoch, batch.items[half:], batch.captions[half:])]  # fmt: skip
+        parts = [batch.part(0, half), batch.part(half, n)]
         loss = sum(self.backward(self.step_inputs(p), len(p.items) / n) * (len(p.items) / n) for p in parts)
         self.optimizer_step()
         return loss
@@ -380,15 +388,19 @@ class Trainer:
         s = self.state
         if s.feeder is None:
             cfg = self.cfg
-            cache_te = cfg.cache_text_encoder_outputs and not s.te_params and not cfg.shuffle_caption
+            # Shuffled or tag-dropped captions bypass the text-encoder cache (kohya refuses the
+            # combination); a dropped caption is one more fixed one, so caption dropout keeps it.
+            varies = self.captions_vary()
+            cache_te = cfg.cache_text_encoder_outputs and not s.te_params and not varies
             fmt, s.restore_memory_format = speed.apply_memory_format(s.backbone.unet, cfg.channels_last)
             encode = speed.text_chunk_encoder(s.backbone, cfg.clip_skip, s.device, s.amp_dtype)
             timesteps = family_of(s.backbone).schedule.num_train_timesteps
             s.feeder = speed.StepFeeder(
                 s.latent_of, s.tokens, s.device, s.noise_gen, timesteps,
-                cfg.noise_offset, encode if cache_te else None, fmt, fixed_captions=not cfg.shuffle_caption,
+                cfg.noise_offset, encode if cache_te else None, fmt, fixed_captions=not varies,
                 time_ids=sample_time_ids if "time_ids" in family_of(s.backbone).extra_conditioning else None,
                 noise=noise_mod.recipe_of(cfg, timesteps), mask_of=s.mask_of,
+                flipped_of=s.flipped_of, prior_loss_weight=cfg.prior_loss_weight,
             )  # fmt: skip
             s.predict = speed.compile_predict(s.backbone.predict_noise, cfg.compile_unet)
         s.feeder.gen = s.noise_gen  # build_optimizer (re)seeds it, e.g. after the LR probe
@@ -418,7 +430,10 @@ class Trainer:
                 with torch.set_grad_enabled(bool(s.te_params)):
                     cond, pooled = speed.split_conditioning(bb.encode_text(d.ids, clip_skip=cfg.clip_skip))
             pred = predict_with(s.predict, bb, noisy, t, cond, pooled, d.time_ids)
-        loss = loss_mod.per_sample_loss(pred, latents, noise, t, self.loss_spec(), s.schedule, d.mask).mean()
+        loss = loss_mod.per_sample_loss(pred, latents, noise, t, self.loss_spec(), s.schedule, d.mask)
+        if d.loss_weights is not None:  # regularisation images: prior_loss_weight (kohya's)
+            loss = loss * d.loss_weights
+        loss = loss.mean()
         scaled = loss * weight if weight != 1.0 else loss
         if s.scaler is not None:
             s.scaler.scale(scaled).backward()
@@ -455,7 +470,7 @@ class Trainer:
             extra = "time_ids" in family_of(s.backbone).extra_conditioning
             for it in s.dataset.items:
                 lat = s.latent_of[id(it)].unsqueeze(0).to(s.device)
-                ids = s.tokens.batch([it.caption]).to(s.device)
+                ids = s.tokens.batch([data_mod.process_caption(it.caption, it.settings, 0, None)]).to(s.device)
                 tids = sample_time_ids([it]).to(s.device) if extra else None
                 for ts in timesteps:
                     noise = torch.randn(lat.shape, generator=gen).to(s.device)

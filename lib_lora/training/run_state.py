@@ -70,6 +70,7 @@ class RunState:
     plan: StepPlan | None = None
     vae_id: str = ""
     latent_of: dict[int, torch.Tensor] | None = None  # id(item) -> its cached latent
+    flipped_of: dict[int, torch.Tensor] | None = None  # id(item) -> its mirror image's latent (flip_aug)
     tokens: CaptionTokens | None = None
     # The model and how it runs.
     backbone: Backbone | None = None
@@ -115,7 +116,7 @@ class RunState:
 
 # What only a running job needs; `release_run_only` drops it when the run ends (the result
 # fields stay for whoever still holds the state).
-RUN_ONLY = ("latent_of", "feeder", "predict", "optimizer", "optim", "scheduler", "scaler", "params",
+RUN_ONLY = ("latent_of", "flipped_of", "feeder", "predict", "optimizer", "optim", "scheduler", "scaler", "params",
             "unet_params", "te_params", "network", "guard", "noise_gen", "tokens", "dataset", "backbone",
             "resume_state", "sqrt_ac", "sqrt_1mac", "snr", "schedule", "mask_of")  # fmt: skip
 

@@ -51,6 +51,8 @@ class StepData:
     pooled: torch.Tensor | None = None  # (B, pooled width) in the backbone's dtype
     time_ids: torch.Tensor | None = None  # (B, 6) fp32
     mask: torch.Tensor | None = None  # (B, 1, h, w) fp32 loss mask (masked_loss), None: unmasked
+    # Per-sample loss weights (regularisation images: prior_loss_weight); None: all 1.
+    loss_weights: torch.Tensor | None = None  # (B,) fp32
 
 
 class StepFeeder:
@@ -67,9 +69,11 @@ class StepFeeder:
         encode_chunks: Callable[[torch.Tensor], torch.Tensor] | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
         fixed_captions: bool = True,
-        time_ids: Callable[[Sequence[Any]], torch.Tensor] | None = None,
+        time_ids: Callable[..., torch.Tensor] | None = None,
         noise: NoiseRecipe | None = None,
         mask_of: dict[int, torch.Tensor] | None = None,
+        flipped_of: dict[int, torch.Tensor] | None = None,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         self.device = device
         self.tokens = tokens
@@ -85,13 +89,17 @@ class StepFeeder:
         # or its text-encoder outputs would only grow the caches (and hash the keys) for nothing.
         self.fixed_captions = fixed_captions
         self.memory_format = memory_format
-        self.time_ids = time_ids  # items of one bucket -> (B, 6) time ids (SDXL), None for SD1.5
+        self.time_ids = time_ids  # (items of one bucket, flips) -> (B, 6) time ids (SDXL), None for SD1.5
+        self.prior_loss_weight = prior_loss_weight
         self.pin = device.type == "cuda"
-        total = sum(t.numel() * t.element_size() for t in latent_of.values())
+        flipped_of = flipped_of or {}
+        total = sum(t.numel() * t.element_size() for t in (*latent_of.values(), *flipped_of.values()))
         on_device = device.type != "cpu" and total <= DEVICE_LATENT_BUDGET
         self.latents_on_device = on_device
         self.latent_of = {k: self._place(v, on_device) for k, v in latent_of.items()}
         self.mask_of = {k: self._place(v, on_device) for k, v in mask_of.items()} if mask_of else None
+        # Mirrored latents (flip_aug), placed like the others.
+        self.flipped_of = {k: self._place(v, on_device) for k, v in flipped_of.items()}
         # Per caption, not per batch: with batches of 2 or more the same list of captions
         # rarely comes back (20 images at batch 4: 14 hits in 2000 steps); a caption always does.
         self._ids: dict[str, tuple[torch.Tensor, list[tuple[int, ...]]]] = {}
@@ -105,7 +113,8 @@ class StepFeeder:
 
     def __call__(self, batch: Any) -> StepData:
         dev = self.device
-        lat = [self.latent_of[id(it)] for it in batch.items]
+        flips = getattr(batch, "flips", None) or []
+        lat = [(self.flipped_of if flips and flips[i] else self.latent_of)[id(it)] for i, it in enumerate(batch.items)]
         latents = torch.stack(lat) if len(lat) > 1 else lat[0].unsqueeze(0)
         latents = latents.to(dev, non_blocking=True)
         # The loop's recipe (noise.draw): noise, the offset, timesteps, from one seeded CPU generator.
@@ -113,15 +122,21 @@ class StepFeeder:
         noise, t = noise.to(dev, non_blocking=True), t.to(dev, non_blocking=True)
         mask = None
         if self.mask_of is not None:
-            m = [self.mask_of[id(it)] for it in batch.items]
+            # a mirrored latent (flip_aug) is weighted by its mirrored mask
+            m = [self.mask_of[id(it)].flip(-1) if flips and flips[i] else self.mask_of[id(it)]
+                 for i, it in enumerate(batch.items)]
             mask = (torch.stack(m) if len(m) > 1 else m[0].unsqueeze(0)).to(dev, non_blocking=True)
         if self.memory_format is not torch.contiguous_format:
             latents = latents.contiguous(memory_format=self.memory_format)
             noise = noise.contiguous(memory_format=self.memory_format)
         ids, keys = self.ids(batch.captions)
         cond, pooled = self.conditioning(ids, keys) if self.encode_chunks is not None else (None, None)
-        tids = self.time_ids(batch.items).to(dev, non_blocking=True) if self.time_ids is not None else None
-        return StepData(latents, noise, t, ids, cond, pooled, tids, mask)
+        tids = self.time_ids(batch.items, flips).to(dev, non_blocking=True) if self.time_ids is not None else None
+        weights = None
+        if self.prior_loss_weight != 1.0 and any(getattr(it, "is_reg", False) for it in batch.items):
+            w = [self.prior_loss_weight if it.is_reg else 1.0 for it in batch.items]
+            weights = torch.tensor(w, dtype=torch.float32).to(dev, non_blocking=True)
+        return StepData(latents, noise, t, ids, cond, pooled, tids, mask, weights)
 
     def ids(self, captions: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
         """(B, n*77) ids on the device, and each 77-id chunk as a host tuple (the cond cache

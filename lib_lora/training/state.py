@@ -183,9 +183,15 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 
 def _config_diff(saved: str, now: dict[str, Any]) -> list[str]:
+    """The fields whose values differ. A field the saved state lacks was added to the schema
+    since it was written: the stopped run trained with that field's default, so it differs
+    only when the value now is not the default."""
+    from lib_lora.config import TrainConfig
+
     old = json.loads(saved)
     now = json.loads(json.dumps(now, sort_keys=True, default=str))
-    return sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+    defaults = json.loads(json.dumps(fingerprint(TrainConfig()), sort_keys=True, default=str))
+    return sorted(k for k in set(old) | set(now) if old.get(k, defaults.get(k)) != now.get(k))
 
 
 def check_compatible(rs: RunState, cfg: TrainConfig, st: dict[str, Any], path: Path) -> None:

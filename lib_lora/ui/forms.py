@@ -9,12 +9,13 @@ has choices), a Number (int/float, with its bounds) or a Textbox, labelled by it
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from typing import Any
 
 import gradio as gr
 
-from lib_lora.config import coerce_fields, field_type, phrase_options, validate
+from lib_lora.config import coerce_fields, field_type, is_record_list, phrase_options, validate
 from lib_lora.ui.paths import FolderPolicy
 
 # Field names that read badly when simply capitalised.
@@ -88,6 +89,8 @@ def component_for(cls: type, f: dataclasses.Field, value: Any = None, elem_prefi
             maximum=meta.get("max"),
             **kw,
         )
+    if is_record_list(typ):  # subsets: JSON objects
+        return gr.Textbox(value=json.dumps(value, ensure_ascii=False) if value else "", lines=3, **kw)
     if typing.get_origin(typ) is list:
         return gr.Textbox(value=", ".join(map(str, value or [])), **kw)
     # Optional numbers are text so that "empty" can mean "off / default".
@@ -117,7 +120,9 @@ def values_of(cfg: Any, names: list[str]) -> list[Any]:
     out = []
     for n in names:
         v = getattr(cfg, n)
-        if isinstance(v, list):
+        if isinstance(v, list) and any(isinstance(i, dict) for i in v):
+            v = json.dumps(v, ensure_ascii=False)
+        elif isinstance(v, list):
             v = ", ".join(map(str, v))
         elif v is None:
             v = ""

@@ -105,6 +105,14 @@ class FolderPolicy:
         for f in dataclasses.fields(cfg):
             kind = f.metadata.get("path")
             value = getattr(cfg, f.name)
+            if kind and isinstance(value, list):  # subsets: each entry's image_dir is a folder
+                what = label(f) if label is not None else f.name
+                changes[f.name] = [
+                    {**e, "image_dir": str(self.check(e["image_dir"], what, must_exist=False, kind=kind))}
+                    if isinstance(e, dict) and isinstance(e.get("image_dir"), str) and e["image_dir"].strip() else e
+                    for e in value
+                ]
+                continue
             if not kind or not isinstance(value, str) or not value.strip():
                 continue
             if value in f.metadata.get("names", ()) or (kind == "model" and value in self.names):
