@@ -3,7 +3,8 @@
 
     pid <pid>                      at start
     write <path>                   each file or folder under $DDP_TEST_WATCH this process opens for
-                                   writing, creates, renames or removes (Python's audit events)
+                                   writing, creates, renames or removes (Python's audit events;
+                                   files written by native code are seen at their rename)
     lr <unet lr> <text-encoder lr> the learning rate the LR probe step gave this process
     stopped                        with $DDP_TEST_STOP_STEP=K on rank $DDP_TEST_STOP_RANK: this
                                    process stops itself (SIGSTOP) as it enters step K+1, so the
@@ -37,7 +38,10 @@ def _audit(event: str, args: tuple) -> None:
         writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE_FLAGS)
         if writing and _watched(path):
             LOG.write(f"write {path}\n")
-    elif event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.truncate", "shutil.rmtree"):
+    elif event == "os.mkdir":  # Path.mkdir(exist_ok=True) of a folder that is there creates nothing
+        if _watched(args[0]) and not os.path.exists(args[0]):
+            LOG.write(f"write {args[0]}\n")
+    elif event in ("os.rename", "os.remove", "os.rmdir", "os.truncate", "shutil.rmtree"):
         if args and _watched(args[0]):
             LOG.write(f"write {args[0]}\n")
 

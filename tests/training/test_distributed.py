@@ -146,7 +146,7 @@ def test_probe_runs_once_and_only_the_main_process_writes(dataset: Path, tmp_pat
     assert len(lrs) == 1 and lrs == [line for line in other if line.startswith("lr ")]  # the same value on both
     md = read_metadata(work / "out" / "probed.safetensors")
     assert float(md["ss_unet_lr"]) == float(lrs[0].split()[1])
-    assert res.stdout.count("Finding the learning rate") == 1  # one probe, on the main process
+    assert (res.stdout + res.stderr).count("Finding the learning rate") == 1  # one probe, on the main process
     written = [line for line in main if line.startswith("write ")]
     for part in ("config.json", "probed.safetensors", "state.pt", "events.jsonl", "lr_probe.json", "latent_cache",
                  "checkpoints", "samples", "tfevents"):
