@@ -214,6 +214,14 @@ def share_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
+def share(n: int, rank: int, world: int) -> tuple[int, int, float]:
+    """(lo, hi, weight): the samples this process trains and the weight of their mean loss. DDP
+    divides the summed gradients by `world`, so a weight of (hi - lo) x world / n makes the result
+    the mean over all n samples; a process without a sample gets weight 0."""
+    lo, hi = share_bounds(n, rank, world)
+    return lo, hi, (hi - lo) * world / n
+
+
 def slice_step(d: StepData, lo: int, hi: int) -> StepData:
     """Rows [lo, hi) of every per-sample tensor of a step's inputs."""
     return dataclasses.replace(d, **{f.name: getattr(d, f.name)[lo:hi] for f in dataclasses.fields(d)
@@ -253,13 +261,11 @@ def train_share(rs: RunState, batch: Batch, step_inputs: Callable[[Batch], StepD
     the global batch's mean loss (the same value on every process)."""
     d = step_inputs(batch)  # the whole batch's draws, as one process makes them
     wrap_predict(rs)
-    n, world = len(batch.items), rs.procs.world
-    lo, hi = share_bounds(n, rs.procs.rank, world)
+    n = len(batch.items)
+    lo, hi, weight = share(n, rs.procs.rank, rs.procs.world)
     mine = hi - lo
-    part = slice_step(d, lo, hi) if mine else slice_step(d, 0, 1)
-    # DDP divides the summed gradients by `world`: weighting by mine * world / n makes the result
-    # the mean over all n samples (a process without a sample adds zero).
-    loss = backward(part, mine * world / n)
+    part = slice_step(d, lo, hi) if mine else slice_step(d, 0, 1)  # no sample: a copy of one, at weight 0
+    loss = backward(part, weight)
     optimizer_step()
     total = loss * (mine / n)
     torch.distributed.all_reduce(total)  # sum of the shares' weighted means: the batch's mean

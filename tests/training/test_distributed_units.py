@@ -16,14 +16,16 @@ from lib_lora.training.speed import StepData
 
 @pytest.mark.parametrize("n,world", [(1, 2), (2, 2), (3, 2), (5, 3), (7, 4), (4, 1)])
 def test_shares_cover_the_batch_once_and_weight_to_its_mean(n, world):
-    bounds = [distributed.share_bounds(n, r, world) for r in range(world)]
+    shares = [distributed.share(n, r, world) for r in range(world)]
+    bounds = [(lo, hi) for lo, hi, _ in shares]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # contiguous, no overlap
     assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
     # DDP's mean over processes of (weight x share mean) is the batch mean for any per-sample losses.
     losses = torch.arange(1.0, n + 1) ** 2
-    ddp_mean = sum((hi - lo) * world / n * (losses[lo:hi].mean() if hi > lo else 0.0) for lo, hi in bounds) / world
+    ddp_mean = sum(w * (losses[lo:hi].mean() if hi > lo else losses[0]) for lo, hi, w in shares) / world
     assert float(ddp_mean) == pytest.approx(float(losses.mean()), rel=1e-6)
+    assert all(w == 0 for lo, hi, w in shares if hi == lo)  # the copy a process without a sample trains adds nothing
 
 
 def test_a_step_slice_takes_the_same_rows_of_every_tensor():
