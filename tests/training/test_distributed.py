@@ -9,7 +9,7 @@ the batch mean is taken partly by DDP's all-reduce. On this model that moves the
 gradients are sums with heavy cancellation). AdamW then normalises each element's update to
 about ±lr, so an element whose gradient is zero up to that error can step the other way: the
 LoRA's trained weights (`lora_up`, zero at the start, so they are the training's whole
-movement) came out 5e-3 apart relative (L2) after 6 steps. TOL = 5e-2 leaves 10x for other
+movement) came out 3e-3 to 5e-3 apart relative (L2) after 6 steps. TOL = 5e-2 leaves 10x for other
 CPUs and thread counts and is still ~25x below what a real difference makes (1 process with
 batch 1 instead of 2: 1.2 apart), and every element stays within AdamW's bound of
 2 x lr x steps.
