@@ -631,6 +631,12 @@ class WebUIHost:
             if on_event is not None:
                 on_event(ev)
 
+        from lib_lora.training.distributed import single_process_note
+
+        note = single_process_note()  # started under a multi-process launcher: still one process here
+        if note:
+            log.warning("Fast LoRA: %s", note)
+            event({"kind": "phase", "text": note, "level": "warning"})
         interrupted = False
         try:  # the model is given back at the end of the job (see backbone())
             result = train(cfg, backbone=backbone, progress=progress, on_event=event)

@@ -127,6 +127,7 @@ def print_plan(cfg: TrainConfig, plan: Any) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from lib_lora.progress import TqdmProgress
+    from lib_lora.training import distributed
     from lib_lora.training.data import plan_steps
     from lib_lora.training.metadata import summary
     from lib_lora.training.run import train
@@ -150,14 +151,32 @@ def run_train(args: argparse.Namespace) -> int:
     if not cfg.dataset and not getattr(cfg, "subsets", None):
         raise UserError("No dataset folder given: pass DATASET, or a --config file that names one.")
     cfg = prepare_train_config(None, cfg, given=ALL_FIELDS)
-    if args.plan_only:
-        print_plan(cfg, plan_steps(cfg.dataset, cfg))
-        return 0
-    bar = TqdmProgress(desc="train", unit="step")
+    # Under accelerate launch or torchrun: one of N data-parallel processes (training/distributed.py).
+    procs = distributed.start(cpu=cfg.device == "cpu")
     try:
-        result = train(cfg, progress=bar, on_event=bar_events(bar))
+        cfg = distributed.global_config(cfg, procs)
+        if args.plan_only:
+            if procs.is_main:
+                print_plan(cfg, plan_steps(cfg.dataset, cfg))
+            return 0
+        if procs.many and procs.is_main:
+            print(f"{procs.world} processes, {cfg.batch_size // procs.world} images each per step: a global batch "
+                  f"of {cfg.batch_size}, on {cfg.device.split(':')[0]}")
+        bar = TqdmProgress(desc="train", unit="step") if procs.is_main else None
+        try:
+            result = train(cfg, progress=bar, on_event=bar_events(bar) if bar is not None else None, procs=procs)
+        except RuntimeError as err:
+            lost = distributed.lost_peer(err) if procs.many else None
+            if lost is None:
+                raise
+            raise lost from None
+        finally:
+            if bar is not None:
+                bar.close()
     finally:
-        bar.close()
+        distributed.stop(procs)
+    if not procs.is_main:
+        return 0
     print(f"LoRA written: {result.lora_path}")
     print(f"run folder:   {result.run_dir}  (config, TensorBoard logs, checkpoints)")
     print(f"final loss:   {result.final_loss:.4f} after {result.steps} steps")

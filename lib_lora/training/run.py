@@ -35,7 +35,7 @@ from lib_lora.errors import Cancelled, UserError, file_error, is_file_error
 from lib_lora.names import lora_output_file, validate_name
 from lib_lora.progress import Progress, check_cancel
 from lib_lora.training import data as data_mod
-from lib_lora.training import guards, probe, speed
+from lib_lora.training import distributed, guards, probe, speed
 from lib_lora.training import loss as loss_mod
 from lib_lora.training import noise as noise_mod
 from lib_lora.training import sample as sample_mod
@@ -129,10 +129,11 @@ class Trainer:
         backbone: Backbone | None = None,
         progress: Progress | None = None,
         on_event: Callable[[dict], None] | None = None,
+        procs: distributed.Processes | None = None,
     ) -> None:
         self.cfg = validate(cfg)  # never replaced: what trains with other settings gets them passed
         self.events = RunEvents(on_event, progress)
-        self.state = RunState(backbone=backbone)
+        self.state = RunState(backbone=backbone, procs=procs or distributed.Processes())
 
     @property
     def progress(self) -> Progress | None:
@@ -157,9 +158,9 @@ class Trainer:
         s.name = validate_name(cfg.name, "LoRA name")
         # Fail before any work when the final file (or a card file beside it) would be replaced.
         s.lora_path = lora_output_file(cfg.output_dir, s.name, overwrite=cfg.overwrite)
-        # A folder that cannot take the LoRA is found now, not after the whole run.
-        writable_folder(s.lora_path.parent, "the LoRA")
-        writable_folder(run_folder(cfg, s.name), "the run")
+        if distributed.writes(s):  # a folder that cannot take the LoRA is found now, not after the whole run
+            writable_folder(s.lora_path.parent, "the LoRA")
+            writable_folder(run_folder(cfg, s.name), "the run")
         self.load_all()
         self.open_logs()
         self.begin_reliability()
@@ -172,17 +173,20 @@ class Trainer:
         self.prepare_run_dir()
         self.load_data()
         self.load_model()
-        self.cache_latents()
+        with distributed.main_first(s.procs, when=self.cfg.cache_latents_to_disk):  # the others read its cache
+            self.cache_latents()
         self.build_network()
         if not optimizer:
             return
-        s.resume_state = state_mod.load_for_resume(s, self.cfg, self.events)
+        s.resume_state = distributed.load_for_resume(s, self.cfg, self.events, state_mod.load_for_resume)
         self.resolve_lr()
         self.build_optimizer()
 
     def prepare_run_dir(self) -> None:
         cfg, s = self.cfg, self.state
         s.run_dir = run_folder(cfg, validate_name(cfg.name, "LoRA name"))  # also called without setup()
+        if not distributed.writes(s):
+            return
         try:
             (s.run_dir / "logs").mkdir(parents=True, exist_ok=True)
             (s.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -310,7 +314,8 @@ class Trainer:
 
     def probe_lr(self) -> tuple[float, float | None]:
         """(U-Net lr, text-encoder lr or None) for lr = 'auto': the LR probe (training/probe.py)."""
-        return probe.auto_lr(self.state, self.cfg, self.events, self.build_optimizer, self.train_step)
+        return distributed.probe_once(
+            self.state, lambda: probe.auto_lr(self.state, self.cfg, self.events, self.build_optimizer, self.train_step))
 
     def resolve_lr(self) -> None:
         cfg, s = self.cfg, self.state
@@ -355,6 +360,8 @@ class Trainer:
 
     def open_logs(self) -> None:
         s = self.state
+        if not distributed.writes(s):
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -368,6 +375,8 @@ class Trainer:
         """One optimisation step; returns the batch's loss as a detached device tensor (no sync)."""
         # Out-of-memory is handled around this call by guards.run_step (issue 5: oom_retry
         # turns gradient checkpointing on, then splits the batch: train_in_halves).
+        if distributed.parallel(self.state):  # this process's share of the batch, DDP averaging
+            return distributed.train_share(self.state, batch, self.step_inputs, self.backward, self.optimizer_step)
         return self.compute_step(self.step_inputs(batch))
 
     def train_in_halves(self, batch: data_mod.Batch) -> torch.Tensor:
@@ -448,6 +457,7 @@ class Trainer:
             s.scaler.unscale_(s.optimizer)
         # The clip's total norm doubles as the non-finite guard's check (guards.step_optimizer).
         s.grad_norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+        s.grad_norm = distributed.agreed_norm(s, s.grad_norm, s.params)  # every process skips the same steps
         # (scaler.step + update, or optimizer.step; a non-finite update skipped once the guard is on)
         guards.step_optimizer(s.guard, s.optimizer, s.scaler, s.grad_norm, s.params)
         s.scheduler.step()
@@ -513,7 +523,7 @@ class Trainer:
             tag_frequency=data_mod.tag_frequency(s.dataset),
             bucket_info=data_mod.bucket_info(s.dataset.items, self.cfg),
             model_legacy_hash=getattr(s.backbone, "model_legacy_hash", "") or "",
-            extra=dict(s.extra_metadata),
+            extra={**s.extra_metadata, **distributed.metadata(s.procs, self.cfg)},
         )
         return build_metadata(self.trained_config(), s.plan, run, family_of(s.backbone))
 
@@ -521,6 +531,8 @@ class Trainer:
         from lib_lora.training.export import write_lora
 
         s = self.state
+        if not distributed.writes(s):
+            return Path(path)
         tensors = s.network.state_dict_kohya()
         dtype = SAVE_DTYPES[self.cfg.save_precision]
         try:
@@ -570,23 +582,20 @@ class Trainer:
         s.session_id = uuid.uuid4().hex
         t0 = time.time()
         written = self.written_export()
-        if written is not None:
+        if written is not None and distributed.writes(s):
             return self.complete_export(written, t0)
+        if written is not None:  # the main process finishes that export
+            return TrainResult(Path(self.cfg.output_dir) / f"{s.name}.safetensors", s.run_dir, int(written["step"]),
+                               float(written["final_loss"]))
         try:
             self.setup()
             self.train_loop()
-            self.save_step_time()
-            self.label("writing the LoRA")
-            self.phase(f"Writing {s.lora_path}")
-            path = self.save_lora(s.lora_path, overwrite=self.cfg.overwrite, finished=True)
-            from lib_lora.training.export import read_metadata
-
-            metadata = read_metadata(path)  # as written: the result's and the card's
-            self.write_card_files(path, metadata, overwrite=self.cfg.overwrite)
-            # Last: until here the state says "export not finished" to a re-run (written_export).
-            state_mod.finish(s.run_dir)
+            path, metadata = self.export() if distributed.writes(s) else (s.lora_path, {})
+            distributed.barrier(s.procs)  # the others end once the LoRA is written
         except (Cancelled, KeyboardInterrupt):
-            if s.network is not None and s.step > 0:
+            # Several processes: a stop may land inside a collective, mid-step; the last periodic
+            # state is the exact one (training/distributed.py), so nothing more is written.
+            if s.network is not None and s.step > 0 and not s.procs.many:
                 self.save_checkpoint(f"interrupted-step{s.step:06d}")
                 state_mod.on_stop(s, self.cfg, self.events)
             raise
@@ -597,6 +606,21 @@ class Trainer:
         self.emit("done", lora_path=str(path), steps=s.step, final_loss=s.final_loss, seconds=seconds,
                   seconds_per_step=s.seconds_per_step)
         return TrainResult(path, s.run_dir, s.step, s.final_loss, metadata)
+
+    def export(self) -> tuple[Path, dict[str, str]]:
+        """The final LoRA and its card files; then the run's state is removed."""
+        s = self.state
+        self.save_step_time()
+        self.label("writing the LoRA")
+        self.phase(f"Writing {s.lora_path}")
+        path = self.save_lora(s.lora_path, overwrite=self.cfg.overwrite, finished=True)
+        from lib_lora.training.export import read_metadata
+
+        metadata = read_metadata(path)  # as written: the result's and the card's
+        self.write_card_files(path, metadata, overwrite=self.cfg.overwrite)
+        # Last: until here the state says "export not finished" to a re-run (written_export).
+        state_mod.finish(s.run_dir)
+        return path, metadata
 
     def save_step_time(self) -> None:
         """The measured seconds per step, for the next plan's time estimate (training/timing.py)."""
@@ -664,7 +688,8 @@ class Trainer:
                     self.warn(f"No sample images at step {s.step}: the GPU ran out of memory; training goes on.")
                 clock.resume()
                 self.label(TRAINING)
-            state_mod.after_step(s, cfg, self.events)
+            if distributed.writes(s):
+                state_mod.after_step(s, cfg, self.events)
         s.seconds_per_step = clock.seconds_per_step()
         if s.tokens.truncated:
             self.warn(f"{len(s.tokens.truncated)} caption(s) were longer than {s.tokens.max_tokens} tokens and were cut.")
@@ -673,6 +698,8 @@ class Trainer:
         """Sample images of the LoRA as it is now, into <run dir>/samples; a `sample` event each."""
         s = self.state
         cfg, bb = self.cfg, s.backbone
+        if not distributed.writes(s):
+            return
         if getattr(bb, "decode_latents", None) is None:
             self.warn("No sample images: this model has no VAE decoder.")
             return
@@ -790,6 +817,8 @@ def train(
     backbone: Backbone | None = None,
     progress: Progress | None = None,
     on_event: Callable[[dict], None] | None = None,
+    procs: distributed.Processes | None = None,
 ) -> TrainResult:
-    """Train a LoRA as `cfg` says; the final file goes to cfg.output_dir/<name>.safetensors."""
-    return Trainer(cfg, backbone, progress, on_event).run()
+    """Train a LoRA as `cfg` says; the final file goes to cfg.output_dir/<name>.safetensors.
+    `procs`: this process of a data-parallel run (training/distributed.py; cfg its global_config)."""
+    return Trainer(cfg, backbone, progress, on_event, procs).run()

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lib_lora.training.distributed import Processes
+
 if TYPE_CHECKING:
     from lib_lora.progress import Progress
     from lib_lora.training.backbone import Backbone
@@ -112,13 +114,17 @@ class RunState:
     resume_state: dict | None = None  # a stopped run's saved state (training/state.py), until restored
     extra_metadata: dict[str, str] = field(default_factory=dict)  # e.g. the LR probe's fastlora_lr_probe
     probe_result: Any = None  # the LR probe's ProbeResult, when it ran
+    # Data-parallel training (training/distributed.py): which process this is, and the DDP
+    # wrapper of the U-Net call once the first parallel step built it.
+    procs: Processes = field(default_factory=Processes)
+    ddp: Any = None
 
 
 # What only a running job needs; `release_run_only` drops it when the run ends (the result
 # fields stay for whoever still holds the state).
 RUN_ONLY = ("latent_of", "flipped_of", "feeder", "predict", "optimizer", "optim", "scheduler", "scaler", "params",
             "unet_params", "te_params", "network", "guard", "noise_gen", "tokens", "dataset", "backbone",
-            "resume_state", "sqrt_ac", "sqrt_1mac", "snr", "schedule", "mask_of")  # fmt: skip
+            "resume_state", "sqrt_ac", "sqrt_1mac", "snr", "schedule", "mask_of", "ddp")  # fmt: skip
 
 
 def release_run_only(rs: RunState) -> None:

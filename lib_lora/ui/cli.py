@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -83,6 +84,13 @@ def start(args: argparse.Namespace):  # -> gr.Blocks, started
 
 
 def run(args: argparse.Namespace) -> int:
+    from lib_lora.training.distributed import single_process_note
+
+    note = single_process_note(who="The web UI")
+    if note:  # started under a multi-process launcher: the first process serves the page alone
+        print(note)
+        if os.environ.get("RANK", "0") != "0":
+            return 0
     try:
         import gradio  # noqa: F401
     except ImportError:

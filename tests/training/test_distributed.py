@@ -1,0 +1,198 @@
+"""Data-parallel training: 2 CPU processes (gloo) launched as real subprocesses through
+`accelerate launch` and `torch.distributed.run`, on the built-in tiny model.
+
+How close "the same LoRA" is, and why: the 2-process run trains exactly the samples, noise
+and timesteps of the 1-process run with the batch doubled, so the only difference is float
+order: the U-Net runs each sample in a batch of 1 instead of 2 (other kernel blocking), and
+the batch mean is taken partly by DDP's all-reduce. On this model that moves the gradients by
+~3e-4 relative (measured: batch 2 vs. two batches of 1 on the same inputs, one process; the
+gradients are sums with heavy cancellation). AdamW then normalises each element's update to
+about ±lr, so an element whose gradient is zero up to that error can step the other way: the
+LoRA's trained weights (`lora_up`, zero at the start, so they are the training's whole
+movement) came out 3e-3 to 5e-3 apart relative (L2) after 6 steps. TOL = 5e-2 leaves 10x for other
+CPUs and thread counts and is still ~25x below what a real difference makes (1 process with
+batch 1 instead of 2: 1.2 apart), and every element stays within AdamW's bound of
+2 x lr x steps.
+
+Why batches of 1 per process: a bucket batch of 3 shared 2 + 1 moves this model's gradients by
+1.2e-2 relative from the batch of 3 (measured in one process, same inputs: float order alone),
+which AdamW turns into LoRAs 0.27 apart, too close to what a wrong share weight gives (0.33)
+for the comparison to tell them apart. The shares' weights are checked exactly in
+test_distributed_units.py instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib_lora.config import TrainConfig
+from lib_lora.training.export import read_lora, read_metadata
+from lib_lora.training.run import train
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRY = Path(__file__).with_name("ddp_entry.py")
+STEPS, LR = 6, 1e-3
+TOL = 5e-2
+pytestmark = pytest.mark.timeout(900)  # a few process launches on a loaded 2-core machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Three buckets of 3 samples: at a global batch of 2 each bucket ends in a batch of 1, which
+    # one process trains while the other trains a copy at weight 0.
+    root = tmp_path_factory.mktemp("ddp_data")
+    sub = root / "3_tok"
+    sub.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(64, 64), (96, 64), (64, 96)]):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(sub / f"img{i}.png")
+        (sub / f"img{i}.txt").write_text(f"tok, tag{i}, red", encoding="utf-8")
+    return root
+
+
+COMMON = dict(base_model="tiny", resolution=64, min_bucket_reso=64, max_bucket_reso=128, dim=4, alpha=2.0,
+              optimizer="adamw", lr=str(LR), max_steps=STEPS, seed=7, device="cpu", save_precision="fp32",
+              log_every_n_steps=1, state_every_n_steps=2)  # fmt: skip
+
+
+def _flags(**kw: object) -> list[str]:
+    out = []
+    for k, v in {**COMMON, **kw}.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DDP_TEST_LOG=str(tmp / "log"),
+               DDP_TEST_WATCH=str(tmp / "work"))  # fmt: skip
+    (tmp / "log").mkdir(exist_ok=True)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _torchrun(n: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), *args]  # fmt: skip
+
+
+def _one_process(dataset: Path, work: Path, name: str, batch: int, **kw: object):
+    cfg = TrainConfig(name=name, dataset=str(dataset), output_dir=str(work / "out"), run_dir=str(work / "runs" / name),
+                      batch_size=batch, **{**COMMON, **kw})  # fmt: skip
+    torch.set_num_threads(1)
+    return train(cfg)
+
+
+def _trained(path: Path) -> torch.Tensor:
+    t = read_lora(path)[0]
+    return torch.cat([t[k].flatten().double() for k in sorted(t) if "lora_up" in k])
+
+
+def _assert_same_lora(got: Path, want: Path) -> None:
+    a, b = _trained(got), _trained(want)
+    rel = float((a - b).norm() / b.norm())
+    print(f"LoRA {got.name} vs {want.name}: {rel:.3g} relative, {float((a - b).abs().max()):.3g} at most")
+    assert rel < TOL, f"the LoRAs differ by {rel:.3g} relative (float order alone gives ~5e-3)"
+    assert float((a - b).abs().max()) <= 2 * LR * STEPS
+
+
+@pytest.fixture(scope="module")
+def one_process(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: 1 process, batch 2."""
+    return _one_process(dataset, tmp_path_factory.mktemp("one"), "one", 2).lora_path
+
+
+def test_accelerate_two_processes_train_the_one_process_lora(dataset: Path, one_process: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "lib_lora", "train", str(dataset), "--name", "two", "--output-dir", str(work / "out"),
+           "--run-dir", str(work / "runs" / "two"), "--batch-size", "1", *_flags()]  # fmt: skip
+    res = subprocess.run(cmd, env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 processes, 1 images each per step: a global batch of 2" in res.stdout
+    lora = work / "out" / "two.safetensors"
+    _assert_same_lora(lora, one_process)
+    md = read_metadata(lora)
+    assert (md["ss_batch_size_per_device"], md["ss_total_batch_size"], md["fastlora_processes"]) == ("1", "2", "2")
+    assert md["ss_max_train_steps"] == read_metadata(one_process)["ss_max_train_steps"]
+
+
+def _log(tmp: Path, rank: int) -> list[str]:
+    path = tmp / "log" / f"rank{rank}.txt"
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+
+
+def test_probe_runs_once_and_only_the_main_process_writes(dataset: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    cmd = _torchrun(2, str(ENTRY), "train", str(dataset), "--name", "probed", "--output-dir", str(work / "out"),
+                    "--run-dir", str(work / "runs" / "probed"), "--batch-size", "1",
+                    *_flags(lr="auto", probe_min_steps=4, probe_max_steps=4, probe_window=2, max_steps=2,
+                            save_every_n_steps=1, sample_every_n_steps=2, sample_steps=2, cache_latents_to_disk=True))  # fmt: skip
+    res = subprocess.run(cmd, env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    main, other = _log(tmp_path, 0), _log(tmp_path, 1)
+    lrs = [line for line in main if line.startswith("lr ")]
+    assert len(lrs) == 1 and lrs == [line for line in other if line.startswith("lr ")]  # the same value on both
+    md = read_metadata(work / "out" / "probed.safetensors")
+    assert float(md["ss_unet_lr"]) == float(lrs[0].split()[1])
+    assert (res.stdout + res.stderr).count("Finding the learning rate") == 1  # one probe, on the main process
+    written = [line for line in main if line.startswith("write ")]
+    for part in ("config.json", "probed.safetensors", "state.pt", "events.jsonl", "lr_probe.json", "latent_cache",
+                 "checkpoints", "samples", "tfevents"):
+        assert any(part in line for line in written), f"the main process wrote no {part}"
+    assert [line for line in other if line.startswith("write ")] == []  # the other process wrote nothing
+
+
+def test_a_killed_process_leaves_a_run_that_resumes_on_one_process(dataset: Path, one_process: Path,
+                                                                   tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    env = _env(tmp_path) | {"DDP_TEST_STOP_STEP": "4", "DDP_TEST_STOP_RANK": "1"}
+    cmd = _torchrun(2, str(ENTRY), "train", str(dataset), "--name", "killed", "--output-dir", str(work / "out"),
+                    "--run-dir", str(work / "runs" / "killed"), "--batch-size", "1", *_flags())  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    state = work / "runs" / "killed" / "state" / "state.pt"
+    try:
+        deadline = time.time() + 700
+        while "stopped" not in _log(tmp_path, 1):  # rank 1 stopped itself entering step 5
+            assert proc.poll() is None and time.time() < deadline, "the run ended before rank 1 stopped"
+            time.sleep(0.5)
+        while not (state.is_file() and torch.load(state, weights_only=True)["step"] == 4):  # saved by rank 0
+            assert time.time() < deadline
+            time.sleep(0.5)
+        pid = int(_log(tmp_path, 1)[0].split()[1])
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert not (work / "out" / "killed.safetensors").exists()
+    assert torch.load(state, weights_only=True)["step"] == 4  # the stop wrote no other state
+    # Resume on 1 process with the same global batch: it goes on at step 4 and ends as the
+    # uninterrupted run does.
+    events: list[dict] = []
+    cfg = TrainConfig(name="killed", dataset=str(dataset), output_dir=str(work / "out"),
+                      run_dir=str(work / "runs" / "killed"), batch_size=2, **COMMON)  # fmt: skip
+    torch.set_num_threads(1)
+    result = train(cfg, on_event=events.append)
+    assert any("Resuming at step 4" in e.get("text", "") for e in events), out[-2000:]
+    _assert_same_lora(result.lora_path, one_process)
