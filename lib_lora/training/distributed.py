@@ -121,6 +121,11 @@ def global_config(cfg: TrainConfig, procs: Processes) -> TrainConfig:
         device = str(procs.device)
     elif cfg.device == "auto":
         device = "cpu"
+    if cfg.module_dropout > 0:
+        # A module sitting a step out leaves its LoRA without a gradient, and DDP's reduction
+        # waits for every parameter: the next step would fail on every process.
+        raise UserError(f"--module-dropout {cfg.module_dropout} cannot train on {procs.world} processes (a skipped "
+                        "module gets no gradient to average); set it to 0 or train in one process.")
     batch = cfg.batch_size * procs.world
     if batch > 256:
         raise UserError(f"--batch-size {cfg.batch_size} on {procs.world} processes is a global batch of {batch}; "

@@ -305,7 +305,8 @@ def run_train(ctx: UIContext, form: TrainForm, name: str, dataset: str, lr_mode:
     try:
         cfg = form.config(ctx, name, dataset, lr_mode, lr_value, list(values))
         given = form.names + list(FIXED) if shown is None else form.given(cfg, family_by_name(shown), preset)
-        recipe = preset if shown is not None else None
+        # A user preset's values are the user's (given); only a family's built-in recipe is re-filled.
+        recipe = preset if shown is not None and preset in family_by_name(shown).presets else None
 
         def work(p: Any) -> Any:
             from lib_lora.training.run_config import prepare_train_config

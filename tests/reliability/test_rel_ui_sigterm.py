@@ -90,6 +90,8 @@ def start_training(url: str, dataset: Path, steps: int):
               "device": "cpu"}  # fmt: skip
     values = []
     for i in inputs:
+        if comps[i].get("type") == "state":  # server-side: the client sends no value for it
+            continue
         elem = comps[i].get("props", {}).get("elem_id") or ""
         key = elem.removeprefix("fast_lora_train_")
         if key in wanted:

@@ -62,3 +62,16 @@ def test_the_guard_sees_a_non_finite_norm_on_every_process_when_one_has_it():
             assert (got[0][i], got[1][i]) == tuple(norms)  # a finite norm is left as it is
         else:
             assert got[0][i] != got[0][i] and got[1][i] != got[1][i]  # NaN on both: both skip the step
+
+
+def test_module_dropout_is_refused_on_several_processes_and_the_global_batch_is_set():
+    from lib_lora.config import TrainConfig
+    from lib_lora.errors import UserError
+
+    two = distributed.Processes(rank=0, world=2)
+    cfg = TrainConfig(name="x", dataset="d", device="cpu", batch_size=3)
+    assert distributed.global_config(cfg, two).batch_size == 6
+    with pytest.raises(UserError, match="module-dropout 0.1 cannot train on 2 processes"):
+        distributed.global_config(TrainConfig(name="x", dataset="d", device="cpu", module_dropout=0.1), two)
+    one = TrainConfig(name="x", dataset="d", device="cpu", module_dropout=0.1)
+    assert distributed.global_config(one, distributed.Processes()) is one
