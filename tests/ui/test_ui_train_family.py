@@ -111,3 +111,25 @@ def test_the_sdxl_plan_says_the_family(tmp_path: Path) -> None:
     values[form.names.index("base_model")] = "tiny-sdxl"
     text, _ = tab_train.plan_texts(ctx, form, str(sub.parent), values, "manual", SDXL)
     assert "Model family: SDXL; resolution 1024, buckets 512-2048 px, training the U-Net only." in text, text
+
+
+def test_start_with_a_user_preset_chosen_trains_the_form(tmp_path: Path) -> None:
+    """A user preset's name is not one of the family's recipes: Start trains the form's values
+    (the preset's, as filled) instead of failing on an unknown preset."""
+    ctx = _ctx(tmp_path, "tiny")
+    parts = _built(ctx)
+    form = parts["form"]
+    values = {n: parts["controls"][n].value for n in form.names}
+    values.update(max_steps=1, dim=4, alpha=2.0, optimizer="adamw", sample_images=0, cache_latents_to_disk=False,
+                  save_precision="fp32", mixed_precision="no", resolution=64, min_bucket_reso=64)
+    status, _radio = tab_train.save_preset(ctx, form, "mine", "manual", "1e-3", *values.values())
+    assert "fast-lora-msg-ok" in status, status
+    sub = tmp_path / "ds" / "1_sks"
+    sub.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(sub / "a.png")
+    (sub / "a.txt").write_text("sks, blue", encoding="utf-8")
+    out = list(tab_train.run_train(ctx, form, "mine_run", str(sub.parent), "manual", "1e-3", *values.values(),
+                                   preset="mine", shown="sd15"))
+    assert "fast-lora-msg-ok" in out[-1][0], out[-1][0]
+    saved = json.loads((ctx.host.work_dir() / "runs" / "mine_run" / "config.json").read_text(encoding="utf-8"))
+    assert (saved["dim"], saved["resolution"]) == (4, 64)
