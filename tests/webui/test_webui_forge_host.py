@@ -129,7 +129,8 @@ def test_an_exception_gives_forge_its_state_back(host, forge, dataset, state_has
     assert not forge.call_queue.queue_lock.locked()
 
 
-def test_a_baked_lora_is_taken_out_for_training_and_baked_back(host, forge, dataset, tmp_path, state_hash, grad_flags):
+def test_a_baked_lora_is_taken_out_for_training_and_baked_back(host, forge, dataset, tmp_path, state_hash, grad_flags,
+                                                              one_thread):
     from lib_lora.training.export import read_lora
 
     engine, mm = forge.shared.sd_model, forge.backend_mm
@@ -152,7 +153,7 @@ def test_a_baked_lora_is_taken_out_for_training_and_baked_back(host, forge, data
     assert sorted(lora) == sorted(plain) and all(torch.equal(lora[k], plain[k]) for k in lora)
 
 
-def test_the_same_lora_as_a1111_from_the_same_checkpoint(host, forge, dataset, webui_model):
+def test_the_same_lora_as_a1111_from_the_same_checkpoint(host, forge, dataset, webui_model, one_thread):
     """Forge's U-Net is ldm's tree under ldm's names: targets, names, init order and latents are
     A1111's, so the same run gives the same file (the stand-in's U-Net is ldm's code, its layers
     Forge's Linear and Conv2d: the same sums in the same order)."""
