@@ -49,3 +49,41 @@ def merge_diffusers_lora(roots: dict[str, nn.Module], state_dict: dict[str, torc
             module.weight += delta * (alpha / down.shape[0])
         merged += 1
     return merged
+
+
+def randomize_lycoris(net, seed: int) -> None:
+    """Trained-looking weights in every LyCORIS module (a fresh network adds nothing: its up/w2
+    parts are zero). LoHa's weight is a product of two products: larger factors."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lora in net.loras:
+            for name, p in lora.named_parameters():
+                noise = torch.randn(p.shape, generator=gen)
+                if name == "dora_scale":
+                    p.mul_(1 + 0.1 * noise)
+                else:
+                    p.copy_(noise * (0.5 if name.startswith("hada") else 0.1))
+
+
+def change_against_merged(ours: nn.Module, layer: nn.Module, merged_weight: torch.Tensor,
+                          gen: torch.Generator) -> float:
+    """On one random input: how far what `ours` (a layer with its trained module applied) adds to
+    `layer`'s output is from what a loader's merged weight adds, relative to the latter.
+
+    Asserts the merged weight changes the output visibly (a file that adds nothing would agree
+    with anything). `layer` is the host's module holding the same weight as `ours`."""
+    if isinstance(ours, nn.Conv2d):
+        x = torch.randn(2, ours.in_channels, 8, 8, generator=gen)
+
+        def op(w: torch.Tensor) -> torch.Tensor:
+            return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding)
+    else:
+        x = torch.randn(3, ours.in_features, generator=gen)
+
+        def op(w: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(x, w, layer.bias)
+    with torch.no_grad():
+        base = op(layer.weight)
+        theirs, trained = op(merged_weight) - base, ours(x) - base
+    assert theirs.norm() > 1e-3 * base.norm()
+    return float((trained - theirs).norm() / theirs.norm())

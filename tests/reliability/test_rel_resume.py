@@ -7,24 +7,12 @@ import json
 
 import pytest
 from helpers_rel import header, make_dataset, tensor_bytes, tiny_config
+from progress_helpers import StopAt
 
 from lib_lora.errors import Cancelled, UserError
 from lib_lora.progress import NullProgress
 from lib_lora.training import state
 from lib_lora.training.run import train
-
-
-class StopAt(NullProgress):
-    """Asks the loop to stop once `step` steps are done (what the UI's Stop button does)."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.stop_at = step
-
-    def update(self, done: int, total: int, text: str = "") -> None:
-        if text != "caching latents" and done >= self.stop_at:
-            self.cancel()
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,23 +8,14 @@ import numpy as np
 import pytest
 from helpers_rel import make_dataset, tensor_bytes, tiny_config
 from PIL import Image
+from progress_helpers import StopAt
 
 from lib_lora.errors import Cancelled
-from lib_lora.progress import NullProgress
 from lib_lora.training import state
 from lib_lora.training.run import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-class StopAt(NullProgress):
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.stop_at = step
-
-    def update(self, done: int, total: int, text: str = "") -> None:
-        if text != "caching latents" and done >= self.stop_at:
-            self.cancel()
 
 
 def test_resume_with_loss_and_noise_options_is_byte_identical(tmp_path, bb):

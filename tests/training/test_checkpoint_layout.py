@@ -1,7 +1,6 @@
 """The diffusers -> compvis/sgm single-file writer, read back through diffusers' own converters
 (what `models.py` loads single files with), and the tiny checkpoints built with it."""
 
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from diffusers.loaders.single_file_utils import (
     convert_open_clip_checkpoint,
     infer_diffusers_model_type,
 )
+from open_clip_reference import OpenClipTransformer
 from torch import nn
 
 from lib_lora.training import checkpoint_layout as layout
@@ -85,22 +85,6 @@ def test_sdxl_parts_come_back_through_diffusers_converters(full_size):
     assert any(k.startswith(layout.SDXL_PREFIXES["te1"] + "text_model.encoder.layers.11.") for k in sd)
 
 
-class _Block(nn.Module):
-    """open_clip.transformer.ResidualAttentionBlock (pre-norm, nn.MultiheadAttention, GELU MLP)."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(),
-                                             c_proj=nn.Linear(4 * width, width)))
-
-    def forward(self, x, attn_mask):
-        y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False, attn_mask=attn_mask)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
 class _OpenClipText(nn.Module):
     """open_clip's CLIP without its vision tower (what sgm's FrozenOpenCLIPEmbedder2 holds),
     module for module, when open_clip itself cannot be imported (it needs torchvision)."""
@@ -110,8 +94,7 @@ class _OpenClipText(nn.Module):
         w, n = cfg.hidden_size, cfg.max_position_embeddings
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         self.positional_embedding = nn.Parameter(torch.empty(n, w))
-        self.transformer = nn.Module()
-        self.transformer.resblocks = nn.ModuleList(_Block(w, cfg.num_attention_heads) for _ in range(cfg.num_hidden_layers))
+        self.transformer = OpenClipTransformer(w, cfg.num_hidden_layers, cfg.num_attention_heads)
         self.ln_final = nn.LayerNorm(w)
         self.text_projection = nn.Parameter(torch.empty(w, cfg.projection_dim))
         self.logit_scale = nn.Parameter(torch.ones([]))

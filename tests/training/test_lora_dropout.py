@@ -13,11 +13,11 @@ import json
 
 import pytest
 import torch
+from progress_helpers import StopAt
 from torch import nn
 
 from lib_lora.config import TrainConfig, validate
 from lib_lora.errors import Cancelled, UserError
-from lib_lora.progress import NullProgress
 from lib_lora.training import state
 from lib_lora.training.export import read_lora
 from lib_lora.training.lora import LoRAModule
@@ -100,15 +100,6 @@ def test_dropouts_change_training_and_are_recorded_as_kohya_does(tmp_path, drawn
     assert json.loads(read_lora(one.lora_path)[1]["ss_network_args"]) == {
         "conv_dim": "2", "conv_alpha": "1.0", "module_dropout": "0.2"}
 
-
-class StopAt(NullProgress):
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.stop_at = step
-
-    def update(self, done: int, total: int, text: str = "") -> None:
-        if text != "caching latents" and done >= self.stop_at:
-            self.cancel()
 
 
 def test_resume_with_dropouts_is_byte_identical(tmp_path, drawn_dataset, tiny_backbone, one_thread):

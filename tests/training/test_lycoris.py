@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from progress_helpers import StopAt
 
 from lib_lora.config import TrainConfig
 from lib_lora.errors import Cancelled
-from lib_lora.progress import NullProgress
 from lib_lora.training import state
 from lib_lora.training.export import read_lora
 from lib_lora.training.lycoris_net import LycorisKohyaNetwork, make_network
@@ -113,17 +113,6 @@ def test_state_dict_holds_the_parameters_themselves(tiny_backbone):
     again.load_kohya(net.state_dict_kohya())
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values(), strict=True))
 
-
-class StopAt(NullProgress):
-    """Asks the loop to stop once `step` steps are done (what the UI's Stop button does)."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.stop_at = step
-
-    def update(self, done: int, total: int, text: str = "") -> None:
-        if text != "caching latents" and done >= self.stop_at:
-            self.cancel()
 
 
 @pytest.mark.parametrize("kind", ["loha", "dora"])

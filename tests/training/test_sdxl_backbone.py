@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import OrderedDict
 
 import pytest
 import torch
+from open_clip_reference import OpenClipTransformer
 from torch import nn
 
 from lib_lora.errors import ModelLoadError
@@ -38,29 +38,6 @@ BOS, EOS = 49406, 49407
 
 # --------------------------------------------------------------------------------------------
 # The reference modules
-
-
-class OpenClipBlock(nn.Module):
-    """open_clip.transformer.ResidualAttentionBlock (no layer scale), its names and forward."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(),
-                                             c_proj=nn.Linear(4 * width, width)))
-
-    def forward(self, x, attn_mask):
-        y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False, attn_mask=attn_mask)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class OpenClipTransformer(nn.Module):
-    def __init__(self, width, layers, heads):
-        super().__init__()
-        self.resblocks = nn.ModuleList(OpenClipBlock(width, heads) for _ in range(layers))
 
 
 class OpenClipText(nn.Module):

@@ -8,10 +8,10 @@ import dataclasses
 
 import pytest
 import torch
+from progress_helpers import StopAt
 
 from lib_lora.config import TrainConfig
 from lib_lora.errors import Cancelled, UserError
-from lib_lora.progress import NullProgress
 from lib_lora.training.export import read_lora
 from lib_lora.training.family import SDXL
 from lib_lora.training.run import Trainer, train
@@ -119,15 +119,6 @@ def test_text_encoders_train_when_asked(tmp_path, sdxl_dataset, tiny_sdxl):
     prefixes = {k.split("_")[1] for k in read_lora(res.lora_path)[0]}
     assert prefixes == {"unet", "te1", "te2"}
 
-
-class StopAt(NullProgress):
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.stop_at = step
-
-    def update(self, done: int, total: int, text: str = "") -> None:
-        if text != "caching latents" and done >= self.stop_at:
-            self.cancel()
 
 
 def test_resume_is_byte_identical(tmp_path, sdxl_dataset, tiny_sdxl, one_thread):

@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
+from lora_helpers import change_against_merged, randomize_lycoris
 from torch import nn
 
 from lib_lora.hosts.ldm_backbone import LdmBackbone
@@ -194,19 +194,6 @@ def webui_updown(sd_module: nn.Module, w: dict) -> torch.Tensor:
 
 # ---- the tests -----------------------------------------------------------------------------------
 
-def _randomize(net: LycorisKohyaNetwork, seed: int) -> None:
-    """Trained-looking weights everywhere (a fresh network adds nothing: its up/w2 parts are zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for lora in net.loras:
-            for name, p in lora.named_parameters():
-                noise = torch.randn(p.shape, generator=gen)
-                if name == "dora_scale":
-                    p.mul_(1 + 0.1 * noise)
-                else:  # LoHa's weight is a product of two products: larger factors
-                    p.copy_(noise * (0.5 if name.startswith("hada") else 0.1))
-
-
 def _written(net: LycorisKohyaNetwork, tmp_path, kind: str) -> dict[str, torch.Tensor]:
     path = write_lora(tmp_path / f"{kind}.safetensors", net.state_dict_kohya(), {"ss_network_module": "lycoris.kohya"},
                       overwrite=True, dtype=torch.float32)
@@ -223,7 +210,7 @@ def test_webui_matches_every_key_and_its_math_gives_our_outputs(kind, webui_mode
     targets = diffusers_backbone.lora_targets(conv=True)
     torch.manual_seed(0)
     net = LycorisKohyaNetwork(targets, kind, dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, factor=-1)
-    _randomize(net, seed=1)
+    randomize_lycoris(net, seed=1)
     sd = _written(net, tmp_path, kind)
 
     matched, failed = webui_match(sd, webui_layer_mapping(webui_model))
@@ -241,24 +228,11 @@ def test_webui_matches_every_key_and_its_math_gives_our_outputs(kind, webui_mode
     net.apply()
     try:
         for name in net.names():
-            key = convert_diffusers_name_to_compvis(name)
-            ldm_module, w = matched[key]
+            ldm_module, w = matched[convert_diffusers_name_to_compvis(name)]
             ours = ours_by_name[name]
             assert torch.equal(ldm_module.weight, ours.weight), name  # the same layer
-            if isinstance(ours, nn.Conv2d):
-                x = torch.randn(2, ours.in_channels, 8, 8, generator=gen)
-                op = lambda inp, weight, m=ldm_module: F.conv2d(inp, weight, m.bias, m.stride, m.padding)  # noqa: E731
-            else:
-                x = torch.randn(3, ours.in_features, generator=gen)
-                op = lambda inp, weight, m=ldm_module: F.linear(inp, weight, m.bias)  # noqa: E731
-            with torch.no_grad():
-                base = op(x, ldm_module.weight)
-                webui = op(x, ldm_module.weight + webui_updown(ldm_module, w))
-                trained = ours(x)
-            delta_webui, delta_ours = webui - base, trained - base
-            assert delta_webui.norm() > 1e-3 * base.norm(), name  # the file changes this layer visibly
-            rel = (delta_ours - delta_webui).norm() / delta_webui.norm()
-            assert rel <= 1e-3, (name, float(rel))
+            rel = change_against_merged(ours, ldm_module, ldm_module.weight + webui_updown(ldm_module, w), gen)
+            assert rel <= 1e-3, (name, rel)
     finally:
         net.remove()
 
@@ -270,7 +244,7 @@ def test_in_place_on_the_webui_model_leaves_it_exact(kind, webui_model, state_ha
     targets = bb.lora_targets(conv=True)
     torch.manual_seed(0)
     net = LycorisKohyaNetwork(targets, kind, dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
-    _randomize(net, seed=3)
+    randomize_lycoris(net, seed=3)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=gen)
     cond = torch.randn(1, 77, 64, generator=gen)
