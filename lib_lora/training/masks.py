@@ -3,7 +3,7 @@
 A mask is the grey-scale file `prepare` writes into `<dataset>/masks/` when it removes
 backgrounds and keeps transparency (255 = the subject), with the image's file name; a
 `masks/` folder inside the image's own subfolder is looked at first (several concept folders
-may hold images of the same name). An image with no mask file but with an alpha channel is
+may hold images of the same name), then the dataset's own `masks/` for the images under it. An image with no mask file but with an alpha channel is
 masked by its alpha, as kohya's alpha_mask option does; an image with neither counts whole.
 
 The mask follows the image through the same resize and centre crop to its bucket
@@ -28,9 +28,15 @@ MASKS_DIR = "masks"
 
 
 def mask_file(image: Path, root: Path) -> Path | None:
-    """The mask file of `image` in a dataset rooted at `root`, or None."""
+    """The mask file of `image` in a dataset rooted at `root`, or None.
+
+    The root's masks/ serves only images under the root: a regularisation image (in its own
+    folder) of the same name as a training image must not take that image's mask."""
     names = dict.fromkeys((image.name, image.stem + ".png"))
-    for folder in dict.fromkeys((image.parent / MASKS_DIR, root / MASKS_DIR)):
+    folders = [image.parent / MASKS_DIR]
+    if image.is_relative_to(root):
+        folders.append(root / MASKS_DIR)
+    for folder in dict.fromkeys(folders):
         for name in names:
             candidate = folder / name
             if candidate.is_file():

@@ -33,6 +33,7 @@ import torch
 from lib_lora.atomic import atomic_path, cleanup_stale_temps
 from lib_lora.config import to_dict
 from lib_lora.errors import UserError, file_error, is_file_error
+from lib_lora.training.masks import mask_file
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
@@ -68,15 +69,25 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
 
 
 def data_digest(rs: RunState, cfg: TrainConfig) -> str:
-    """Digest of the data order's inputs: images (content), captions, buckets, repeats, seed.
+    """Digest of the data order's inputs: images (content), captions, buckets, repeats, seed,
+    and with masked_loss each image's mask file (content).
 
     The order itself is a pure function of these (`data.epoch_batches` seeds per epoch), so
-    equal digests mean the resumed run walks the same batches from the saved step on."""
+    equal digests mean the resumed run walks the same batches from the saved step on; a mask
+    changed in between would weigh the rest of the run's loss differently."""
     h = hashlib.sha256()
     h.update(str(cfg.seed).encode())
     for it in rs.dataset.items:
         h.update(json.dumps([it.digest, it.caption, it.repeats, list(it.bucket), it.subset]).encode())
+        if cfg.masked_loss:
+            h.update(_mask_digest(it.path, rs.dataset.root).encode())
     return h.hexdigest()
+
+
+def _mask_digest(image: Path, root: Path) -> str:
+    """sha256 of the image's mask file, "" without one (an alpha mask is in the image's digest)."""
+    path = mask_file(image, root)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else ""
 
 
 def _numpy_state() -> dict[str, Any]:
@@ -204,7 +215,7 @@ def check_compatible(rs: RunState, cfg: TrainConfig, st: dict[str, Any], path: P
         )
     if st["data"] != data_digest(rs, cfg):
         raise ResumeError(
-            f"The dataset changed since the run in {rs.run_dir} stopped (images, captions or repeats). "
+            f"The dataset changed since the run in {rs.run_dir} stopped (images, captions, repeats or masks). "
             "Start over with --restart to use the new data, or restore the old files to resume."
         )
     if st["total_steps"] != rs.total_steps:

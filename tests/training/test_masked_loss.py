@@ -139,3 +139,42 @@ def test_no_mask_anywhere_warns_and_trains_unmasked(tmp_path, drawn_dataset, tin
         tr.close()
     warnings = [e["text"] for e in events if e.get("level") == "warning"]
     assert any("none of the 4 images has a mask" in w and "--keep-rgba" in w for w in warnings), warnings
+
+
+def test_a_regularisation_image_does_not_take_a_training_images_mask(tmp_path, prepared):
+    train_image = next(p for p in sorted(prepared.rglob("*.png")) if p.parent.name != "masks")
+    assert mask_file(train_image, prepared) == prepared / "masks" / train_image.name
+    reg = tmp_path / "reg" / "1_person"
+    reg.mkdir(parents=True)
+    (reg / train_image.name).write_bytes(train_image.read_bytes())  # the same file name, another folder
+    assert mask_file(reg / train_image.name, prepared) is None
+    (reg / "masks").mkdir()
+    Image.new("L", (64, 64), 255).save(reg / "masks" / train_image.name)
+    assert mask_file(reg / train_image.name, prepared) == reg / "masks" / train_image.name  # its own still counts
+
+
+def test_a_mask_changed_since_a_stop_refuses_the_resume(tmp_path, prepared, tiny_backbone, one_thread):
+    import shutil
+
+    from progress_helpers import StopAt
+
+    from lib_lora.errors import Cancelled
+    from lib_lora.training.run import train
+    from lib_lora.training.state import ResumeError
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    cfg = _cfg(tmp_path, data, max_steps=4, batch_size=1)
+    with pytest.raises(Cancelled):
+        train(cfg, progress=StopAt(1), backbone=tiny_backbone)
+    mask = next(iter(sorted((data / "masks").iterdir())))
+    original = mask.read_bytes()
+    with Image.open(mask) as im:
+        flipped = im.convert("L").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(mask)
+    with pytest.raises(ResumeError, match="masks"):
+        train(cfg, backbone=tiny_backbone)
+    mask.write_bytes(original)  # the old mask back: the run resumes and finishes
+    events = []
+    assert train(cfg, on_event=events.append, backbone=tiny_backbone).steps == 4
+    assert any("Resuming at step 1 of 4" in e.get("text", "") for e in events if e["kind"] == "phase")
