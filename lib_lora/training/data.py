@@ -382,7 +382,8 @@ def make_plan(
         total = epochs * steps_per_epoch
     order = sorted(images, key=lambda b: (b[0] * b[1], b))
     return StepPlan(
-        dataset_dir=str(root),
+        # with subsets the folders are theirs (the dataset field is then unused)
+        dataset_dir=", ".join(str(e["image_dir"]) for e in cfg.subsets) if cfg.subsets else str(root),
         images=sum(1 for it in items if not it.is_reg),
         images_with_repeats=sum(it.repeats for it in items if not it.is_reg),
         subsets=[{"folder": s.folder.name, "repeats": s.repeats, "images": per_subset[(s.folder.name, s.is_reg)],

@@ -51,14 +51,28 @@ class TrainForm:
     def config(self, ctx: UIContext, name: str, dataset: str, lr_mode: str, lr_value: str, values: list[Any]) -> Any:
         """A validated TrainConfig, or UserError with the message the page shows."""
         name = validate_name(name or "", "LoRA name")
-        dataset_dir = ctx.policy.check(dataset, "dataset folder")
+        dataset_dir = self.dataset_folder(ctx, dataset, values)
         lr = "auto" if lr_mode == "auto" else str(lr_value or "").strip()
         if lr_mode != "auto" and not lr:
             raise UserError("Learning rate is empty: give a number such as 1e-4, or choose auto.")
-        fixed = {"name": name, "dataset": str(dataset_dir), "lr": lr, "output_dir": str(ctx.host.lora_dir())}
+        fixed = {"name": name, "dataset": dataset_dir, "lr": lr, "output_dir": str(ctx.host.lora_dir())}
         cfg = forms.collect(config.TrainConfig, self.names, values, policy=ctx.policy, **fixed)
         run_dir = cfg.run_dir or str(ctx.host.work_dir() / "runs" / name)
         return dataclasses.replace(cfg, run_dir=str(ctx.policy.check(run_dir, "run folder", must_exist=False)))
+
+    def lists_subsets(self, values: list[Any]) -> bool:
+        """Whether the Subsets field names image folders (then the dataset field is not needed)."""
+        if "subsets" not in self.names:
+            return False
+        value = values[self.names.index("subsets")]
+        return bool(value) and str(value).strip() not in ("", "[]")
+
+    def dataset_folder(self, ctx: UIContext, dataset: str, values: list[Any]) -> str:
+        """The dataset field through the folder policy; empty when it is empty and the Subsets
+        field lists the folders instead (their folders then go through the policy)."""
+        if not str(dataset or "").strip() and self.lists_subsets(values):
+            return ""
+        return str(ctx.policy.check(dataset, "dataset folder"))
 
     def given(self, cfg: Any, family: ModelFamily, preset: str | None) -> frozenset[str]:
         """The fields the user gave: the fixed ones (name, dataset, learning rate, folders, the
@@ -133,11 +147,11 @@ def plan_texts(ctx: UIContext, form: TrainForm, dataset: str, values: list[Any],
     data = steps.training_data()
     if isinstance(data, steps.Missing):
         return data.message(), ""
-    if not str(dataset or "").strip():
+    if not str(dataset or "").strip() and not form.lists_subsets(values):
         return "Choose a dataset folder to see the step count.", ""
     try:
-        dataset_dir = ctx.policy.check(dataset, "dataset folder")
-        cfg = forms.collect(config.TrainConfig, form.names, values, policy=ctx.policy, dataset=str(dataset_dir),
+        dataset_dir = form.dataset_folder(ctx, dataset, values)
+        cfg = forms.collect(config.TrainConfig, form.names, values, policy=ctx.policy, dataset=dataset_dir,
                             name="preview")
         if form.images is None:
             form.images = FileMemo(data.read_image)
@@ -190,8 +204,11 @@ def time_estimate(ctx: UIContext, form: TrainForm, cfg: Any, total_steps: int) -
             f"'{est.run}' on {est.device}; samples add their own time).")
 
 
-def repeats_note(plan: Any, cfg: Any, dataset_dir: Path) -> str:
+def repeats_note(plan: Any, cfg: Any, dataset_dir: Path | str) -> str:
     """Which repeat count is used and why: a `<repeats>_<name>` subfolder's number wins over the field."""
+    if cfg.subsets:
+        return ("Each Subsets entry gives its own repeats (its \"repeats\", else its folders' numbers); the "
+                "Repeats field applies to entries without either.")
     named = [s for s in plan.subsets or [] if s["folder"] != Path(dataset_dir).name and SUBSET_RE.match(s["folder"])]
     if not named:
         return f"Using {cfg.repeats} repeats (the Repeats field) for the images in {Path(dataset_dir).name}."
@@ -578,7 +595,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
 
     plan_inputs = [dataset, lr_mode, *(controls[n] for n in STEP_FIELDS if n in controls), *(controls[n] for n in (
         "resolution", "enable_buckets", "bucket_no_upscale", "batch_size", "base_model", "device",
-        "probe_fraction", "probe_min_steps", "probe_max_steps") if n in controls)]
+        "probe_fraction", "probe_min_steps", "probe_max_steps", "subsets", "reg_data_dir") if n in controls)]
     for comp in dict.fromkeys(plan_inputs):
         comp.change(_steps, [dataset, lr_mode, shown, *inputs], plan_outputs, **compat.event_kwargs())
     preset.change(lambda p, fam, *v: preset_values(form, p, *v, ctx=ctx, family=family_by_name(fam) if fam else SD15),

@@ -106,6 +106,26 @@ def test_repeats_note_says_which_value_is_used_and_why(ctx: UIContext, tmp_path:
     assert note.startswith("Using 30 repeats (the Repeats field)"), note
 
 
+def test_subsets_alone_plan_and_start_without_a_dataset_folder(ctx: UIContext, tmp_path: Path) -> None:
+    import json
+
+    form = train_form()
+    a, b = images(tmp_path / "a", 3), images(tmp_path / "b", 2)
+    subsets = json.dumps([{"image_dir": str(a), "repeats": 4}, {"image_dir": str(b), "repeats": 2}])
+    values = form_values(form, repeats=30, subsets=subsets)
+    text, note = tab_train.plan_texts(ctx, form, "", values, "manual")
+    assert "**16 steps** = 16 images with repeats" in text, text  # 3 x 4 + 2 x 2
+    assert note.startswith("Each Subsets entry gives its own repeats"), note
+    cfg = form.config(ctx, "subs", "", "manual", "1e-4", values)
+    assert cfg.dataset == "" and [e["image_dir"] for e in cfg.subsets] == [str(a), str(b)]
+    from lib_lora.training.data import plan_steps
+
+    assert plan_steps(cfg.dataset, cfg).describe().startswith(f"Dataset {a}, {b}: 5 images, 16 with repeats.")
+    with pytest.raises(Exception, match="dataset folder is empty"):  # neither: the dataset is asked for
+        form.config(ctx, "subs", "", "manual", "1e-4", form_values(form))
+    assert tab_train.plan_texts(ctx, form, "", form_values(form), "manual")[0].startswith("Choose a dataset folder")
+
+
 # ---- 8. Test tab: the README's weights, one placeholder -------------------------------------------
 
 def test_test_tab_defaults_and_the_trigger_placeholder(ctx: UIContext) -> None:
