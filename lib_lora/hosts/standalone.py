@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +176,8 @@ class StandaloneHost:
         import torch
         from diffusers import StableDiffusionPipeline
 
+        from lib_lora.training.schedule import for_run
+
         backbone = self.backbone(kw.get("base_model"))
         if family_of(backbone).extra_conditioning:
             raise UserError(f"The Test tab makes {family_of(backbone).label} images only in the WebUI so far; "
@@ -185,7 +187,10 @@ class StandaloneHost:
             raise ModelLoadError("This base model was loaded without its VAE, so it cannot make test images.")
         if width % 8 or height % 8:
             raise UserError(f"Width and height must be multiples of 8 (got {width}x{height}).")
-        scheduler = make_scheduler(kw.get("sampler_name") or next(iter(SAMPLERS)), family_of(backbone))
+        parsed = [parse_lora_tags(prompt) for prompt in prompts]
+        paths = {name: self.find_lora(name) for _, loras in parsed for name, _ in loras}
+        family = for_run(family_of(backbone), *lora_schedule(paths.values()))
+        scheduler = make_scheduler(kw.get("sampler_name") or next(iter(SAMPLERS)), family)
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -199,12 +204,11 @@ class StandaloneHost:
             check_cancel(progress)
             return tensors
 
-        for i, prompt in enumerate(prompts):
+        for i, (text, loras) in enumerate(parsed):
             check_cancel(progress)
             if progress is not None:
                 progress.update(i, len(prompts), "generating test images")
-            text, loras = parse_lora_tags(prompt)
-            with networks.applied([(self.find_lora(name), weight) for name, weight in loras]):
+            with networks.applied([(paths[name], weight) for name, weight in loras]):
                 generator = torch.Generator(device="cpu").manual_seed(int(seed))
                 with torch.no_grad():
                     out = pipe(
@@ -216,6 +220,22 @@ class StandaloneHost:
         if progress is not None:
             progress.update(len(prompts), len(prompts), "test images done")
         return images
+
+
+def lora_schedule(paths: Iterable[Path]) -> tuple[bool, bool]:
+    """(v_parameterization, zero_terminal_snr) the LoRAs were trained with, from their metadata
+    (kohya's modelspec.prediction_type and ss_zero_terminal_snr): a grid is sampled as its LoRAs'
+    base model predicts, every cell alike. LoRAs that disagree cannot share one grid."""
+    from lib_lora.training.export import read_metadata
+
+    seen = set()
+    for path in paths:
+        md = read_metadata(path)
+        seen.add((md.get("modelspec.prediction_type") == "v", str(md.get("ss_zero_terminal_snr", "")).lower() == "true"))
+    if len(seen) > 1:
+        raise UserError("These LoRAs were trained for different noise schedules (v-prediction or zero terminal "
+                        "SNR, in their metadata); test them in separate grids.")
+    return next(iter(seen), (False, False))
 
 
 class LoadedLoras:

@@ -132,3 +132,28 @@ def test_generate_with_each_sampler(host_with_lora) -> None:
     assert np.abs(images["DPM++ 2M Karras"] - images["Euler a"]).mean() > 0.5
     with pytest.raises(UserError, match="Unknown sampler 'nope'.*DPM\\+\\+ 2M Karras"):
         host.generate(["a face"], seed=1, sampler_name="nope", **kw)
+
+
+def test_a_v_prediction_lora_is_sampled_as_its_base_model_predicts(host_with_lora) -> None:
+    """The Test grid of a LoRA trained with v_parameterization / zero_terminal_snr samples with
+    that schedule (its metadata says so), every cell alike; LoRAs that disagree are refused."""
+    from lib_lora.hosts.standalone import lora_schedule, make_scheduler
+    from lib_lora.training.export import read_lora, write_lora
+    from lib_lora.training.family import SD15
+    from lib_lora.training.schedule import for_run
+
+    host = host_with_lora
+    tensors, md = read_lora(host.lora_dir() / "probe.safetensors")
+    write_lora(host.lora_dir() / "vpred.safetensors", tensors,
+               {**md, "modelspec.prediction_type": "v", "ss_zero_terminal_snr": "True"}, overwrite=True)
+    eps, v = host.lora_dir() / "probe.safetensors", host.lora_dir() / "vpred.safetensors"
+    assert lora_schedule([eps]) == (False, False) and lora_schedule([]) == (False, False)
+    assert lora_schedule([v, v]) == (True, True)
+    sched = make_scheduler("DDIM", for_run(SD15, *lora_schedule([v])))
+    assert sched.config.prediction_type == "v_prediction" and sched.config.rescale_betas_zero_snr
+    kw = dict(steps=4, width=64, height=64, cfg_scale=5.0)
+    # Weight 0 adds nothing: what differs is the schedule the cell is sampled with.
+    a, b = (np.asarray(host.generate([f"a face <lora:{n}:0>"], seed=7, **kw)[0], dtype=np.int16) for n in ("probe", "vpred"))
+    assert np.abs(a - b).mean() > 1
+    with pytest.raises(UserError, match="different noise schedules"):
+        host.generate(["a face <lora:probe:1>", "a face <lora:vpred:1>"], seed=7, **kw)
