@@ -9,6 +9,9 @@ Sources (read from the repositories; the commit is the stored version of each fi
 - ComfyUI comfy/weight_adapter/ (comfyanonymous/ComfyUI): lora.py 6fd406fb14ca663225b88c6f75d7a7f2b997e5a0,
   loha.py 183b377588102d00131247aec399f8b34e1122b4, lokr.py e8f3bc5ab766ba0149ac8ba8f67c328f8bb3da7d,
   base.py 9c0cf36cd7964978850fd40f8cf76ac2cf9f9e15 (`weight_decompose`): `load` and `calculate_weight`.
+  Comfy-Org/ComfyUI 839df9f213fb778adac2b36147cce73ace4321f6 changed one line of lokr.py's
+  calculate_weight: with lokr_w1 and lokr_w2 both whole, dim = w2.shape[0] // w1.shape[0] (was
+  None: alpha ignored); `whole_lokr_rank=True` computes that version.
 - comfy/utils.py `unet_to_diffusers` (identical in Forge's packages_3rdparty/comfyui_lora_collection/utils.py).
 - Forge (lllyasviel/stable-diffusion-webui-forge dfdcbab685e57677014f05a3309b48cc87383167):
   extensions-builtin/sd_forge_lora/networks.py `load_lora_for_models` (the U-Net's keys first, what
@@ -291,8 +294,9 @@ def weight_decompose(dora_scale, weight, lora_diff, alpha, strength):
     return weight_calc
 
 
-def calculate_weight(patch, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """The adapter's calculate_weight (float32 intermediate): the patched weight."""
+def calculate_weight(patch, weight: torch.Tensor, strength: float = 1.0, whole_lokr_rank: bool = False) -> torch.Tensor:
+    """The adapter's calculate_weight (float32 intermediate): the patched weight; `whole_lokr_rank`:
+    as ComfyUI computes LoKr from 839df9f on."""
     kind, v = patch
     weight = weight.detach().clone().float()
     f32 = torch.float32
@@ -310,7 +314,7 @@ def calculate_weight(patch, weight: torch.Tensor, strength: float = 1.0) -> torc
         dora_scale = v[7]
     elif kind == "lokr":
         w1, w2, _, w1_a, w1_b, w2_a, w2_b, t2, dora_scale = v
-        dim = None
+        dim = w2.shape[0] // w1.shape[0] if whole_lokr_rank and w1 is not None and w2 is not None else None
         if w1 is None:
             dim = w1_b.shape[0]
             w1 = torch.mm(w1_a.to(f32), w1_b.to(f32))

@@ -178,23 +178,43 @@ class LycorisKohyaNetwork(_base_network_class()):  # type: ignore[misc]
         return out
 
     def state_dict_kohya(self) -> dict[str, torch.Tensor]:
-        """Each module's tensors as LyCORIS saves them, under `<kohya name>.<key>`."""
+        """Each module's tensors as LyCORIS saves them, under `<kohya name>.<key>`, but the alpha
+        of a LoKr module whose two factors are whole matrices (`loader_neutral_alpha`)."""
         out: dict[str, torch.Tensor] = {}
         for lora in self.loras:
             for key, value in lora.custom_state_dict().items():
                 out[f"{lora.lora_name}.{key}"] = value.detach()
+            neutral = loader_neutral_alpha(lora)
+            if neutral is not None:
+                out[f"{lora.lora_name}.alpha"] = neutral
         return out
 
     @torch.no_grad()
     def load_kohya(self, tensors: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load weights written by `state_dict_kohya` (a saved file or a checkpoint)."""
+        """Load weights written by `state_dict_kohya` (a saved file or a checkpoint). A LoKr
+        module of whole factors keeps its own alpha: its scale is 1 whatever the file says."""
         own = self.state_dict()
         missing = [k for k in own if k not in tensors]
         if missing and strict:
             raise KeyError(f"missing {missing[0]}")
+        whole = {f"{lora.lora_name}.alpha" for lora in self.loras if loader_neutral_alpha(lora) is not None}
         for key, value in own.items():
-            if key in tensors:
+            if key in tensors and key not in whole:
                 value.copy_(tensors[key].to(value.dtype))
+
+
+def loader_neutral_alpha(module: nn.Module) -> torch.Tensor | None:
+    """For a LoKr module whose w1 and w2 are both whole matrices: the alpha that makes every
+    loader apply it at scale 1, as LyCORIS trains it; None for any other module.
+
+    LyCORIS trains such a module at scale 1 and stores alpha = dim. The WebUI, Forge and older
+    ComfyUI ignore alpha there (scale 1); ComfyUI from commit 839df9f divides it by
+    w2.shape[0] // w1.shape[0], so a stored alpha = dim scaled the layer by dim / that.
+    Alpha = w2.shape[0] // w1.shape[0] gives 1 in both readings, and LyCORIS itself ignores it."""
+    if not (getattr(module, "use_w1", False) and getattr(module, "use_w2", False)):
+        return None
+    ratio = module.lokr_w2.shape[0] // module.lokr_w1.shape[0]
+    return torch.tensor(float(ratio), dtype=module.alpha.dtype)
 
 
 def network_from_file(targets: Iterable[Target], tensors: dict[str, torch.Tensor],

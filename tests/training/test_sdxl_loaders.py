@@ -393,7 +393,7 @@ def test_the_webui_matches_every_lycoris_key(lyco, sgm_shapes):
     assert {cls for cls in matched.values()} <= {"Linear", "Conv2d", "MultiheadAttention"}
 
 
-@pytest.mark.parametrize("loader", ["comfyui", "forge"])
+@pytest.mark.parametrize("loader", ["comfyui", "comfyui-839df9f", "forge"])
 def test_comfyui_and_forge_read_every_lycoris_key_and_patch_as_we_train(loader, lyco, sdxl, sgm_shapes):
     from comfy_helpers import calculate_weight, comfy_load, forge_load
 
@@ -407,7 +407,7 @@ def test_comfyui_and_forge_read_every_lycoris_key_and_patch_as_we_train(loader, 
     # ComfyUI/Forge hold both encoders in the HF layout (clip_l / clip_g), as our backbone does
     clip = {f"clip_l.transformer.{k}": v for k, v in sdxl.text_encoder.state_dict().items()}
     clip |= {f"clip_g.transformer.{k}": v for k, v in sdxl.text_encoder_2.state_dict().items()}
-    load = {"comfyui": comfy_load, "forge": forge_load}[loader]
+    load = {"comfyui": comfy_load, "comfyui-839df9f": comfy_load, "forge": forge_load}[loader]
     config = unet_config_from_keys(unet)
     patches, unread = load(sd, set(unet), config, set(clip))
     assert list(unread) == []
@@ -423,7 +423,7 @@ def test_comfyui_and_forge_read_every_lycoris_key_and_patch_as_we_train(loader, 
             key = key_map[t.name]
             assert torch.equal(weights[key], t.module.weight), (t.name, key)  # the very layer
             # fp32 merge vs. LyCORIS's forward: ~1e-6 relative rounding per layer
-            rel = change_against_merged(t.module, t.module, calculate_weight(patches[key], weights[key]), gen)
+            rel = change_against_merged(t.module, t.module, calculate_weight(patches[key], weights[key], whole_lokr_rank=loader == "comfyui-839df9f"), gen)
             assert rel <= 1e-3, (t.name, rel)
     finally:
         net.remove()

@@ -60,8 +60,9 @@ def lyco_file(request, backbone, tmp_path_factory):
     return kind, net, targets, read_lora(path)[0]
 
 
-@pytest.mark.parametrize("loader", [comfy_load, forge_load], ids=["comfyui", "forge"])
-def test_every_key_is_read_and_the_patched_weights_give_our_outputs(loader, lyco_file, model_keys):
+@pytest.mark.parametrize("loader, newest", [(comfy_load, False), (comfy_load, True), (forge_load, False)],
+                         ids=["comfyui", "comfyui-839df9f", "forge"])
+def test_every_key_is_read_and_the_patched_weights_give_our_outputs(loader, newest, lyco_file, model_keys):
     kind, net, targets, sd = lyco_file
     unet_keys, unet_config, clip_keys, tensors = model_keys
     patches, unread = loader(sd, unet_keys, unet_config, clip_keys)
@@ -70,6 +71,9 @@ def test_every_key_is_read_and_the_patched_weights_give_our_outputs(loader, lyco
     assert {p[0] for p in patches.values()} == {PATCH_TYPE[kind]}
     if kind == "dora":
         assert all(p[1][4] is not None for p in patches.values())  # dora_scale read into the patch
+    if kind == "lokr":  # both kinds of LoKr module are in the file: whole factors, and a decomposed w2
+        whole = {t.name for t in targets if f"{t.name}.lokr_w2" in sd}
+        assert whole and len(whole) < len(targets) and all(f"{n}.lokr_w1" in sd for n in whole)
 
     key_map = model_lora_keys_clip(clip_keys, model_lora_keys_unet(unet_keys, unet_config))
     gen = torch.Generator().manual_seed(2)
@@ -80,7 +84,7 @@ def test_every_key_is_read_and_the_patched_weights_give_our_outputs(loader, lyco
             key = key_map[t.name]
             assert torch.equal(tensors[key], t.module.weight), (t.name, key)  # mapped onto the very layer
             # fp32 merge vs. LyCORIS's own forward: rounding ~1e-6 relative per layer
-            rel = change_against_merged(t.module, t.module, calculate_weight(patches[key], tensors[key]), gen)
+            rel = change_against_merged(t.module, t.module, calculate_weight(patches[key], tensors[key], whole_lokr_rank=newest), gen)
             assert rel <= 1e-3, (t.name, rel)
     finally:
         net.remove()
