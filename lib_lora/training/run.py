@@ -588,11 +588,15 @@ class Trainer:
         s.session_id = uuid.uuid4().hex
         t0 = time.time()
         written = self.written_export()
-        if written is not None and distributed.writes(s):
-            return self.complete_export(written, t0)
-        if written is not None:  # the main process finishes that export
-            return TrainResult(Path(self.cfg.output_dir) / f"{s.name}.safetensors", s.run_dir, int(written["step"]),
-                               float(written["final_loss"]))
+        # The main process decides for all: it removes the state once done, so another process
+        # reading it then would start training and wait for a main process that has gone.
+        sent = None if written is None else (int(written["step"]), float(written["final_loss"]))
+        finished = distributed.broadcast(s.procs, sent)
+        if finished is not None:
+            result = distributed.main_only(s.procs, lambda: self.complete_export(written, t0))
+            if distributed.writes(s):
+                return result
+            return TrainResult(Path(self.cfg.output_dir) / f"{s.name}.safetensors", s.run_dir, *finished)
         try:
             self.setup()
             self.train_loop()
@@ -762,8 +766,8 @@ class Trainer:
         s.name = validate_name(self.cfg.name, "LoRA name")
         s.run_dir = run_folder(self.cfg, s.name)
         path = Path(self.cfg.output_dir) / f"{s.name}.safetensors"
-        if path.resolve().parent != Path(self.cfg.output_dir).resolve():
-            return None  # lora_output_file refuses it in setup()
+        if not distributed.writes(s) or path.resolve().parent != Path(self.cfg.output_dir).resolve():
+            return None  # the main process decides (run); lora_output_file refuses such a path in setup()
         return state_mod.written_export(s.run_dir, self.cfg, path)
 
     def complete_export(self, st: dict, t0: float) -> TrainResult:

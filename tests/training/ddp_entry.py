@@ -8,6 +8,9 @@
     lr <unet lr> <text-encoder lr> the learning rate the LR probe step gave this process
     error <text>                   each `error: ...` line the CLI prints on stderr
     exit <code>                    the CLI's exit code, when it returns
+    with $DDP_TEST_LATE_STATE=PATH, rank 1 runs the trainer's first step (the look for a
+    half-done export) only once PATH is gone (the main process removed the state) or 15 s
+    passed: the latest moment another process can be at that point
     stopped                        with $DDP_TEST_STOP_STEP=K on rank $DDP_TEST_STOP_RANK: this
                                    process stops itself (SIGSTOP) as it enters step K+1, so the
                                    test can kill it exactly there
@@ -75,6 +78,19 @@ def _install() -> None:
         return lr
 
     dist.probe_once = recorded
+    late = os.environ.get("DDP_TEST_LATE_STATE")
+    if late and RANK == "1":
+        from lib_lora.training.run import Trainer
+
+        written_export = Trainer.written_export
+
+        def later(self):  # noqa: ANN001, ANN202
+            deadline = time.time() + 15
+            while os.path.exists(late) and time.time() < deadline:
+                time.sleep(0.2)
+            return written_export(self)
+
+        Trainer.written_export = later
     stop_step = os.environ.get("DDP_TEST_STOP_STEP")
     if stop_step is not None and RANK == os.environ.get("DDP_TEST_STOP_RANK", "1"):
         train_share, calls = dist.train_share, [0]

@@ -260,3 +260,35 @@ def test_a_refusal_on_the_main_process_stops_every_process_with_its_sentence(dat
     errors = [[line for line in _log(tmp_path, rank) if line.startswith(("error ", "exit "))] for rank in (0, 1)]
     assert errors[0] == errors[1], out[-3000:]  # the same sentence and exit code on both
     assert len(errors[0]) == 2 and "cannot be read" in errors[0][0] and errors[0][1] == "exit 2", errors
+
+
+def test_an_export_left_half_done_is_completed_by_the_main_process_while_the_others_wait(
+        dataset: Path, tmp_path: Path) -> None:
+    # One process at the global batch, killed after the final LoRA's rename, before the state's
+    # clean-up: the same run under 2 processes completes that export. Before the fix each process
+    # looked for it itself, and one that looked after the main process had removed the state
+    # took it for a new run and was refused (the LoRA exists): the run failed (exit 2 on rank 1).
+    work = tmp_path / "work"
+    args = ["train", str(dataset), "--name", "half", "--output-dir", str(work / "out"),
+            "--run-dir", str(work / "runs" / "half"), *_flags(max_steps=2)]  # fmt: skip
+    stop_at = ROOT / "tests" / "reliability" / "stop_at.py"
+    victim = subprocess.Popen([sys.executable, str(stop_at), "call", "lib_lora.training.state", "finish", "--", *args,
+                               "--batch-size", "2"], env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _, status = os.waitpid(victim.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the one-process run ended before its export's clean-up"
+        victim.send_signal(signal.SIGKILL)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait()
+    state = work / "runs" / "half" / "state" / "state.pt"
+    assert state.is_file() and (work / "out" / "half.safetensors").is_file()
+    env = _env(tmp_path) | {"DDP_TEST_LATE_STATE": str(state)}
+    res = subprocess.run(_torchrun(2, str(ENTRY), *args, "--batch-size", "1"), env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "already written by this run" in res.stdout + res.stderr
+    assert [line for line in _log(tmp_path, 1) if line.startswith("exit")] == ["exit 0"]
+    assert not state.exists() and (work / "out" / "half.json").is_file()
