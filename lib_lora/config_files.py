@@ -26,6 +26,8 @@ from lib_lora.config import TrainConfig, coerce, phrase_options, to_dict, valida
 from lib_lora.errors import UserError, file_error, shown
 
 FORMATS = ("fastlora", "kohya_ss", "sd-scripts", "sd-scripts-dataset")
+# The one key of a run folder's config.json that is not an option (see ConfigFile.processes).
+PROCESSES_KEY = "processes"
 
 
 @dataclass
@@ -38,6 +40,9 @@ class ConfigFile:
     values: dict[str, Any]
     unsupported: list[str] = field(default_factory=list)  # "key = value", as the file spells them
     notes: list[str] = field(default_factory=list)  # values taken in a nearby form (a non-square resolution)
+    # A run folder's config.json of a data-parallel run says how many processes trained it:
+    # its batch_size is then that run's global batch, not a per-process one (file_config).
+    processes: int | None = None
 
     def report(self) -> str:
         """One message naming every key that is not used, then the notes; '' when all was used."""
@@ -118,20 +123,44 @@ def read_config_file(path: str | Path) -> ConfigFile:
 
         return import_kohya(data, kind, path)
     fields = our_fields()
+    data = dict(data)
+    processes = data.pop(PROCESSES_KEY, None)
+    if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
+        raise UserError(f"The config file {path} has {PROCESSES_KEY} = {processes!r}; it is the process count a run "
+                        "folder's config.json records (a whole number, 1 or more), so fix or remove it.")
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise UserError(f"The config file {path} has option{'s' if len(unknown) > 1 else ''} Fast LoRA does not "
                         f"know: {', '.join(unknown)}; check the spelling (train --help lists every option).")
-    return ConfigFile(path, kind, dict(data))
+    return ConfigFile(path, kind, data, processes=processes)
 
 
-def file_config(files: list[ConfigFile], base: TrainConfig) -> TrainConfig:
+def per_process_batch(cf: ConfigFile, batch: int, world: int) -> int:
+    """The share of a recorded global batch each of `world` processes trains."""
+    if batch % world:
+        raise UserError(f"{cf.path.name} holds a global batch of {batch} (trained on {cf.processes} processes), which "
+                        f"does not split over {world} processes; run a number of processes that divides {batch}, "
+                        "or pass --batch-size (per process).")
+    return batch // world
+
+
+def file_config(files: list[ConfigFile], base: TrainConfig, world: int = 1) -> TrainConfig:
     """`base` with the files' values (later files win), each coerced and validated as a flag
-    is; a bad value's sentence names the file and the option as the file spells it."""
+    is; a bad value's sentence names the file and the option as the file spells it.
+
+    `world`: the processes this command runs as (a launcher's). A file's batch_size is per
+    process, as --batch-size is, except in a data-parallel run's config.json (`processes`
+    given): there it is the run's global batch, which is kept, so each of the `world`
+    processes takes its share of it (training/distributed.py multiplies it back)."""
     cfg = base
     for cf in files:
         try:
             values = {k: coerce(TrainConfig, k, v) for k, v in cf.values.items()}
+        except UserError as err:
+            raise UserError(f"In {cf.path.name}: {phrase_options(str(err), lambda f: f.name)}") from None
+        if cf.processes is not None and world > 1 and isinstance(values.get("batch_size"), int):
+            values["batch_size"] = per_process_batch(cf, values["batch_size"], world)
+        try:
             cfg = validate(dataclasses.replace(cfg, **values))
         except UserError as err:
             raise UserError(f"In {cf.path.name}: {phrase_options(str(err), lambda f: f.name)}") from None

@@ -51,6 +51,7 @@ def config_from_args(args: argparse.Namespace, reports: list[str] | None = None)
     given is known, so `--train-text-encoder` keeps SDXL's encoders on. What the files or the
     preset held that is not used is appended to `reports` (one message per file)."""
     from lib_lora.config_files import file_config, read_config_file
+    from lib_lora.training.distributed import launched_processes
     from lib_lora.training.run_config import config_family
 
     files = [read_config_file(p) for p in getattr(args, "config", None) or []]
@@ -63,8 +64,10 @@ def config_from_args(args: argparse.Namespace, reports: list[str] | None = None)
     for cf in layers:
         if reports is not None and cf.report():
             reports.append(cf.report())
-    family = config_family(from_args(TrainConfig, args, base=file_config(layers, TrainConfig())))
-    base = file_config(files, dataclasses.replace(TrainConfig(), **family.config_defaults()))
+    # Under a launcher, a data-parallel run's config.json keeps its global batch (file_config).
+    world = launched_processes()
+    family = config_family(from_args(TrainConfig, args, base=file_config(layers, TrainConfig(), world)))
+    base = file_config(files, dataclasses.replace(TrainConfig(), **family.config_defaults()), world)
     if user_preset is not None:
         base = file_config([user_preset], base)
     elif args.preset:

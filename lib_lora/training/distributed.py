@@ -16,8 +16,17 @@ GPUs, gloo between CPUs), and the loop trains data-parallel:
   mean over the global batch even where a bucket's last batch does not split evenly; a process
   with no sample in a batch trains a copy of one at weight 0, to take part in the all-reduce.
 - Only the main process writes: the run folder, events, TensorBoard, samples, checkpoints,
-  state and the LoRA. The others wait where they need what it wrote (`main_first`, the final
-  barrier) and otherwise at DDP's next all-reduce.
+  state and the LoRA. The others wait where they need what it wrote (`main_first`) or for
+  its outcome (`main_only`: the folder checks, the resume read, the probe, each checkpoint,
+  sample and state save, the export), and otherwise at DDP's next all-reduce.
+- An error on one process reaches all of them: each such step ends in `agree`, a gather of
+  every process's outcome, so a refusal on the main process (an unreadable state, a full
+  disk) stops every process with its one sentence, instead of leaving the others at the next
+  collective (with NCCL they would wait there until the timeout; with gloo they stop saying
+  a peer was lost).
+- The run folder's config.json holds the global batch, marked with `processes`, and the
+  device kind (`run_config_values`): `--config` of it gives the same run under any launcher
+  whose process count divides the batch (config_files.file_config), and in one process.
 - `--lr auto`: the probe runs once, on the main process alone, and its value is broadcast.
 - The non-finite guard decides on an agreed gradient norm: non-finite on every process when
   it is on any, so all of them skip the same steps and stop at the same one.
@@ -41,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lib_lora.errors import UserError
+from lib_lora.errors import Cancelled, UserError
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
@@ -133,6 +142,20 @@ def global_config(cfg: TrainConfig, procs: Processes) -> TrainConfig:
     return dataclasses.replace(cfg, batch_size=batch, device=device, oom_retry=False)
 
 
+def run_config_values(values: dict[str, Any], procs: Processes) -> dict[str, Any]:
+    """What the run folder's config.json holds (`values`: the config every process trains, as a
+    dict), made to give the same run again through `--config` under any launcher: its
+    batch_size is the global batch, marked by `processes` (config_files.file_config then splits
+    it over the processes of the new command), and the device is the kind, not the main
+    process's own GPU (each process takes its own again; one process takes the GPU)."""
+    if not procs.many:
+        return values
+    from lib_lora.config_files import PROCESSES_KEY
+
+    device = str(values.get("device", "auto"))
+    return {**values, "device": device.split(":")[0], PROCESSES_KEY: procs.world}
+
+
 def metadata(procs: Processes, cfg: TrainConfig) -> dict[str, str]:
     """The LoRA's batch keys when several processes trained it (cfg holds the global batch)."""
     if not procs.many:
@@ -141,20 +164,75 @@ def metadata(procs: Processes, cfg: TrainConfig) -> dict[str, str]:
             "ss_total_batch_size": str(cfg.batch_size), "fastlora_processes": str(procs.world)}  # fmt: skip
 
 
-def barrier(procs: Processes) -> None:
-    if procs.many:
-        procs.accel.wait_for_everyone()
+def _sentence(err: BaseException, rank: int) -> str:
+    """What the other processes say for `err`: a UserError's own sentence, else its kind and text."""
+    if isinstance(err, UserError):
+        return str(err)
+    who = "The main process" if rank == 0 else f"Process {rank}"
+    return f"{who} stopped on an error ({type(err).__name__}: {err}); the others stopped with it."
+
+
+def agree(procs: Processes, err: Exception | None = None) -> None:
+    """Every process's outcome of the step just done, on every process (a collective: all of them
+    call it at the same point). This process's own `err` is raised as it is; else the first
+    error of another process is raised here as a UserError with its sentence, so an error on
+    one process stops all of them with the same words instead of leaving the others waiting
+    at the next collective for a process that is gone."""
+    if not procs.many:
+        if err is not None:
+            raise err
+        return
+    said: list[str | None] = [None] * procs.world
+    torch.distributed.all_gather_object(said, None if err is None else _sentence(err, procs.rank))
+    if err is not None:
+        raise err
+    first = next((text for text in said if text is not None), None)
+    if first is not None:
+        raise UserError(first)
+
+
+def together(procs: Processes, step: Callable[[], Any], here: bool = True) -> Any:
+    """`step()` on the processes where `here` (the main one alone: `procs.is_main`), then `agree`:
+    its value where it ran (None elsewhere), or the same error on every process."""
+    value, err = None, None
+    if here:
+        try:
+            value = step()
+        except Cancelled:  # a stop, which the launcher gives every process (as Ctrl-C)
+            raise
+        except Exception as e:  # noqa: BLE001 - agree() raises it here, and its sentence on the others
+            err = e
+    agree(procs, err)
+    return value
+
+
+def main_only(procs: Processes, step: Callable[[], Any]) -> Any:
+    """`step()` on the main process (a write), its error on every process; the others wait."""
+    if not procs.many:
+        return step()
+    return together(procs, step, here=procs.is_main)
 
 
 @contextlib.contextmanager
 def main_first(procs: Processes, when: bool = True) -> Iterator[None]:
     """The main process runs the block first (it writes, e.g. the latent cache); the others then
-    (and find what it wrote)."""
+    (and find what it wrote). An error in the block on any process stops every process (agree)."""
     if not (procs.many and when):
         yield
         return
-    with procs.accel.main_process_first():
+    # Two agreements on every process: after the main process's block, after the others'.
+    if not procs.is_main:
+        agree(procs)  # the main process's block is done (or failed: its error is raised here)
+    try:
         yield
+    except Cancelled:
+        raise
+    except Exception as err:
+        agree(procs, err)
+        raise
+    if procs.is_main:
+        agree(procs)  # its block is done: the others' turn
+    agree(procs)  # the others' block is done
 
 
 def broadcast(procs: Processes, value: Any) -> Any:
@@ -170,40 +248,40 @@ def broadcast(procs: Processes, value: Any) -> Any:
 def load_for_resume(rs: RunState, cfg: TrainConfig, events: RunEvents,
                     load: Callable[[RunState, TrainConfig, RunEvents], dict | None]) -> dict | None:
     """`load` (state.load_for_resume: clean-up, --restart, read) on the main process; the others
-    read the state it left, after it (they never remove anything)."""
-    if not rs.procs.many:
+    read the state it left, after it (they never remove anything). A refusal on any process
+    (an unreadable state) stops all of them with its sentence."""
+    procs = rs.procs
+    if not procs.many:
         return load(rs, cfg, events)
-    st = load(rs, cfg, events) if rs.procs.is_main else None
-    barrier(rs.procs)
-    if rs.procs.is_main:
-        return st
+    st = main_only(procs, lambda: load(rs, cfg, events))
     from lib_lora.training.state import load_state, state_path
 
-    path = state_path(rs.run_dir)
-    return load_state(path) if path.is_file() else None
+    def read() -> dict | None:
+        path = state_path(rs.run_dir)
+        return load_state(path) if path.is_file() else None
+
+    got = together(procs, read, here=not procs.is_main)
+    return st if procs.is_main else got
 
 
 def probe_once(rs: RunState, probe: Callable[[], tuple[float, float | None]]) -> tuple[float, float | None]:
     """`probe()` (the LR probe) on the main process alone, training the global batch there; every
-    process gets its value and the metadata it adds. A failed probe stops every process."""
-    if not rs.procs.many:
+    process gets its value and the metadata it adds. A failed probe stops every process with
+    its sentence (main_only)."""
+    procs = rs.procs
+    if not procs.many:
         return probe()
-    sent: tuple | None = None
-    if rs.procs.is_main:
-        rs.procs.data_parallel = False
+
+    def alone() -> tuple:
+        procs.data_parallel = False
         try:
-            value = probe()
-        except BaseException as err:
-            broadcast(rs.procs, ("error", str(err)))
-            raise
+            return probe(), dict(rs.extra_metadata)
         finally:
-            rs.procs.data_parallel = True
-        sent = ("ok", value, dict(rs.extra_metadata))
-    got = broadcast(rs.procs, sent)
-    if got[0] == "error":
-        raise UserError(f"The learning-rate probe stopped on the main process: {got[1]}")
-    rs.extra_metadata.update(got[2])
-    return got[1]
+            procs.data_parallel = True
+
+    value, extra = broadcast(procs, main_only(procs, alone))
+    rs.extra_metadata.update(extra)
+    return value
 
 
 # ---------------------------------------------------------------- one data-parallel step

@@ -158,9 +158,12 @@ class Trainer:
         s.name = validate_name(cfg.name, "LoRA name")
         # Fail before any work when the final file (or a card file beside it) would be replaced.
         s.lora_path = lora_output_file(cfg.output_dir, s.name, overwrite=cfg.overwrite)
-        if distributed.writes(s):  # a folder that cannot take the LoRA is found now, not after the whole run
+
+        def check_folders() -> None:  # a folder that cannot take the LoRA is found now, not after the whole run
             writable_folder(s.lora_path.parent, "the LoRA")
             writable_folder(run_folder(cfg, s.name), "the run")
+
+        distributed.main_only(s.procs, check_folders)  # its refusal stops every process
         self.load_all()
         self.open_logs()
         self.begin_reliability()
@@ -185,12 +188,15 @@ class Trainer:
     def prepare_run_dir(self) -> None:
         cfg, s = self.cfg, self.state
         s.run_dir = run_folder(cfg, validate_name(cfg.name, "LoRA name"))  # also called without setup()
-        if not distributed.writes(s):
-            return
+        distributed.main_only(s.procs, self.write_run_dir)
+
+    def write_run_dir(self) -> None:
+        """The run folder, its config.json and the event log (the main process's)."""
+        cfg, s = self.cfg, self.state
         try:
             (s.run_dir / "logs").mkdir(parents=True, exist_ok=True)
             (s.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            atomic_write_json(s.run_dir / "config.json", to_dict(cfg))
+            atomic_write_json(s.run_dir / "config.json", distributed.run_config_values(to_dict(cfg), s.procs))
         except OSError as err:
             where = err.filename or s.run_dir / "config.json"  # a failed flush names no file
             raise file_error(err, where, then="then start the training again") from None
@@ -582,16 +588,20 @@ class Trainer:
         s.session_id = uuid.uuid4().hex
         t0 = time.time()
         written = self.written_export()
-        if written is not None and distributed.writes(s):
-            return self.complete_export(written, t0)
-        if written is not None:  # the main process finishes that export
-            return TrainResult(Path(self.cfg.output_dir) / f"{s.name}.safetensors", s.run_dir, int(written["step"]),
-                               float(written["final_loss"]))
+        # The main process decides for all: it removes the state once done, so another process
+        # reading it then would start training and wait for a main process that has gone.
+        sent = None if written is None else (int(written["step"]), float(written["final_loss"]))
+        finished = distributed.broadcast(s.procs, sent)
+        if finished is not None:
+            result = distributed.main_only(s.procs, lambda: self.complete_export(written, t0))
+            if distributed.writes(s):
+                return result
+            return TrainResult(Path(self.cfg.output_dir) / f"{s.name}.safetensors", s.run_dir, *finished)
         try:
             self.setup()
             self.train_loop()
-            path, metadata = self.export() if distributed.writes(s) else (s.lora_path, {})
-            distributed.barrier(s.procs)  # the others end once the LoRA is written
+            done = distributed.main_only(s.procs, self.export)  # the others end once the LoRA is written
+            path, metadata = done if distributed.writes(s) else (s.lora_path, {})
         except (Cancelled, KeyboardInterrupt):
             # Several processes: a stop may land inside a collective, mid-step; the last periodic
             # state is the exact one (training/distributed.py), so nothing more is written.
@@ -670,29 +680,32 @@ class Trainer:
                 if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and s.step < total:
                     clock.pause()
                     self.label("saving a checkpoint")
-                    self.save_checkpoint(f"epoch{epoch:04d}")
+                    distributed.main_only(s.procs, lambda tag=f"epoch{epoch:04d}": self.save_checkpoint(tag))
                     self.label(TRAINING)
                     clock.resume()
             if cfg.save_every_n_steps and s.step % cfg.save_every_n_steps == 0 and s.step < total:
                 clock.pause()
                 self.label("saving a checkpoint")
-                self.save_checkpoint(f"step{s.step:06d}")
+                distributed.main_only(s.procs, lambda: self.save_checkpoint(f"step{s.step:06d}"))
                 self.label(TRAINING)
                 clock.resume()
             if s.step in sample_at:
                 clock.pause()
-                try:
-                    self.make_samples()
-                except torch.OutOfMemoryError:  # samples are a view of the run, never a reason to lose it
-                    guards.release_memory(s.optimizer)
-                    self.warn(f"No sample images at step {s.step}: the GPU ran out of memory; training goes on.")
+                distributed.main_only(s.procs, self.samples_in_loop)
                 clock.resume()
                 self.label(TRAINING)
-            if distributed.writes(s):
-                state_mod.after_step(s, cfg, self.events)
+            if state_mod.state_due(s, cfg):  # the main process writes; a failed write stops every process
+                distributed.main_only(s.procs, lambda: state_mod.after_step(s, cfg, self.events))
         s.seconds_per_step = clock.seconds_per_step()
         if s.tokens.truncated:
             self.warn(f"{len(s.tokens.truncated)} caption(s) were longer than {s.tokens.max_tokens} tokens and were cut.")
+
+    def samples_in_loop(self) -> None:
+        try:
+            self.make_samples()
+        except torch.OutOfMemoryError:  # samples are a view of the run, never a reason to lose it
+            guards.release_memory(self.state.optimizer)
+            self.warn(f"No sample images at step {self.state.step}: the GPU ran out of memory; training goes on.")
 
     def make_samples(self) -> None:
         """Sample images of the LoRA as it is now, into <run dir>/samples; a `sample` event each."""
@@ -753,8 +766,8 @@ class Trainer:
         s.name = validate_name(self.cfg.name, "LoRA name")
         s.run_dir = run_folder(self.cfg, s.name)
         path = Path(self.cfg.output_dir) / f"{s.name}.safetensors"
-        if path.resolve().parent != Path(self.cfg.output_dir).resolve():
-            return None  # lora_output_file refuses it in setup()
+        if not distributed.writes(s) or path.resolve().parent != Path(self.cfg.output_dir).resolve():
+            return None  # the main process decides (run); lora_output_file refuses such a path in setup()
         return state_mod.written_export(s.run_dir, self.cfg, path)
 
     def complete_export(self, st: dict, t0: float) -> TrainResult:

@@ -288,9 +288,14 @@ def begin(rs: RunState, cfg: TrainConfig, events: RunEvents) -> None:
 def after_step(rs: RunState, cfg: TrainConfig, events: RunEvents) -> None:
     """Save the state every cfg.state_every_n_steps steps and after the last step (so a kill
     during the export resumes straight into the export)."""
-    n = cfg.state_every_n_steps
-    if (n and rs.step % n == 0) or rs.step == rs.total_steps:
+    if state_due(rs, cfg):
         save_state(rs, cfg, events)
+
+
+def state_due(rs: RunState, cfg: TrainConfig) -> bool:
+    """Whether after_step saves the state at this step."""
+    n = cfg.state_every_n_steps
+    return bool(n and rs.step % n == 0) or rs.step == rs.total_steps
 
 
 def on_stop(rs: RunState, cfg: TrainConfig, events: RunEvents) -> None:

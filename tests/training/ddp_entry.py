@@ -6,6 +6,11 @@
                                    writing, creates, renames or removes (Python's audit events;
                                    files written by native code are seen at their rename)
     lr <unet lr> <text-encoder lr> the learning rate the LR probe step gave this process
+    error <text>                   each `error: ...` line the CLI prints on stderr
+    exit <code>                    the CLI's exit code, when it returns
+    with $DDP_TEST_LATE_STATE=PATH, rank 1 runs the trainer's first step (the look for a
+    half-done export) only once PATH is gone (the main process removed the state) or 15 s
+    passed: the latest moment another process can be at that point
     stopped                        with $DDP_TEST_STOP_STEP=K on rank $DDP_TEST_STOP_RANK: this
                                    process stops itself (SIGSTOP) as it enters step K+1, so the
                                    test can kill it exactly there
@@ -46,6 +51,22 @@ def _audit(event: str, args: tuple) -> None:
             LOG.write(f"write {args[0]}\n")
 
 
+class _ErrorTee:
+    """stderr as it is, with each `error: ...` line the CLI prints also in the rank's log."""
+
+    def __init__(self, stream):  # noqa: ANN001
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.startswith("error: "):
+                LOG.write(f"error {line[len('error: '):]}\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.stream, name)
+
+
 def _install() -> None:
     import lib_lora.training.distributed as dist
 
@@ -57,6 +78,19 @@ def _install() -> None:
         return lr
 
     dist.probe_once = recorded
+    late = os.environ.get("DDP_TEST_LATE_STATE")
+    if late and RANK == "1":
+        from lib_lora.training.run import Trainer
+
+        written_export = Trainer.written_export
+
+        def later(self):  # noqa: ANN001, ANN202
+            deadline = time.time() + 15
+            while os.path.exists(late) and time.time() < deadline:
+                time.sleep(0.2)
+            return written_export(self)
+
+        Trainer.written_export = later
     stop_step = os.environ.get("DDP_TEST_STOP_STEP")
     if stop_step is not None and RANK == os.environ.get("DDP_TEST_STOP_RANK", "1"):
         train_share, calls = dist.train_share, [0]
@@ -79,4 +113,7 @@ if __name__ == "__main__":
     sys.addaudithook(_audit)
     from lib_lora.cli import main
 
-    raise SystemExit(main(sys.argv[1:]))
+    sys.stderr = _ErrorTee(sys.stderr)
+    code = main(sys.argv[1:])
+    LOG.write(f"exit {code}\n")
+    raise SystemExit(code)

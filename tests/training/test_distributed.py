@@ -23,6 +23,7 @@ test_distributed_units.py instead.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -196,3 +197,98 @@ def test_a_killed_process_leaves_a_run_that_resumes_on_one_process(dataset: Path
     result = train(cfg, on_event=events.append)
     assert any("Resuming at step 4" in e.get("text", "") for e in events), out[-2000:]
     _assert_same_lora(result.lora_path, one_process)
+
+
+def _plan(text: str) -> list[str]:
+    """The step plan's lines of a --plan-only output (the dataset's, its buckets' and the steps')."""
+    return [line for line in text.splitlines() if line.startswith(("Dataset ", "  ", "Steps: "))]
+
+
+def test_a_data_parallel_runs_config_gives_the_same_plan_under_the_launcher_and_in_one_process(
+        dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "work"
+    cmd = _torchrun(2, "-m", "lib_lora", "train", str(dataset), "--name", "again", "--output-dir", str(work / "out"),
+                    "--run-dir", str(work / "runs" / "again"), "--batch-size", "1", *_flags(max_steps=1))  # fmt: skip
+    res = subprocess.run(cmd, env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    config = work / "runs" / "again" / "config.json"
+    saved = json.loads(config.read_text(encoding="utf-8"))
+    assert (saved["batch_size"], saved["processes"], saved["device"]) == (2, 2, "cpu")  # the global batch, marked
+    # The same launcher: each process takes 1 again, not 2 (a global batch of 4).
+    again = subprocess.run(_torchrun(2, "-m", "lib_lora", "train", "--config", str(config), "--plan-only"),
+                           env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    # One process: the whole global batch.
+    from lib_lora.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--plan-only"]) == 0
+    alone = capsys.readouterr().out
+    want = _plan(subprocess.run([sys.executable, "-m", "lib_lora", "train", str(dataset), "--plan-only",
+                                 *_flags(max_steps=1), "--batch-size", "2"], env=_env(tmp_path), cwd=tmp_path,
+                                capture_output=True, text=True, timeout=600).stdout)  # fmt: skip
+    assert any("(batch 2)" in line for line in want)
+    assert _plan(again.stdout) == want
+    assert _plan(alone) == want
+    # Three processes cannot share a global batch of 2: one sentence, before any process starts work.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["train", "--config", str(config), "--plan-only"]) == 2
+    assert "holds a global batch of 2 (trained on 2 processes), which does not split over 3" in capsys.readouterr().err
+
+
+def test_a_refusal_on_the_main_process_stops_every_process_with_its_sentence(dataset: Path, tmp_path: Path) -> None:
+    # An unreadable saved state: only the main process reads it first (load_for_resume), so
+    # before the fix the other process waited for it at a barrier.
+    work = tmp_path / "work"
+    state = work / "runs" / "broken" / "state" / "state.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"not a state")
+    cmd = _torchrun(2, str(ENTRY), "train", str(dataset), "--name", "broken", "--output-dir", str(work / "out"),
+                    "--run-dir", str(work / "runs" / "broken"), "--batch-size", "1", *_flags(max_steps=1))  # fmt: skip
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=400)  # a hang fails here instead of blocking the suite
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+        pytest.fail(f"the processes did not stop: {_log(tmp_path, 0)} {_log(tmp_path, 1)}\n{out[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    errors = [[line for line in _log(tmp_path, rank) if line.startswith(("error ", "exit "))] for rank in (0, 1)]
+    assert errors[0] == errors[1], out[-3000:]  # the same sentence and exit code on both
+    assert len(errors[0]) == 2 and "cannot be read" in errors[0][0] and errors[0][1] == "exit 2", errors
+
+
+def test_an_export_left_half_done_is_completed_by_the_main_process_while_the_others_wait(
+        dataset: Path, tmp_path: Path) -> None:
+    # One process at the global batch, killed after the final LoRA's rename, before the state's
+    # clean-up: the same run under 2 processes completes that export. Before the fix each process
+    # looked for it itself, and one that looked after the main process had removed the state
+    # took it for a new run and was refused (the LoRA exists): the run failed (exit 2 on rank 1).
+    work = tmp_path / "work"
+    args = ["train", str(dataset), "--name", "half", "--output-dir", str(work / "out"),
+            "--run-dir", str(work / "runs" / "half"), *_flags(max_steps=2)]  # fmt: skip
+    stop_at = ROOT / "tests" / "reliability" / "stop_at.py"
+    victim = subprocess.Popen([sys.executable, str(stop_at), "call", "lib_lora.training.state", "finish", "--", *args,
+                               "--batch-size", "2"], env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _, status = os.waitpid(victim.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the one-process run ended before its export's clean-up"
+        victim.send_signal(signal.SIGKILL)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait()
+    state = work / "runs" / "half" / "state" / "state.pt"
+    assert state.is_file() and (work / "out" / "half.safetensors").is_file()
+    env = _env(tmp_path) | {"DDP_TEST_LATE_STATE": str(state)}
+    res = subprocess.run(_torchrun(2, str(ENTRY), *args, "--batch-size", "1"), env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "already written by this run" in res.stdout + res.stderr
+    assert [line for line in _log(tmp_path, 1) if line.startswith("exit")] == ["exit 0"]
+    assert not state.exists() and (work / "out" / "half.json").is_file()

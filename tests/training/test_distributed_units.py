@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from lib_lora.errors import UserError
 from lib_lora.training import distributed
 from lib_lora.training.run_state import RunState
 from lib_lora.training.speed import StepData
@@ -75,3 +76,96 @@ def test_module_dropout_is_refused_on_several_processes_and_the_global_batch_is_
         distributed.global_config(TrainConfig(name="x", dataset="d", device="cpu", module_dropout=0.1), two)
     one = TrainConfig(name="x", dataset="d", device="cpu", module_dropout=0.1)
     assert distributed.global_config(one, distributed.Processes()) is one
+
+
+def _outcome(fn) -> str:  # noqa: ANN001
+    try:
+        return f"ok {fn()!r}"
+    except Exception as err:  # noqa: BLE001 - the test compares what each process raised
+        return f"{type(err).__name__}: {err}"
+
+
+def _in_block(procs: distributed.Processes, fail_on: int | None, ran: list[int]) -> None:
+    with distributed.main_first(procs):
+        ran.append(procs.rank)
+        if procs.rank == fail_on:
+            raise UserError(f"the block failed on process {fail_on}.")
+
+
+def _errors(rank: int, port: int, out: dict) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        procs = distributed.Processes(rank=rank, world=2)
+
+        def refuse() -> None:
+            raise UserError("The saved state cannot be read; start over with --restart.")
+
+        def bug() -> None:
+            raise ValueError("a bug")
+
+        got = [_outcome(lambda: distributed.main_only(procs, lambda: "written")),
+               _outcome(lambda: distributed.main_only(procs, refuse)),
+               _outcome(lambda: distributed.main_only(procs, bug))]  # fmt: skip
+        for fail_on in (None, 0, 1):
+            ran: list[int] = []
+            got.append(_outcome(lambda: _in_block(procs, fail_on, ran)) + f" ran {ran}")  # noqa: B023
+        # Every process made the same collectives: the next one pairs with the other's.
+        got.append(repr(distributed.broadcast(procs, "still in step")))
+        out[rank] = got
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_an_error_on_one_process_stops_every_process_with_its_sentence():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_errors, args=(port, out), nprocs=2, join=True)
+        main, other = out[0], out[1]
+    assert main[0] == "ok 'written'" and other[0] == "ok None"  # the main process's value, the others wait
+    assert main[1] == other[1] == "UserError: The saved state cannot be read; start over with --restart."
+    assert main[2] == "ValueError: a bug"  # the main process keeps its own error (and traceback)
+    assert other[2] == "UserError: The main process stopped on an error (ValueError: a bug); the others stopped with it."
+    assert (main[3], other[3]) == ("ok None ran [0]", "ok None ran [1]")
+    # The main process's block fails: the others never run theirs.
+    assert main[4] == "UserError: the block failed on process 0. ran [0]"
+    assert other[4] == "UserError: the block failed on process 0. ran []"
+    # Another process's block fails (reading what the main one wrote): the main process stops too.
+    assert main[5] == "UserError: the block failed on process 1. ran [0]"
+    assert other[5] == "UserError: the block failed on process 1. ran [1]"
+    assert main[6] == other[6] == "'still in step'"
+
+
+def test_a_data_parallel_runs_config_json_reads_back_as_the_same_global_batch(tmp_path):
+    import json
+
+    from lib_lora.config import TrainConfig, to_dict
+    from lib_lora.config_files import file_config, read_config_file
+
+    # What the main process of 2 GPU processes trains (global_config): the global batch, its own GPU.
+    trained = TrainConfig(name="x", dataset="d", device="cuda:0", batch_size=4)
+    main = distributed.Processes(rank=0, world=2, device=torch.device("cuda:0"))
+    values = distributed.run_config_values(to_dict(trained), main)
+    assert (values["batch_size"], values["device"], values["processes"]) == (4, "cuda", 2)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values), encoding="utf-8")
+    cf = read_config_file(path)
+    alone = file_config([cf], TrainConfig(), world=1)  # one process (also the WebUI's form): the global batch
+    assert (alone.batch_size, alone.device) == (4, "cuda")
+    # Under 2 processes again each takes half, and global_config makes the same run, on each one's GPU.
+    share = file_config([cf], TrainConfig(), world=2)
+    assert share.batch_size == 2
+    for rank in (0, 1):
+        procs = distributed.Processes(rank=rank, world=2, device=torch.device(f"cuda:{rank}"))
+        again = distributed.global_config(share, procs)
+        assert (again.batch_size, again.device) == (4, f"cuda:{rank}")
+    assert file_config([cf], TrainConfig(), world=4).batch_size == 1  # another count that divides it
+    with pytest.raises(UserError, match="global batch of 4 .trained on 2 processes., which does not split over 3"):
+        file_config([cf], TrainConfig(), world=3)
+    # A file without the mark (ours, or a one-process run's) keeps batch_size per process.
+    path.write_text(json.dumps(to_dict(trained)), encoding="utf-8")
+    assert file_config([read_config_file(path)], TrainConfig(), world=2).batch_size == 4
+    assert distributed.run_config_values(to_dict(trained), distributed.Processes()) == to_dict(trained)
