@@ -249,19 +249,32 @@ def load_for_resume(rs: RunState, cfg: TrainConfig, events: RunEvents,
                     load: Callable[[RunState, TrainConfig, RunEvents], dict | None]) -> dict | None:
     """`load` (state.load_for_resume: clean-up, --restart, read) on the main process; the others
     read the state it left, after it (they never remove anything). A refusal on any process
-    (an unreadable state) stops all of them with its sentence."""
+    (an unreadable state) stops all of them with its sentence; so does a process that does not
+    find the state the main one resumes (another machine whose run folder is not the same)."""
     procs = rs.procs
     if not procs.many:
         return load(rs, cfg, events)
     st = main_only(procs, lambda: load(rs, cfg, events))
     from lib_lora.training.state import load_state, state_path
 
+    path = state_path(rs.run_dir)
+
     def read() -> dict | None:
-        path = state_path(rs.run_dir)
         return load_state(path) if path.is_file() else None
 
     got = together(procs, read, here=not procs.is_main)
-    return st if procs.is_main else got
+    mine = st if procs.is_main else got
+    main_step = broadcast(procs, None if st is None else int(st["step"]))
+    step = None if mine is None else int(mine["step"])
+    problem = None
+    if step != main_step:
+        found = "no saved state" if step is None else f"a saved state at step {step}"
+        at = "starts over" if main_step is None else f"resumes at step {main_step}"
+        problem = UserError(f"The main process {at}, but process {procs.rank} finds {found} in {path}: every "
+                            "machine needs the same run folder (a shared file system); start over with --restart "
+                            "if it cannot have it.")
+    agree(procs, problem)
+    return mine
 
 
 def probe_once(rs: RunState, probe: Callable[[], tuple[float, float | None]]) -> tuple[float, float | None]:

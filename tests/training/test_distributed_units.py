@@ -169,3 +169,37 @@ def test_a_data_parallel_runs_config_json_reads_back_as_the_same_global_batch(tm
     path.write_text(json.dumps(to_dict(trained)), encoding="utf-8")
     assert file_config([read_config_file(path)], TrainConfig(), world=2).batch_size == 4
     assert distributed.run_config_values(to_dict(trained), distributed.Processes()) == to_dict(trained)
+
+
+def _resume(rank: int, port: int, root: str, out: dict) -> None:
+    from pathlib import Path
+
+    from lib_lora.config import TrainConfig
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # Each process's own disk: the main process finds a state, the other one's folder is empty.
+        rs = RunState(procs=distributed.Processes(rank=rank, world=2), run_dir=Path(root) / f"machine{rank}")
+        cfg = TrainConfig(name="x", dataset="d", device="cpu")
+        got = [_outcome(lambda: distributed.load_for_resume(rs, cfg, None, lambda *_: None)),  # --restart: both start
+               _outcome(lambda: distributed.load_for_resume(rs, cfg, None, lambda *_: {"step": 3}))]
+        got.append(repr(distributed.broadcast(rs.procs, "still in step")))
+        out[rank] = got
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_a_process_that_does_not_find_the_resumed_state_stops_every_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_resume, args=(port, str(tmp_path), out), nprocs=2, join=True)
+        main, other = out[0], out[1]
+    assert main[0] == other[0] == "ok None"
+    want = (f"UserError: The main process resumes at step 3, but process 1 finds no saved state in "
+            f"{tmp_path / 'machine1' / 'state' / 'state.pt'}: every machine needs the same run folder")
+    assert main[1].startswith(want) and other[1].startswith(want), (main[1], other[1])
+    assert main[2] == other[2] == "'still in step'"
