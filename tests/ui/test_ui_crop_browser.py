@@ -8,10 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# Skipped: on a shared 2-core machine the server's redraw after a typed coordinate can take
-# over 120 s, so the test failed in CI without a defect in the crop editor.
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skip(reason="redraw timing is not reliable on a loaded 2-core CI machine")]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 # The browser flow's fixtures (Chromium, the standalone app on loopback, a page) and its Page helpers.
 _spec = importlib.util.spec_from_file_location("fast_lora_browser_flow", Path(__file__).with_name("test_ui_browser_flow.py"))
