@@ -43,8 +43,9 @@ def with_text_encoders(host, cfg, on_event=None):
     return host.run_job(f"Training {cfg.name}", host.train, cfg, on_event=on_event, given=given)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 def test_training_inside_forges_sdxl_leaves_its_model_and_state_bit_identical(host, forge_xl, dataset, state_hash,
-                                                                              grad_flags):
+                                                                              grad_flags, checkpointing):
     from lib_lora.hosts.forge_backbone import ForgeSDXLBackbone
     from lib_lora.training.export import read_lora
 
@@ -64,7 +65,8 @@ def test_training_inside_forges_sdxl_leaves_its_model_and_state_bit_identical(ho
 
     with host.job("Train"):
         assert isinstance(host.backbone(), ForgeSDXLBackbone)
-    summary = with_text_encoders(host, tiny_cfg(dataset, max_steps=2, sample_images=1, sample_steps=3), on_event)
+    cfg = tiny_cfg(dataset, max_steps=2, sample_images=1, sample_steps=3, gradient_checkpointing=checkpointing)
+    summary = with_text_encoders(host, cfg, on_event)
     assert seen == {"frozen": True, "locked": True, "loaded": True}
     assert forge_state(engine, mm, state_hash, grad_flags) == before
     lora = forge_xl.root / "models" / "Lora" / "sks.safetensors"
@@ -318,3 +320,19 @@ def test_forges_sdxl_latents_are_the_standalone_backbones(forge_xl, sdxl_backbon
     torch.manual_seed(5)
     ref = sdxl_backbone.encode_images(pixels)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)  # SDXL's scale, 0.13025
+
+
+def test_gradient_checkpointing_gives_the_same_lora_on_forges_sdxl(host, forge_xl, dataset, sdxl_backbone,
+                                                                    float32_rounding):
+    """Recomputing each block in the backward pass (the U-Net's blocks, both text encoders'
+    layers) runs the same operations; only the order in which autograd adds up a tensor's
+    gradient from its several uses (the context feeds every attn2) differs, so the file agrees
+    to float32 rounding, and every text-encoder LoRA SDXL uses still gets its gradient."""
+    from lib_lora.training.export import read_lora
+
+    plain = read_lora(with_text_encoders(host, tiny_cfg(dataset, max_steps=2, name="plain"))["lora_path"])[0]
+    ckpt = read_lora(with_text_encoders(host, tiny_cfg(dataset, max_steps=2, name="ckpt",
+                                                        gradient_checkpointing=True))["lora_path"])[0]
+    unused = _assert_close_to_rounding(ckpt, plain, float32_rounding(
+        sdxl_backbone.unet, sdxl_backbone.text_encoder, sdxl_backbone.text_encoder_2))
+    assert all(k.startswith("lora_te1_text_model_encoder_layers_11_") for k in unused)
