@@ -418,10 +418,12 @@ def build_forge_sdxl_model(checkpoint: Path):
     unet.storage_dtype = unet.computation_dtype = torch.float32
     unet.load_device = unet.offload_device = unet.initial_device = cpu
     allowed = ("position_ids", "logit_scale")
-    te1 = {f"transformer.{k}": v for k, v in part("conditioner.embedders.0.transformer.").items()}
+    te1 = {f"transformer.{k}": v for k, v in part("conditioner.embedders.0.transformer.").items()
+           if not k.endswith("position_ids")}
     missing, unexpected = clip_l.load_state_dict(te1, strict=False)
     assert not unexpected and all(k.endswith((*allowed, "text_projection.weight")) for k in missing)
-    te2 = {f"transformer.{k}": v for k, v in sdxl_modules_from_state_dict(sd, "tiny-sdxl")[3].state_dict().items()}
+    te2 = {f"transformer.{k}": v for k, v in sdxl_modules_from_state_dict(sd, "tiny-sdxl")[3].state_dict().items()
+           if not k.endswith("position_ids")}  # a saved buffer in one transformers version, not in another
     missing, unexpected = clip_g.load_state_dict(te2, strict=False)
     assert not unexpected and all(k.endswith(allowed) for k in missing)
     ldm_vae = AutoencoderKLShape(TINY_LDM_VAE_KWARGS)
