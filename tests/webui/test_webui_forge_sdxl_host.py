@@ -242,6 +242,14 @@ def test_a_baked_lora_is_taken_out_of_forges_sdxl_and_baked_back(host, forge_xl,
     assert sorted(lora) == sorted(plain) and all(torch.equal(lora[k], plain[k]) for k in lora)
 
 
+def test_lycoris_types_are_refused_on_forges_sdxl(host, forge_xl, dataset, state_hash, grad_flags):
+    engine, mm = forge_xl.shared.sd_model, forge_xl.backend_mm
+    before = forge_state(engine, mm, state_hash, grad_flags)
+    with pytest.raises(UserError, match="loha is not available in Forge"):
+        run(host, tiny_cfg(dataset, network_type="loha"))
+    assert forge_state(engine, mm, state_hash, grad_flags) == before
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [
