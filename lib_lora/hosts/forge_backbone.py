@@ -1,11 +1,13 @@
-"""The Backbone over Forge's loaded SD1.5 model, trained in place, and Forge's state given back.
+"""The Backbones over Forge's loaded SD1.5 and SDXL models, trained in place, and Forge's state given back.
 
 Forge (lllyasviel/stable-diffusion-webui-forge) replaces A1111's ldm model with its own
 `backend`: `shared.sd_model.forge_objects` holds a `UnetPatcher` (its `.model` is a KModel whose
 `diffusion_model` is Forge's U-Net, the ldm module tree under ldm's names), a `CLIP` (its
 `cond_stage_model.clip_l.transformer` is transformers' CLIPTextModel, its `tokenizer.clip_l` the
 tokenizer) and a `VAE` (`first_stage_model`, ldm's encoder/decoder, with `process_in/out` for
-the latent scale). Their Linear layers are Forge's own `ForgeOperations.Linear`, which naming
+the latent scale). Its SDXL engine (`ForgeSDXLBackbone`) holds the same objects with two text
+encoders, `clip_l` and `clip_g`, and the U-Net is sgm's tree (with `label_emb` for the `y`
+vector). Their Linear layers are Forge's own `ForgeOperations.Linear`, which naming
 and LoRAModule accept (`naming.is_linear`).
 
 Two things differ from A1111, and `forge_training_state` handles both:
@@ -38,8 +40,11 @@ import torch
 from torch import nn
 
 from lib_lora.errors import UserError
-from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state, weights_hash
+from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state, standalone_order, weights_hash
+from lib_lora.training import naming
 from lib_lora.training.backbone import encode_text_chunks
+from lib_lora.training.backbone_sdxl import TextConditioning, encode_sdxl_text, te2_input_ids
+from lib_lora.training.family import SDXL, ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +61,48 @@ def _objects(sd_model: Any) -> Any:
     return getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
 
 
+def _clip_parts(objs: Any) -> Any:
+    return getattr(getattr(objs, "clip", None), "cond_stage_model", None)
+
+
+def is_forge_sdxl(sd_model: Any) -> bool:
+    """Forge's SDXL base engine: `is_sdxl`, and its CLIP holds both encoders (clip_l and clip_g;
+    the refiner's holds clip_g alone)."""
+    if not (is_forge_model(sd_model) and getattr(sd_model, "is_sdxl", False)):
+        return False
+    te = _clip_parts(_objects(sd_model))
+    return all(getattr(getattr(te, k, None), "transformer", None) is not None for k in ("clip_l", "clip_g"))
+
+
 def check_forge_trainable(sd_model: Any) -> None:
     """Raise a UserError saying why Forge's loaded model cannot be trained on here, if it cannot."""
-    if getattr(sd_model, "is_sdxl", False):
-        raise UserError("Training on Forge's SDXL model is not implemented yet: load an SD1.5 checkpoint in Forge, "
-                        "or train this SDXL checkpoint in AUTOMATIC1111 v1.10 or the standalone app.")
-    if not getattr(sd_model, "is_sd1", False):
-        raise UserError("The loaded checkpoint is not SD1.5 (Forge also loads SD2, SD3, Flux and others); "
-                        "Fast LoRA trains SD1.5 LoRAs in Forge: load an SD1.5 checkpoint.")
+    sdxl = getattr(sd_model, "is_sdxl", False)
+    if sdxl and not is_forge_sdxl(sd_model):
+        raise UserError("The loaded checkpoint is an SDXL refiner or another SDXL variant without SDXL base's two "
+                        "text encoders; load an SDXL base model (or an SD1.5 one).")
+    if not sdxl and not getattr(sd_model, "is_sd1", False):
+        raise UserError("The loaded checkpoint is neither SD1.5 nor SDXL (Forge also loads SD2, SD3, Flux and others); "
+                        "Fast LoRA trains SD1.5 and SDXL LoRAs in Forge: load one of those.")
     if getattr(sd_model, "is_inpaint", False):
-        raise UserError("The loaded checkpoint is an inpainting model; load an SD1.5 base model.")
+        raise UserError("The loaded checkpoint is an inpainting model; load an SD1.5 or SDXL base model.")
     objs = _objects(sd_model)
     unet = getattr(getattr(getattr(objs, "unet", None), "model", None), "diffusion_model", None)
-    clip_l = getattr(getattr(getattr(objs, "clip", None), "cond_stage_model", None), "clip_l", None)
+    clip_l = getattr(_clip_parts(objs), "clip_l", None)
     if unet is None or getattr(clip_l, "transformer", None) is None or getattr(objs, "vae", None) is None:
-        raise UserError("Forge's loaded model has no SD1.5 U-Net, CLIP text encoder and VAE; load an SD1.5 checkpoint.")
+        family = "SDXL" if sdxl else "SD1.5"
+        raise UserError(f"Forge's loaded model has no {family} U-Net, CLIP text encoder and VAE; load an {family} checkpoint.")
+    if sdxl and getattr(sd_model, "embedder", None) is None:
+        raise UserError("Forge's loaded SDXL model has no size/crop embedder (another Forge version?); "
+                        "train this checkpoint in AUTOMATIC1111 or the standalone app.")
     storage = getattr(objs.unet.model, "storage_dtype", None)
     if storage is not None and storage not in TRAINABLE_STORAGE:
         raise UserError(f"Forge stores the loaded U-Net as {storage} (the 'Diffusion in Low Bits' setting); training "
                         "needs fp16, bf16 or fp32 weights: set it to Automatic and reload the checkpoint.")
+
+
+def forge_backbone(sd_model: Any, **kwargs: Any) -> ForgeBackbone:
+    """The Backbone over Forge's loaded model: `ForgeSDXLBackbone` for its SDXL engine, else `ForgeBackbone`."""
+    return (ForgeSDXLBackbone if is_forge_sdxl(sd_model) else ForgeBackbone)(sd_model, **kwargs)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -136,6 +164,74 @@ class ForgeBackbone(LdmBackbone):
     def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         # a fresh transformer_options: Forge's forward writes into it (its default is a shared dict)
         return self.unet(noisy_latents, timesteps, context=cond, transformer_options={})
+
+
+class ForgeSDXLBackbone(ForgeBackbone):
+    """`lib_lora.training.backbone_sdxl.SDXLBackbone`'s interface over Forge's SDXL engine
+    (backend/diffusion_engine/sdxl.py: StableDiffusionXL), weights used in place.
+
+    Forge holds both text encoders as transformers' CLIPTextModel (`clip.cond_stage_model.clip_l`
+    and `.clip_g`, bigG with a `text_projection` Linear), so, unlike on A1111's sgm model, text
+    encoder 2 is trained too (`lora_te2_`), as by the standalone backbone and kohya. What it
+    computes is what Forge's get_learned_conditioning gives the U-Net: crossattn = both
+    encoders' penultimate hidden states side by side, vector = clip_g's projected pooled output
+    followed by Forge's own `embedder` (Timestep) over the six size/crop values; the pooled
+    output is taken as the standalone backbone takes it (kohya's: the final-normed state at the
+    first end-of-text token), which is Forge's for captions without textual-inversion tokens."""
+
+    family: ModelFamily = SDXL
+
+    def __init__(self, sd_model: Any, model_name: str = "", model_hash: str = "",
+                 device: torch.device | None = None, model_legacy_hash: str = "") -> None:
+        super().__init__(sd_model, model_name, model_hash, device, model_legacy_hash)
+        self.text_encoder_2 = self.forge.clip.cond_stage_model.clip_g.transformer
+        self.tokenizer_2 = self.forge.clip.tokenizer.clip_g
+        self.embedder = sd_model.embedder
+
+    @functools.cached_property
+    def vae_identity(self) -> str:
+        """SgmBackbone's: Forge's VAE is ldm's tree under ldm's names and scales latents by SDXL's
+        factor, so a latent cache is shared with A1111's SDXL model for the same VAE."""
+        return weights_hash(f"sgm-vae|{self.vae_dtype()}|{self.vae.scaling_factor}", self.vae)
+
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1,
+                    input_ids_2: torch.Tensor | None = None) -> TextConditioning:
+        """Token ids (B, n*77) -> (context (B, n*77, TE1 + TE2 width), pooled (B, TE2 projection)):
+        `encode_sdxl_text`, the standalone backbone's computation, over Forge's encoders.
+        clip_skip does not apply to SDXL (Forge's engines fix it at the penultimate layer too)."""
+        del clip_skip
+        te_device = _device_of(self.text_encoder)  # Forge may keep the text encoders elsewhere
+        ids = input_ids.to(te_device)
+        if input_ids_2 is None:
+            pad = self.tokenizer_2.pad_token_id
+            input_ids_2 = te2_input_ids(ids, self.tokenizer.eos_token_id, 0 if pad is None else pad)
+        out = encode_sdxl_text(self.text_encoder, self.text_encoder_2, ids, input_ids_2.to(te_device),
+                               self.tokenizer_2.eos_token_id)
+        return TextConditioning(out.cond.to(self.device), out.pooled.to(self.device))
+
+    def y_vector(self, added: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forge's `vector`: the pooled output, then `embedder` of each of the six time ids
+        (original height, width, crop top, left, target height, width), concatenated per sample."""
+        pooled, ids = added["text_embeds"], added["time_ids"].to(self.device)
+        flat = self.embedder(ids.reshape(-1)).reshape(ids.shape[0], -1)
+        return torch.cat([pooled, flat.to(pooled)], dim=1).to(self.dtype)
+
+    def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                      added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if added is None:
+            raise ValueError("the SDXL U-Net needs its added conditioning (pooled text embedding and time ids)")
+        return self.unet(noisy_latents, timesteps, context=cond, y=self.y_vector(added), transformer_options={})
+
+    def lora_targets(self, conv: bool = False) -> list[naming.Target]:
+        """U-Net targets under kohya's SDXL (compvis) names in the standalone backbone's order, then
+        TE1's (`lora_te1_`) and TE2's (`lora_te2_`): the names Forge's key map sends onto its U-Net,
+        clip_l and clip_g."""
+        fam = self.family
+        unet = naming.unet_targets(self.unet, conv, fam.unet_prefix, fam.unet_key_space)
+        out = standalone_order(unet, fam.unet_prefix, fam)
+        for spec, te in zip(fam.text_encoders, (self.text_encoder, self.text_encoder_2), strict=True):
+            out += naming.text_encoder_targets(te, spec.kohya_prefix)
+        return out
 
 
 # --------------------------------------------------------------------------------------------

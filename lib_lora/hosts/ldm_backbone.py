@@ -133,12 +133,15 @@ def _checkpointed(forward: Any) -> Any:
     return checkpointed_forward
 
 
-def standalone_order(targets: list[naming.Target], prefix: str = SD15.unet_prefix) -> list[naming.Target]:
+def standalone_order(targets: list[naming.Target], prefix: str = SD15.unet_prefix,
+                     family: ModelFamily = SD15) -> list[naming.Target]:
     """U-Net targets in the diffusers model's module order (the order kohya and the standalone
     backbone create them in). LoRA weights are initialised in target order from the seeded RNG,
-    so this order makes the same seed give the same LoRA on both backbones; ldm's own order
-    differs (input/middle/output blocks; attn1, ff, attn2 inside a transformer block)."""
-    rank = _diffusers_rank(any(t.conv3x3 for t in targets), prefix)
+    so this order makes the same seed give the same LoRA on both backbones; ldm's and sgm's own
+    order differs (input/middle/output blocks; attn1, ff, attn2 inside a transformer block).
+    `family`: whose diffusers U-Net gives the order, and in which key space its names are (a
+    smaller model of the family, the tiny ones, has a subset of its names, in the same order)."""
+    rank = _diffusers_rank(any(t.conv3x3 for t in targets), prefix, family.name)
     if rank is None:
         return targets
     end = len(rank)
@@ -146,17 +149,21 @@ def standalone_order(targets: list[naming.Target], prefix: str = SD15.unet_prefi
 
 
 @functools.lru_cache(maxsize=4)
-def _diffusers_rank(conv: bool, prefix: str) -> dict[str, int] | None:
+def _diffusers_rank(conv: bool, prefix: str, family_name: str = SD15.name) -> dict[str, int] | None:
     try:
         from diffusers import UNet2DConditionModel
 
+        from lib_lora.training.family import family_by_name
         from lib_lora.training.models import sd15_unet_config
+        from lib_lora.training.tiny_model import sdxl_configs
     except ImportError:  # the order is a nicety (reproducibility across hosts), not a need
         return None
-    config = {k: v for k, v in sd15_unet_config().items() if not k.startswith("_")}
+    family = family_by_name(family_name)
+    full = sd15_unet_config() if family is SD15 else sdxl_configs(full_size=True)[0]
+    config = {k: v for k, v in full.items() if not k.startswith("_")}
     with torch.device("meta"):  # names only: no memory, no weights
         unet = UNet2DConditionModel(**config)
-    return {t.name: i for i, t in enumerate(naming.unet_targets(unet, conv, prefix))}
+    return {t.name: i for i, t in enumerate(naming.unet_targets(unet, conv, prefix, family.unet_key_space))}
 
 
 # --------------------------------------------------------------------------------------------

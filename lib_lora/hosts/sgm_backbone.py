@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_lora.hosts.ldm_backbone import _checkpointed, preserve_model_state, weights_hash
+from lib_lora.hosts.ldm_backbone import _checkpointed, preserve_model_state, standalone_order, weights_hash
 from lib_lora.training import naming
 from lib_lora.training.backbone_sdxl import TextConditioning, te2_input_ids
 from lib_lora.training.family import SDXL, ModelFamily
@@ -141,10 +141,12 @@ class SgmBackbone:
 
     # -- LoRA --------------------------------------------------------------------------------
     def lora_targets(self, conv: bool = False) -> list[naming.Target]:
-        """U-Net targets under kohya's SDXL (compvis) names, then TE1's (`lora_te1_`); no TE2
+        """U-Net targets under kohya's SDXL (compvis) names, in the standalone backbone's order
+        (so a seed initialises the same LoRA on every host), then TE1's (`lora_te1_`); no TE2
         (`TE2_NOT_TRAINED`)."""
         fam = self.family
-        return naming.unet_targets(self.unet, conv, fam.unet_prefix, fam.unet_key_space) + naming.text_encoder_targets(
+        unet = naming.unet_targets(self.unet, conv, fam.unet_prefix, fam.unet_key_space)
+        return standalone_order(unet, fam.unet_prefix, fam) + naming.text_encoder_targets(
             self.text_encoder, fam.text_encoders[0].kohya_prefix)
 
     def enable_gradient_checkpointing(self) -> bool:

@@ -32,8 +32,10 @@ from lib_lora.errors import Cancelled, UserError
 from lib_lora.hosts.forge_backbone import (
     ForgeBackbone,
     check_forge_trainable,
+    forge_backbone,
     forge_training_state,
     is_forge_model,
+    is_forge_sdxl,
 )
 from lib_lora.hosts.ldm_backbone import LdmBackbone, preserve_model_state
 from lib_lora.hosts.sgm_backbone import TE2_NOT_TRAINED, SgmBackbone, is_sgm_sdxl
@@ -415,12 +417,12 @@ class WebUIHost:
     # -- the model ---------------------------------------------------------------------------
     def model_family(self) -> ModelFamily:
         """The family of the loaded checkpoint, read without loading or touching it: SDXL for
-        an sgm SDXL base model, else SD1.5 (no model yet, or one `backbone()` refuses)."""
+        an sgm SDXL base model or Forge's SDXL engine, else SD1.5 (no model yet, or one `backbone()` refuses)."""
         try:
             sd_model = a1111("sd_models").model_data.sd_model  # never loads one (shared.sd_model may)
         except (ImportError, AttributeError):
             sd_model = getattr(a1111("shared"), "sd_model", None)
-        return SDXL if sd_model is not None and is_sgm_sdxl(sd_model) else SD15
+        return SDXL if sd_model is not None and (is_sgm_sdxl(sd_model) or is_forge_sdxl(sd_model)) else SD15
 
     def backbone(self, base_model: str | None = None) -> LdmBackbone | SgmBackbone | ForgeBackbone:
         """The WebUI's loaded checkpoint, trained in place (`base_model` is ignored).
@@ -436,7 +438,7 @@ class WebUIHost:
         legacy = "" if legacy == "NOFILE" else legacy
         forge = is_forge_model(sd_model)
         if forge:  # on Forge's own device (its memory manager's), not modules.devices'
-            backbone = ForgeBackbone(sd_model, model_name=name, model_hash=sha, model_legacy_hash=legacy)
+            backbone = forge_backbone(sd_model, model_name=name, model_hash=sha, model_legacy_hash=legacy)
         else:
             kind = SgmBackbone if is_sgm_sdxl(sd_model) else LdmBackbone
             backbone = kind(sd_model, model_name=name, model_hash=sha, device=a1111("devices").device,

@@ -381,3 +381,73 @@ def forge(webui, forge_backend, tiny_checkpoint):
         yield webui
     finally:
         webui.shared.sd_model = None
+
+
+def build_forge_sdxl_model(checkpoint: Path):
+    """Forge's SDXL engine (backend.diffusion_engine.sdxl.StableDiffusionXL) with the tiny-sdxl
+    file's weights, built as Forge's loader builds it: the U-Net (sgm's tree) and both text
+    encoders (transformers' CLIPTextModel in IntegratedCLIP, with a text_projection Linear)
+    constructed under `using_forge_operations`, then the weights loaded. The file's OpenCLIP
+    bigG weights are put in transformers' layout as Forge's loader does (here by diffusers'
+    conversion, through the standalone loader)."""
+    from backend.diffusion_engine.sdxl import StableDiffusionXL
+    from backend.nn.clip import IntegratedCLIP
+    from backend.nn.unet import IntegratedUNet2DConditionModel, Timestep
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.operations import using_forge_operations
+    from transformers import CLIPTextModel
+
+    from lib_lora.training.family import SDXL
+    from lib_lora.training.models import read_state_dict
+    from lib_lora.training.models_sdxl import sdxl_modules_from_state_dict
+    from lib_lora.training.tiny_model import TINY_SDXL_TIME_DIM, sdxl_configs
+    from lib_lora.training.tokenizer import load_clip_tokenizer, load_clip_tokenizer_2
+
+    sd = read_state_dict(checkpoint)
+    _, _, te1_cfg, te2_cfg = sdxl_configs()
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    cpu = torch.device("cpu")
+    with using_forge_operations(device=cpu, dtype=torch.float32):
+        unet = IntegratedUNet2DConditionModel(**fake_sgm.TINY_SGM_UNET_KWARGS)
+        clip_l = IntegratedCLIP(CLIPTextModel, te1_cfg, add_text_projection=True)
+        clip_g = IntegratedCLIP(CLIPTextModel, te2_cfg, add_text_projection=True)
+    unet.load_state_dict(part("model.diffusion_model."))
+    unet.storage_dtype = unet.computation_dtype = torch.float32
+    unet.load_device = unet.offload_device = unet.initial_device = cpu
+    allowed = ("position_ids", "logit_scale")
+    te1 = {f"transformer.{k}": v for k, v in part("conditioner.embedders.0.transformer.").items()
+           if not k.endswith("position_ids")}
+    missing, unexpected = clip_l.load_state_dict(te1, strict=False)
+    assert not unexpected and all(k.endswith((*allowed, "text_projection.weight")) for k in missing)
+    te2 = {f"transformer.{k}": v for k, v in sdxl_modules_from_state_dict(sd, "tiny-sdxl")[3].state_dict().items()
+           if not k.endswith("position_ids")}  # a saved buffer in one transformers version, not in another
+    missing, unexpected = clip_g.load_state_dict(te2, strict=False)
+    assert not unexpected and all(k.endswith(allowed) for k in missing)
+    ldm_vae = AutoencoderKLShape(TINY_LDM_VAE_KWARGS)
+    ldm_vae.load_state_dict(part("first_stage_model."))
+    vae = IntegratedAutoencoderKL(ldm_vae, scaling_factor=SDXL.latent_scale)
+    model = StableDiffusionXL(None, {"unet": unet, "text_encoder": clip_l, "text_encoder_2": clip_g, "vae": vae,
+                                     "tokenizer": load_clip_tokenizer(), "tokenizer_2": load_clip_tokenizer_2(),
+                                     "scheduler": None})
+    # Forge's Timestep(256) is SDXL base's width; the tiny U-Net's adm_in_channels take 16 per value
+    model.embedder = Timestep(TINY_SDXL_TIME_DIM)
+    for m in (unet, clip_l, clip_g, vae):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(True)  # Forge never freezes them; the host must
+    return model
+
+
+@pytest.fixture
+def forge_xl(webui, forge_backend, tiny_sdxl_checkpoint):
+    """The fake WebUI as Forge with its SDXL engine loaded (the tiny-sdxl checkpoint)."""
+    webui.sd_hijack.undo_optimizations()
+    webui.backend_mm = forge_backend
+    webui.shared.sd_model = build_forge_sdxl_model(tiny_sdxl_checkpoint)
+    try:
+        yield webui
+    finally:
+        webui.shared.sd_model = None

@@ -3,7 +3,9 @@
 tests/webui/forge_facts.json records, from lllyasviel/stable-diffusion-webui-forge at the commit
 it names, for each Forge class and function the stand-in imitates: its bases, the `self.<name>`
 attributes its methods set, the parameter lists of its methods, decorators, module-level names,
-SD1.5's CLIP key, the LoRA folder flag, the LoRA key-map rules and `requirements_versions.txt`.
+SD1.5's CLIP key, SDXL's engine (its CLIP keys, text engines' settings, embedder and the
+crossattn/vector it builds), the LoRA folder flag, the LoRA key-map rules (SD1.5's and SDXL's)
+and `requirements_versions.txt`.
 It was written by tests/webui/tools/read_forge_facts.py (an `ast` pass over the real files).
 
 The checks run one way: everything the stand-in defines (each method of its own, each instance
@@ -30,6 +32,7 @@ CLASSES = [
     "backend/patcher/clip.py:CLIP", "backend/patcher/clip.py:JointTextEncoder", "backend/patcher/vae.py:VAE",
     "backend/modules/k_model.py:KModel", "backend/diffusion_engine/base.py:ForgeObjects",
     "backend/diffusion_engine/base.py:ForgeDiffusionEngine", "backend/diffusion_engine/sd15.py:StableDiffusion",
+    "backend/diffusion_engine/sdxl.py:StableDiffusionXL", "backend/nn/unet.py:Timestep",
     "backend/memory_management.py:LoadedModel", "backend/nn/base.py:ModuleDict", "backend/nn/base.py:ObjectDict",
     "backend/nn/clip.py:IntegratedCLIP", "backend/nn/vae.py:IntegratedAutoencoderKL",
     "backend/nn/unet.py:IntegratedUNet2DConditionModel",
@@ -37,7 +40,8 @@ CLASSES = [
 # Deviations, each with its reason; the checks skip exactly these.
 SIGNATURE_DEVIATIONS = {
     "IntegratedAutoencoderKL.__init__": "built from ldm's AutoencoderKL tree instead of a diffusers config",
-    "IntegratedUNet2DConditionModel.__init__": "ldm's UNetModel constructor (its kwargs), then Forge's in-place blocks",
+    "IntegratedUNet2DConditionModel.__init__": "ldm's UNetModel constructor (its kwargs; the sgm stand-in's for SDXL), "
+                                               "then Forge's in-place blocks",
 }
 # Set on a module by another class: ModelPatcher.__init__ gives the model it wraps a `lora_loader`.
 SET_FROM_OUTSIDE = {"lora_loader": "backend/patcher/base.py:ModelPatcher"}
@@ -47,7 +51,7 @@ FUNCTIONS = [
     "backend/memory_management.py:unload_all_models", "backend/memory_management.py:soft_empty_cache",
     "backend/memory_management.py:get_torch_device", "backend/memory_management.py:module_size",
     "backend/patcher/lora.py:get_parameter_devices", "backend/patcher/lora.py:set_parameter_devices",
-    "backend/operations.py:using_forge_operations",
+    "backend/operations.py:using_forge_operations", "backend/nn/unet.py:timestep_embedding",
 ]
 
 
@@ -205,3 +209,89 @@ def test_forges_pins_are_recorded():
     pins = FACTS["requirements_versions"]
     assert pins["gradio"].startswith("4.") and pins["transformers"] == "4.46.1" and pins["diffusers"] == "0.31.0"
     assert pins["torch"] == ""  # unpinned in the file: Forge's launcher installs torch itself
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL: backend/diffusion_engine/sdxl.py's StableDiffusionXL
+
+
+@pytest.fixture
+def engine_xl(forge_xl):
+    return forge_xl.shared.sd_model
+
+
+def _instances_xl(engine) -> dict[str, object]:
+    objs = engine.forge_objects
+    return {
+        "backend/diffusion_engine/sdxl.py:StableDiffusionXL": engine,
+        "backend/patcher/clip.py:CLIP": objs.clip,
+        "backend/nn/clip.py:IntegratedCLIP": objs.clip.cond_stage_model.clip_g,
+        "backend/nn/unet.py:Timestep": engine.embedder,
+        "backend/modules/k_model.py:KModel": objs.unet.model,
+    }
+
+
+def test_every_attribute_the_sdxl_stand_ins_set_is_forges(engine_xl):
+    for key, obj in _instances_xl(engine_xl).items():
+        real = _real_attributes(key) | {n for n, where in SET_FROM_OUTSIDE.items() if f"model.{n}" in _source_text(where)}
+        if key.endswith(":StableDiffusionXL"):  # its base's too (ForgeDiffusionEngine is not named by its path)
+            real |= _real_attributes("backend/diffusion_engine/base.py:ForgeDiffusionEngine")
+        ours = {n for n in vars(obj) if not n.startswith("_") and n != "training"}
+        if isinstance(obj, torch.nn.Module):
+            ours |= set(obj._modules) | {n for n, p in obj._parameters.items() if p is not None}
+        assert ours - real == set(), f"{key}: {sorted(ours - real)} are not attributes Forge sets"
+
+
+def test_the_sdxl_u_net_is_forges_module_tree(engine_xl):
+    unet = engine_xl.forge_objects.unet.model.diffusion_model
+    assert type(unet).__name__ == "IntegratedUNet2DConditionModel"
+    unet_facts = {k.split(":")[1]: v for k, v in FACTS["classes"].items() if k.startswith("backend/nn/unet.py:")}
+    seen = set()
+    for module in unet.modules():
+        cls = type(module).__name__
+        if cls not in unet_facts:
+            continue
+        seen.add(cls)
+        for child in module._modules:
+            if not child.isdigit():
+                assert child in unet_facts[cls]["init_self_attributes"], f"{cls}.{child} is not a child Forge's {cls} has"
+    assert {"IntegratedUNet2DConditionModel", "SpatialTransformer", "BasicTransformerBlock", "CrossAttention",
+            "FeedForward", "GEGLU", "ResBlock", "Downsample", "Upsample"} <= seen
+    assert "label_emb" in unet._modules  # SDXL's `y` (Forge's num_classes "sequential")
+
+
+def test_sdxl_engine_parts_and_conditioning_are_forges(engine_xl):
+    """What ForgeSDXLBackbone relies on: CLIP holds clip_l and clip_g (both IntegratedCLIP over
+    transformers' CLIPTextModel with a text_projection Linear, as backend/loader.py builds them),
+    the U-Net's context is both encoders' penultimate hidden states (clip_skip 2, no final norm)
+    l then g, `vector` is clip_g's projected pooled output then `embedder` (a Timestep) over
+    the six values in the order of our time ids (original h, w, crop top, left, target h, w)."""
+    from backend.nn.unet import Timestep
+
+    xl = FACTS["sdxl"]
+    assert xl["clip_model_dict_keys"] == xl["clip_tokenizer_dict_keys"] == ["clip_l", "clip_g"]
+    te = engine_xl.forge_objects.clip.cond_stage_model
+    assert list(te._modules) == ["clip_l", "clip_g"] and xl["loader_text_encoder"]
+    assert all(hasattr(te._modules[k].transformer, "text_projection") for k in ("clip_l", "clip_g"))
+    engines = xl["init"]
+    for name, key in (("text_processing_engine_l", "clip_l"), ("text_processing_engine_g", "clip_g")):
+        e = engines[name]
+        assert e["text_encoder"] == f"clip.cond_stage_model.{key}" and e["tokenizer"] == f"clip.tokenizer.{key}"
+        assert (e["clip_skip"], e["minimal_clip_skip"], e["final_layer_norm"]) == ("2", "2", "False")
+    assert (engines["text_processing_engine_g"]["return_pooled"], engines["text_processing_engine_g"]["text_projection"]) \
+        == ("True", "True")
+    assert engines["embedder"] == {"call": "Timestep", "args": ["256"]} and isinstance(engine_xl.embedder, Timestep)
+    assert xl["embedder_inputs"] == ["height", "width", "crop_h", "crop_w", "target_height", "target_width"]
+    assert xl["cond"] == {"crossattn": "torch.cat([cond_l, cond_g], dim=2)", "vector": "torch.cat([clip_pooled, flat], dim=1)"}
+    assert FACTS["classes"]["backend/diffusion_engine/sdxl.py:StableDiffusionXL"]["decorators"]["encode_first_stage"] \
+        == ["torch.inference_mode()"]
+
+
+def test_sdxl_key_map_rules(engine_xl):
+    """Forge's map for kohya's SDXL names: lora_unet_<ldm path> (the compvis rule), lora_te1_ onto
+    clip_l, lora_te2_ onto clip_g; tests/comfy_helpers.py's port has the same CLIP map."""
+    import comfy_helpers
+
+    rules = FACTS["sdxl_key_map_rules"]
+    assert rules["te1_on_clip_l"] and rules["te2_on_clip_g"] and FACTS["unet_key_map_rules"]["compvis"]
+    assert [tuple(p) for p in rules["lora_clip_map"]] == sorted(comfy_helpers.LORA_CLIP_MAP.items())

@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from webui_jobs import make_dataset, tiny_cfg
+from webui_jobs import bake_a_lora, forge_state, make_dataset, roots, run, tiny_cfg
 
 from lib_lora.errors import UserError
 
@@ -25,55 +25,6 @@ def host(forge):
     from lib_lora.hosts import webui as host_module
 
     return host_module.WebUIHost()
-
-
-def run(host, cfg, on_event=None):
-    return host.run_job(f"Training {cfg.name}", host.train, cfg, on_event=on_event)
-
-
-def roots(engine) -> list[torch.nn.Module]:
-    objs = engine.forge_objects_original
-    return [objs.unet.model, objs.clip.cond_stage_model, objs.vae.first_stage_model]
-
-
-def forge_state(engine, mm, state_hash, grad_flags) -> dict:
-    """Everything of Forge's the job may touch: weights (bytes), requires_grad, the parameter
-    objects themselves, the memory manager's loaded patchers in order, the LoRA loaders' state."""
-    objs = engine.forge_objects_original
-    loaders = [objs.unet.lora_loader, objs.clip.patcher.lora_loader]
-    return {
-        "weights": [state_hash(r) for r in roots(engine)],
-        "grad": [grad_flags(r) for r in roots(engine)],
-        # the parameter objects, less the LoRA-patched ones: Forge makes new ones at each bake
-        "params": [[id(p) for k, p in r.named_parameters() if k not in r.lora_loader.backup] for r in roots(engine)],
-        "loaded": [id(lm.model) for lm in mm.current_loaded_models],
-        "loras": [(lo.loaded_hash, sorted(lo.backup)) for lo in loaders],
-        "forward_overrides": sum("forward" in m.__dict__ for r in roots(engine) for m in r.modules()),
-        "objects": (id(engine.forge_objects.unet), id(engine.forge_objects.clip), engine.current_lora_hash),
-    }
-
-
-def bake_a_lora(engine, mm, strength=1.0):
-    """What Forge does for `<lora:other:1>`: clones of the original patchers carrying the LoRA's
-    patches become forge_objects, and loading them through the memory manager bakes them in."""
-    original = engine.forge_objects_original
-    unet, clip = original.unet.clone(), original.clip.clone()
-    g = torch.Generator().manual_seed(3)
-
-    def patches(model, n):
-        keys = [k for k, p in model.named_parameters() if k.endswith(".weight") and p.dim() == 2][:n]
-        out = {}
-        for k in keys:
-            w = dict(model.named_parameters())[k]
-            out[k] = ("lora", (torch.randn(w.shape[0], 2, generator=g), torch.randn(2, w.shape[1], generator=g), 1.0))
-        return out
-
-    unet.add_patches(filename="other.safetensors", patches=patches(unet.model, 6), strength_patch=strength)
-    clip.add_patches(filename="other.safetensors", patches=patches(clip.cond_stage_model, 4), strength_patch=strength)
-    engine.forge_objects.unet, engine.forge_objects.clip = unet, clip
-    engine.forge_objects_after_applying_lora = engine.forge_objects.shallow_copy()
-    engine.current_lora_hash = "[['other.safetensors', 1.0, 1.0, False]]"
-    mm.load_models_gpu([unet, clip.patcher, engine.forge_objects.vae.patcher])  # the next generation loads them
 
 
 def test_training_inside_forge_leaves_its_model_and_state_bit_identical(host, forge, dataset, state_hash, grad_flags):
@@ -193,8 +144,9 @@ def test_weights_forge_made_in_inference_mode_are_trained_around(host, forge, da
 @pytest.mark.parametrize(
     "setup, message",
     [
-        (lambda e: setattr(e, "is_sdxl", True), "Forge's SDXL"),
-        (lambda e: setattr(e, "is_sd1", False), "not SD1.5"),
+        # an SDXL engine without SDXL base's two text encoders (the refiner's CLIP has clip_g alone)
+        (lambda e: setattr(e, "is_sdxl", True), "SDXL refiner"),
+        (lambda e: setattr(e, "is_sd1", False), "neither SD1.5 nor SDXL"),
         (lambda e: setattr(e.forge_objects_original.unet.model, "storage_dtype", torch.float8_e4m3fn), "Low Bits"),
     ],
 )

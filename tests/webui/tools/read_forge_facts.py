@@ -25,13 +25,14 @@ CLASSES = {
     "backend/modules/k_model.py": ["KModel"],
     "backend/diffusion_engine/base.py": ["ForgeObjects", "ForgeDiffusionEngine"],
     "backend/diffusion_engine/sd15.py": ["StableDiffusion"],
+    "backend/diffusion_engine/sdxl.py": ["StableDiffusionXL"],
     "backend/memory_management.py": ["LoadedModel"],
     "backend/nn/base.py": ["ModuleDict", "ObjectDict"],
     "backend/nn/clip.py": ["IntegratedCLIP"],
     "backend/nn/vae.py": ["IntegratedAutoencoderKL"],
     "backend/nn/unet.py": ["IntegratedUNet2DConditionModel", "TimestepEmbedSequential", "ResBlock", "Downsample",
                            "Upsample", "SpatialTransformer", "BasicTransformerBlock", "CrossAttention",
-                           "FeedForward", "GEGLU"],
+                           "FeedForward", "GEGLU", "Timestep"],
     "backend/operations.py": ["ForgeOperations"],
 }
 FUNCTIONS = {
@@ -40,6 +41,7 @@ FUNCTIONS = {
     "backend/patcher/lora.py": ["get_parameter_devices", "set_parameter_devices", "model_lora_keys_unet",
                                 "model_lora_keys_clip"],
     "backend/operations.py": ["using_forge_operations"],
+    "backend/nn/unet.py": ["timestep_embedding"],
     "extensions-builtin/sd_forge_lora/networks.py": ["list_available_networks", "load_networks",
                                                       "load_lora_for_models"],
     "modules/call_queue.py": ["wrap_gradio_gpu_call"],
@@ -110,6 +112,41 @@ def requirements(text: str) -> dict[str, str]:
     return pins
 
 
+def _call_kwargs(call: ast.Call, src: str) -> dict[str, str]:
+    return {k.arg: ast.get_source_segment(src, k.value) for k in call.keywords if k.arg}
+
+
+def sdxl_facts(src: str, loader: str) -> dict:
+    """What StableDiffusionXL builds and how get_learned_conditioning makes the U-Net's inputs:
+    CLIP's model_dict keys, the two text engines' settings, the embedder, the order of the six
+    values it embeds, and the crossattn and vector concatenations; and how backend/loader.py
+    builds a CLIP text encoder."""
+    tree = ast.parse(src)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "StableDiffusionXL")
+    init = next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    cond = next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "get_learned_conditioning")
+    clip_call = next(n for n in ast.walk(init) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "CLIP")
+    engines = {}
+    for n in ast.walk(init):
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call) and isinstance(n.targets[0], ast.Attribute):
+            name = n.targets[0].attr
+            if name.startswith("text_processing_engine_") or name == "embedder":
+                engines[name] = {"call": ast.get_source_segment(src, n.value.func), **_call_kwargs(n.value, src)}
+                if name == "embedder":
+                    engines[name]["args"] = [ast.get_source_segment(src, a) for a in n.value.args]
+    embedded = [ast.get_source_segment(src, c.args[0].args[0].elts[0]) for c in ast.walk(cond)
+                if isinstance(c, ast.Call) and ast.get_source_segment(src, c.func) == "self.embedder"]
+    out = next(n for n in ast.walk(cond) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "cond")
+    return {
+        "clip_model_dict_keys": [k.value for k in clip_call.keywords[0].value.keys],
+        "clip_tokenizer_dict_keys": [k.value for k in clip_call.keywords[1].value.keys],
+        "init": engines,
+        "embedder_inputs": embedded,  # the order of the six values in `flat`
+        "cond": _call_kwargs(out.value, src),
+        "loader_text_encoder": "IntegratedCLIP(CLIPTextModel, config, add_text_projection=True)" in loader,
+    }
+
+
 def main(git_dir: str, commit: str) -> None:
     full = subprocess.run(["git", "--git-dir", git_dir, "rev-parse", commit], check=True, capture_output=True,
                           text=True).stdout.strip()
@@ -138,6 +175,8 @@ def main(git_dir: str, commit: str) -> None:
     sd15 = show(git_dir, commit, "backend/diffusion_engine/sd15.py")
     facts["sd15_clip_model_dict_keys"] = sorted({k.value for n in ast.walk(ast.parse(sd15)) if isinstance(n, ast.Dict)
                                                   for k in n.keys if isinstance(k, ast.Constant)})
+    facts["sdxl"] = sdxl_facts(show(git_dir, commit, "backend/diffusion_engine/sdxl.py"),
+                               show(git_dir, commit, "backend/loader.py"))
     preload = show(git_dir, commit, "extensions-builtin/sd_forge_lora/preload.py")
     facts["lora_dir_argument"] = {"flag": "--lora-dir", "default": "os.path.join(paths.models_path, 'Lora')",
                                   "present": "--lora-dir" in preload and "'Lora'" in preload}
@@ -147,6 +186,15 @@ def main(git_dir: str, commit: str) -> None:
         "diffusers": "diffusers_keys = utils.unet_to_diffusers(model.diffusion_model.config)" in comfy,
         "text_encoder_sd1": 'text_model_lora_key = "lora_te_text_model_encoder_layers_{}_{}"' in comfy
         and '"clip_l.transformer.text_model.encoder.layers.{}.{}.weight"' in comfy,
+    }
+    facts["sdxl_key_map_rules"] = {
+        # lora_te1_ onto clip_l, lora_te2_ onto clip_g when clip_l is there (SDXL base), and the
+        # U-Net's lora_unet_<ldm path> (the "compvis" rule above) for kohya's SDXL names
+        "te1_on_clip_l": '"lora_te1_text_model_encoder_layers_{}_{}".format(b, LORA_CLIP_MAP[c]) #SDXL base' in comfy,
+        "te2_on_clip_g": 'k = "clip_g.transformer.text_model.encoder.layers.{}.{}.weight".format(b, c)' in comfy
+        and '"lora_te2_text_model_encoder_layers_{}_{}".format(b, LORA_CLIP_MAP[c]) #SDXL base' in comfy
+        and "if clip_l_present:" in comfy,
+        "lora_clip_map": sorted(ast.literal_eval(comfy.split("LORA_CLIP_MAP = ", 1)[1].split("}", 1)[0] + "}").items()),
     }
     facts["requirements_versions"] = requirements(show(git_dir, commit, "requirements_versions.txt"))
     out = Path(__file__).resolve().parents[1] / "forge_facts.json"
