@@ -33,7 +33,7 @@ import gc
 import importlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -360,15 +360,29 @@ def forge_training_state(sd_model: Any) -> Iterator[None]:
 
 
 def _give_back(mm: Any, ours: list, loaded_before: list, baked: list[tuple[Any, Any]]) -> None:
+    """Each step of the give-back is tried even when one before it failed (a reload that runs
+    out of memory must not leave our patchers loaded or a LoRA unbaked); the first error is
+    raised after the last step."""
+    errors: list[BaseException] = []
+
+    def attempt(step: Callable[[], Any]) -> None:
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - raised below, after the other steps
+            errors.append(err)
+
     if loaded_before:
-        mm.load_models_gpu(loaded_before)  # re-bakes their LoRAs, on the device they were baked on
+        attempt(lambda: mm.load_models_gpu(loaded_before))  # re-bakes their LoRAs, on their device
     for patcher in ours:
         if not any(patcher is m for m in loaded_before):
             i = _index_of(mm.current_loaded_models, patcher)
             if i is not None:
-                mm.current_loaded_models.pop(i).model_unload()
+                attempt(mm.current_loaded_models.pop(i).model_unload)
     for loader, source in baked:  # a patcher that was not loaded had its LoRAs baked in all the same
         if source is not None and loader.loaded_hash != _lora_hash(source):
-            loader.refresh(lora_patches=source.lora_patches, offload_device=source.offload_device, force_refresh=True)
+            attempt(lambda loader=loader, source=source: loader.refresh(
+                lora_patches=source.lora_patches, offload_device=source.offload_device, force_refresh=True))
     order = {id(m): i for i, m in enumerate(loaded_before)}
     mm.current_loaded_models.sort(key=lambda lm: order.get(id(lm.model), len(order)))
+    if errors:
+        raise errors[0]

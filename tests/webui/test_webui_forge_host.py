@@ -80,6 +80,31 @@ def test_an_exception_gives_forge_its_state_back(host, forge, dataset, state_has
     assert not forge.call_queue.queue_lock.locked()
 
 
+def test_a_failed_reload_at_the_end_still_unloads_ours_and_bakes_the_loras_back(host, forge, dataset, state_hash,
+                                                                                grad_flags):
+    engine, mm = forge.shared.sd_model, forge.backend_mm
+    bake_a_lora(engine, mm)
+    baked = forge_state(engine, mm, state_hash, grad_flags)
+    original = engine.forge_objects_original
+    load = mm.load_models_gpu
+
+    def on_event(ev):
+        if ev["kind"] == "loss" and ev["step"] == 1:
+            def fails(models, *a, **kw):  # the reload of what was loaded before runs out of memory
+                mm.load_models_gpu = load
+                raise RuntimeError("CUDA out of memory (simulated, reloading)")
+
+            mm.load_models_gpu = fails
+
+    with pytest.raises(RuntimeError, match="reloading"):
+        run(host, tiny_cfg(dataset, max_steps=2), on_event)
+    loaded = {id(lm.model) for lm in mm.current_loaded_models}
+    assert id(original.unet) not in loaded and id(original.clip.patcher) not in loaded  # ours are unloaded all the same
+    after = forge_state(engine, mm, state_hash, grad_flags)
+    assert after["weights"] == baked["weights"] and after["loras"] == baked["loras"]  # the LoRA is baked back in
+    assert not forge.call_queue.queue_lock.locked()
+
+
 def test_a_baked_lora_is_taken_out_for_training_and_baked_back(host, forge, dataset, tmp_path, state_hash, grad_flags,
                                                               one_thread):
     from lib_lora.training.export import read_lora
