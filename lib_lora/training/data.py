@@ -319,6 +319,9 @@ def scan_dataset(
 
     `read` may be a memo of read_image (the UI's live step count keeps one, lib_lora.filememo);
     training always reads the files afresh."""
+    if not cfg.subsets and not str(dataset_dir).strip():  # Path("") would be the current folder
+        raise DatasetError("No dataset folder given: choose the folder of training images, or list image "
+                           "folders in subsets.")
     root = Path(dataset_dir).expanduser()
     subsets = dataset_subsets(cfg, root)
     skipped: list[dict[str, str]] = []

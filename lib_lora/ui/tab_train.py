@@ -64,8 +64,10 @@ class TrainForm:
         """Whether the Subsets field names image folders (then the dataset field is not needed)."""
         if "subsets" not in self.names:
             return False
-        value = values[self.names.index("subsets")]
-        return bool(value) and str(value).strip() not in ("", "[]")
+        try:
+            return bool(config.coerce(config.TrainConfig, "subsets", values[self.names.index("subsets")]))
+        except UserError:  # given, but not JSON: the config's own reading says what is wrong
+            return True
 
     def dataset_folder(self, ctx: UIContext, dataset: str, values: list[Any]) -> str:
         """The dataset field through the folder policy; empty when it is empty and the Subsets

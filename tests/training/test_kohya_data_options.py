@@ -380,3 +380,13 @@ def test_a_run_with_every_data_option_trains_and_records_them(tmp_path, tiny_bac
                                                  "3_style": {"n_repeats": 3, "img_count": 1}}
     assert json.loads(md["ss_reg_dataset_dirs"]) == {"1_woman": {"n_repeats": 1, "img_count": 2}}
     assert json.loads(md["fastlora_config"])["subsets"][1]["flip_aug"] is True
+
+
+def test_no_dataset_folder_and_no_subsets_never_scans_the_current_folder(tmp_path, monkeypatch):
+    from lib_lora.errors import DatasetError
+    from lib_lora.training.data import plan_steps
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "here.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match="No dataset folder given"):
+        plan_steps("", TrainConfig(name="x", dataset="", resolution=64))

@@ -124,6 +124,14 @@ def test_subsets_alone_plan_and_start_without_a_dataset_folder(ctx: UIContext, t
     with pytest.raises(Exception, match="dataset folder is empty"):  # neither: the dataset is asked for
         form.config(ctx, "subs", "", "manual", "1e-4", form_values(form))
     assert tab_train.plan_texts(ctx, form, "", form_values(form), "manual")[0].startswith("Choose a dataset folder")
+    # An empty list (any spelling) is no subsets: the dataset folder is asked for, the current folder never scanned.
+    for empty in ("[ ]", " [] ", "[\n]"):
+        with pytest.raises(Exception, match="dataset folder is empty"):
+            form.config(ctx, "subs", "", "manual", "1e-4", form_values(form, subsets=empty))
+        assert tab_train.plan_texts(ctx, form, "", form_values(form, subsets=empty), "manual")[0].startswith(
+            "Choose a dataset folder")
+    with pytest.raises(Exception, match="subsets"):  # not JSON: said by the config's reading
+        form.config(ctx, "subs", "", "manual", "1e-4", form_values(form, subsets="[{"))
 
 
 # ---- 8. Test tab: the README's weights, one placeholder -------------------------------------------
