@@ -351,7 +351,17 @@ def forge_training_state(sd_model: Any) -> Iterator[None]:
                 stack.enter_context(preserve_model_state(root))
             stack.enter_context(autograd_safe(objs.unet.model.diffusion_model))
             yield
-    finally:
+    except BaseException:
+        # The job's own error (or a stop) is what the user must see: a give-back error after it is logged.
+        try:
+            _give_back(mm, ours, loaded_before, baked)
+        except Exception:  # noqa: BLE001 - logged; the job's error goes on
+            log.exception("Fast LoRA: giving Forge its model back after the job's error failed")
+        finally:
+            gc.collect()
+            mm.soft_empty_cache()
+        raise
+    else:
         try:
             _give_back(mm, ours, loaded_before, baked)
         finally:

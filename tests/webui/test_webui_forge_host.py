@@ -80,8 +80,9 @@ def test_an_exception_gives_forge_its_state_back(host, forge, dataset, state_has
     assert not forge.call_queue.queue_lock.locked()
 
 
-def test_a_failed_reload_at_the_end_still_unloads_ours_and_bakes_the_loras_back(host, forge, dataset, state_hash,
-                                                                                grad_flags):
+@pytest.mark.parametrize("job_fails", [False, True])
+def test_a_failed_reload_at_the_end_still_unloads_ours_and_bakes_the_loras_back(job_fails, host, forge, dataset,
+                                                                                state_hash, grad_flags):
     engine, mm = forge.shared.sd_model, forge.backend_mm
     bake_a_lora(engine, mm)
     baked = forge_state(engine, mm, state_hash, grad_flags)
@@ -95,8 +96,11 @@ def test_a_failed_reload_at_the_end_still_unloads_ours_and_bakes_the_loras_back(
                 raise RuntimeError("CUDA out of memory (simulated, reloading)")
 
             mm.load_models_gpu = fails
+            if job_fails:
+                raise RuntimeError("the job's own error")
 
-    with pytest.raises(RuntimeError, match="reloading"):
+    # The job's own error is the one the user sees; without one, the give-back's.
+    with pytest.raises(RuntimeError, match="the job's own error" if job_fails else "reloading"):
         run(host, tiny_cfg(dataset, max_steps=2), on_event)
     loaded = {id(lm.model) for lm in mm.current_loaded_models}
     assert id(original.unet) not in loaded and id(original.clip.patcher) not in loaded  # ours are unloaded all the same
