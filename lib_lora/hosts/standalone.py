@@ -224,14 +224,19 @@ class StandaloneHost:
 
 def lora_schedule(paths: Iterable[Path]) -> tuple[bool, bool]:
     """(v_parameterization, zero_terminal_snr) the LoRAs were trained with, from their metadata
-    (kohya's modelspec.prediction_type and ss_zero_terminal_snr): a grid is sampled as its LoRAs'
-    base model predicts, every cell alike. LoRAs that disagree cannot share one grid."""
+    (modelspec.prediction_type, or kohya's older ss_v_parameterization, and ss_zero_terminal_snr):
+    a grid is sampled as its LoRAs' base model predicts, every cell alike. LoRAs that disagree
+    cannot share one grid."""
     from lib_lora.training.export import read_metadata
+
+    def on(value: Any) -> bool:
+        return str(value).strip().lower() == "true"
 
     seen = set()
     for path in paths:
         md = read_metadata(path)
-        seen.add((md.get("modelspec.prediction_type") == "v", str(md.get("ss_zero_terminal_snr", "")).lower() == "true"))
+        v = md.get("modelspec.prediction_type") == "v" or on(md.get("ss_v_parameterization"))
+        seen.add((v, on(md.get("ss_zero_terminal_snr"))))
     if len(seen) > 1:
         raise UserError("These LoRAs were trained for different noise schedules (v-prediction or zero terminal "
                         "SNR, in their metadata); test them in separate grids.")

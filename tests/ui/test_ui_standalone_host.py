@@ -149,6 +149,9 @@ def test_a_v_prediction_lora_is_sampled_as_its_base_model_predicts(host_with_lor
     eps, v = host.lora_dir() / "probe.safetensors", host.lora_dir() / "vpred.safetensors"
     assert lora_schedule([eps]) == (False, False) and lora_schedule([]) == (False, False)
     assert lora_schedule([v, v]) == (True, True)
+    kohya_v = write_lora(host.lora_dir() / "kohya_v.safetensors", tensors, {**md, "ss_v_parameterization": "True"},
+                         overwrite=True)  # an older kohya file: no modelspec, its own key
+    assert lora_schedule([kohya_v]) == (True, False)
     sched = make_scheduler("DDIM", for_run(SD15, *lora_schedule([v])))
     assert sched.config.prediction_type == "v_prediction" and sched.config.rescale_betas_zero_snr
     kw = dict(steps=4, width=64, height=64, cfg_scale=5.0)
