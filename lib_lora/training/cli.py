@@ -64,8 +64,9 @@ def config_from_args(args: argparse.Namespace, reports: list[str] | None = None)
     for cf in layers:
         if reports is not None and cf.report():
             reports.append(cf.report())
-    # Under a launcher, a data-parallel run's config.json keeps its global batch (file_config).
-    world = launched_processes()
+    # Under a launcher, a data-parallel run's config.json keeps its global batch (file_config);
+    # a --batch-size flag (per process) replaces the file's batch, so nothing is split then.
+    world = launched_processes() if getattr(args, "batch_size", None) is None else 1
     family = config_family(from_args(TrainConfig, args, base=file_config(layers, TrainConfig(), world)))
     base = file_config(files, dataclasses.replace(TrainConfig(), **family.config_defaults()), world)
     if user_preset is not None:

@@ -189,3 +189,17 @@ def test_cli_user_presets(tmp_path, drawn_dataset, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+def test_a_data_parallel_config_json_splits_under_a_launcher_unless_batch_size_is_given(tmp_path, monkeypatch):
+    import json
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"name": "two", "dataset": str(tmp_path), "batch_size": 4, "processes": 2}),
+                    encoding="utf-8")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_config(["--config", str(path)]).batch_size == 2  # the recorded global batch, shared out
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(UserError, match="does not split over 3 processes"):
+        cli_config(["--config", str(path)])
+    assert cli_config(["--config", str(path), "--batch-size", "2"]).batch_size == 2  # the flag: per process, as said
