@@ -146,14 +146,17 @@ def run_config_values(values: dict[str, Any], procs: Processes) -> dict[str, Any
     """What the run folder's config.json holds (`values`: the config every process trains, as a
     dict), made to give the same run again through `--config` under any launcher: its
     batch_size is the global batch, marked by `processes` (config_files.file_config then splits
-    it over the processes of the new command), and the device is the kind, not the main
-    process's own GPU (each process takes its own again; one process takes the GPU)."""
+    it over the processes of the new command), the device is the kind, not the main
+    process's own GPU (each process takes its own again; one process takes the GPU), and
+    oom_retry, which several processes always turn off (global_config), is left to the new
+    command."""
     if not procs.many:
         return values
     from lib_lora.config_files import PROCESSES_KEY
 
     device = str(values.get("device", "auto"))
-    return {**values, "device": device.split(":")[0], PROCESSES_KEY: procs.world}
+    kept = {k: v for k, v in values.items() if k != "oom_retry"}
+    return {**kept, "device": device.split(":")[0], PROCESSES_KEY: procs.world}
 
 
 def metadata(procs: Processes, cfg: TrainConfig) -> dict[str, str]:

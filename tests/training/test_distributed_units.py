@@ -150,6 +150,7 @@ def test_a_data_parallel_runs_config_json_reads_back_as_the_same_global_batch(tm
     main = distributed.Processes(rank=0, world=2, device=torch.device("cuda:0"))
     values = distributed.run_config_values(to_dict(trained), main)
     assert (values["batch_size"], values["device"], values["processes"]) == (4, "cuda", 2)
+    assert "oom_retry" not in values  # off under several processes, not a choice to carry to one
     path = tmp_path / "config.json"
     path.write_text(json.dumps(values), encoding="utf-8")
     cf = read_config_file(path)
