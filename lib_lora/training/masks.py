@@ -13,6 +13,8 @@ apply_masked_loss does (its F.interpolate(mode="area") each step; here once, at 
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +46,14 @@ def mask_file(image: Path, root: Path) -> Path | None:
     return None
 
 
-def _source_mask(item: Item, root: Path) -> Image.Image | None:
-    """The item's mask at the image's own size (upright), or None when it has none."""
+def _source_mask(item: Item, root: Path, digests: dict[int, str]) -> Image.Image | None:
+    """The item's mask at the image's own size (upright), or None when it has none; the sha256
+    of a mask file's bytes goes into `digests` (what a resume compares)."""
     path = mask_file(item.path, root)
     if path is not None:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+        digests[id(item)] = hashlib.sha256(data).hexdigest()
+        with Image.open(io.BytesIO(data)) as im:
             mask = im.convert("L")
         if mask.size != item.size:  # a mask of another size still marks the same picture
             mask = mask.resize(item.size, Image.Resampling.BILINEAR)
@@ -71,6 +76,7 @@ class Masks:
     of: dict[int, torch.Tensor] = field(default_factory=dict)  # id(item) -> (1, h, w); empty: no masks at all
     found: int = 0  # images with a mask
     problems: list[str] = field(default_factory=list)  # one sentence per mask that could not be read
+    digests: dict[int, str] = field(default_factory=dict)  # id(item) -> sha256 of its mask file, as read
 
 
 def load_masks(items: Sequence[Item], root: Path, latent_of: dict[int, torch.Tensor]) -> Masks:
@@ -80,7 +86,7 @@ def load_masks(items: Sequence[Item], root: Path, latent_of: dict[int, torch.Ten
     for it in items:
         hw = tuple(latent_of[id(it)].shape[-2:])
         try:
-            src = _source_mask(it, root)
+            src = _source_mask(it, root, out.digests)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
             out.problems.append(f"The mask of {it.path.name} could not be read ({type(err).__name__}: {err}); "
                                 "its loss is not masked.")

@@ -289,6 +289,7 @@ class Trainer:
         else:
             self.phase(f"Masked loss: {found.found} of {n} images have a mask; the others count whole.")
         s.mask_of = found.of or None
+        s.mask_digests = found.digests
 
     def captions_vary(self) -> bool:
         """Whether captions come out new nearly every draw (shuffled, tags dropped: see

@@ -85,6 +85,7 @@ class RunState:
     snr: torch.Tensor | None = None
     schedule: TrainingSchedule | None = None  # all of the above, and the schedule's alphas_cumprod (loss.py)
     mask_of: dict[int, torch.Tensor] | None = None  # id(item) -> its loss mask (masked_loss), None: no masks
+    mask_digests: dict[int, str] | None = None  # id(item) -> sha256 of the mask file it was trained with
     restore_memory_format: Callable[[], None] | None = None  # undoes channels_last on the host's U-Net
     # The LoRA and its optimisation.
     network: LoRANetwork | None = None
@@ -124,7 +125,7 @@ class RunState:
 # fields stay for whoever still holds the state).
 RUN_ONLY = ("latent_of", "flipped_of", "feeder", "predict", "optimizer", "optim", "scheduler", "scaler", "params",
             "unet_params", "te_params", "network", "guard", "noise_gen", "tokens", "dataset", "backbone",
-            "resume_state", "sqrt_ac", "sqrt_1mac", "snr", "schedule", "mask_of", "ddp")  # fmt: skip
+            "resume_state", "sqrt_ac", "sqrt_1mac", "snr", "schedule", "mask_of", "mask_digests", "ddp")  # fmt: skip
 
 
 def release_run_only(rs: RunState) -> None:

@@ -33,7 +33,6 @@ import torch
 from lib_lora.atomic import atomic_path, cleanup_stale_temps
 from lib_lora.config import to_dict
 from lib_lora.errors import UserError, file_error, is_file_error
-from lib_lora.training.masks import mask_file
 
 if TYPE_CHECKING:
     from lib_lora.config import TrainConfig
@@ -70,24 +69,19 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
 
 def data_digest(rs: RunState, cfg: TrainConfig) -> str:
     """Digest of the data order's inputs: images (content), captions, buckets, repeats, seed,
-    and with masked_loss each image's mask file (content).
+    and with masked_loss each image's mask file (content, as the run read it: `rs.mask_digests`).
 
     The order itself is a pure function of these (`data.epoch_batches` seeds per epoch), so
     equal digests mean the resumed run walks the same batches from the saved step on; a mask
     changed in between would weigh the rest of the run's loss differently."""
     h = hashlib.sha256()
     h.update(str(cfg.seed).encode())
+    masks = rs.mask_digests if cfg.masked_loss else None
     for it in rs.dataset.items:
         h.update(json.dumps([it.digest, it.caption, it.repeats, list(it.bucket), it.subset]).encode())
-        if cfg.masked_loss:
-            h.update(_mask_digest(it.path, rs.dataset.root).encode())
+        if masks is not None:  # "" without a mask file (an alpha mask is in the image's digest)
+            h.update(masks.get(id(it), "").encode())
     return h.hexdigest()
-
-
-def _mask_digest(image: Path, root: Path) -> str:
-    """sha256 of the image's mask file, "" without one (an alpha mask is in the image's digest)."""
-    path = mask_file(image, root)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else ""
 
 
 def _numpy_state() -> dict[str, Any]:
