@@ -67,6 +67,9 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in NEUTRAL_FIELDS}
 
 
+DATA_DIGEST = 2  # what data_digest covers: 2 adds the mask files
+
+
 def data_digest(rs: RunState, cfg: TrainConfig) -> str:
     """Digest of the data order's inputs: images (content), captions, buckets, repeats, seed,
     and with masked_loss each image's mask file (content, as the run read it: `rs.mask_digests`).
@@ -126,6 +129,7 @@ def capture(rs: RunState, cfg: TrainConfig) -> dict[str, Any]:
         "final_loss": float(rs.final_loss),
         "config": json.dumps(fingerprint(cfg), sort_keys=True, default=str),
         "data": data_digest(rs, cfg),
+        "data_digest": DATA_DIGEST,
         "probe": {"unet_lr": float(rs.unet_lr), "te_lr": float(rs.te_lr)},
         "extra_metadata": dict(rs.extra_metadata),
         "network": {k: v.detach().to("cpu").clone() for k, v in rs.network.state_dict().items()},
@@ -207,6 +211,14 @@ def check_compatible(rs: RunState, cfg: TrainConfig, st: dict[str, Any], path: P
             f"({', '.join(diff[:6])}). Start it with the same settings to resume, start over with --restart, "
             "or give another name."
         )
+    # The optimizer's state is matched to the parameters by position: a network whose modules
+    # come in another order (an earlier version's) would take another module's moments.
+    if list(st["network"]) != list(rs.network.state_dict()):
+        raise ResumeError(f"The saved state {path} holds the LoRA's modules in another order or set (an earlier "
+                          "version made it); start over with --restart.")
+    if cfg.masked_loss and st.get("data_digest", 1) != DATA_DIGEST:
+        raise ResumeError(f"The saved state {path} is from an earlier version, which did not record the masks; "
+                          "start over with --restart.")
     if st["data"] != data_digest(rs, cfg):
         raise ResumeError(
             f"The dataset changed since the run in {rs.run_dir} stopped (images, captions, repeats or masks). "

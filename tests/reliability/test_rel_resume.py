@@ -91,6 +91,24 @@ def test_unreadable_state_is_refused(tmp_path, bb):
         train(cfg, backbone=bb)
 
 
+def test_a_state_with_the_modules_in_another_order_is_refused(tmp_path, bb):
+    """The optimizer's moments are matched to parameters by position: a state whose network came
+    in another module order (an earlier version's) must not be resumed into this one."""
+    import torch
+
+    ds = make_dataset(tmp_path / "data")
+    cfg = tiny_config(tmp_path, ds, max_steps=4)
+    with pytest.raises(Cancelled):
+        train(cfg, progress=StopAt(2), backbone=bb)
+    path = state.state_path(cfg.run_dir)
+    st = torch.load(path, weights_only=True)
+    st["network"] = dict(reversed(list(st["network"].items())))  # the same tensors, another order
+    torch.save(st, path)
+    with pytest.raises(UserError, match="modules in another order or set.*--restart"):
+        train(cfg, backbone=bb)
+    assert path.is_file()  # refused, never removed
+
+
 def test_resumed_auto_lr_run_reuses_the_probe_value(tmp_path, bb):
     """A stopped `--lr auto` run resumes with its probe's value: no second probe, same LoRA."""
     ds = make_dataset(tmp_path / "data")

@@ -160,7 +160,7 @@ def test_a_mask_changed_since_a_stop_refuses_the_resume(tmp_path, prepared, tiny
 
     from lib_lora.errors import Cancelled
     from lib_lora.training.run import train
-    from lib_lora.training.state import ResumeError
+    from lib_lora.training.state import ResumeError, state_path
 
     data = tmp_path / "data"
     shutil.copytree(prepared, data)
@@ -175,6 +175,13 @@ def test_a_mask_changed_since_a_stop_refuses_the_resume(tmp_path, prepared, tiny
     with pytest.raises(ResumeError, match="masks"):
         train(cfg, backbone=tiny_backbone)
     mask.write_bytes(original)  # the old mask back: the run resumes and finishes
+    path = state_path(cfg.run_dir)
+    st = torch.load(path, weights_only=True)
+    older = {k: v for k, v in st.items() if k != "data_digest"}  # an earlier version's state: masks not in it
+    torch.save(older, path)
+    with pytest.raises(ResumeError, match="earlier version, which did not record the masks"):
+        train(cfg, backbone=tiny_backbone)
+    torch.save(st, path)
     events = []
     assert train(cfg, on_event=events.append, backbone=tiny_backbone).steps == 4
     assert any("Resuming at step 1 of 4" in e.get("text", "") for e in events if e["kind"] == "phase")
