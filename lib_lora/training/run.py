@@ -156,14 +156,16 @@ class Trainer:
         cfg, s = self.cfg, self.state
         s.started_at = time.time()
         s.name = validate_name(cfg.name, "LoRA name")
-        # Fail before any work when the final file (or a card file beside it) would be replaced.
-        s.lora_path = lora_output_file(cfg.output_dir, s.name, overwrite=cfg.overwrite)
-
-        def check_folders() -> None:  # a folder that cannot take the LoRA is found now, not after the whole run
-            writable_folder(s.lora_path.parent, "the LoRA")
+        def check_output() -> Path:
+            # Fail before any work when the final file (or a card file beside it) would be
+            # replaced, or a folder cannot take the LoRA or the run.
+            path = lora_output_file(cfg.output_dir, s.name, overwrite=cfg.overwrite)
+            writable_folder(path.parent, "the LoRA")
             writable_folder(run_folder(cfg, s.name), "the run")
+            return path
 
-        distributed.main_only(s.procs, check_folders)  # its refusal stops every process
+        # The main process writes them (on its machine): its refusal stops every process.
+        s.lora_path = distributed.broadcast(s.procs, distributed.main_only(s.procs, check_output))
         self.load_all()
         self.open_logs()
         self.begin_reliability()
@@ -174,11 +176,16 @@ class Trainer:
         tests that drive steps themselves call this instead of setup()."""
         s = self.state
         self.prepare_run_dir()
-        self.load_data()
-        self.load_model()
-        with distributed.main_first(s.procs, when=self.cfg.cache_latents_to_disk):  # the others read its cache
-            self.cache_latents()
-        self.build_network()
+        # Each process reads the data and the model itself: a refusal on one (a folder or model
+        # another machine lacks) stops all of them with its sentence (distributed.together).
+        distributed.together(s.procs, self.load_data)
+        distributed.together(s.procs, self.load_model)
+        if self.cfg.cache_latents_to_disk:
+            with distributed.main_first(s.procs):  # the others read its cache
+                self.cache_latents()
+        else:
+            distributed.together(s.procs, self.cache_latents)
+        distributed.together(s.procs, self.build_network)
         if not optimizer:
             return
         s.resume_state = distributed.load_for_resume(s, self.cfg, self.events, state_mod.load_for_resume)

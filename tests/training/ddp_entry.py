@@ -14,6 +14,8 @@
     stopped                        with $DDP_TEST_STOP_STEP=K on rank $DDP_TEST_STOP_RANK: this
                                    process stops itself (SIGSTOP) as it enters step K+1, so the
                                    test can kill it exactly there
+    with $DDP_TEST_ELSEWHERE=PATH on rank 1, the argument PATH names a folder that is not there
+    (another machine without the dataset)
 
 Only the moment of a stop is chosen and the writes observed; the code under test is not changed.
 """
@@ -114,6 +116,10 @@ if __name__ == "__main__":
     from lib_lora.cli import main
 
     sys.stderr = _ErrorTee(sys.stderr)
-    code = main(sys.argv[1:])
+    args = sys.argv[1:]
+    elsewhere = os.environ.get("DDP_TEST_ELSEWHERE")
+    if elsewhere and RANK == "1":
+        args = [a + "_not_on_this_machine" if a == elsewhere else a for a in args]
+    code = main(args)
     LOG.write(f"exit {code}\n")
     raise SystemExit(code)

@@ -236,16 +236,9 @@ def test_a_data_parallel_runs_config_gives_the_same_plan_under_the_launcher_and_
     assert "holds a global batch of 2 (trained on 2 processes), which does not split over 3" in capsys.readouterr().err
 
 
-def test_a_refusal_on_the_main_process_stops_every_process_with_its_sentence(dataset: Path, tmp_path: Path) -> None:
-    # An unreadable saved state: only the main process reads it first (load_for_resume), so
-    # before the fix the other process waited for it at a barrier.
-    work = tmp_path / "work"
-    state = work / "runs" / "broken" / "state" / "state.pt"
-    state.parent.mkdir(parents=True)
-    state.write_bytes(b"not a state")
-    cmd = _torchrun(2, str(ENTRY), "train", str(dataset), "--name", "broken", "--output-dir", str(work / "out"),
-                    "--run-dir", str(work / "runs" / "broken"), "--batch-size", "1", *_flags(max_steps=1))  # fmt: skip
-    proc = subprocess.Popen(cmd, env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def _errors_of_both(cmd: list[str], env: dict[str, str], tmp_path: Path) -> tuple[list[list[str]], str, int]:
+    """Each rank's `error`/`exit` log lines, the output and the launcher's exit code; a hang fails."""
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=400)  # a hang fails here instead of blocking the suite
@@ -256,10 +249,36 @@ def test_a_refusal_on_the_main_process_stops_every_process_with_its_sentence(dat
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
     errors = [[line for line in _log(tmp_path, rank) if line.startswith(("error ", "exit "))] for rank in (0, 1)]
+    return errors, out, proc.returncode
+
+
+def test_a_refusal_on_the_main_process_stops_every_process_with_its_sentence(dataset: Path, tmp_path: Path) -> None:
+    # An unreadable saved state: only the main process reads it first (load_for_resume), so
+    # before the fix the other process waited for it at a barrier.
+    work = tmp_path / "work"
+    state = work / "runs" / "broken" / "state" / "state.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"not a state")
+    cmd = _torchrun(2, str(ENTRY), "train", str(dataset), "--name", "broken", "--output-dir", str(work / "out"),
+                    "--run-dir", str(work / "runs" / "broken"), "--batch-size", "1", *_flags(max_steps=1))  # fmt: skip
+    errors, out, code = _errors_of_both(cmd, _env(tmp_path), tmp_path)
+    assert code != 0
     assert errors[0] == errors[1], out[-3000:]  # the same sentence and exit code on both
     assert len(errors[0]) == 2 and "cannot be read" in errors[0][0] and errors[0][1] == "exit 2", errors
+
+
+def test_a_dataset_one_machine_lacks_stops_every_process_with_its_sentence(dataset: Path, tmp_path: Path) -> None:
+    # Each process reads the dataset itself: the main one finds it, the other's machine has none,
+    # and the main process must not wait for it at the next collective.
+    work = tmp_path / "work"
+    cmd = _torchrun(2, str(ENTRY), "train", str(dataset), "--name", "lacking", "--output-dir", str(work / "out"),
+                    "--run-dir", str(work / "runs" / "lacking"), "--batch-size", "1", *_flags(max_steps=1))  # fmt: skip
+    errors, out, code = _errors_of_both(cmd, {**_env(tmp_path), "DDP_TEST_ELSEWHERE": str(dataset)}, tmp_path)
+    assert code != 0
+    assert errors[0] == errors[1], out[-3000:]
+    assert len(errors[0]) == 2 and "_not_on_this_machine does not exist" in errors[0][0] and errors[0][1] == "exit 2"
+    assert not (work / "out" / "lacking.safetensors").exists()
 
 
 def test_an_export_left_half_done_is_completed_by_the_main_process_while_the_others_wait(
