@@ -130,18 +130,20 @@ def _real_attributes(key: str) -> set[str]:
     return names
 
 
-def test_every_attribute_the_stand_ins_set_is_forges(engine):
-    for key, obj in _instances(engine).items():
-        real = _real_attributes(key) | {n for n, where in SET_FROM_OUTSIDE.items()
-                                        if f"model.{n}" in _source_text(where)}
+def _check_attributes(instances: dict[str, object]) -> None:
+    """Every attribute each stand-in object sets is one the Forge class its key names sets."""
+    for key, obj in instances.items():
+        real = _real_attributes(key) | {n for n, where in SET_FROM_OUTSIDE.items() if f"model.{n}" in _source_text(where)}
+        if key.endswith(":StableDiffusionXL"):  # its base's too (ForgeDiffusionEngine is not named by its path)
+            real |= _real_attributes("backend/diffusion_engine/base.py:ForgeDiffusionEngine")
         ours = {n for n in vars(obj) if not n.startswith("_") and n != "training"}
         if isinstance(obj, torch.nn.Module):
             ours |= set(obj._modules) | {n for n, p in obj._parameters.items() if p is not None}
         assert ours - real == set(), f"{key}: {sorted(ours - real)} are not attributes Forge sets"
 
 
-def test_the_u_net_is_forges_module_tree(engine):
-    unet = engine.forge_objects.unet.model.diffusion_model
+def _check_unet_tree(unet: torch.nn.Module) -> None:
+    """Forge's U-Net class, and each child of each module of a class Forge's unet.py defines is one it has."""
     assert type(unet).__name__ == "IntegratedUNet2DConditionModel"
     unet_facts = {k.split(":")[1]: v for k, v in FACTS["classes"].items() if k.startswith("backend/nn/unet.py:")}
     seen = set()
@@ -155,6 +157,15 @@ def test_the_u_net_is_forges_module_tree(engine):
                 assert child in unet_facts[cls]["init_self_attributes"], f"{cls}.{child} is not a child Forge's {cls} has"
     assert {"IntegratedUNet2DConditionModel", "SpatialTransformer", "BasicTransformerBlock", "CrossAttention",
             "FeedForward", "GEGLU", "ResBlock", "Downsample", "Upsample"} <= seen
+
+
+def test_every_attribute_the_stand_ins_set_is_forges(engine):
+    _check_attributes(_instances(engine))
+
+
+def test_the_u_net_is_forges_module_tree(engine):
+    unet = engine.forge_objects.unet.model.diffusion_model
+    _check_unet_tree(unet)
     forward = FACTS["classes"]["backend/nn/unet.py:IntegratedUNet2DConditionModel"]["methods"]["forward"]
     assert _params(type(unet).forward) == [p["name"] for p in forward]
 
@@ -232,31 +243,12 @@ def _instances_xl(engine) -> dict[str, object]:
 
 
 def test_every_attribute_the_sdxl_stand_ins_set_is_forges(engine_xl):
-    for key, obj in _instances_xl(engine_xl).items():
-        real = _real_attributes(key) | {n for n, where in SET_FROM_OUTSIDE.items() if f"model.{n}" in _source_text(where)}
-        if key.endswith(":StableDiffusionXL"):  # its base's too (ForgeDiffusionEngine is not named by its path)
-            real |= _real_attributes("backend/diffusion_engine/base.py:ForgeDiffusionEngine")
-        ours = {n for n in vars(obj) if not n.startswith("_") and n != "training"}
-        if isinstance(obj, torch.nn.Module):
-            ours |= set(obj._modules) | {n for n, p in obj._parameters.items() if p is not None}
-        assert ours - real == set(), f"{key}: {sorted(ours - real)} are not attributes Forge sets"
+    _check_attributes(_instances_xl(engine_xl))
 
 
 def test_the_sdxl_u_net_is_forges_module_tree(engine_xl):
     unet = engine_xl.forge_objects.unet.model.diffusion_model
-    assert type(unet).__name__ == "IntegratedUNet2DConditionModel"
-    unet_facts = {k.split(":")[1]: v for k, v in FACTS["classes"].items() if k.startswith("backend/nn/unet.py:")}
-    seen = set()
-    for module in unet.modules():
-        cls = type(module).__name__
-        if cls not in unet_facts:
-            continue
-        seen.add(cls)
-        for child in module._modules:
-            if not child.isdigit():
-                assert child in unet_facts[cls]["init_self_attributes"], f"{cls}.{child} is not a child Forge's {cls} has"
-    assert {"IntegratedUNet2DConditionModel", "SpatialTransformer", "BasicTransformerBlock", "CrossAttention",
-            "FeedForward", "GEGLU", "ResBlock", "Downsample", "Upsample"} <= seen
+    _check_unet_tree(unet)
     assert "label_emb" in unet._modules  # SDXL's `y` (Forge's num_classes "sequential")
 
 
