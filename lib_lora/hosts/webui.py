@@ -415,14 +415,23 @@ class WebUIHost:
         return self._policy
 
     # -- the model ---------------------------------------------------------------------------
+    def _loaded_model(self) -> Any:
+        try:
+            return a1111("sd_models").model_data.sd_model  # never loads one (shared.sd_model may)
+        except (ImportError, AttributeError):
+            return getattr(a1111("shared"), "sd_model", None)
+
     def model_family(self) -> ModelFamily:
         """The family of the loaded checkpoint, read without loading or touching it: SDXL for
         an sgm SDXL base model or Forge's SDXL engine, else SD1.5 (no model yet, or one `backbone()` refuses)."""
-        try:
-            sd_model = a1111("sd_models").model_data.sd_model  # never loads one (shared.sd_model may)
-        except (ImportError, AttributeError):
-            sd_model = getattr(a1111("shared"), "sd_model", None)
+        sd_model = self._loaded_model()
         return SDXL if sd_model is not None and (is_sgm_sdxl(sd_model) or is_forge_sdxl(sd_model)) else SD15
+
+    def loaded_model_name(self) -> str:
+        """The loaded checkpoint's file name, read without loading one ('' when none is loaded or
+        it has no file): the base model a run on it records (its step time among them)."""
+        sd_model = self._loaded_model()
+        return checkpoint_identity(sd_model)[0] if sd_model is not None else ""
 
     def backbone(self, base_model: str | None = None) -> LdmBackbone | SgmBackbone | ForgeBackbone:
         """The WebUI's loaded checkpoint, trained in place (`base_model` is ignored).

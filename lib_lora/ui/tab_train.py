@@ -191,7 +191,11 @@ def time_estimate(ctx: UIContext, form: TrainForm, cfg: Any, total_steps: int) -
     resolution and batch size (its run folder keeps it), and where the figure comes from."""
     from lib_lora.training import timing
 
-    est = timing.find(_run_dirs(ctx, cfg), cfg, any_model=not form.has_base_model)
+    loaded = getattr(ctx.host, "loaded_model_name", None)
+    own = loaded() if not form.has_base_model and callable(loaded) else ""
+    if own:  # the host trains its loaded model: a run on another one (SD1.5 vs SDXL: 5-20x) says nothing
+        cfg = dataclasses.replace(cfg, base_model=own)
+    est = timing.find(_run_dirs(ctx, cfg), cfg, any_model=not form.has_base_model and not own)
     if est is None:
         return ("No time estimate yet: each run measures its step time, and the next plan with the same "
                 "model, device, resolution and batch size shows how long it takes.")

@@ -344,3 +344,29 @@ def test_gradient_checkpointing_gives_the_same_lora_on_forges_sdxl(host, forge_x
     unused = _assert_close_to_rounding(ckpt, plain, float32_rounding(
         sdxl_backbone.unet, sdxl_backbone.text_encoder, sdxl_backbone.text_encoder_2))
     assert all(k.startswith("lora_te1_text_model_encoder_layers_11_") for k in unused)
+
+
+def test_the_tabs_time_estimate_on_forges_sdxl_comes_from_a_run_on_that_model(host, forge_xl, tmp_path):
+    """Seen on the real Forge (2026-12-02): with its SDXL model loaded, the Train tab's estimate
+    was an SD1.5 run's 1.5 s per step (the newest record, any model taken), where SDXL took 26 s.
+    The host names its loaded checkpoint, as the run records it; with no file name, any model."""
+    from types import SimpleNamespace
+
+    from lib_lora.config import TrainConfig
+    from lib_lora.training import timing
+    from lib_lora.ui import tab_train
+    from lib_lora.ui.context import UIContext
+
+    cfg = TrainConfig(name="preview", dataset=str(tmp_path), resolution=64)
+    runs = host.work_dir() / "runs"
+    for at, (run_name, model, sps) in enumerate((("on_xl", "xl_base.safetensors", 26.0),
+                                                 ("on_sd15", "sd15.safetensors", 1.5))):
+        rec = timing.record(dataclasses.replace(cfg, base_model=model), "cpu", sps)
+        timing.save(runs / run_name, {**rec, "measured_at": 1000.0 + at})  # the SD1.5 run is the newest
+    form = tab_train.TrainForm(["dim"], has_base_model=False)  # the WebUI trains the model it has loaded
+    ctx = UIContext(host=host)
+    forge_xl.shared.sd_model.sd_checkpoint_info = SimpleNamespace(filename=str(tmp_path / "xl_base.safetensors"))
+    assert host.loaded_model_name() == "xl_base.safetensors"
+    assert "26.00 s per step, measured by the run 'on_xl'" in tab_train.time_estimate(ctx, form, cfg, 10)
+    del forge_xl.shared.sd_model.sd_checkpoint_info  # no file to name: the newest run on any model
+    assert "1.50 s per step, measured by the run 'on_sd15'" in tab_train.time_estimate(ctx, form, cfg, 10)
