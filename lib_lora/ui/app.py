@@ -113,14 +113,15 @@ def _on_load(blocks: gr.Blocks, ctx: UIContext) -> None:
     last job: jobs live on the server, the page only watches them. The Test tab's LoRA list is
     read again (the page is otherwise served as it was built at start)."""
     fields = list(ctx.remembered.values())
-    if fields:
-        blocks.load(lambda: restore_values(ctx), None, fields)
+    restored = blocks.load(lambda: restore_values(ctx), None, fields) if fields else None
     test = ctx.parts["test"]
     blocks.load(test["remembered_lora"], None, [test["lora"]])
     train = ctx.parts["train"]
     if "base_model" not in train["controls"]:  # the host's loaded checkpoint: its family may have changed
+        # After the last used values are back: values left as the old family filled them then
+        # take the loaded model's family's (run first, the restore would put the old ones back).
         fn, inputs, outputs = train["refresh"]
-        blocks.load(fn, inputs, outputs)
+        (restored.then if restored is not None else blocks.load)(fn, inputs, outputs)
     for key in ("prepare", "tag", "train", "test"):
         part = ctx.parts[key]
         attached = blocks.load(part["reattach"], None, part["outputs"], **compat.event_kwargs())

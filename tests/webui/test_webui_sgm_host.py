@@ -121,3 +121,47 @@ def test_a_rest_body_s_values_are_kept_on_sdxl_even_where_they_are_sd15_s_defaul
     tensors, md = read_lora(record["lora_path"])
     assert md["ss_resolution"] == "(512, 512)" and md["ss_base_model_version"] == "sdxl_base_v1-0"
     assert any(k.startswith("lora_te1_") for k in tensors)  # the text encoder the body asked for
+
+
+def test_a_reloaded_page_shows_the_loaded_sdxl_models_values_over_the_remembered_sd15_ones(webui, webui_model,
+                                                                                          sgm_model):
+    """The page was built (and last used) with SD1.5 loaded, then SDXL was loaded: on reload the
+    last used values come back first, then the controls left as SD1.5 filled them take SDXL's."""
+    import fake_sgm
+
+    from lib_lora.hosts import webui as host_module
+    from lib_lora.training.family import SD15, SDXL
+    from lib_lora.ui import app as app_mod
+    from lib_lora.ui import forms, tab_train
+
+    webui.shared.sd_model = webui_model
+    host = host_module.WebUIHost()
+    blocks = app_mod.build_tabs(host)
+    ctx, train = blocks.fast_lora, blocks.fast_lora.parts["train"]
+    form, controls = train["form"], train["controls"]
+    assert train["shown"].value == "sd15" and controls["resolution"].value == SD15.default_resolution
+    remembered = [c for c in ctx.remembered.values() if any(c is controls[n] for n in form.names)]
+    assert any(c is controls["resolution"] for c in remembered)  # the family's fields are remembered too
+    ctx.keep(remembered, [c.value for c in remembered])  # the last page's values: SD1.5's as filled
+
+    # The page-load events: the restore first, the family refresh after it (a "then" of it).
+    deps = blocks.config["dependencies"]
+    restore = next(i for i, d in enumerate(deps) if set(d["outputs"]) == {c._id for c in ctx.remembered.values()})
+    fn, inputs, outputs = train["refresh"]
+    refresh = next(d for d in deps if d["outputs"] == [o._id for o in outputs])
+    assert refresh["trigger_after"] == restore
+
+    fake_sgm.hijack_text_embedders(sgm_model)
+    webui.shared.sd_model = sgm_model  # SDXL loaded since the page was built
+    restored = {key: u for key, u in zip(ctx.remembered, app_mod.restore_values(ctx), strict=True)}
+    by_comp = {id(c): restored[k] for k, c in ctx.remembered.items()}
+    values = []
+    for n in form.names:
+        u = by_comp.get(id(controls[n]))
+        values.append(u.get("value") if isinstance(u, dict) and "value" in u else controls[n].value)
+    out = fn(train["shown"].value, train["preset"].value, *values)
+    assert out[0] == "sdxl" and "SDXL" in out[1]
+    got = dict(zip(form.names, out[2:], strict=True))
+    want = tab_train.filled(SDXL, train["preset"].value)
+    for n in ("resolution", "min_bucket_reso", "max_bucket_reso", "train_text_encoder", "gradient_checkpointing"):
+        assert got[n] == forms.values_of(want, [n])[0], n
