@@ -261,9 +261,13 @@ class StateProgress:
         self.on_update = on_update
         self.figure = ""  # the latest loss (or the probe's d*lr), shown after the phase's label
 
-    def update(self, done: int, total: int, text: str = "") -> None:
-        self.state.job_count = max(int(total), 1)
-        self.state.job_no = min(int(done), self.state.job_count)
+    def update(self, done: int, total: int, text: str = "", *, page: bool = True) -> None:
+        """Our progress on the tab (`on_update`) and, with `page`, on the WebUI's own bar as its
+        job count; `page=False` while the WebUI samples inside the job: its sampler counts its
+        steps on that bar (and its console's total) from a job count of 1."""
+        if page:
+            self.state.job_count = max(int(total), 1)
+            self.state.job_no = min(int(done), self.state.job_count)
         if text:
             self.state.textinfo = f"{text} · {self.figure}" if self.figure else text
         if self.on_update is not None:
@@ -345,7 +349,11 @@ def interrupt_on_cancel(progress: Any, state: Any, total: int, text: str, poll: 
             if progress.cancelled():
                 state.interrupt()
                 return
-            progress.update(min(int(getattr(state, "sampling_step", 0) or 0), total), total, text)
+            step = min(int(getattr(state, "sampling_step", 0) or 0), total)
+            if isinstance(progress, StateProgress):
+                progress.update(step, total, text, page=False)
+            else:
+                progress.update(step, total, text)
 
     watcher = threading.Thread(target=watch, name="fast-lora-preview-stop", daemon=True)
     watcher.start()
@@ -559,7 +567,7 @@ class WebUIHost:
             progress.event({"kind": "phase", "name": "preview", "text": text})
         if hasattr(progress, "figure"):
             progress.figure = ""  # the training's last loss is not the preview's
-        progress.update(0, settings.steps, text)
+        progress.update(0, 1, text)  # one job for the WebUI's bar: its sampler counts the steps
         if progress.cancelled():
             return
         try:

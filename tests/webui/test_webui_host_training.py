@@ -228,7 +228,10 @@ def test_the_preview_follows_the_settings_after_the_model_is_given_back(host, we
                 fast_lora_preview_sampler="DDIM")
     seen = []
 
+    counts = []
+
     def hook(p, step):
+        counts.append(webui.shared.state.job_count)
         if step == 0:  # the WebUI's own model and generation path, still under the job's lock
             seen.append((webui.sd_hijack.optimizations_applied(), webui.call_queue.queue_lock.locked(),
                          any(w.requires_grad is False for w in webui_model.parameters())))
@@ -241,6 +244,9 @@ def test_the_preview_follows_the_settings_after_the_model_is_given_back(host, we
     [call] = preview_calls(webui)
     assert (call["size"], call["steps"], call["sampler"], call["steps_run"]) == ((96, 64), 7, "DDIM", 7)
     assert seen == [(True, True, False)]
+    # One job while the WebUI samples: its bar and its console's total count the 7 steps once,
+    # not job_count x steps.
+    assert counts == [1] * 7
     preview = host.lora_dir() / "sks.preview.png"
     assert Image.open(preview).size == (96, 64)
     assert ("textinfo", "Making the preview image of sks") in webui.shared.state.history
