@@ -13,7 +13,8 @@ NODEPS := deepdanbooru-onnx==0.0.8 open-clip-torch==2.20.0 stable-diffusion-sdki
 # A second, small environment with Forge's pins: its own gradio 4.x and transformers 4.46.1 (and
 # the web packages gradio 4 needs: pydantic 2, fastapi...), and the main env's site-packages
 # (torch & co) through a .pth file, which Python reads after the venv's own site-packages.
-# The UI handlers, the training core and the WebUI host tests run there too.
+# The UI handlers, the training core and the WebUI host tests run there too; the data-parallel
+# launches (tests/training/test_distributed.py) only in the main env: the WebUI host is single-process.
 G4VENV ?= .venv-gradio4
 G4PY := $(G4VENV)/bin/python
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download).
@@ -50,4 +51,5 @@ lint: setup
 test: setup gradio4 chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest
-	$(G4PY) -m pytest tests/ui tests/training tests/webui tests/speed tests/reliability/test_rel_security.py -m "not browser" -q -p no:cacheprovider
+	$(G4PY) -m pytest tests/ui tests/training tests/webui tests/speed tests/reliability/test_rel_security.py -m "not browser" -q -p no:cacheprovider \
+		--ignore=tests/training/test_distributed.py
