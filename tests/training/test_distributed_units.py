@@ -37,6 +37,17 @@ def test_a_step_slice_takes_the_same_rows_of_every_tensor():
     assert part.noise.flatten().tolist() == [11.0, 12.0] and part.cond is None
 
 
+def _on_two_processes(fn, *args) -> dict:  # noqa: ANN001
+    """`fn(rank, port, *args, out)` in two real spawned processes, one gloo group; `out` as each left it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(fn, args=(port, *args, out), nprocs=2, join=True)
+        return dict(out)
+
+
 CASES = [[1.5, float("inf")], [float("nan"), 2.0], [1.5, 2.5]]  # (rank 0's norm, rank 1's)
 
 
@@ -51,13 +62,7 @@ def _agree(rank: int, port: int, out: dict) -> None:
 
 @pytest.mark.timeout(300)
 def test_the_guard_sees_a_non_finite_norm_on_every_process_when_one_has_it():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_agree, args=(port, out), nprocs=2, join=True)  # two real processes, one gloo group
-        got = dict(out)
+    got = _on_two_processes(_agree)
     for i, norms in enumerate(CASES):
         if all(torch.isfinite(torch.tensor(norms))):
             assert (got[0][i], got[1][i]) == tuple(norms)  # a finite norm is left as it is
@@ -118,13 +123,8 @@ def _errors(rank: int, port: int, out: dict) -> None:
 
 @pytest.mark.timeout(300)
 def test_an_error_on_one_process_stops_every_process_with_its_sentence():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_errors, args=(port, out), nprocs=2, join=True)
-        main, other = out[0], out[1]
+    out = _on_two_processes(_errors)
+    main, other = out[0], out[1]
     assert main[0] == "ok 'written'" and other[0] == "ok None"  # the main process's value, the others wait
     assert main[1] == other[1] == "UserError: The saved state cannot be read; start over with --restart."
     assert main[2] == "ValueError: a bug"  # the main process keeps its own error (and traceback)
@@ -192,13 +192,8 @@ def _resume(rank: int, port: int, root: str, out: dict) -> None:
 
 @pytest.mark.timeout(300)
 def test_a_process_that_does_not_find_the_resumed_state_stops_every_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_resume, args=(port, str(tmp_path), out), nprocs=2, join=True)
-        main, other = out[0], out[1]
+    out = _on_two_processes(_resume, str(tmp_path))
+    main, other = out[0], out[1]
     assert main[0] == other[0] == "ok None"
     want = (f"UserError: The main process resumes at step 3, but process 1 finds no saved state in "
             f"{tmp_path / 'machine1' / 'state' / 'state.pt'}: every machine needs the same run folder")
