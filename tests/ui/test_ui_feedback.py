@@ -14,6 +14,7 @@ from helpers_ui import form_values, train_form
 from PIL import Image
 
 from lib_lora import config
+from lib_lora.errors import UserError
 from lib_lora.hosts.standalone import StandaloneHost
 from lib_lora.ui import forms, tab_test, tab_train, widgets
 from lib_lora.ui.context import UIContext
@@ -121,16 +122,16 @@ def test_subsets_alone_plan_and_start_without_a_dataset_folder(ctx: UIContext, t
     from lib_lora.training.data import plan_steps
 
     assert plan_steps(cfg.dataset, cfg).describe().startswith(f"Dataset {a}, {b}: 5 images, 16 with repeats.")
-    with pytest.raises(Exception, match="dataset folder is empty"):  # neither: the dataset is asked for
+    with pytest.raises(UserError, match="dataset folder is empty"):  # neither: the dataset is asked for
         form.config(ctx, "subs", "", "manual", "1e-4", form_values(form))
     assert tab_train.plan_texts(ctx, form, "", form_values(form), "manual")[0].startswith("Choose a dataset folder")
     # An empty list (any spelling) is no subsets: the dataset folder is asked for, the current folder never scanned.
     for empty in ("[ ]", " [] ", "[\n]"):
-        with pytest.raises(Exception, match="dataset folder is empty"):
+        with pytest.raises(UserError, match="dataset folder is empty"):
             form.config(ctx, "subs", "", "manual", "1e-4", form_values(form, subsets=empty))
         assert tab_train.plan_texts(ctx, form, "", form_values(form, subsets=empty), "manual")[0].startswith(
             "Choose a dataset folder")
-    with pytest.raises(Exception, match="subsets"):  # not JSON: said by the config's reading
+    with pytest.raises(UserError, match="subsets"):  # not JSON: said by the config's reading
         form.config(ctx, "subs", "", "manual", "1e-4", form_values(form, subsets="[{"))
 
 
