@@ -371,16 +371,21 @@ def forge_backend():
         _drop_fake_backend()
 
 
-@pytest.fixture
-def forge(webui, forge_backend, tiny_checkpoint):
-    """The fake WebUI as Forge: `backend` importable and shared.sd_model Forge's SD1.5 engine."""
+def _as_forge(webui, forge_backend, build):
+    """The fake WebUI as Forge with the engine `build()` makes loaded, until the test ends."""
     webui.sd_hijack.undo_optimizations()  # A1111's hijack of ldm's classes is no part of Forge
     webui.backend_mm = forge_backend
-    webui.shared.sd_model = build_forge_model(tiny_checkpoint)
+    webui.shared.sd_model = build()
     try:
         yield webui
     finally:
         webui.shared.sd_model = None
+
+
+@pytest.fixture
+def forge(webui, forge_backend, tiny_checkpoint):
+    """The fake WebUI as Forge: `backend` importable and shared.sd_model Forge's SD1.5 engine."""
+    yield from _as_forge(webui, forge_backend, lambda: build_forge_model(tiny_checkpoint))
 
 
 def build_forge_sdxl_model(checkpoint: Path):
@@ -444,10 +449,4 @@ def build_forge_sdxl_model(checkpoint: Path):
 @pytest.fixture
 def forge_xl(webui, forge_backend, tiny_sdxl_checkpoint):
     """The fake WebUI as Forge with its SDXL engine loaded (the tiny-sdxl checkpoint)."""
-    webui.sd_hijack.undo_optimizations()
-    webui.backend_mm = forge_backend
-    webui.shared.sd_model = build_forge_sdxl_model(tiny_sdxl_checkpoint)
-    try:
-        yield webui
-    finally:
-        webui.shared.sd_model = None
+    yield from _as_forge(webui, forge_backend, lambda: build_forge_sdxl_model(tiny_sdxl_checkpoint))
